@@ -1,0 +1,67 @@
+/**
+ * Every error matchlock raises on purpose is a MatchlockError with a stable `code`. The CLI turns it
+ * into one line on stderr and an exit code; the RPC server into a JSON-RPC error. Callers test
+ * `code` (or the class), never the message text.
+ */
+export type ErrorCode =
+  | "INVALID_ARGUMENT" // bad flag, spec or config value
+  | "NOT_SET_UP" // a prerequisite `matchlock setup` provides is missing
+  | "SETUP_FAILED" // a setup step failed
+  | "IMAGE_NOT_FOUND"
+  | "VM_BOOT_FAILED" // QEMU exited or the agent never said READY before the deadline
+  | "VM_FAILED" // the VM died or misbehaved after boot
+  | "AGENT_PROTOCOL" // the guest sent bytes that break the agent protocol
+  | "EXEC_FAILED" // the guest could not start the command
+  | "FILE_FAILED" // a guest file operation failed
+  | "CANCELLED"
+  | "INTERNAL";
+
+export class MatchlockError extends Error {
+  readonly code: ErrorCode;
+  /** A line telling the user what to do about it, printed after the message. */
+  readonly hint: string | undefined;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; hint?: string }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = "MatchlockError";
+    this.code = code;
+    this.hint = options?.hint;
+  }
+}
+
+export class InvalidArgumentError extends MatchlockError {
+  constructor(message: string, hint?: string) {
+    super("INVALID_ARGUMENT", message, hint === undefined ? undefined : { hint });
+    this.name = "InvalidArgumentError";
+  }
+}
+
+export class NotSetUpError extends MatchlockError {
+  constructor(message: string) {
+    super("NOT_SET_UP", message, { hint: "run `matchlock setup` (as root) first" });
+    this.name = "NotSetUpError";
+  }
+}
+
+export class VmBootError extends MatchlockError {
+  constructor(message: string, options?: { cause?: unknown; hint?: string }) {
+    super("VM_BOOT_FAILED", message, options);
+    this.name = "VmBootError";
+  }
+}
+
+export class AgentProtocolError extends MatchlockError {
+  constructor(message: string) {
+    super("AGENT_PROTOCOL", message);
+    this.name = "AgentProtocolError";
+  }
+}
+
+export function isMatchlockError(e: unknown): e is MatchlockError {
+  return e instanceof MatchlockError;
+}
+
+/** The message of any thrown value, for wrapping causes into our own errors. */
+export function messageOf(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}

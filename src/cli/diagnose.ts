@@ -1,0 +1,169 @@
+import { constants, existsSync } from "node:fs";
+import { access, mkdir, statfs } from "node:fs/promises";
+import { arch, platform } from "node:os";
+import { join } from "node:path";
+import type { Command } from "commander";
+import { messageOf } from "../api/errors.ts";
+import { type Paths, paths } from "../api/paths.ts";
+import { agentBinaryPath } from "../guest/agent-build.ts";
+import { initramfsPath } from "../guest/initramfs.ts";
+import { loadKernel } from "../guest/kernel.ts";
+import { hasCommand, runCommand } from "../host/command.ts";
+import { readJson } from "../host/fsutil.ts";
+import { HOST_PACKAGES, missingPackages } from "../host/packages.ts";
+import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
+import { kvmUsable } from "../vm/qemu/accel.ts";
+
+/** `matchlock diagnose`: every prerequisite with ✓/⚠/✗ and a fix line; exit 1 if any is ✗. */
+
+type Status = "ok" | "warn" | "fail";
+
+interface Check {
+  name: string;
+  status: Status;
+  detail: string;
+  fix?: string;
+}
+
+const MARK: Record<Status, string> = { ok: "✓", warn: "⚠", fail: "✗" };
+
+export function registerDiagnose(program: Command): void {
+  program
+    .command("diagnose")
+    .summary("check every prerequisite and say how to fix what is missing")
+    .option("--json", "print the checks as JSON")
+    .action(async (flags: { json?: boolean }) => {
+      const checks = await runChecks(paths());
+      if (flags.json) process.stdout.write(`${JSON.stringify({ checks }, null, 2)}\n`);
+      else {
+        for (const c of checks) {
+          process.stdout.write(`${MARK[c.status]} ${c.name}: ${c.detail}\n`);
+          if (c.fix && c.status !== "ok") process.stdout.write(`    fix: ${c.fix}\n`);
+        }
+        const failed = checks.filter((c) => c.status === "fail").length;
+        const warned = checks.filter((c) => c.status === "warn").length;
+        process.stdout.write(`\n${failed} failed, ${warned} warnings, ${checks.length - failed - warned} ok\n`);
+      }
+      if (checks.some((c) => c.status === "fail")) process.exitCode = 1;
+    });
+}
+
+async function safe(name: string, fn: () => Promise<Check>): Promise<Check> {
+  try {
+    return await fn();
+  } catch (e) {
+    return { name, status: "fail", detail: messageOf(e) };
+  }
+}
+
+const SETUP_FIX = "matchlock setup";
+
+export async function runChecks(p: Paths): Promise<Check[]> {
+  const checks: Array<Promise<Check>> = [
+    safe("platform", async () => {
+      const ok = platform() === "linux" && arch() === "x64";
+      return {
+        name: "platform",
+        status: ok ? "ok" : "fail",
+        detail: `${platform()}/${arch()}`,
+        fix: "matchlock runs on x86-64 Linux",
+      };
+    }),
+    safe("node", async () => {
+      const major = Number(process.versions.node.split(".")[0]);
+      return {
+        name: "node",
+        status: major >= 24 ? "ok" : "warn",
+        detail: `v${process.versions.node}`,
+        fix: "use Node 24 (npm ci installs it in node_modules/.bin; run through npx or npm run)",
+      };
+    }),
+    safe("packages", async () => {
+      const missing = await missingPackages();
+      return {
+        name: "packages",
+        status: missing.length === 0 ? "ok" : "fail",
+        detail:
+          missing.length === 0
+            ? `${HOST_PACKAGES.map((h) => h.name).join(", ")}`
+            : `missing ${missing.map((m) => `${m.name} (${m.why})`).join("; ")}`,
+        fix: `${SETUP_FIX} (or apt-get install -y ${missing.map((m) => m.name).join(" ")})`,
+      };
+    }),
+    safe("qemu", async () => {
+      if (!(await hasCommand("qemu-system-x86_64"))) {
+        return { name: "qemu", status: "fail", detail: "qemu-system-x86_64 not found", fix: "apt-get install qemu-system-x86" };
+      }
+      const m = (await runCommand("qemu-system-x86_64", ["-machine", "help"])).stdout.toString();
+      const v = (await runCommand("qemu-system-x86_64", ["--version"])).stdout.toString().split("\n")[0] ?? "";
+      return {
+        name: "qemu",
+        status: /^microvm\s/m.test(m) ? "ok" : "fail",
+        detail: /^microvm\s/m.test(m) ? `${v.trim()}, microvm available` : `${v.trim()} has no microvm machine`,
+        fix: "apt-get install qemu-system-x86 (7.2 or newer)",
+      };
+    }),
+    safe("kvm", async () => {
+      const accel = await readJson<{ accel: string; reason: string }>(join(p.cache, "accel.json"));
+      if (!existsSync("/dev/kvm")) {
+        return {
+          name: "kvm",
+          status: "warn",
+          detail: "no /dev/kvm: VMs run under TCG (software emulation, slower boots)",
+          fix: "enable virtualisation (VT-x/AMD-V) or nested virtualisation for this host",
+        };
+      }
+      if (!(await kvmUsable())) {
+        return { name: "kvm", status: "warn", detail: "/dev/kvm is not accessible: TCG will be used", fix: "run as root or join the kvm group" };
+      }
+      if (!accel) return { name: "kvm", status: "warn", detail: "/dev/kvm present, not probed yet", fix: SETUP_FIX };
+      return {
+        name: "kvm",
+        status: accel.accel === "kvm" ? "ok" : "warn",
+        detail: `${accel.accel} selected: ${accel.reason}`,
+        fix: "force with MATCHLOCK_ACCEL=kvm|tcg; delete ~/.cache/matchlock/accel.json to probe again",
+      };
+    }),
+    safe("kernel", async () => {
+      const k = await loadKernel(p);
+      return { name: "kernel", status: "ok", detail: `${k.version} (${k.modules.length} modules)`, fix: SETUP_FIX };
+    }),
+    safe("guest agent", async () => {
+      const ok = existsSync(agentBinaryPath(p)) && existsSync(initramfsPath(p));
+      return {
+        name: "guest agent",
+        status: ok ? "ok" : "fail",
+        detail: ok ? "agent and initramfs built" : "not built",
+        fix: SETUP_FIX,
+      };
+    }),
+    safe("default image", async () => {
+      const img = await loadDefaultImage(p);
+      return {
+        name: "default image",
+        status: img ? "ok" : "fail",
+        detail: img ? DEFAULT_IMAGE : `${DEFAULT_IMAGE} is not built`,
+        fix: SETUP_FIX,
+      };
+    }),
+    safe("state dir", async () => {
+      await mkdir(p.home, { recursive: true, mode: 0o700 });
+      await access(p.home, constants.W_OK);
+      return { name: "state dir", status: "ok", detail: `${p.home} writable` };
+    }),
+    safe("disk space", async () => {
+      await mkdir(p.cache, { recursive: true });
+      const s = await statfs(p.cache);
+      const free = (s.bavail * s.bsize) / 2 ** 30;
+      return {
+        name: "disk space",
+        status: free >= 2 ? "ok" : free >= 0.5 ? "warn" : "fail",
+        detail: `${free.toFixed(1)} GiB free under ${p.cache}`,
+        fix: "free disk space: each VM's upper disk grows as the guest writes",
+      };
+    }),
+  ];
+  const results = await Promise.all(checks);
+  for (const r of results) if (r.status !== "ok" && !r.fix) r.fix = SETUP_FIX;
+  return results;
+}

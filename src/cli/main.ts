@@ -1,0 +1,40 @@
+#!/usr/bin/env node
+import { Command, CommanderError } from "commander";
+import { isMatchlockError } from "../api/errors.ts";
+import { registerDiagnose } from "./diagnose.ts";
+import { registerRun } from "./run.ts";
+import { registerSetup } from "./setup.ts";
+import { registerVersion, VERSION } from "./version.ts";
+
+/** The CLI edge: every command registers itself; every error becomes one clear line and exit 1. */
+
+const program = new Command("matchlock")
+  .description("Run untrusted code in disposable micro-VMs")
+  .version(VERSION, "-V, --version", "print the version")
+  .enablePositionalOptions()
+  .showHelpAfterError("(run with --help for usage)")
+  .exitOverride();
+
+registerRun(program);
+registerSetup(program);
+registerDiagnose(program);
+registerVersion(program);
+
+export function reportError(e: unknown): number {
+  if (e instanceof CommanderError) return e.exitCode; // commander already printed it
+  if (isMatchlockError(e)) {
+    process.stderr.write(`matchlock: ${e.message}\n`);
+    if (e.hint) process.stderr.write(`${e.hint.replace(/^/gm, "  ")}\n`);
+    if (process.env.MATCHLOCK_DEBUG && e.cause) process.stderr.write(`cause: ${String(e.cause)}\n`);
+    return 1;
+  }
+  // Not ours: a bug. Show the stack so it can be reported.
+  process.stderr.write(`matchlock: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  return 1;
+}
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  process.exitCode = reportError(e);
+}

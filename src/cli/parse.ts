@@ -1,0 +1,43 @@
+import { InvalidArgumentError as CommanderArgError } from "commander";
+
+/** Option-value parsers: a bad value gives commander's one-line "option … argument … is invalid". */
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+export function positiveNumber(value: string): number {
+  const n = Number(value);
+  if (value.trim() === "" || !Number.isFinite(n) || n <= 0) throw new CommanderArgError("expected a number > 0");
+  return n;
+}
+
+export function positiveInt(value: string): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value.trim()) || n <= 0) throw new CommanderArgError("expected a whole number > 0");
+  return n;
+}
+
+export function boolValue(value: string | boolean): boolean {
+  if (typeof value === "boolean") return value;
+  if (/^(true|1|yes)$/i.test(value)) return true;
+  if (/^(false|0|no)$/i.test(value)) return false;
+  throw new CommanderArgError("expected true or false");
+}
+
+/** Durations as Go writes them: `500ms`, `3s`, `1m30s`, or a bare number of seconds. */
+export function durationMs(value: string): number {
+  const v = value.trim();
+  if (/^\d+(\.\d+)?$/.test(v)) return Number(v) * 1000;
+  const units: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+  let total = 0;
+  let rest = v;
+  while (rest.length > 0) {
+    const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)/.exec(rest);
+    if (!m?.[1] || !m[2]) throw new CommanderArgError("expected a duration such as 500ms, 3s or 1m");
+    total += Number(m[1]) * (units[m[2]] ?? 0);
+    rest = rest.slice(m[0].length);
+  }
+  if (v.length === 0) throw new CommanderArgError("expected a duration such as 500ms, 3s or 1m");
+  return total;
+}

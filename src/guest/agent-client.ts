@@ -1,0 +1,332 @@
+import type { Duplex } from "node:stream";
+import { AgentProtocolError, MatchlockError, messageOf } from "../api/errors.ts";
+import {
+  type DirEntry,
+  type ExecRequest,
+  encodeExec,
+  encodeFrame,
+  encodePath,
+  encodeResize,
+  encodeU32,
+  encodeWriteFile,
+  type Frame,
+  FrameDecoder,
+  GuestMsg,
+  HostMsg,
+  readDirEntries,
+  readExit,
+  readResult,
+  readU32,
+  STDIN_WINDOW,
+} from "./protocol.ts";
+
+/** Host side of the agent protocol over one byte stream (the `agent` virtio-serial port). */
+
+const CHUNK = 64 * 1024;
+/** A READ_FILE answer larger than this is refused: the guest must not make the host buffer without bound. */
+const MAX_READ_FILE = 1024 * 1024 * 1024;
+const MAX_LIST_BYTES = 64 * 1024 * 1024;
+
+export interface ExecIO {
+  onStdout?: (data: Buffer) => void;
+  onStderr?: (data: Buffer) => void;
+  onStarted?: (pid: number) => void;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  /** Terminating signal, 0 if the process exited. */
+  signal: number;
+  /** Why the command could not start, when it could not. */
+  startError?: string;
+}
+
+export interface ExecHandle {
+  readonly stream: number;
+  /** Sends stdin bytes; resolves once they fit in the flow-control window. */
+  writeStdin(data: Buffer): Promise<void>;
+  endStdin(): void;
+  resize(rows: number, cols: number): void;
+  signal(signo: number): void;
+  readonly done: Promise<ExecResult>;
+}
+
+interface ExecState {
+  kind: "exec";
+  io: ExecIO;
+  unacked: number;
+  windowWaiters: Array<() => void>;
+  startError?: string;
+  resolve: (r: ExecResult) => void;
+  reject: (e: Error) => void;
+}
+
+interface FileState {
+  kind: "file";
+  chunks: Buffer[];
+  bytes: number;
+  limit: number;
+  resolve: (r: { data: Buffer; errno: number; message: string }) => void;
+  reject: (e: Error) => void;
+}
+
+interface PingState {
+  kind: "ping";
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+type StreamState = ExecState | FileState | PingState;
+
+export class AgentClient {
+  private readonly decoder = new FrameDecoder();
+  private readonly streams = new Map<number, StreamState>();
+  private nextStream = 1;
+  private failure: Error | undefined;
+  private readyResolve: ((version: string) => void) | undefined;
+  private readyReject: ((e: Error) => void) | undefined;
+  readonly ready: Promise<string>;
+
+  private readonly sock: Duplex;
+  private readonly onLog: (line: string) => void;
+
+  constructor(sock: Duplex, onLog: (line: string) => void = () => {}) {
+    this.sock = sock;
+    this.onLog = onLog;
+    this.ready = new Promise((resolve, reject) => {
+      this.readyResolve = resolve;
+      this.readyReject = reject;
+    });
+    this.ready.catch(() => {}); // observed by whoever awaits it; never an unhandled rejection
+    sock.on("data", (chunk: Buffer) => this.onData(chunk));
+    sock.on("error", (e) => this.fail(new MatchlockError("VM_FAILED", `agent connection failed: ${e.message}`)));
+    sock.on("close", () => this.fail(new MatchlockError("VM_FAILED", "the VM closed the agent connection")));
+  }
+
+  /** The first fatal error, if the connection has failed. */
+  get failed(): Error | undefined {
+    return this.failure;
+  }
+
+  exec(req: ExecRequest, io: ExecIO = {}): ExecHandle {
+    const stream = this.allocStream();
+    let resolve!: (r: ExecResult) => void;
+    let reject!: (e: Error) => void;
+    const done = new Promise<ExecResult>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    done.catch(() => {}); // a caller that only cancels still must not cause an unhandled rejection
+    const state: ExecState = { kind: "exec", io, unacked: 0, windowWaiters: [], resolve, reject };
+    this.streams.set(stream, state);
+    this.send(HostMsg.EXEC, stream, encodeExec(req));
+    return {
+      stream,
+      done,
+      writeStdin: (data) => this.writeStdin(stream, state, data),
+      endStdin: () => this.sendIfOpen(stream, HostMsg.STDIN, Buffer.alloc(0)),
+      resize: (rows, cols) => this.sendIfOpen(stream, HostMsg.RESIZE, encodeResize(rows, cols)),
+      signal: (signo) => this.sendIfOpen(stream, HostMsg.SIGNAL, encodeU32(signo)),
+    };
+  }
+
+  async ping(): Promise<void> {
+    const stream = this.allocStream();
+    await new Promise<void>((resolve, reject) => {
+      this.streams.set(stream, { kind: "ping", resolve, reject });
+      this.send(HostMsg.PING, stream);
+    });
+  }
+
+  async writeFile(path: string, data: Buffer, mode = 0o644): Promise<void> {
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, 0);
+    this.send(HostMsg.WRITE_FILE, stream, encodeWriteFile(path, mode));
+    for (let off = 0; off < data.length; off += CHUNK) {
+      this.send(HostMsg.FILE_DATA, stream, data.subarray(off, off + CHUNK));
+      if (this.sock.writableNeedDrain) await this.drain();
+    }
+    this.send(HostMsg.FILE_DATA, stream);
+    const r = await result;
+    if (r.errno !== 0) throw fileError(r.message || `write ${path} failed (errno ${r.errno})`);
+  }
+
+  async readFile(path: string): Promise<Buffer> {
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, MAX_READ_FILE);
+    this.send(HostMsg.READ_FILE, stream, encodePath(path));
+    const r = await result;
+    if (r.errno !== 0) throw fileError(r.message || `read ${path} failed (errno ${r.errno})`);
+    return r.data;
+  }
+
+  async listDir(path: string): Promise<DirEntry[]> {
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, MAX_LIST_BYTES);
+    this.send(HostMsg.LIST_DIR, stream, encodePath(path));
+    const r = await result;
+    if (r.errno !== 0) throw fileError(r.message || `list ${path} failed (errno ${r.errno})`);
+    return readDirEntries(r.data).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  /** Asks the guest to sync and power off. */
+  shutdown(): void {
+    if (!this.failure) this.send(HostMsg.SHUTDOWN, 0);
+  }
+
+  /** Fails every pending operation and stops reading: the VM is going away. */
+  close(reason = "the VM was stopped"): void {
+    this.fail(new MatchlockError("VM_FAILED", reason));
+    this.sock.destroy();
+  }
+
+  private fileOp(stream: number, limit: number): Promise<{ data: Buffer; errno: number; message: string }> {
+    return new Promise((resolve, reject) => {
+      this.streams.set(stream, { kind: "file", chunks: [], bytes: 0, limit, resolve, reject });
+    });
+  }
+
+  private async writeStdin(stream: number, state: ExecState, data: Buffer): Promise<void> {
+    for (let off = 0; off < data.length; off += CHUNK) {
+      const piece = data.subarray(off, off + CHUNK);
+      while (state.unacked + piece.length > STDIN_WINDOW) {
+        if (this.failure) throw this.failure;
+        if (!this.streams.has(stream)) return; // the process is gone: drop its input like a closed pipe
+        await new Promise<void>((resolve) => state.windowWaiters.push(resolve));
+      }
+      if (!this.streams.has(stream)) return;
+      state.unacked += piece.length;
+      this.send(HostMsg.STDIN, stream, piece);
+    }
+  }
+
+  private sendIfOpen(stream: number, type: number, payload: Buffer): void {
+    if (this.streams.has(stream) && !this.failure) this.send(type, stream, payload);
+  }
+
+  private send(type: number, stream: number, payload?: Buffer): void {
+    if (this.failure) throw this.failure;
+    this.sock.write(encodeFrame(type, stream, payload));
+  }
+
+  private drain(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        this.sock.off("drain", done);
+        this.sock.off("close", done);
+        resolve();
+      };
+      this.sock.once("drain", done);
+      this.sock.once("close", done);
+    });
+  }
+
+  private allocStream(): number {
+    if (this.failure) throw this.failure;
+    // Ids wrap well before 2^32; skip 0 (the agent itself) and ids still in use.
+    do {
+      this.nextStream = this.nextStream >= 0xfffffff0 ? 1 : this.nextStream + 1;
+    } while (this.streams.has(this.nextStream));
+    return this.nextStream;
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.failure) return;
+    try {
+      for (const frame of this.decoder.push(chunk)) this.dispatch(frame);
+    } catch (e) {
+      const err = e instanceof MatchlockError ? e : new AgentProtocolError(messageOf(e));
+      this.fail(err);
+      this.sock.destroy();
+    }
+  }
+
+  private dispatch(f: Frame): void {
+    if (f.type === GuestMsg.READY) {
+      this.readyResolve?.(f.payload.toString("utf8"));
+      return;
+    }
+    if (f.type === GuestMsg.LOG) {
+      this.onLog(f.payload.toString("utf8"));
+      return;
+    }
+    const state = this.streams.get(f.stream);
+    if (state === undefined) return; // late frames of a finished or cancelled stream
+    switch (state.kind) {
+      case "exec":
+        this.dispatchExec(f, state);
+        return;
+      case "file":
+        this.dispatchFile(f, state);
+        return;
+      case "ping":
+        if (f.type !== GuestMsg.PONG) throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} for a ping`);
+        this.streams.delete(f.stream);
+        state.resolve();
+        return;
+    }
+  }
+
+  private dispatchExec(f: Frame, s: ExecState): void {
+    switch (f.type) {
+      case GuestMsg.STDOUT:
+        s.io.onStdout?.(f.payload);
+        return;
+      case GuestMsg.STDERR:
+        s.io.onStderr?.(f.payload);
+        return;
+      case GuestMsg.STARTED:
+        s.io.onStarted?.(readU32(f.payload, "STARTED"));
+        return;
+      case GuestMsg.STDIN_ACK: {
+        s.unacked = Math.max(0, s.unacked - readU32(f.payload, "STDIN_ACK"));
+        const waiters = s.windowWaiters.splice(0);
+        for (const w of waiters) w();
+        return;
+      }
+      case GuestMsg.ERROR:
+        s.startError = f.payload.toString("utf8");
+        return;
+      case GuestMsg.EXIT: {
+        const { exitCode, signal } = readExit(f.payload);
+        this.streams.delete(f.stream);
+        for (const w of s.windowWaiters.splice(0)) w();
+        s.resolve(s.startError === undefined ? { exitCode, signal } : { exitCode, signal, startError: s.startError });
+        return;
+      }
+      default:
+        throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} on an exec stream`);
+    }
+  }
+
+  private dispatchFile(f: Frame, s: FileState): void {
+    if (f.type === GuestMsg.DATA) {
+      s.bytes += f.payload.length;
+      if (s.bytes > s.limit) throw new AgentProtocolError(`guest sent more than ${s.limit} bytes for one file operation`);
+      s.chunks.push(f.payload);
+      return;
+    }
+    if (f.type === GuestMsg.RESULT) {
+      this.streams.delete(f.stream);
+      const { errno, message } = readResult(f.payload);
+      s.resolve({ data: Buffer.concat(s.chunks), errno, message });
+      return;
+    }
+    throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} on a file stream`);
+  }
+
+  private fail(err: Error): void {
+    if (this.failure) return;
+    this.failure = err;
+    this.readyReject?.(err);
+    for (const s of this.streams.values()) {
+      if (s.kind === "exec") for (const w of s.windowWaiters.splice(0)) w();
+      s.reject(err);
+    }
+    this.streams.clear();
+  }
+}
+
+function fileError(message: string): MatchlockError {
+  return new MatchlockError("FILE_FAILED", message);
+}

@@ -1,0 +1,256 @@
+import { appendFileSync } from "node:fs";
+import { mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import type { ImageConfig, SandboxConfig } from "../api/config.ts";
+import { MatchlockError, VmBootError } from "../api/errors.ts";
+import { newVmId } from "../api/ids.ts";
+import { type Paths, paths as defaultPaths, vmDir } from "../api/paths.ts";
+import { AgentClient, type ExecHandle, type ExecIO } from "../guest/agent-client.ts";
+import { loadInitramfs } from "../guest/initramfs.ts";
+import { loadKernel } from "../guest/kernel.ts";
+import type { DirEntry } from "../guest/protocol.ts";
+import { makeEmptyExt4 } from "../image/ext4.ts";
+import { type ResolvedImage, resolveImage } from "../image/store.ts";
+import type { Accel, RunningVm, VmBackend } from "../vm/backend.ts";
+import { chooseAccel } from "../vm/qemu/accel.ts";
+import { QemuBackend } from "../vm/qemu/machine.ts";
+import { mergeEnv } from "./command.ts";
+
+/** One VM from create to close: the sandbox layer every front end (CLI, RPC) drives. */
+
+export interface CreateOptions {
+  config: SandboxConfig;
+  /** Force an accelerator (`--accel`); otherwise MATCHLOCK_ACCEL, the cached probe, or a probe now. */
+  accel?: string;
+  /** How long the guest has to boot; default MATCHLOCK_BOOT_TIMEOUT seconds, else 60 s (TCG) / 20 s (KVM). */
+  bootTimeoutMs?: number;
+  onProgress?: (message: string) => void;
+  paths?: Paths;
+  backend?: VmBackend;
+}
+
+export interface ExecOptions {
+  argv: string[];
+  /** Added on top of the image's and the sandbox's env. */
+  env?: Record<string, string>;
+  /** Default: the image's WorkingDir, else `/`. */
+  cwd?: string;
+  /** Default: the image's User, else root. */
+  user?: string;
+  tty?: boolean;
+  stdin?: boolean;
+  rows?: number;
+  cols?: number;
+}
+
+/** Grace between SIGTERM and SIGKILL when a command is cancelled. */
+export const DEFAULT_GRACE_MS = 3000;
+
+export class Sandbox {
+  readonly id: string;
+  readonly dir: string;
+  readonly config: SandboxConfig;
+  readonly image: ResolvedImage;
+  readonly imageConfig: ImageConfig;
+  readonly accel: Accel;
+  readonly hostname: string;
+  /** Aborted when `resources.timeout_seconds` runs out (the owner then stops the work and closes). */
+  readonly deadline: AbortSignal;
+  private readonly vm: RunningVm;
+  private readonly agent: AgentClient;
+  private readonly deadlineTimer: NodeJS.Timeout | undefined;
+  private closing: Promise<void> | undefined;
+
+  private constructor(init: {
+    id: string;
+    dir: string;
+    config: SandboxConfig;
+    image: ResolvedImage;
+    accel: Accel;
+    hostname: string;
+    vm: RunningVm;
+    agent: AgentClient;
+  }) {
+    this.id = init.id;
+    this.dir = init.dir;
+    this.config = init.config;
+    this.image = init.image;
+    this.imageConfig = { ...init.image.config, ...(init.config.image_config ?? {}) };
+    this.accel = init.accel;
+    this.hostname = init.hostname;
+    this.vm = init.vm;
+    this.agent = init.agent;
+    const ctl = new AbortController();
+    this.deadline = ctl.signal;
+    const t = init.config.resources.timeout_seconds;
+    if (t !== undefined && t > 0) {
+      this.deadlineTimer = setTimeout(() => ctl.abort(new MatchlockError("CANCELLED", `timed out after ${t} s`)), t * 1000);
+      this.deadlineTimer.unref();
+    }
+  }
+
+  static async create(opts: CreateOptions): Promise<Sandbox> {
+    const p = opts.paths ?? defaultPaths();
+    const progress = opts.onProgress ?? (() => {});
+    const config = opts.config;
+    const image = await resolveImage(p, config.image);
+    const kernel = await loadKernel(p);
+    const initramfs = await loadInitramfs(p);
+    const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel: kernel.vmlinux, initramfs }, opts.accel);
+    const id = newVmId();
+    const hostname = config.network.hostname || id;
+    const dir = vmDir(id, p);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
+    let vm: RunningVm | undefined;
+    try {
+      const upper = join(dir, "upper.ext4");
+      await makeEmptyExt4(upper, config.resources.disk_size_mb);
+      progress(`booting ${id} (${accel})`);
+      vm = await (opts.backend ?? new QemuBackend()).start({
+        id,
+        dir,
+        kernel: kernel.vmlinux,
+        initramfs,
+        kernelArgs: [
+          `matchlock.hostname=${hostname}`,
+          `matchlock.time=${Math.floor(Date.now() / 1000)}`,
+          `matchlock.rootfstype=${image.fstype}`,
+        ],
+        cpus: config.resources.cpus,
+        memoryMb: config.resources.memory_mb,
+        disks: [
+          { path: image.rootfs, readonly: true },
+          { path: upper, readonly: false },
+        ],
+        accel,
+      });
+      const agentLog = join(dir, "agent.log");
+      const agent = new AgentClient(vm.agent, (line) => {
+        try {
+          appendFileSync(agentLog, `${line}\n`);
+        } catch {}
+      });
+      await waitReady(agent, vm, bootTimeoutMs);
+      const sandbox = new Sandbox({ id, dir, config, image, accel, hostname, vm, agent });
+      await sandbox.writeHostsFile();
+      return sandbox;
+    } catch (e) {
+      await vm?.stop(0).catch(() => {});
+      await rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  /** Starts a command. Its env, cwd and user default from the image config, as in Docker. */
+  exec(opts: ExecOptions, io: ExecIO = {}): ExecHandle {
+    const env = { ...(opts.env ?? {}) };
+    if (opts.tty && env.TERM === undefined && this.config.env.TERM === undefined) env.TERM = "xterm";
+    return this.agent.exec(
+      {
+        argv: opts.argv,
+        env: mergeEnv({ HOSTNAME: this.hostname }, this.imageConfig.env, this.config.env, env),
+        cwd: opts.cwd ?? (this.imageConfig.working_dir || "/"),
+        user: opts.user ?? this.imageConfig.user ?? "",
+        tty: opts.tty ?? false,
+        stdin: opts.stdin ?? false,
+        mkdirCwd: true,
+        ...(opts.rows === undefined ? {} : { rows: opts.rows }),
+        ...(opts.cols === undefined ? {} : { cols: opts.cols }),
+      },
+      io,
+    );
+  }
+
+  /** SIGTERM to the command's process group, then SIGKILL if it is still running after `graceMs`. */
+  async terminate(handle: ExecHandle, graceMs = DEFAULT_GRACE_MS): Promise<void> {
+    if (this.agent.failed) return;
+    handle.signal(15);
+    const timer = setTimeout(() => handle.signal(9), graceMs);
+    await handle.done.catch(() => {});
+    clearTimeout(timer);
+  }
+
+  writeFile(path: string, data: Buffer, mode?: number): Promise<void> {
+    return this.agent.writeFile(path, data, mode);
+  }
+
+  readFile(path: string): Promise<Buffer> {
+    return this.agent.readFile(path);
+  }
+
+  listFiles(path: string): Promise<DirEntry[]> {
+    return this.agent.listDir(path);
+  }
+
+  ping(): Promise<void> {
+    return this.agent.ping();
+  }
+
+  get vmPid(): number {
+    return this.vm.pid;
+  }
+
+  /** Stops the VM and removes its files. Safe to call more than once. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      clearTimeout(this.deadlineTimer);
+      this.agent.close();
+      await this.vm.stop();
+      await rm(this.dir, { recursive: true, force: true });
+    })();
+    return this.closing;
+  }
+
+  private async writeHostsFile(): Promise<void> {
+    let hosts = "";
+    try {
+      hosts = (await this.agent.readFile("/etc/hosts")).toString("utf8");
+    } catch {}
+    if (!new RegExp(`\\s${this.hostname.replaceAll(".", "\\.")}(\\s|$)`, "m").test(hosts)) {
+      if (hosts.length > 0 && !hosts.endsWith("\n")) hosts += "\n";
+      if (!/^127\.0\.0\.1\s/m.test(hosts)) hosts += "127.0.0.1\tlocalhost\n";
+      hosts += `127.0.1.1\t${this.hostname}\n`;
+      await this.agent.writeFile("/etc/hosts", Buffer.from(hosts), 0o644);
+    }
+    await this.agent.writeFile("/etc/hostname", Buffer.from(`${this.hostname}\n`), 0o644);
+  }
+}
+
+function envBootTimeout(): number | undefined {
+  const v = process.env.MATCHLOCK_BOOT_TIMEOUT;
+  if (!v) return undefined;
+  const s = Number(v);
+  if (!Number.isFinite(s) || s <= 0) throw new MatchlockError("INVALID_ARGUMENT", `MATCHLOCK_BOOT_TIMEOUT=${v} is not a number of seconds`);
+  return s * 1000;
+}
+
+async function waitReady(agent: AgentClient, vm: RunningVm, timeoutMs: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([
+      agent.ready.catch(async (e: unknown): Promise<never> => {
+        // The agent channel closed: the VM is going down. Report why, with its console.
+        await Promise.race([vm.exited, new Promise((r) => setTimeout(r, 1000))]);
+        throw new VmBootError(`the VM failed before its agent was ready (${(e as Error).message})`, {
+          hint: await vm.diagnostics(),
+        });
+      }),
+      vm.exited.then(async (e): Promise<never> => {
+        const how = e.signal ? `was killed by ${e.signal}` : `exited (code ${e.code})`;
+        throw new VmBootError(`the VM ${how} before its agent was ready`, { hint: await vm.diagnostics() });
+      }),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(async () => {
+          reject(
+            new VmBootError(`the VM did not boot within ${timeoutMs / 1000} s`, {
+              hint: `${await vm.diagnostics()}\n(raise the limit with MATCHLOCK_BOOT_TIMEOUT=seconds)`.trim(),
+            }),
+          );
+        }, timeoutMs);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

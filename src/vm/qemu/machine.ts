@@ -1,0 +1,159 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { appendFile, readFile, rm } from "node:fs/promises";
+import { createServer, type Server, type Socket } from "node:net";
+import { join } from "node:path";
+import { MatchlockError, VmBootError } from "../../api/errors.ts";
+import type { RunningVm, VmBackend, VmExit, VmSpec } from "../backend.ts";
+import { QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
+import { QmpClient } from "./qmp.ts";
+import { hostTscKhz } from "./tsc.ts";
+
+/** How long QEMU gets to start and connect its sockets (not the guest boot, which is the caller's). */
+const SPAWN_TIMEOUT_MS = 15_000;
+
+export function qemuPaths(dir: string): QemuPaths {
+  return {
+    agentSocket: join(dir, "agent.sock"),
+    qmpSocket: join(dir, "qmp.sock"),
+    consoleLog: join(dir, "console.log"),
+  };
+}
+
+/** Listens on a unix socket for QEMU's one connection (QEMU is the client: no polling for a path). */
+async function listenOnce(path: string): Promise<{ server: Server; conn: Promise<Socket> }> {
+  await rm(path, { force: true });
+  const server = createServer();
+  const conn = new Promise<Socket>((resolve) => server.once("connection", resolve));
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(path, () => resolve());
+  });
+  return { server, conn };
+}
+
+function closeServer(server: Server, path: string): void {
+  server.close();
+  rm(path, { force: true }).catch(() => {});
+}
+
+export class QemuBackend implements VmBackend {
+  readonly name = "qemu";
+
+  async start(spec: VmSpec): Promise<RunningVm> {
+    const p = qemuPaths(spec.dir);
+    const qemuLog = join(spec.dir, "qemu.log");
+    const agentL = await listenOnce(p.agentSocket);
+    const qmpL = await listenOnce(p.qmpSocket);
+    const argv = qemuArgv(spec, p, spec.accel === "tcg" ? { khz: await hostTscKhz() } : undefined);
+    await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
+
+    // detached: QEMU gets its own session, so a Ctrl-C on the terminal reaches us (who stop the guest
+    // command gracefully) and not QEMU. setpriv's parent-death signal kills QEMU if we die: a VM never
+    // outlives its owner unnoticed.
+    const usePdeath = existsSync("/usr/bin/setpriv");
+    const child: ChildProcess = usePdeath
+      ? spawn("/usr/bin/setpriv", ["--pdeathsig", "SIGKILL", "--", QEMU_BINARY, ...argv], {
+          stdio: ["ignore", "ignore", "pipe"],
+          detached: true,
+        })
+      : spawn(QEMU_BINARY, argv, { stdio: ["ignore", "ignore", "pipe"], detached: true });
+
+    let stderrTail = "";
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (d: string) => {
+      stderrTail = (stderrTail + d).slice(-4096);
+      appendFile(qemuLog, d).catch(() => {});
+    });
+    const exited = new Promise<VmExit>((resolve) => {
+      child.once("exit", (code, signal) => resolve({ code, signal }));
+      child.once("error", (e: NodeJS.ErrnoException) => {
+        stderrTail += e.code === "ENOENT" ? `${QEMU_BINARY} is not installed` : e.message;
+        resolve({ code: null, signal: null });
+      });
+    });
+    const diagnostics = async (): Promise<string> => {
+      let console = "";
+      try {
+        console = (await readFile(p.consoleLog, "utf8")).split("\n").slice(-15).join("\n");
+      } catch {}
+      return [stderrTail.trim(), console.trim()].filter(Boolean).join("\n");
+    };
+
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const sockets = await Promise.race([
+        Promise.all([agentL.conn, qmpL.conn]),
+        exited.then(async (e): Promise<never> => {
+          throw new VmBootError(`QEMU exited during start (${describeExit(e)})`, { hint: await diagnostics() });
+        }),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(
+            () => reject(new VmBootError(`QEMU did not start within ${SPAWN_TIMEOUT_MS / 1000} s`)),
+            SPAWN_TIMEOUT_MS,
+          );
+        }),
+      ]);
+      const [agent, qmpSock] = sockets;
+      const qmp = new QmpClient(qmpSock);
+      await qmp.init();
+      return new QemuVm(child, agent, qmp, exited, p.consoleLog, diagnostics);
+    } catch (e) {
+      child.kill("SIGKILL");
+      await exited;
+      throw e;
+    } finally {
+      clearTimeout(timer);
+      closeServer(agentL.server, p.agentSocket);
+      closeServer(qmpL.server, p.qmpSocket);
+    }
+  }
+}
+
+function describeExit(e: VmExit): string {
+  return e.signal ? `killed by ${e.signal}` : `exit code ${e.code}`;
+}
+
+class QemuVm implements RunningVm {
+  readonly pid: number;
+  readonly agent: Socket;
+  readonly exited: Promise<VmExit>;
+  readonly consoleLog: string;
+  readonly diagnostics: () => Promise<string>;
+  private readonly child: ChildProcess;
+  private readonly qmp: QmpClient;
+  private done = false;
+
+  constructor(
+    child: ChildProcess,
+    agent: Socket,
+    qmp: QmpClient,
+    exited: Promise<VmExit>,
+    consoleLog: string,
+    diagnostics: () => Promise<string>,
+  ) {
+    if (child.pid === undefined) throw new MatchlockError("VM_FAILED", "QEMU has no pid");
+    this.pid = child.pid;
+    this.child = child;
+    this.agent = agent;
+    this.qmp = qmp;
+    this.consoleLog = consoleLog;
+    this.diagnostics = diagnostics;
+    this.exited = exited.then((e) => {
+      this.done = true;
+      return e;
+    });
+  }
+
+  async stop(graceMs = 2000): Promise<void> {
+    if (!this.done) {
+      // The upper disk is thrown away with the VM, so nothing needs flushing: ask QEMU to quit.
+      this.qmp.execute("quit").catch(() => {});
+      const timer = setTimeout(() => this.child.kill("SIGKILL"), graceMs);
+      await this.exited;
+      clearTimeout(timer);
+    }
+    this.qmp.destroy();
+    this.agent.destroy();
+  }
+}
