@@ -1,7 +1,7 @@
 import { existsSync } from "node:fs";
 import { copyFile, mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { basename, join } from "node:path";
-import { gunzipSync, zstdDecompressSync } from "node:zlib";
+import * as zlib from "node:zlib";
 import { MatchlockError, NotSetUpError } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { runCommand } from "../host/command.ts";
@@ -125,9 +125,10 @@ export async function extractVmlinux(bzImagePath: string): Promise<Buffer> {
   const payload = img.subarray(start, start + img.readUInt32LE(0x24c));
   let elf: Buffer;
   const magic = payload.subarray(0, 4).toString("hex");
-  if (magic === "02214c18") elf = (await runCommand("lz4", ["-dc"], { input: payload })).stdout;
-  else if (magic.startsWith("1f8b")) elf = gunzipSync(payload);
-  else if (magic === "28b52ffd") elf = zstdDecompressSync(payload);
+  // The kernel build appends the uncompressed size (4 bytes) after an LZ4 payload; lz4 rejects it.
+  if (magic === "02214c18") elf = (await runCommand("lz4", ["-dc"], { input: payload.subarray(0, -4) })).stdout;
+  else if (magic.startsWith("1f8b")) elf = zlib.gunzipSync(payload);
+  else if (magic === "28b52ffd") elf = zlib.zstdDecompressSync(payload);
   else if (magic.startsWith("fd377a58")) elf = (await runCommand("xz", ["-dc"], { input: payload })).stdout;
   else throw new MatchlockError("SETUP_FAILED", `unknown kernel payload compression (magic ${magic})`);
   if (elf.subarray(0, 4).toString("latin1") !== "\x7fELF") {
@@ -165,8 +166,8 @@ async function collectModules(modRoot: string, dest: string): Promise<string[]> 
     const out = join(dest, name);
     if (src.endsWith(".ko")) await copyFile(src, out);
     else if (src.endsWith(".xz")) await writeFile(out, (await runCommand("xz", ["-dc", src])).stdout);
-    else if (src.endsWith(".zst")) await writeFile(out, zstdDecompressSync(await readFile(src)));
-    else await writeFile(out, gunzipSync(await readFile(src)));
+    else if (src.endsWith(".zst")) await writeFile(out, zlib.zstdDecompressSync(await readFile(src)));
+    else await writeFile(out, zlib.gunzipSync(await readFile(src)));
     names.push(name);
   }
   return names;

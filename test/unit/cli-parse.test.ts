@@ -1,0 +1,49 @@
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import { parseSandboxConfig, unsupportedFeatures } from "../../src/api/config.ts";
+import { boolValue, durationMs, positiveInt, positiveNumber } from "../../src/cli/parse.ts";
+
+describe("flag values", () => {
+  test("durations as Go writes them", () => {
+    assert.equal(durationMs("3s"), 3000);
+    assert.equal(durationMs("500ms"), 500);
+    assert.equal(durationMs("1m30s"), 90_000);
+    assert.equal(durationMs("2"), 2000);
+    for (const bad of ["", "3x", "s", "-1s"]) assert.throws(() => durationMs(bad));
+  });
+
+  test("numbers", () => {
+    assert.equal(positiveNumber("0.5"), 0.5);
+    assert.equal(positiveInt("512"), 512);
+    for (const bad of ["0", "-1", "abc", ""]) assert.throws(() => positiveNumber(bad));
+    for (const bad of ["1.5", "0", "1e3", " "]) assert.throws(() => positiveInt(bad));
+  });
+
+  test("--rm=false", () => {
+    assert.equal(boolValue(true), true);
+    assert.equal(boolValue("false"), false);
+    assert.throws(() => boolValue("maybe"));
+  });
+});
+
+describe("sandbox config", () => {
+  test("defaults of PROTOCOLS.md §3", () => {
+    const c = parseSandboxConfig({});
+    assert.deepEqual(c.resources, { cpus: 1, memory_mb: 512, disk_size_mb: 5120 });
+    assert.equal(c.network.mtu, 1500);
+    assert.equal(c.network.block_private_ips, true);
+  });
+
+  test("a bad field is named in the error", () => {
+    assert.throws(() => parseSandboxConfig({ resources: { memory_mb: "lots" } }), /resources\.memory_mb/);
+    assert.throws(() => parseSandboxConfig({ resources: { cpus: 0 } }), /resources\.cpus/);
+  });
+
+  test("features this build cannot honour are listed, never ignored", () => {
+    const c = parseSandboxConfig({ network: { allowed_hosts: ["api.example.com"], secrets: { K: { value: "v" } } } });
+    const missing = unsupportedFeatures(c);
+    assert.ok(missing.some((m) => m.includes("allowlist")));
+    assert.ok(missing.some((m) => m.includes("secrets")));
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ network: { no_network: true } })), []);
+  });
+});

@@ -1,0 +1,52 @@
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import type { VmSpec } from "../../src/vm/backend.ts";
+import { kernelCmdline, qemuArgv } from "../../src/vm/qemu/argv.ts";
+
+const spec: VmSpec = {
+  id: "vm-00000000",
+  dir: "/tmp/vm",
+  kernel: "/k/vmlinux",
+  initramfs: "/k/initramfs.cpio",
+  kernelArgs: ["matchlock.hostname=h"],
+  cpus: 1.5,
+  memoryMb: 256,
+  disks: [
+    { path: "/img/base,odd.ext4", readonly: true },
+    { path: "/tmp/vm/upper.ext4", readonly: false },
+  ],
+  accel: "tcg",
+};
+const paths = { agentSocket: "/tmp/vm/agent.sock", qmpSocket: "/tmp/vm/qmp.sock", consoleLog: "/tmp/vm/console.log" };
+
+describe("QEMU command line", () => {
+  test("microvm with an RTC, fractional CPUs rounded up, memory in MB", () => {
+    const a = qemuArgv(spec, paths, { khz: 2_100_000 });
+    assert.match(a[a.indexOf("-M") + 1] as string, /^microvm,.*rtc=on/);
+    assert.equal(a[a.indexOf("-smp") + 1], "2");
+    assert.equal(a[a.indexOf("-m") + 1], "256M");
+    assert.ok(a.includes("-no-reboot"));
+  });
+
+  test("disks in order, the base read-only, commas in paths escaped", () => {
+    const drives = qemuArgv(spec, paths, undefined).filter((x) => x.startsWith("id=disk"));
+    assert.equal(drives.length, 2);
+    assert.match(drives[0] as string, /file=\/img\/base,,odd\.ext4,.*readonly=on/);
+    assert.doesNotMatch(drives[1] as string, /readonly/);
+  });
+
+  test("TSC hints only under TCG, with lpj for HZ=250", () => {
+    const tcg = kernelCmdline(spec, { khz: 2_100_000 });
+    assert.match(tcg, /tsc_early_khz=2100000 lpj=8400000/);
+    assert.match(tcg, /matchlock\.hostname=h$/);
+    assert.doesNotMatch(kernelCmdline({ ...spec, accel: "kvm" }, { khz: 2_100_000 }), /tsc_early_khz/);
+    assert.doesNotMatch(kernelCmdline(spec, { khz: 0 }), /tsc_early_khz/);
+  });
+
+  test("the agent port is a virtserialport named agent on a client socket", () => {
+    const a = qemuArgv(spec, paths, undefined).join(" ");
+    assert.match(a, /socket,id=agent,path=\/tmp\/vm\/agent\.sock /);
+    assert.match(a, /virtserialport,chardev=agent,name=agent/);
+    assert.match(a, /-mon chardev=qmp,mode=control/);
+  });
+});
