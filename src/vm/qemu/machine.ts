@@ -96,7 +96,12 @@ export class QemuBackend implements VmBackend {
       ]);
       const [agent, qmpSock] = sockets;
       const qmp = new QmpClient(qmpSock);
-      await qmp.init();
+      await qmp.init().catch(async (e: unknown) => {
+        // QEMU connects its sockets before loading the kernel; a bad kernel makes it exit right here.
+        const exit = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 2000))]);
+        const why = exit ? `QEMU exited during start (${describeExit(exit)})` : `QEMU stopped answering QMP`;
+        throw new VmBootError(why, { cause: e, hint: await diagnostics() });
+      });
       return new QemuVm(child, agent, qmp, exited, p.consoleLog, diagnostics);
     } catch (e) {
       child.kill("SIGKILL");
