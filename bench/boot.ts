@@ -66,13 +66,19 @@ async function main(): Promise<void> {
     accel,
   };
   // The baseline has no sockets to serve: drop the agent/QMP chardevs it cannot use.
-  const rawArgs = qemuArgv(spec, { agentSocket: "", qmpSocket: "", consoleLog: join(scratch, "console.log") }, {
-    khz: await hostTscKhz(),
-  });
+  const rawArgs = qemuArgv(
+    spec,
+    { agentSocket: "", qmpSocket: "", consoleLog: join(scratch, "console.log") },
+    {
+      khz: await hostTscKhz(),
+    },
+  );
   const cut = rawArgs.indexOf("virtio-serial-device,max_ports=2") - 1;
   const baselineArgs = rawArgs.slice(0, cut);
 
-  console.log(`bench/boot on ${cpus().length} × ${cpus()[0]?.model ?? "?"}, accel ${accel}, ${RUNS} runs each`);
+  console.log(
+    `bench/boot on ${cpus().length} × ${cpus()[0]?.model ?? "?"}, accel ${accel}, ${RUNS} runs each`,
+  );
   const raw: number[] = [];
   const run: number[] = [];
   // Warm the page cache and the CLI once each; not counted.
@@ -91,7 +97,10 @@ async function main(): Promise<void> {
   console.log(`matchlock run -- true            median ${fmt(pct(run, 50))}  p90 ${fmt(pct(run, 90))}`);
   console.log(`ratio (run / raw, medians)        ${ratio.toFixed(2)}  (goal ≤ 1.30)`);
 
-  const sb = await Sandbox.create({ config: parseSandboxConfig({ network: { no_network: true } }), paths: paths(env) });
+  const sb = await Sandbox.create({
+    config: parseSandboxConfig({ network: { no_network: true } }),
+    paths: paths(env),
+  });
   try {
     const execMs: number[] = [];
     const pingMs: number[] = [];

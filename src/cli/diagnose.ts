@@ -42,7 +42,9 @@ export function registerDiagnose(program: Command): void {
         }
         const failed = checks.filter((c) => c.status === "fail").length;
         const warned = checks.filter((c) => c.status === "warn").length;
-        process.stdout.write(`\n${failed} failed, ${warned} warnings, ${checks.length - failed - warned} ok\n`);
+        process.stdout.write(
+          `\n${failed} failed, ${warned} warnings, ${checks.length - failed - warned} ok\n`,
+        );
       }
       if (checks.some((c) => c.status === "fail")) process.exitCode = 1;
     });
@@ -92,14 +94,22 @@ export async function runChecks(p: Paths): Promise<Check[]> {
     }),
     safe("qemu", async () => {
       if (!(await hasCommand("qemu-system-x86_64"))) {
-        return { name: "qemu", status: "fail", detail: "qemu-system-x86_64 not found", fix: "apt-get install qemu-system-x86" };
+        return {
+          name: "qemu",
+          status: "fail",
+          detail: "qemu-system-x86_64 not found",
+          fix: "apt-get install qemu-system-x86",
+        };
       }
       const m = (await runCommand("qemu-system-x86_64", ["-machine", "help"])).stdout.toString();
-      const v = (await runCommand("qemu-system-x86_64", ["--version"])).stdout.toString().split("\n")[0] ?? "";
+      const v =
+        (await runCommand("qemu-system-x86_64", ["--version"])).stdout.toString().split("\n")[0] ?? "";
       return {
         name: "qemu",
         status: /^microvm\s/m.test(m) ? "ok" : "fail",
-        detail: /^microvm\s/m.test(m) ? `${v.trim()}, microvm available` : `${v.trim()} has no microvm machine`,
+        detail: /^microvm\s/m.test(m)
+          ? `${v.trim()}, microvm available`
+          : `${v.trim()} has no microvm machine`,
         fix: "apt-get install qemu-system-x86 (7.2 or newer)",
       };
     }),
@@ -114,9 +124,15 @@ export async function runChecks(p: Paths): Promise<Check[]> {
         };
       }
       if (!(await kvmUsable())) {
-        return { name: "kvm", status: "warn", detail: "/dev/kvm is not accessible: TCG will be used", fix: "run as root or join the kvm group" };
+        return {
+          name: "kvm",
+          status: "warn",
+          detail: "/dev/kvm is not accessible: TCG will be used",
+          fix: "run as root or join the kvm group",
+        };
       }
-      if (!accel) return { name: "kvm", status: "warn", detail: "/dev/kvm present, not probed yet", fix: SETUP_FIX };
+      if (!accel)
+        return { name: "kvm", status: "warn", detail: "/dev/kvm present, not probed yet", fix: SETUP_FIX };
       return {
         name: "kvm",
         status: accel.accel === "kvm" ? "ok" : "warn",
@@ -126,7 +142,12 @@ export async function runChecks(p: Paths): Promise<Check[]> {
     }),
     safe("kernel", async () => {
       const k = await loadKernel(p);
-      return { name: "kernel", status: "ok", detail: `${k.version} (${k.modules.length} modules)`, fix: SETUP_FIX };
+      return {
+        name: "kernel",
+        status: "ok",
+        detail: `${k.version} (${k.modules.length} modules)`,
+        fix: SETUP_FIX,
+      };
     }),
     safe("guest agent", async () => {
       const ok = existsSync(agentBinaryPath(p)) && existsSync(initramfsPath(p));

@@ -29,7 +29,9 @@ export function reportError(e: unknown): number {
     return 1;
   }
   // Not ours: a bug. Show the stack so it can be reported.
-  process.stderr.write(`matchlock: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  process.stderr.write(
+    `matchlock: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`,
+  );
   return 1;
 }
 

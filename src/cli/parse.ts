@@ -8,7 +8,8 @@ export function collect(value: string, previous: string[]): string[] {
 
 export function positiveNumber(value: string): number {
   const n = Number(value);
-  if (value.trim() === "" || !Number.isFinite(n) || n <= 0) throw new CommanderArgError("expected a number > 0");
+  if (value.trim() === "" || !Number.isFinite(n) || n <= 0)
+    throw new CommanderArgError("expected a number > 0");
   return n;
 }
 

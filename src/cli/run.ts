@@ -40,21 +40,35 @@ export function registerRun(program: Command): void {
     .usage("[options] [--] [command...]")
     .argument("[command...]", "command and arguments (default: the image's Entrypoint + Cmd)")
     .option("--image <ref>", "image to boot (default: matchlock/default:latest, built by `matchlock setup`)")
-    .option("-e, --env <KEY=VALUE|KEY>", "set an environment variable; a bare KEY copies the host's value", collect, [])
+    .option(
+      "-e, --env <KEY=VALUE|KEY>",
+      "set an environment variable; a bare KEY copies the host's value",
+      collect,
+      [],
+    )
     .option("--env-file <file>", "read KEY=VALUE lines from a file (applied before -e)", collect, [])
     .option("-w, --workdir <dir>", "working directory in the guest (created if missing)")
     .option("-u, --user <user>", "uid, uid:gid, name or name:group from the image's /etc/passwd")
     .option("--entrypoint <cmd>", 'override the image\'s Entrypoint ("" clears it)')
     .option("-t, --tty", "allocate a pseudo-terminal")
     .option("-i, --interactive", "pass stdin to the command")
-    .addOption(new Option("--rm [bool]", "remove the VM when the command ends; --rm=false keeps it until Ctrl-C").default(true).argParser(boolValue))
+    .addOption(
+      new Option("--rm [bool]", "remove the VM when the command ends; --rm=false keeps it until Ctrl-C")
+        .default(true)
+        .argParser(boolValue),
+    )
     .option("--cpus <n>", "virtual CPUs (fractions round up)", positiveNumber, 1)
     .option("--memory <MB>", "guest memory in MB", positiveInt, 512)
     .option("--disk-size <MB>", "size of the VM's writable disk in MB (sparse)", positiveInt, 5120)
     .option("--timeout <seconds>", "stop the command and the VM after this many seconds", positiveNumber)
     .option("--hostname <name>", "guest hostname (default: the VM id)")
     .option("--no-network", "no network interface (currently always the case)")
-    .addOption(new Option("--accel <kind>", "accelerator (default: probed; env MATCHLOCK_ACCEL)").choices(["kvm", "tcg"]))
+    .addOption(
+      new Option("--accel <kind>", "accelerator (default: probed; env MATCHLOCK_ACCEL)").choices([
+        "kvm",
+        "tcg",
+      ]),
+    )
     .addOption(
       new Option("--graceful-shutdown <duration>", "grace between SIGTERM and SIGKILL on cancel (e.g. 3s)")
         .default(DEFAULT_GRACE_MS, "3s")
@@ -72,7 +86,9 @@ async function buildEnv(flags: RunFlags): Promise<Record<string, string>> {
     try {
       text = await readFile(file, "utf8");
     } catch (e) {
-      throw new InvalidArgumentError(`--env-file ${file}: ${(e as NodeJS.ErrnoException).code ?? "unreadable"}`);
+      throw new InvalidArgumentError(
+        `--env-file ${file}: ${(e as NodeJS.ErrnoException).code ?? "unreadable"}`,
+      );
     }
     for (const [k, v] of parseEnvFile(text, file)) env[k] = v;
   }
@@ -84,7 +100,12 @@ async function buildEnv(flags: RunFlags): Promise<Record<string, string>> {
 }
 
 function validateHostname(h: string): string {
-  if (!/^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/.test(h) || h.length > 253) {
+  if (
+    !/^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/.test(
+      h,
+    ) ||
+    h.length > 253
+  ) {
     throw new InvalidArgumentError(`invalid hostname "${h}"`);
   }
   return h;
@@ -116,12 +137,16 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
   // Signals that arrive while booting end the boot; afterwards they cancel the command gracefully.
   const signals = new SignalRelay();
   try {
-    const sandbox = await signals.during(Sandbox.create({ config, ...(flags.accel ? { accel: flags.accel } : {}) }));
+    const sandbox = await signals.during(
+      Sandbox.create({ config, ...(flags.accel ? { accel: flags.accel } : {}) }),
+    );
     try {
       const argv = resolveArgv(sandbox.imageConfig, command, entrypoint);
       const status = await runInSandbox(sandbox, argv, flags, { tty, interactive }, signals);
       if (keep && !signals.received) {
-        process.stderr.write(`matchlock: VM ${sandbox.id} keeps running; press Ctrl-C (or send SIGTERM) to stop it\n`);
+        process.stderr.write(
+          `matchlock: VM ${sandbox.id} keeps running; press Ctrl-C (or send SIGTERM) to stop it\n`,
+        );
         await signals.next();
       }
       return status;
@@ -185,7 +210,8 @@ async function runInSandbox(
   }
   await drain(stdout);
   if (result.startError !== undefined) process.stderr.write(`matchlock: ${result.startError}\n`);
-  if (cancelledBy?.startsWith("timeout")) process.stderr.write(`matchlock: command stopped: ${cancelledBy}\n`);
+  if (cancelledBy?.startsWith("timeout"))
+    process.stderr.write(`matchlock: command stopped: ${cancelledBy}\n`);
   return result.exitCode;
 }
 

@@ -5,7 +5,9 @@ import type { Command } from "commander";
 
 const pkgRoot = fileURLToPath(new URL("../../", import.meta.url));
 
-export const VERSION: string = (JSON.parse(readFileSync(`${pkgRoot}package.json`, "utf8")) as { version: string }).version;
+export const VERSION: string = (
+  JSON.parse(readFileSync(`${pkgRoot}package.json`, "utf8")) as { version: string }
+).version;
 
 function commit(): string {
   try {

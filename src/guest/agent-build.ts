@@ -19,7 +19,9 @@ export function agentBinaryPath(p: Paths): string {
 }
 
 async function sourceHash(): Promise<{ hash: string; sources: string[] }> {
-  const sources = (await readdir(AGENT_SOURCE_DIR)).filter((f) => f.endsWith(".c") || f.endsWith(".h")).sort();
+  const sources = (await readdir(AGENT_SOURCE_DIR))
+    .filter((f) => f.endsWith(".c") || f.endsWith(".h"))
+    .sort();
   if (!sources.some((f) => f.endsWith(".c"))) {
     throw new MatchlockError("SETUP_FAILED", `no guest agent sources in ${AGENT_SOURCE_DIR}`);
   }
@@ -40,7 +42,9 @@ export async function buildAgent(p: Paths, log: (line: string) => void): Promise
   const tmp = `${out}.tmp-${process.pid}`;
   const cc = process.env.CC ?? "cc";
   try {
-    await runCommand(cc, [...CFLAGS, tmp, ...sources.filter((f) => f.endsWith(".c"))], { cwd: AGENT_SOURCE_DIR });
+    await runCommand(cc, [...CFLAGS, tmp, ...sources.filter((f) => f.endsWith(".c"))], {
+      cwd: AGENT_SOURCE_DIR,
+    });
     await rename(tmp, out);
   } catch (e) {
     await rm(tmp, { force: true });

@@ -99,7 +99,9 @@ export class AgentClient {
     });
     this.ready.catch(() => {}); // observed by whoever awaits it; never an unhandled rejection
     sock.on("data", (chunk: Buffer) => this.onData(chunk));
-    sock.on("error", (e) => this.fail(new MatchlockError("VM_FAILED", `agent connection failed: ${e.message}`)));
+    sock.on("error", (e) =>
+      this.fail(new MatchlockError("VM_FAILED", `agent connection failed: ${e.message}`)),
+    );
     sock.on("close", () => this.fail(new MatchlockError("VM_FAILED", "the VM closed the agent connection")));
   }
 
@@ -260,7 +262,8 @@ export class AgentClient {
         this.dispatchFile(f, state);
         return;
       case "ping":
-        if (f.type !== GuestMsg.PONG) throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} for a ping`);
+        if (f.type !== GuestMsg.PONG)
+          throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} for a ping`);
         this.streams.delete(f.stream);
         state.resolve();
         return;
@@ -291,7 +294,9 @@ export class AgentClient {
         const { exitCode, signal } = readExit(f.payload);
         this.streams.delete(f.stream);
         for (const w of s.windowWaiters.splice(0)) w();
-        s.resolve(s.startError === undefined ? { exitCode, signal } : { exitCode, signal, startError: s.startError });
+        s.resolve(
+          s.startError === undefined ? { exitCode, signal } : { exitCode, signal, startError: s.startError },
+        );
         return;
       }
       default:
@@ -302,7 +307,8 @@ export class AgentClient {
   private dispatchFile(f: Frame, s: FileState): void {
     if (f.type === GuestMsg.DATA) {
       s.bytes += f.payload.length;
-      if (s.bytes > s.limit) throw new AgentProtocolError(`guest sent more than ${s.limit} bytes for one file operation`);
+      if (s.bytes > s.limit)
+        throw new AgentProtocolError(`guest sent more than ${s.limit} bytes for one file operation`);
       s.chunks.push(f.payload);
       return;
     }

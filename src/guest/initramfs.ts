@@ -23,7 +23,9 @@ export async function buildInitramfs(p: Paths, kernel: KernelInfo): Promise<"bui
   const agentPath = agentBinaryPath(p);
   if (!existsSync(agentPath)) throw new NotSetUpError("the guest agent is not built");
   const agent = await readFile(agentPath);
-  const modules = await Promise.all(kernel.modules.map(async (m) => ({ name: basename(m), data: await readFile(m) })));
+  const modules = await Promise.all(
+    kernel.modules.map(async (m) => ({ name: basename(m), data: await readFile(m) })),
+  );
   const h = createHash("sha256").update(agent);
   for (const m of modules) h.update(m.name).update(m.data);
   const hash = h.digest("hex");
@@ -43,7 +45,9 @@ export async function buildInitramfs(p: Paths, kernel: KernelInfo): Promise<"bui
     dir("mnt/root"),
     dir("lib"),
     dir("lib/modules"),
-    ...modules.map((m): CpioEntry => ({ path: `lib/modules/${m.name}`, type: "file", mode: 0o644, data: m.data })),
+    ...modules.map(
+      (m): CpioEntry => ({ path: `lib/modules/${m.name}`, type: "file", mode: 0o644, data: m.data }),
+    ),
     { path: "init", type: "file", mode: 0o755, data: agent },
   ];
   await writeFileAtomic(out, buildCpio(entries));

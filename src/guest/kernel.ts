@@ -41,15 +41,21 @@ export async function loadKernel(p: Paths, env: NodeJS.ProcessEnv = process.env)
   const stamp = await readJson<KernelStamp>(join(root, "kernel.json"));
   const override = env.MATCHLOCK_KERNEL;
   if (override) {
-    if (!existsSync(override)) throw new MatchlockError("INVALID_ARGUMENT", `MATCHLOCK_KERNEL=${override}: no such file`);
+    if (!existsSync(override))
+      throw new MatchlockError("INVALID_ARGUMENT", `MATCHLOCK_KERNEL=${override}: no such file`);
     return {
       version: "custom",
       vmlinux: override,
       modules: stamp ? stamp.modules.map((m) => join(root, "modules", m)) : [],
     };
   }
-  if (!stamp || !existsSync(join(root, "vmlinux"))) throw new NotSetUpError("the guest kernel is not installed");
-  return { version: stamp.version, vmlinux: join(root, "vmlinux"), modules: stamp.modules.map((m) => join(root, "modules", m)) };
+  if (!stamp || !existsSync(join(root, "vmlinux")))
+    throw new NotSetUpError("the guest kernel is not installed");
+  return {
+    version: stamp.version,
+    vmlinux: join(root, "vmlinux"),
+    modules: stamp.modules.map((m) => join(root, "modules", m)),
+  };
 }
 
 /** Fetches and unpacks the kernel unless the installed one already has every wanted module. */
@@ -71,7 +77,11 @@ export async function installKernel(p: Paths, log: (line: string) => void): Prom
     const meta = await aptDownload(KERNEL_PACKAGE, work);
     const depends = (await runCommand("dpkg-deb", ["-f", meta, "Depends"])).stdout.toString().trim();
     const real = /^(linux-image-[^\s,(]+)/.exec(depends)?.[1];
-    if (!real) throw new MatchlockError("SETUP_FAILED", `${KERNEL_PACKAGE} depends on no linux-image package ("${depends}")`);
+    if (!real)
+      throw new MatchlockError(
+        "SETUP_FAILED",
+        `${KERNEL_PACKAGE} depends on no linux-image package ("${depends}")`,
+      );
     log(`downloading ${real}`);
     const deb = await aptDownload(real, work);
     const tree = join(work, "tree");
@@ -126,7 +136,8 @@ export async function extractVmlinux(bzImagePath: string): Promise<Buffer> {
   let elf: Buffer;
   const magic = payload.subarray(0, 4).toString("hex");
   // The kernel build appends the uncompressed size (4 bytes) after an LZ4 payload; lz4 rejects it.
-  if (magic === "02214c18") elf = (await runCommand("lz4", ["-dc"], { input: payload.subarray(0, -4) })).stdout;
+  if (magic === "02214c18")
+    elf = (await runCommand("lz4", ["-dc"], { input: payload.subarray(0, -4) })).stdout;
   else if (magic.startsWith("1f8b")) elf = zlib.gunzipSync(payload);
   else if (magic === "28b52ffd") elf = zlib.zstdDecompressSync(payload);
   else if (magic.startsWith("fd377a58")) elf = (await runCommand("xz", ["-dc"], { input: payload })).stdout;
@@ -149,9 +160,11 @@ async function collectModules(modRoot: string, dest: string): Promise<string[]> 
   const visit = async (name: string): Promise<void> => {
     const key = normalizeModName(name);
     if (state.get(key) === "done") return;
-    if (state.get(key) === "visiting") throw new MatchlockError("SETUP_FAILED", `module dependency cycle at ${name}`);
+    if (state.get(key) === "visiting")
+      throw new MatchlockError("SETUP_FAILED", `module dependency cycle at ${name}`);
     const file = files.get(key);
-    if (!file) throw new MatchlockError("SETUP_FAILED", `kernel module ${name} is missing from the kernel package`);
+    if (!file)
+      throw new MatchlockError("SETUP_FAILED", `kernel module ${name} is missing from the kernel package`);
     state.set(key, "visiting");
     const deps = (await runCommand("modinfo", ["-F", "depends", file])).stdout.toString().trim();
     for (const d of deps.split(",").filter(Boolean)) await visit(d);

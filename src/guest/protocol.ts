@@ -45,7 +45,8 @@ export interface Frame {
 export const ExecFlags = { TTY: 1, STDIN: 2, MKDIR_CWD: 4 } as const;
 
 export function encodeFrame(type: number, stream: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-  if (payload.length > MAX_PAYLOAD) throw new RangeError(`frame payload of ${payload.length} bytes is too large`);
+  if (payload.length > MAX_PAYLOAD)
+    throw new RangeError(`frame payload of ${payload.length} bytes is too large`);
   const header = Buffer.alloc(HEADER_SIZE);
   header.writeUInt32LE(payload.length, 0);
   header.writeUInt8(type, 4);
@@ -75,7 +76,9 @@ export function encodeExec(req: ExecRequest): Buffer {
   if (req.argv.length > 0xffff || req.env.length > 0xffff) throw new RangeError("too many arguments");
   const head = Buffer.alloc(12);
   const flags =
-    (req.tty ? ExecFlags.TTY : 0) | (req.stdin ? ExecFlags.STDIN : 0) | (req.mkdirCwd ? ExecFlags.MKDIR_CWD : 0);
+    (req.tty ? ExecFlags.TTY : 0) |
+    (req.stdin ? ExecFlags.STDIN : 0) |
+    (req.mkdirCwd ? ExecFlags.MKDIR_CWD : 0);
   head.writeUInt32LE(flags, 0);
   head.writeUInt16LE(clampU16(req.rows ?? 24), 4);
   head.writeUInt16LE(clampU16(req.cols ?? 80), 6);
@@ -154,7 +157,13 @@ export function readDirEntries(buf: Buffer): DirEntry[] {
     const end = buf.indexOf(0, off + 24);
     if (end < 0) throw new AgentProtocolError("directory entry name without NUL");
     const name = buf.subarray(off + 24, end).toString("utf8");
-    out.push({ name, mode, size, mtimeMs: sec * 1000 + Math.floor(nsec / 1e6), isDir: (mode & S_IFMT) === S_IFDIR });
+    out.push({
+      name,
+      mode,
+      size,
+      mtimeMs: sec * 1000 + Math.floor(nsec / 1e6),
+      isDir: (mode & S_IFMT) === S_IFDIR,
+    });
     off = end + 1;
   }
   return out;
@@ -176,8 +185,10 @@ export class FrameDecoder {
       const head = this.peek(HEADER_SIZE);
       const len = head.readUInt32LE(0);
       const type = head.readUInt8(4);
-      if (len > MAX_PAYLOAD) throw new AgentProtocolError(`guest sent a frame of ${len} bytes (limit ${MAX_PAYLOAD})`);
-      if (!GUEST_TYPES.has(type)) throw new AgentProtocolError(`guest sent unknown frame type 0x${type.toString(16)}`);
+      if (len > MAX_PAYLOAD)
+        throw new AgentProtocolError(`guest sent a frame of ${len} bytes (limit ${MAX_PAYLOAD})`);
+      if (!GUEST_TYPES.has(type))
+        throw new AgentProtocolError(`guest sent unknown frame type 0x${type.toString(16)}`);
       if (this.buffered < HEADER_SIZE + len) break;
       const whole = this.take(HEADER_SIZE + len);
       frames.push({ type, stream: whole.readUInt32LE(5), payload: whole.subarray(HEADER_SIZE) });

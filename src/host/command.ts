@@ -33,7 +33,8 @@ export function runCommand(cmd: string, args: string[], opts: RunOptions = {}): 
     child.stdout.on("data", (d: Buffer) => out.push(d));
     child.stderr.on("data", (d: Buffer) => err.push(d));
     child.on("error", (e: NodeJS.ErrnoException) => {
-      const what = e.code === "ENOENT" ? `${cmd} is not installed (not found on PATH)` : `${cmd}: ${e.message}`;
+      const what =
+        e.code === "ENOENT" ? `${cmd} is not installed (not found on PATH)` : `${cmd}: ${e.message}`;
       reject(new MatchlockError(opts.errorCode ?? "SETUP_FAILED", what, { cause: e }));
     });
     child.on("close", (code, signal) => {
@@ -46,7 +47,10 @@ export function runCommand(cmd: string, args: string[], opts: RunOptions = {}): 
       const tail = stderr.trim().split("\n").slice(-5).join("\n  ");
       const how = signal ? `was killed by ${signal}` : `exited with ${code}`;
       reject(
-        new MatchlockError(opts.errorCode ?? "SETUP_FAILED", `${cmd} ${args.join(" ")} ${how}${tail ? `:\n  ${tail}` : ""}`),
+        new MatchlockError(
+          opts.errorCode ?? "SETUP_FAILED",
+          `${cmd} ${args.join(" ")} ${how}${tail ? `:\n  ${tail}` : ""}`,
+        ),
       );
     });
     child.stdin.on("error", () => {}); // the tool may exit before reading all input

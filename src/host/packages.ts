@@ -19,10 +19,14 @@ export const HOST_PACKAGES: HostPackage[] = [
   { name: "util-linux", why: "setpriv: QEMU dies with its owning process" },
 ];
 
+/** dpkg-query's own placeholder syntax (not a JS template). */
+// biome-ignore lint/suspicious/noTemplateCurlyInString: dpkg-query format string
+const DPKG_STATUS_FORMAT = "-f=${db:Status-Status}";
+
 export async function isInstalled(pkg: string): Promise<boolean> {
-  const r = await runCommand("dpkg-query", ["-W", "-f=${db:Status-Status}", pkg], { allowFailure: true }).catch(
-    () => undefined,
-  );
+  const r = await runCommand("dpkg-query", ["-W", DPKG_STATUS_FORMAT, pkg], {
+    allowFailure: true,
+  }).catch(() => undefined);
   return r?.code === 0 && r.stdout.toString().trim() === "installed";
 }
 

@@ -50,13 +50,19 @@ interface DefaultStamp {
 /** Builds the default image unless one from the same busybox and recipe exists. */
 export async function buildDefaultImage(p: Paths, log: (line: string) => void): Promise<"built" | "cached"> {
   if (!existsSync(BUSYBOX)) {
-    throw new MatchlockError("SETUP_FAILED", `${BUSYBOX} is missing`, { hint: "apt-get install busybox-static" });
+    throw new MatchlockError("SETUP_FAILED", `${BUSYBOX} is missing`, {
+      hint: "apt-get install busybox-static",
+    });
   }
   const busybox = await readFile(BUSYBOX);
   const busyboxHash = createHash("sha256").update(busybox).digest("hex");
   const dir = defaultImageDir(p);
   const stamp = await readJson<DefaultStamp>(join(dir, "image.json"));
-  if (stamp?.recipe === RECIPE_VERSION && stamp.busybox === busyboxHash && existsSync(join(dir, "rootfs.ext4"))) {
+  if (
+    stamp?.recipe === RECIPE_VERSION &&
+    stamp.busybox === busyboxHash &&
+    existsSync(join(dir, "rootfs.ext4"))
+  ) {
     return "cached";
   }
   log(`building the default image ${DEFAULT_IMAGE} from busybox-static`);
@@ -80,7 +86,19 @@ export async function buildDefaultImage(p: Paths, log: (line: string) => void): 
 }
 
 async function stageRootfs(root: string, busybox: Buffer): Promise<void> {
-  for (const d of ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "run", "mnt", "var/tmp"]) {
+  for (const d of [
+    "bin",
+    "sbin",
+    "usr/bin",
+    "usr/sbin",
+    "etc",
+    "dev",
+    "proc",
+    "sys",
+    "run",
+    "mnt",
+    "var/tmp",
+  ]) {
     await mkdir(join(root, d), { recursive: true, mode: 0o755 });
   }
   await mkdir(join(root, "tmp"));
@@ -99,14 +117,18 @@ async function stageRootfs(root: string, busybox: Buffer): Promise<void> {
     await mkdir(dirname(link), { recursive: true });
     await symlink("/bin/busybox", link);
   }
-  const etc = (name: string, text: string, mode = 0o644) => writeFile(join(root, "etc", name), text, { mode });
+  const etc = (name: string, text: string, mode = 0o644) =>
+    writeFile(join(root, "etc", name), text, { mode });
   await etc("passwd", PASSWD);
   await etc("group", GROUP);
   await etc("shadow", "root:*:0:0:99999:7:::\nuser:*:0:0:99999:7:::\n", 0o600);
   await etc("hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
   await etc("hostname", "matchlock\n");
   await etc("resolv.conf", "");
-  await etc("os-release", 'NAME="matchlock default (busybox)"\nID=matchlock-busybox\nPRETTY_NAME="matchlock default image"\n');
+  await etc(
+    "os-release",
+    'NAME="matchlock default (busybox)"\nID=matchlock-busybox\nPRETTY_NAME="matchlock default image"\n',
+  );
   await etc("profile", 'export PS1="\\u@\\h:\\w\\$ "\n');
 }
 

@@ -14,7 +14,10 @@ export function resolveArgv(image: ImageConfig, cmd: string[], entrypoint?: stri
   const args = cmd.length > 0 ? cmd : entrypoint !== undefined ? [] : (image.cmd ?? []);
   const argv = [...ep, ...args];
   if (argv.length === 0) {
-    throw new InvalidArgumentError("no command to run: the image has no Entrypoint or Cmd", "give one after `--`");
+    throw new InvalidArgumentError(
+      "no command to run: the image has no Entrypoint or Cmd",
+      "give one after `--`",
+    );
   }
   return argv;
 }
@@ -41,7 +44,11 @@ export function parseEnvSpec(spec: string, hostEnv: NodeJS.ProcessEnv = process.
 }
 
 /** An env file: `KEY=VALUE` or bare `KEY` lines; `#` comments and blank lines skipped. */
-export function parseEnvFile(text: string, file: string, hostEnv: NodeJS.ProcessEnv = process.env): Array<[string, string]> {
+export function parseEnvFile(
+  text: string,
+  file: string,
+  hostEnv: NodeJS.ProcessEnv = process.env,
+): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   text.split(/\r?\n/).forEach((raw, i) => {
     const line = raw.trim();

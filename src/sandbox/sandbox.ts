@@ -4,7 +4,7 @@ import { join } from "node:path";
 import type { ImageConfig, SandboxConfig } from "../api/config.ts";
 import { MatchlockError, VmBootError } from "../api/errors.ts";
 import { newVmId } from "../api/ids.ts";
-import { type Paths, paths as defaultPaths, vmDir } from "../api/paths.ts";
+import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
 import { AgentClient, type ExecHandle, type ExecIO } from "../guest/agent-client.ts";
 import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
@@ -84,7 +84,10 @@ export class Sandbox {
     this.deadline = ctl.signal;
     const t = init.config.resources.timeout_seconds;
     if (t !== undefined && t > 0) {
-      this.deadlineTimer = setTimeout(() => ctl.abort(new MatchlockError("CANCELLED", `timed out after ${t} s`)), t * 1000);
+      this.deadlineTimer = setTimeout(
+        () => ctl.abort(new MatchlockError("CANCELLED", `timed out after ${t} s`)),
+        t * 1000,
+      );
       this.deadlineTimer.unref();
     }
   }
@@ -96,7 +99,11 @@ export class Sandbox {
     const image = await resolveImage(p, config.image);
     const kernel = await loadKernel(p);
     const initramfs = await loadInitramfs(p);
-    const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel: kernel.vmlinux, initramfs }, opts.accel);
+    const { accel } = await chooseAccel(
+      join(p.cache, "accel.json"),
+      { kernel: kernel.vmlinux, initramfs },
+      opts.accel,
+    );
     const id = newVmId();
     const hostname = config.network.hostname || id;
     const dir = vmDir(id, p);
@@ -221,7 +228,8 @@ function envBootTimeout(): number | undefined {
   const v = process.env.MATCHLOCK_BOOT_TIMEOUT;
   if (!v) return undefined;
   const s = Number(v);
-  if (!Number.isFinite(s) || s <= 0) throw new MatchlockError("INVALID_ARGUMENT", `MATCHLOCK_BOOT_TIMEOUT=${v} is not a number of seconds`);
+  if (!Number.isFinite(s) || s <= 0)
+    throw new MatchlockError("INVALID_ARGUMENT", `MATCHLOCK_BOOT_TIMEOUT=${v} is not a number of seconds`);
   return s * 1000;
 }
 

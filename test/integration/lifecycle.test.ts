@@ -13,10 +13,14 @@ after(() => h.cleanup());
 
 /** Starts `run`, waits until the guest command printed `ready`, sends `signal`, returns the result. */
 async function runAndSignal(signal: NodeJS.Signals, script: string, grace = "2s") {
-  const child = spawn(process.execPath, [CLI, "run", "--graceful-shutdown", grace, "--", "sh", "-c", script], {
-    env: h.env,
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  const child = spawn(
+    process.execPath,
+    [CLI, "run", "--graceful-shutdown", grace, "--", "sh", "-c", script],
+    {
+      env: h.env,
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
   let out = "";
   let err = "";
   child.stderr.on("data", (d: Buffer) => (err += d.toString()));
@@ -36,7 +40,10 @@ async function runAndSignal(signal: NodeJS.Signals, script: string, grace = "2s"
 
 describe("signals stop the command gracefully and remove the VM", () => {
   test("SIGINT (Ctrl-C): the guest command gets SIGTERM and run exits with its status", async () => {
-    const r = await runAndSignal("SIGINT", "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.1; done");
+    const r = await runAndSignal(
+      "SIGINT",
+      "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.1; done",
+    );
     assert.equal(r.code, 42, r.err);
     assert.match(r.out, /got-term/);
     assert.deepEqual(h.vmDirs(), []);
@@ -55,7 +62,9 @@ describe("signals stop the command gracefully and remove the VM", () => {
 
 describe("a VM that cannot boot", () => {
   test("a kernel path that does not exist is a clear error and leaves nothing behind", async () => {
-    const r = await runCli(["run", "--", "true"], { env: { ...h.env, MATCHLOCK_KERNEL: "/no/such/vmlinux" } });
+    const r = await runCli(["run", "--", "true"], {
+      env: { ...h.env, MATCHLOCK_KERNEL: "/no/such/vmlinux" },
+    });
     assert.equal(r.code, 1);
     assert.match(r.stderr, /MATCHLOCK_KERNEL=\/no\/such\/vmlinux: no such file/);
     assert.deepEqual(h.vmDirs(), []);
@@ -112,7 +121,9 @@ describe("setup and diagnose", () => {
   test("diagnose fails with a fix line when the setup is missing", async () => {
     const empty = tempHome();
     try {
-      const r = await runCli(["diagnose"], { env: { ...empty.env, MATCHLOCK_CACHE: join(empty.home, "cache") } });
+      const r = await runCli(["diagnose"], {
+        env: { ...empty.env, MATCHLOCK_CACHE: join(empty.home, "cache") },
+      });
       assert.equal(r.code, 1);
       assert.match(r.stdout.toString(), /✗ kernel: .*\n\s+fix: matchlock setup/);
     } finally {
@@ -123,7 +134,9 @@ describe("setup and diagnose", () => {
   test("run before setup names the missing piece and the fix", async () => {
     const empty = tempHome();
     try {
-      const r = await runCli(["run", "--", "true"], { env: { ...empty.env, MATCHLOCK_CACHE: join(empty.home, "cache") } });
+      const r = await runCli(["run", "--", "true"], {
+        env: { ...empty.env, MATCHLOCK_CACHE: join(empty.home, "cache") },
+      });
       assert.equal(r.code, 1);
       assert.match(r.stderr, /not (built|installed)/);
       assert.match(r.stderr, /matchlock setup/);

@@ -163,7 +163,12 @@ describe("matchlock run", () => {
   });
 
   test("bad flags get one clear error and exit 1", async () => {
-    for (const args of [["--cpus", "zero"], ["--memory", "-5"], ["--image", "no/such:image"], ["-u", "bad user"]]) {
+    for (const args of [
+      ["--cpus", "zero"],
+      ["--memory", "-5"],
+      ["--image", "no/such:image"],
+      ["-u", "bad user"],
+    ]) {
       const r = await run([...args, "--", "true"]);
       assert.equal(r.code, 1, `${args.join(" ")}: ${r.stderr}`);
       assert.ok(r.stderr.trim().length > 0);

@@ -24,7 +24,10 @@ async function sh(script: string, opts: { user?: string } = {}) {
 }
 
 before(async () => {
-  sb = await Sandbox.create({ config: parseSandboxConfig({ network: { no_network: true } }), paths: paths(h.env) });
+  sb = await Sandbox.create({
+    config: parseSandboxConfig({ network: { no_network: true } }),
+    paths: paths(h.env),
+  });
 });
 after(async () => {
   await sb?.close();
@@ -89,7 +92,10 @@ describe("one VM, many commands", () => {
       entries.map((e) => [e.name, e.isDir]),
       [["sub", true]],
     );
-    await assert.rejects(sb.readFile("/no/such/file"), (e: Error & { code?: string }) => e.code === "FILE_FAILED");
+    await assert.rejects(
+      sb.readFile("/no/such/file"),
+      (e: Error & { code?: string }) => e.code === "FILE_FAILED",
+    );
   });
 
   test("stdin with flow control: 4 MiB into a slow reader arrives whole", async () => {

@@ -40,7 +40,9 @@ describe("sandbox config", () => {
   });
 
   test("features this build cannot honour are listed, never ignored", () => {
-    const c = parseSandboxConfig({ network: { allowed_hosts: ["api.example.com"], secrets: { K: { value: "v" } } } });
+    const c = parseSandboxConfig({
+      network: { allowed_hosts: ["api.example.com"], secrets: { K: { value: "v" } } },
+    });
     const missing = unsupportedFeatures(c);
     assert.ok(missing.some((m) => m.includes("allowlist")));
     assert.ok(missing.some((m) => m.includes("secrets")));

@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { DEFAULT_PATH, mergeEnv, parseEnvFile, parseEnvSpec, resolveArgv, validateUser } from "../../src/sandbox/command.ts";
+import {
+  DEFAULT_PATH,
+  mergeEnv,
+  parseEnvFile,
+  parseEnvSpec,
+  resolveArgv,
+  validateUser,
+} from "../../src/sandbox/command.ts";
 
 describe("Docker's rules for argv, env and user", () => {
   const image = { entrypoint: ["/entry"], cmd: ["default", "args"] };
@@ -49,7 +56,9 @@ describe("Docker's rules for argv, env and user", () => {
   });
 
   test("user specs: uid, uid:gid, name, name:group; anything else is refused", () => {
-    for (const ok of ["0", "1000", "1000:1000", "user", "user:users", "www-data"]) assert.equal(validateUser(ok), ok);
-    for (const bad of ["", "a b", "x:y:z", ":1", "1:", "../etc"]) assert.throws(() => validateUser(bad), /invalid user/);
+    for (const ok of ["0", "1000", "1000:1000", "user", "user:users", "www-data"])
+      assert.equal(validateUser(ok), ok);
+    for (const bad of ["", "a b", "x:y:z", ":1", "1:", "../etc"])
+      assert.throws(() => validateUser(bad), /invalid user/);
   });
 });

@@ -17,7 +17,11 @@ const spec: VmSpec = {
   ],
   accel: "tcg",
 };
-const paths = { agentSocket: "/tmp/vm/agent.sock", qmpSocket: "/tmp/vm/qmp.sock", consoleLog: "/tmp/vm/console.log" };
+const paths = {
+  agentSocket: "/tmp/vm/agent.sock",
+  qmpSocket: "/tmp/vm/qmp.sock",
+  consoleLog: "/tmp/vm/console.log",
+};
 
 describe("QEMU command line", () => {
   test("microvm with an RTC, fractional CPUs rounded up, memory in MB", () => {

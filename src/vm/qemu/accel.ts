@@ -58,7 +58,8 @@ export async function chooseAccel(
   env: NodeJS.ProcessEnv = process.env,
 ): Promise<AccelChoice> {
   if (forced) return { accel: parseAccel(forced, "--accel"), reason: "forced by --accel" };
-  if (env.MATCHLOCK_ACCEL) return { accel: parseAccel(env.MATCHLOCK_ACCEL, "MATCHLOCK_ACCEL"), reason: "MATCHLOCK_ACCEL" };
+  if (env.MATCHLOCK_ACCEL)
+    return { accel: parseAccel(env.MATCHLOCK_ACCEL, "MATCHLOCK_ACCEL"), reason: "MATCHLOCK_ACCEL" };
   const cached = await readJson<AccelCache>(cachePath);
   if (cached && cached.key === hostKey() && (cached.accel === "tcg" || (await kvmUsable()))) {
     return { accel: cached.accel, reason: `${cached.reason} (cached)` };

@@ -17,11 +17,23 @@ export interface TscHints {
 
 /** Kernel command line. `quiet`: every console byte costs time under TCG. */
 export function kernelCmdline(spec: VmSpec, tsc: TscHints | undefined): string {
-  const words = ["console=ttyS0", "quiet", "panic=-1", "reboot=t", "rdinit=/init", "i8042.noaux", "i8042.nokbd"];
+  const words = [
+    "console=ttyS0",
+    "quiet",
+    "panic=-1",
+    "reboot=t",
+    "rdinit=/init",
+    "i8042.noaux",
+    "i8042.nokbd",
+  ];
   if (spec.accel === "tcg" && tsc && tsc.khz > 0) {
     // Early TSC calibration fails at random on a busy host under TCG and the guest hangs; giving the
     // frequency and the delay-loop constant (HZ=250 in Debian kernels) skips both calibrations.
-    words.push(`tsc_early_khz=${Math.round(tsc.khz)}`, `lpj=${Math.round((tsc.khz * 1000) / 250)}`, "tsc=reliable");
+    words.push(
+      `tsc_early_khz=${Math.round(tsc.khz)}`,
+      `lpj=${Math.round((tsc.khz * 1000) / 250)}`,
+      "tsc=reliable",
+    );
   }
   words.push(...spec.kernelArgs);
   return words.join(" ");

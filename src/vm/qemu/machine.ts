@@ -85,7 +85,9 @@ export class QemuBackend implements VmBackend {
       const sockets = await Promise.race([
         Promise.all([agentL.conn, qmpL.conn]),
         exited.then(async (e): Promise<never> => {
-          throw new VmBootError(`QEMU exited during start (${describeExit(e)})`, { hint: await diagnostics() });
+          throw new VmBootError(`QEMU exited during start (${describeExit(e)})`, {
+            hint: await diagnostics(),
+          });
         }),
         new Promise<never>((_, reject) => {
           timer = setTimeout(
@@ -98,7 +100,10 @@ export class QemuBackend implements VmBackend {
       const qmp = new QmpClient(qmpSock);
       await qmp.init().catch(async (e: unknown) => {
         // QEMU connects its sockets before loading the kernel; a bad kernel makes it exit right here.
-        const exit = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 2000))]);
+        const exit = await Promise.race([
+          exited,
+          new Promise<undefined>((r) => setTimeout(() => r(undefined), 2000)),
+        ]);
         const why = exit ? `QEMU exited during start (${describeExit(exit)})` : `QEMU stopped answering QMP`;
         throw new VmBootError(why, { cause: e, hint: await diagnostics() });
       });

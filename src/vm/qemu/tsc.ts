@@ -18,9 +18,11 @@ async function probe(): Promise<number> {
     const v = Number.parseInt(await readFile("/sys/devices/system/cpu/cpu0/tsc_freq_khz", "utf8"), 10);
     if (v > 0) return v;
   } catch {}
-  const log = (await runCommand("dmesg", [], { allowFailure: true }).catch(() => undefined))?.stdout.toString() ?? "";
+  const log =
+    (await runCommand("dmesg", [], { allowFailure: true }).catch(() => undefined))?.stdout.toString() ?? "";
   const fromLog =
-    /tsc: Refined TSC clocksource calibration: ([\d.]+) MHz/.exec(log) ?? /tsc: Detected ([\d.]+) MHz/.exec(log);
+    /tsc: Refined TSC clocksource calibration: ([\d.]+) MHz/.exec(log) ??
+    /tsc: Detected ([\d.]+) MHz/.exec(log);
   if (fromLog?.[1]) return Math.round(Number.parseFloat(fromLog[1]) * 1000);
   try {
     const m = /^cpu MHz\s*:\s*([\d.]+)/m.exec(await readFile("/proc/cpuinfo", "utf8"));
