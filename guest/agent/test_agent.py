@@ -1,0 +1,740 @@
+#!/usr/bin/env python3
+"""Development test driver for the guest agent (docs/agent-protocol.md).
+
+    cc -static -Os -s -Wall -Wextra -o /tmp/matchlock-agent guest/agent/agent.c
+    python3 guest/agent/test_agent.py /tmp/matchlock-agent       # --stdio mode, no VM needed
+    python3 guest/agent/test_agent.py --vm /path/to/agent.sock   # a booted VM's agent port
+
+--vm runs the protocol-only tests plus t_vm_system against a VM whose "agent" virtserialport is a
+unix socket chardev (server=on,wait=off); it expects a busybox-like image with hostname testvm,
+matchlock.time=1700000000, users app (1000, home /home/app) and nobody, group staff (50), and it
+ends with SHUTDOWN. Standard library only. User-switching tests need root (skipped otherwise).
+"""
+import hashlib
+import os
+import queue
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+AGENT = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--vm" else "/tmp/matchlock-agent"
+
+EXEC, STDIN, RESIZE, SIGNAL, WRITE_FILE, FILE_DATA, READ_FILE, LIST_DIR, PING, SHUTDOWN = range(1, 11)
+READY, STDOUT, STDERR, EXIT, ERROR, STARTED, STDIN_ACK, DATA, RESULT, PONG, LOG = range(0x80, 0x8B)
+NAMES = {v: k for k, v in dict(READY=READY, STDOUT=STDOUT, STDERR=STDERR, EXIT=EXIT, ERROR=ERROR,
+                                 STARTED=STARTED, STDIN_ACK=STDIN_ACK, DATA=DATA, RESULT=RESULT,
+                                 PONG=PONG, LOG=LOG).items()}
+F_TTY, F_STDIN, F_MKDIR_CWD = 1, 2, 4
+WINDOW = 256 * 1024
+MAX = 1 << 20
+
+
+class Agent:
+    """A connection to an agent: a `--stdio` child process, or a socket (a VM's agent port)."""
+
+    def __init__(self, sock=None):
+        if sock is None:
+            # a leaked fd (as a careless host might pass) must not reach the processes
+            leak = os.open("/dev/null", os.O_RDONLY)
+            self.p = subprocess.Popen([AGENT, "--stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      bufsize=0, pass_fds=(leak,))
+            os.close(leak)
+            self._read, self._write = self.p.stdout.read, self.p.stdin.write
+        else:
+            self.p = None
+            self._read, self._write = sock.recv, sock.sendall
+        self.queues = {}
+        self.qlock = threading.Lock()
+        self.wlock = threading.Lock()
+        self.next_stream = 1
+        self.logs = []
+        self.eof = threading.Event()
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def q(self, stream):
+        with self.qlock:
+            return self.queues.setdefault(stream, queue.Queue())
+
+    def _read_exact(self, n):
+        b = b""
+        while len(b) < n:
+            c = self._read(n - len(b))
+            if not c:
+                return None
+            b += c
+        return b
+
+    def _reader(self):
+        while True:
+            h = self._read_exact(9)
+            if h is None:
+                break
+            ln, typ, stream = struct.unpack("<IBI", h)
+            assert ln <= MAX, f"frame too large: {ln}"
+            assert typ in NAMES, f"unknown frame type {typ:#x}"
+            payload = self._read_exact(ln) if ln else b""
+            assert payload is not None
+            if typ == LOG:
+                self.logs.append(payload.decode())
+            self.q(stream).put((typ, payload))
+        self.eof.set()
+
+    def stream(self):
+        s = self.next_stream
+        self.next_stream += 1
+        return s
+
+    def send(self, typ, stream, payload=b""):
+        with self.wlock:
+            self._write(struct.pack("<IBI", len(payload), typ, stream) + payload)
+
+    def recv(self, stream, timeout=10):
+        try:
+            return self.q(stream).get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"timeout waiting for a frame on stream {stream}")
+
+    def start(self, argv, env=(), user="", cwd="", flags=0, rows=0, cols=0):
+        s = self.stream()
+        strs = [user, cwd] + list(argv) + list(env)
+        payload = struct.pack("<IHHHH", flags, rows, cols, len(argv), len(env))
+        payload += b"".join((x.encode() if isinstance(x, str) else x) + b"\0" for x in strs)
+        self.send(EXEC, s, payload)
+        return s
+
+    def collect(self, s, stdin=None, eof=True, timeout=30, on_frame=None, extra=0):
+        """Run an exec stream to EXIT; feed stdin with flow control. Returns a result dict."""
+        r = dict(out=b"", err=b"", code=None, sig=None, error=None, pid=None, acked=0, max_unacked=0,
+                 extra=extra)  # extra: STDIN bytes sent outside of `stdin` (by the caller, callbacks)
+        sent = 0
+        eof_sent = False
+        deadline = time.time() + timeout
+        while True:
+            if stdin is not None and r["pid"] is not None:
+                while sent < len(stdin) and sent - r["acked"] < WINDOW:
+                    n = min(64 * 1024, len(stdin) - sent, WINDOW - (sent - r["acked"]))
+                    self.send(STDIN, s, stdin[sent:sent + n])
+                    sent += n
+                    r["max_unacked"] = max(r["max_unacked"], sent - r["acked"])
+                if sent == len(stdin) and eof and not eof_sent:
+                    self.send(STDIN, s, b"")
+                    eof_sent = True
+            typ, p = self.recv(s, max(0.1, deadline - time.time()))
+            if typ == STARTED:
+                assert len(p) == 4 and r["pid"] is None
+                r["pid"] = struct.unpack("<I", p)[0]
+            elif typ == STDOUT:
+                r["out"] += p
+            elif typ == STDERR:
+                r["err"] += p
+            elif typ == STDIN_ACK:
+                r["acked"] += struct.unpack("<I", p)[0]
+                assert r["acked"] <= sent + r["extra"], "acked more than sent"
+            elif typ == ERROR:
+                r["error"] = p.decode()
+            elif typ == EXIT:
+                r["code"], r["sig"] = struct.unpack("<ii", p)
+                return r
+            else:
+                raise AssertionError(f"unexpected frame {NAMES.get(typ, typ)} on exec stream")
+            if on_frame:
+                on_frame(typ, p, r)
+
+    def run(self, argv, **kw):
+        stdin = kw.pop("stdin", None)
+        timeout = kw.pop("timeout", 30)
+        if stdin is not None:
+            kw["flags"] = kw.get("flags", 0) | F_STDIN
+        return self.collect(self.start(argv, **kw), stdin=stdin, timeout=timeout)
+
+    def write_file(self, path, data, mode=0o644, chunk=MAX):
+        s = self.stream()
+        self.send(WRITE_FILE, s, struct.pack("<I", mode) + path.encode() + b"\0")
+        for i in range(0, len(data), chunk):
+            self.send(FILE_DATA, s, data[i:i + chunk])
+        self.send(FILE_DATA, s, b"")
+        typ, p = self.recv(s)
+        assert typ == RESULT, NAMES.get(typ)
+        return struct.unpack("<i", p[:4])[0], p[4:].decode()
+
+    def read_file(self, path):
+        s = self.stream()
+        self.send(READ_FILE, s, path.encode() + b"\0")
+        data = b""
+        while True:
+            typ, p = self.recv(s)
+            if typ == DATA:
+                assert len(p) <= 64 * 1024
+                data += p
+            else:
+                assert typ == RESULT, NAMES.get(typ)
+                return data, struct.unpack("<i", p[:4])[0], p[4:].decode()
+
+    def list_dir(self, path):
+        s = self.stream()
+        self.send(LIST_DIR, s, path.encode() + b"\0")
+        entries = {}
+        while True:
+            typ, p = self.recv(s)
+            if typ == RESULT:
+                return entries, struct.unpack("<i", p[:4])[0], p[4:].decode()
+            assert typ == DATA
+            off = 0
+            while off < len(p):
+                mode, size, sec, nsec = struct.unpack_from("<IQqI", p, off)
+                end = p.index(b"\0", off + 24)
+                entries[p[off + 24:end].decode()] = (mode, size, sec, nsec)
+                off = end + 1
+
+    def close(self):
+        try:
+            self.p.stdin.close()
+        except Exception:
+            pass
+        try:
+            return self.p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            raise AssertionError("agent did not exit on EOF")
+
+
+# ---------------------------------------------------------------- tests
+
+def ok(r, out=None, code=0):
+    assert r["error"] is None, r
+    assert r["code"] == code and r["sig"] == 0, r
+    if out is not None:
+        assert r["out"] == out, r
+
+
+def t_ping(a):
+    s = a.stream()
+    a.send(PING, s, b"hello\0\x01binary")
+    assert a.recv(s) == (PONG, b"hello\0\x01binary")
+    s = a.stream()
+    a.send(PING, s)
+    assert a.recv(s) == (PONG, b"")
+
+
+def t_exit_codes(a):
+    ok(a.run(["echo", "hello", "world"]), b"hello world\n")
+    for c in (0, 1, 7):
+        r = a.run(["sh", "-c", f"echo x; exit {c}"])
+        ok(r, b"x\n", c)
+
+
+def t_signal(a):
+    s = a.start(["sleep", "100"])
+    t0 = time.time()
+
+    def on(typ, p, r):
+        if typ == STARTED:
+            a.send(SIGNAL, s, struct.pack("<I", 9))
+    r = a.collect(s, on_frame=on)
+    assert r["code"] == 137 and r["sig"] == 9, r
+    assert time.time() - t0 < 2
+    # SIGTERM reaches the whole process group (sh and its child)
+    s = a.start(["sh", "-c", "sleep 100; echo survived"])
+
+    def on2(typ, p, r):
+        if typ == STARTED:
+            time.sleep(0.2)
+            a.send(SIGNAL, s, struct.pack("<I", 15))
+    r = a.collect(s, on_frame=on2)
+    assert r["sig"] == 15 and r["code"] == 143 and r["out"] == b"", r
+
+
+def t_stdout_stderr(a):
+    r = a.run(["sh", "-c", "echo out; echo err >&2; echo out2; echo err2 >&2"])
+    ok(r, b"out\nout2\n")
+    assert r["err"] == b"err\nerr2\n", r
+    # stdin without the STDIN flag is /dev/null
+    ok(a.run(["cat"]), b"")
+    # only 0, 1, 2 are open in the process (3 is ls's own directory fd)
+    ok(a.run(["ls", "/proc/self/fd"]), b"0\n1\n2\n3\n")
+    ok(a.run(["ls", "-1", "/proc/self/fd"], flags=F_TTY), b"0\r\n1\r\n2\r\n3\r\n")
+    # STDIN frames for a process without the STDIN flag: discarded, acknowledged
+    s = a.start(["sh", "-c", "sleep 0.3; echo x"])
+    a.send(STDIN, s, b"abc")
+    r = a.collect(s, extra=3)
+    ok(r, b"x\n")
+    assert r["acked"] == 3, r
+    # RESIZE on a pipe exec, SIGNAL/RESIZE/STDIN after EXIT: ignored
+    s = a.start(["sh", "-c", "sleep 0.2; echo y"])
+    a.send(RESIZE, s, struct.pack("<HH", 10, 10))
+    ok(a.collect(s), b"y\n")
+    a.send(SIGNAL, s, struct.pack("<I", 9))
+    a.send(RESIZE, s, struct.pack("<HH", 10, 10))
+    a.send(STDIN, s, b"late")
+    a.send(FILE_DATA, s, b"late")
+    t_ping(a)
+    assert a.q(s).empty()
+
+
+def t_stdin_10m(a):
+    data = os.urandom(10 << 20)
+    t0 = time.time()
+    r = a.run(["cat"], stdin=data, timeout=60)
+    ok(r)
+    assert len(r["out"]) == len(data), (len(r["out"]), len(data))
+    assert hashlib.sha256(r["out"]).digest() == hashlib.sha256(data).digest()
+    assert r["acked"] == len(data), r["acked"]
+    assert r["max_unacked"] <= WINDOW
+    print(f"    10 MiB through cat in {time.time() - t0:.2f}s")
+    # sha256 computed in the process: the data really went through its stdin
+    r = a.run(["sha256sum"], stdin=data, timeout=60)
+    ok(r)
+    assert r["out"].split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def t_stdin_closed(a):
+    # the process closes stdin: bytes are discarded but still acknowledged
+    s = a.start(["sh", "-c", "exec 0<&-; sleep 0.5; echo done"], flags=F_STDIN)
+    r = a.collect(s, stdin=b"x" * (600 * 1024), eof=False)
+    ok(r, b"done\n")
+    assert r["acked"] == 600 * 1024, r["acked"]
+    # head reads a little and exits; EXIT still arrives
+    r = a.run(["head", "-c", "5"], stdin=b"abcdefghij" * 100000)
+    ok(r, b"abcde")
+    # STDIN for an unknown stream is ignored
+    a.send(STDIN, 999999, b"zzz")
+    a.send(STDIN, 999999, b"")
+
+
+def t_env_cwd(a):
+    r = a.run(["sh", "-c", 'echo "$FOO|$HOME|$PATH"; pwd'], env=["FOO=bar baz", "PATH=/usr/bin:/bin"],
+              cwd="/tmp")
+    ok(r)
+    lines = r["out"].decode().splitlines()
+    assert lines[0].startswith("bar baz|") and lines[0].endswith("|/usr/bin:/bin"), lines
+    home = lines[0].split("|")[1]
+    if os.geteuid() == 0:
+        assert home == "/root", home  # from the passwd entry of uid 0
+    assert lines[1] == "/tmp", lines
+    # HOME given by the host wins; the environment is exactly what was given (+HOME)
+    r = a.run(["/usr/bin/env"], env=["HOME=/x", "A=1"])
+    ok(r, b"HOME=/x\nA=1\n")
+    r = a.run(["/usr/bin/env"], env=["A=1"])
+    assert r["out"].decode().splitlines()[0] == "A=1" and r["out"].decode().splitlines()[1].startswith("HOME=")
+    # default cwd is /
+    ok(a.run(["pwd"]), b"/\n")
+    # PATH search: the given PATH is used (no /bin in it -> not found)
+    r = a.run(["ls"], env=["PATH=/nonexistent"])
+    assert r["code"] == 127 and r["error"], r
+    # MKDIR_CWD
+    d = f"/tmp/agent-test-{os.getpid()}/a/b/c"
+    r = a.run(["pwd"], cwd=d)
+    assert r["code"] == 1 and "chdir" in r["error"], r
+    r = a.run(["pwd"], cwd=d, flags=F_MKDIR_CWD)
+    ok(r, (d + "\n").encode())
+    assert oct(os.stat(d).st_mode & 0o777) == oct(0o755)
+    r = a.run(["pwd"], cwd=d, flags=F_MKDIR_CWD)  # exists already: fine
+    ok(r, (d + "\n").encode())
+
+
+def t_users(a):
+    if os.geteuid() != 0:
+        print("    (not root: only the empty user is tested)")
+        ok(a.run(["id", "-u"]), f"{os.getuid()}\n".encode())
+        r = a.run(["id"], user="0")
+        assert r["code"] == 1 and r["error"], r
+        return
+    ok(a.run(["id", "-u"]), b"0\n")
+    ok(a.run(["sh", "-c", "id -u; id -g; id -G; echo $HOME"], user="1000"), None)
+    r = a.run(["sh", "-c", "id -u; id -g; id -G"], user="1000")
+    pw = {l.split(":")[2]: l.split(":") for l in open("/etc/passwd")}
+    g1000 = pw["1000"][3] if "1000" in pw else "0"
+    ok(r, f"1000\n{g1000}\n{g1000}\n".encode())
+    r = a.run(["sh", "-c", "id -u; id -g; id -G; echo $HOME"], user="nobody")
+    ok(r, b"65534\n65534\n65534\n/nonexistent\n")
+    r = a.run(["sh", "-c", "id -u; id -g; id -G"], user="1000:5")
+    ok(r, b"1000\n5\n5\n")
+    r = a.run(["sh", "-c", "id -u; id -g"], user="nobody:tty")
+    ok(r, b"65534\n5\n")
+    r = a.run(["sh", "-c", "id -u; id -g; echo $HOME"], user="4242")  # no passwd entry: gid 0, HOME=/
+    ok(r, b"4242\n0\n/\n")
+    r = a.run(["sh", "-c", "id -u; id -g"], user="4242:4243")
+    ok(r, b"4242\n4243\n")
+    for bad in ("nosuchuser", "nobody:nosuchgroup", "1000:nosuchgroup"):
+        r = a.run(["id"], user=bad)
+        assert r["code"] == 1 and r["sig"] == 0 and r["error"] and r["pid"] is None, r
+    # MKDIR_CWD as root, then the user must be able to chdir there
+    d = f"/tmp/agent-test-{os.getpid()}/u/v"
+    ok(a.run(["pwd"], cwd=d, user="nobody", flags=F_MKDIR_CWD), (d + "\n").encode())
+    # a directory the user cannot enter
+    os.makedirs(f"/tmp/agent-test-{os.getpid()}/private", mode=0o700, exist_ok=True)
+    r = a.run(["pwd"], cwd=f"/tmp/agent-test-{os.getpid()}/private", user="nobody")
+    assert r["code"] == 1 and "chdir" in r["error"] and "Permission denied" in r["error"], r
+
+
+def t_tty(a):
+    r = a.run(["tty"], flags=F_TTY, rows=30, cols=100)
+    ok(r)
+    assert r["out"].startswith(b"/dev/pts/"), r
+    assert r["err"] == b""
+    r = a.run(["stty", "size"], flags=F_TTY, rows=30, cols=100)
+    ok(r, b"30 100\r\n")
+    # stderr also goes to the PTY -> STDOUT
+    r = a.run(["sh", "-c", "echo err >&2"], flags=F_TTY, rows=24, cols=80)
+    ok(r, b"err\r\n")
+    # RESIZE while running, then stty again; the input comes through the PTY
+    s = a.start(["sh", "-c", "stty size; read x; stty size; echo got=$x"], flags=F_TTY, rows=30, cols=100)
+    state = {"sent": False}
+
+    def on(typ, p, r):
+        if typ == STDOUT and b"30 100" in r["out"] and not state["sent"]:
+            state["sent"] = True
+            a.send(RESIZE, s, struct.pack("<HH", 40, 120))
+            a.send(STDIN, s, b"hello\n")
+            r["extra"] += 6
+    r = a.collect(s, on_frame=on)
+    ok(r)
+    out = r["out"].replace(b"\r\n", b"\n")
+    assert out.endswith(b"40 120\ngot=hello\n"), r
+    # EOF in TTY mode = ^D: cat ends
+    s = a.start(["cat"], flags=F_TTY, rows=24, cols=80)
+    r = a.collect(s, stdin=b"line\n")
+    ok(r)
+    assert r["out"].count(b"line\r\n") == 2, r  # echo + cat's output
+    # job control works on the PTY: the process group leader has a controlling terminal
+    r = a.run(["sh", "-c", "read pid comm state ppid pgrp sid tty rest < /proc/$$/stat; echo $pid $pgrp $sid $tty"],
+              flags=F_TTY, rows=24, cols=80)
+    ok(r)
+    pid, pgrp, sid, tty = r["out"].split()
+    assert pid == pgrp == sid == str(r["pid"]).encode() and tty != b"0", r  # session leader with a ctty
+    # SIGNAL on a TTY process
+    s = a.start(["sleep", "100"], flags=F_TTY)
+
+    def on3(typ, p, r):
+        if typ == STARTED:
+            a.send(SIGNAL, s, struct.pack("<I", 2))
+    r = a.collect(s, on_frame=on3)
+    assert r["sig"] == 2 and r["code"] == 130, r
+    if os.geteuid() == 0:
+        r = a.run(["sh", "-c", "id -u; stat -c %u $(tty)"], flags=F_TTY, user="nobody")
+        ok(r, b"65534\r\n65534\r\n")
+
+
+def t_exec_errors(a):
+    r = a.run(["/nonexistent/binary"])
+    assert r["code"] == 127 and r["sig"] == 0 and r["pid"] is None, r
+    assert r["error"].startswith("exec /nonexistent/binary:") and "No such file" in r["error"], r
+    r = a.run(["no-such-command-xyz"])
+    assert r["code"] == 127 and r["error"], r
+    p = f"/tmp/agent-test-{os.getpid()}-noexec"
+    with open(p, "w") as f:
+        f.write("#!/bin/sh\necho hi\n")
+    os.chmod(p, 0o644)
+    r = a.run([p])
+    assert r["code"] == 126 and "Permission denied" in r["error"], r
+    os.chmod(p, 0o755)
+    ok(a.run([p]), b"hi\n")
+    os.unlink(p)
+    # malformed payloads
+    s = a.stream()
+    a.send(EXEC, s, b"\0" * 5)
+    r = a.collect(s)
+    assert r["code"] == 1 and r["error"], r
+    s = a.stream()
+    a.send(EXEC, s, struct.pack("<IHHHH", 0, 0, 0, 2, 0) + b"\0\0echo\0")  # argv[1] missing
+    r = a.collect(s)
+    assert r["code"] == 1 and "malformed" in r["error"], r
+    s = a.stream()
+    a.send(EXEC, s, struct.pack("<IHHHH", 0, 0, 0, 0, 0) + b"\0\0")  # argc 0
+    r = a.collect(s)
+    assert r["code"] == 1 and r["error"], r
+
+
+def t_many(a):
+    for i in range(20):
+        ok(a.run(["sh", "-c", f"echo {i}"]), f"{i}\n".encode())
+    streams = [a.start(["sh", "-c", f"sleep 0.3; echo {i}; echo e{i} >&2; exit {i}"]) for i in range(8)]
+    t0 = time.time()
+    for i, s in enumerate(streams):
+        r = a.collect(s)
+        ok(r, f"{i}\n".encode(), i)
+        assert r["err"] == f"e{i}\n".encode()
+    assert time.time() - t0 < 2, "concurrent execs ran sequentially?"
+    # 70 at once (more than 64)
+    streams = [a.start(["sh", "-c", "sleep 0.5; echo ok"], flags=F_STDIN) for i in range(70)]
+    for s in streams:
+        a.send(STDIN, s, b"")
+    for s in streams:
+        ok(a.collect(s), b"ok\n")
+
+
+def t_concurrent_streams(a):
+    # several flow-controlled stdin streams, a big output and file reads, all at once
+    results, errors = {}, []
+    datas = [os.urandom(4 << 20) for _ in range(4)]
+
+    def cat(i):
+        try:
+            results[i] = a.run(["cat"], stdin=datas[i], timeout=60)
+        except Exception as e:
+            errors.append(e)
+
+    def flood():
+        try:
+            results["flood"] = a.run(["head", "-c", str(20 << 20), "/dev/zero"], timeout=60)
+        except Exception as e:
+            errors.append(e)
+
+    def reads():
+        try:
+            for _ in range(5):
+                back, err, msg = a.read_file("/etc/passwd")
+                assert err == 0 and back == open("/etc/passwd", "rb").read()
+                s = a.stream()
+                a.send(PING, s, b"p")
+                assert a.recv(s) == (PONG, b"p")
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=cat, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=flood), threading.Thread(target=reads)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(4):
+        ok(results[i])
+        assert results[i]["out"] == datas[i] and results[i]["max_unacked"] <= WINDOW
+    ok(results["flood"])
+    assert len(results["flood"]["out"]) == 20 << 20
+    print(f"    4x4 MiB stdin + 20 MiB output in {time.time() - t0:.2f}s")
+
+
+def t_grandchild(a):
+    t0 = time.time()
+    r = a.run(["sh", "-c", "sleep 5 & echo hi"])
+    dt = time.time() - t0
+    ok(r, b"hi\n")
+    assert dt < 1.0, f"EXIT delayed {dt:.2f}s by a grandchild holding stdout"
+    t0 = time.time()
+    r = a.run(["sh", "-c", "sleep 5 & echo hi"], flags=F_TTY)
+    ok(r)
+    assert time.time() - t0 < 1.0
+
+
+def t_output_before_exit(a):
+    # lots of output right before exit must all arrive before EXIT
+    r = a.run(["sh", "-c", "head -c 3000000 /dev/zero; head -c 100000 /dev/zero >&2"])
+    ok(r)
+    assert len(r["out"]) == 3000000 and len(r["err"]) == 100000
+    r = a.run(["head", "-c", "2000000", "/dev/zero"], flags=F_TTY)
+    ok(r)
+    assert len(r["out"]) == 2000000, len(r["out"])
+
+
+def t_files(a):
+    base = f"/tmp/agent-test-{os.getpid()}/files"
+    data = os.urandom(3 << 20)
+    path = base + "/deep/er/f.bin"
+    assert a.write_file(path, data, 0o640, chunk=1000000) == (0, "")
+    st = os.stat(path)
+    assert st.st_mode & 0o7777 == 0o640 and st.st_size == len(data)
+    assert os.stat(base + "/deep").st_mode & 0o777 == 0o755
+    back, err, msg = a.read_file(path)
+    assert (err, msg) == (0, "") and hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+    # exact mode despite the umask; truncation of an existing file
+    assert a.write_file(path, b"short", 0o4777) == (0, "")
+    assert os.stat(path).st_mode & 0o7777 == 0o4777
+    assert open(path, "rb").read() == b"short"
+    # empty file
+    assert a.write_file(base + "/empty", b"", 0o600) == (0, "")
+    assert a.read_file(base + "/empty") == (b"", 0, "")
+    # errors
+    err, msg = a.write_file(base + "/deep", b"data")  # a directory
+    assert err == 21 and msg.startswith("open " + base + "/deep:"), (err, msg)
+    err, msg = a.write_file(path + "/sub/x", b"data")  # parent is a file
+    assert err == 20 and msg.startswith("mkdir "), (err, msg)
+    back, err, msg = a.read_file(base + "/missing")
+    assert back == b"" and err == 2 and msg == f"open {base}/missing: No such file or directory", msg
+    back, err, msg = a.read_file(base)
+    assert err == 21 and msg.startswith("read "), (err, msg)
+    # concurrent reads interleave
+    s1, s2 = a.stream(), a.stream()
+    a.send(READ_FILE, s1, path.encode() + b"\0")
+    a.send(READ_FILE, s2, b"/etc/passwd\0")
+    assert a.recv(s2)[0] in (DATA, RESULT) and a.recv(s1)[0] in (DATA, RESULT)
+    # LIST_DIR
+    os.symlink("/nonexistent", base + "/link")
+    entries, err, msg = a.list_dir(base)
+    assert (err, msg) == (0, ""), msg
+    assert set(entries) == {"deep", "empty", "link"}, entries
+    import stat
+    assert stat.S_ISDIR(entries["deep"][0]) and stat.S_ISLNK(entries["link"][0])
+    assert entries["empty"][1] == 0 and stat.S_IMODE(entries["empty"][0]) == 0o600
+    st = os.lstat(base + "/empty")
+    assert entries["empty"][2] == int(st.st_mtime) and entries["empty"][3] == st.st_mtime_ns % 10**9
+    # a big directory spans several DATA frames
+    big = base + "/big"
+    os.mkdir(big)
+    for i in range(5000):
+        open(f"{big}/file-with-a-rather-long-name-{i:05d}", "w").close()
+    entries, err, msg = a.list_dir(big)
+    assert err == 0 and len(entries) == 5000
+    entries, err, msg = a.list_dir(base + "/nope")
+    assert err == 2 and msg, msg
+
+
+def t_orphans(a):
+    # orphans are reaped (the agent is a subreaper in --stdio mode, PID 1 in a VM)
+    ok(a.run(["sh", "-c", "(sleep 0.2 &) ; exit 0"]))
+    time.sleep(0.6)
+    kids = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "--ppid", str(a.p.pid)], capture_output=True,
+                          text=True).stdout
+    assert "Z" not in kids, kids
+
+
+def t_bad_frames(a):
+    # unknown type: a LOG, then the agent keeps serving
+    a.send(0x42, 5)
+    typ, p = a.recv(0)
+    assert typ == LOG and b"unknown" in p, p
+    t_ping(a)
+
+
+def t_protocol_error():
+    a = Agent()
+    assert a.recv(0)[0] == READY
+    a.send(PING, 1, b"x")
+    assert a.recv(1) == (PONG, b"x")
+    with a.wlock:
+        a._write(struct.pack("<IBI", MAX + 1, PING, 2))
+    typ, p = a.recv(0)
+    assert typ == LOG and b"protocol error" in p, p
+    time.sleep(0.1)
+    a.send(PING, 3, b"y")  # the buffer was reset; fresh frames work again
+    assert a.recv(3) == (PONG, b"y")
+    assert a.close() == 0
+
+
+def t_eof_kills_children():
+    a = Agent()
+    assert a.recv(0)[0] == READY
+    s = a.start(["sh", "-c", "sleep 100 & sleep 100"])
+    typ, p = a.recv(s)
+    assert typ == STARTED
+    pid = struct.unpack("<I", p)[0]
+    time.sleep(0.2)
+    assert a.close() == 0
+    # the whole process group is dead (zombies at most, until the host's init reaps them)
+    alive = None
+    for _ in range(40):
+        r = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(pid)], capture_output=True, text=True)
+        alive = [l for l in r.stdout.splitlines() if "Z" not in l.split()[1]]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, alive
+
+
+def t_shutdown():
+    a = Agent()
+    assert a.recv(0)[0] == READY
+    a.send(SHUTDOWN, 0)
+    assert a.p.wait(timeout=5) == 0
+
+
+def t_vm_system(a):
+    """PID 1 mode: what init set up (run with --vm against the throwaway VM of the dev notes)."""
+    ok(a.run(["hostname"]), b"testvm\n")
+    t = int(a.run(["date", "+%s"])["out"])
+    assert 1700000000 <= t < 1700000000 + 600, t
+    mounts = a.run(["cat", "/proc/mounts"])["out"].decode()
+    for want in ("overlay / overlay", "proc /proc proc", "sysfs /sys sysfs", "devtmpfs /dev devtmpfs",
+                 "devpts /dev/pts devpts", "tmpfs /dev/shm tmpfs"):
+        assert want in mounts, (want, mounts)
+    ok(a.run(["cat", "/sys/class/net/lo/flags"]), b"0x9\n")  # IFF_UP|IFF_LOOPBACK
+    ok(a.run(["ping", "-c", "1", "-W", "1", "127.0.0.1"]))
+    ok(a.run(["sh", "-c", "for f in /dev/fd /dev/stdin /dev/stdout /dev/stderr; do readlink $f; done"]),
+       b"/proc/self/fd\n/proc/self/fd/0\n/proc/self/fd/1\n/proc/self/fd/2\n")
+    ok(a.run(["sh", "-c", "echo x > /dev/shm/x && cat /dev/shm/x && echo y > /rootfile && cat /rootfile"]), b"x\ny\n")
+    ok(a.run(["sh", "-c", "id -u; id -g; id -G; echo $HOME"], user="app"), b"1000\n1000\n1000\n/home/app\n")
+    ok(a.run(["sh", "-c", "id -u; id -g"], user="app:staff"), b"1000\n50\n")
+    ok(a.run(["sh", "-c", "id -u; id -g; echo $HOME"], user="nobody"), b"65534\n65534\n/nonexistent\n")
+    ok(a.run(["sh", "-c", "id -u; id -g; echo $HOME"]), b"0\n0\n/root\n")
+    r = a.run(["id"], user="nosuch")
+    assert r["code"] == 1 and r["error"], r
+    ok(a.run(["pwd"], cwd="/work/a/b", flags=F_MKDIR_CWD, user="app"), b"/work/a/b\n")
+    data = os.urandom(3 << 20)
+    assert a.write_file("/data/x/blob", data, 0o600) == (0, "")
+    back, err, msg = a.read_file("/data/x/blob")
+    assert err == 0 and back == data
+    ok(a.run(["stat", "-c", "%a %s", "/data/x/blob"]), f"600 {len(data)}\n".encode())
+    ok(a.run(["stat", "-c", "%a", "/data/x"]), b"755\n")
+    entries, err, msg = a.list_dir("/")
+    assert err == 0 and {"bin", "etc", "proc", "dev", "sys", "data", "rootfile"} <= set(entries), entries
+    # the base image is read-only underneath, the overlay is writable
+    ok(a.run(["sh", "-c", "echo z >> /etc/passwd && tail -n 1 /etc/passwd"]), b"z\n")
+    # PID 1 reaps orphans
+    ok(a.run(["sh", "-c", "(sleep 0.2 &) ; exit 0"]))
+    time.sleep(0.5)
+    ps = a.run(["ps", "-o", "pid,stat,comm"])["out"].decode()
+    assert not [l for l in ps.splitlines()[1:] if l.split()[1].startswith("Z")], ps
+    ok(a.run(["sh", "-c", "cat /proc/1/comm"]), b"init\n")
+    if os.environ.get("VM_PERSIST"):
+        # with an upper disk: what the previous boot wrote is still there
+        back, err, msg = a.read_file("/persist")
+        print(f"    /persist from an earlier boot: {back!r} ({msg or 'ok'})")
+        assert a.write_file("/persist", b"written at " + str(time.time()).encode()) == (0, "")
+
+
+VM_TESTS = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_tty, t_many,
+            t_grandchild, t_output_before_exit, t_bad_frames, t_vm_system]
+
+
+def main():
+    vm = sys.argv[1] == "--vm" if len(sys.argv) > 1 else False
+    if vm:
+        import socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sys.argv[2])
+        a = Agent(sock)
+    else:
+        a = Agent()
+    typ, p = a.recv(0, timeout=30)
+    assert typ == READY and p and b"\0" not in p, (typ, p)
+    print(f"READY {p.decode()!r}")
+    tests = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
+             t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files,
+             t_orphans, t_bad_frames]
+    failed = 0
+    for t in VM_TESTS if vm else tests:
+        t0 = time.time()
+        try:
+            t(a)
+            print(f"ok   {t.__name__} ({time.time() - t0:.2f}s)")
+        except Exception:
+            failed += 1
+            print(f"FAIL {t.__name__}")
+            traceback.print_exc()
+    assert not a.logs or all("unknown" in l for l in a.logs), a.logs
+    if vm:
+        # SHUTDOWN powers the VM off: the connection closes
+        a.send(SHUTDOWN, 0)
+        assert a.eof.wait(10), "VM did not power off"
+        print("ok   shutdown")
+    else:
+        assert a.close() == 0
+        for t in (t_protocol_error, t_eof_kills_children, t_shutdown):
+            try:
+                t()
+                print(f"ok   {t.__name__}")
+            except Exception:
+                failed += 1
+                print(f"FAIL {t.__name__}")
+                traceback.print_exc()
+        subprocess.run(["rm", "-rf", f"/tmp/agent-test-{os.getpid()}"])
+    print("all passed" if not failed else f"{failed} FAILED")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
