@@ -2,9 +2,11 @@
 import { Command, CommanderError } from "commander";
 import { isMatchlockError } from "../api/errors.ts";
 import { registerDiagnose } from "./diagnose.ts";
+import { registerExec } from "./exec.ts";
 import { registerRun } from "./run.ts";
 import { registerSetup } from "./setup.ts";
 import { registerVersion, VERSION } from "./version.ts";
+import { registerVmCommands } from "./vms.ts";
 
 /** The CLI edge: every command registers itself; every error becomes one clear line and exit 1. */
 
@@ -16,6 +18,8 @@ const program = new Command("matchlock")
   .exitOverride();
 
 registerRun(program);
+registerExec(program);
+registerVmCommands(program);
 registerSetup(program);
 registerDiagnose(program);
 registerVersion(program);

@@ -1,10 +1,13 @@
+import { spawn } from "node:child_process";
+import { closeSync, createWriteStream, writeSync } from "node:fs";
 import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 import { type Command, Option } from "commander";
 import { parseSandboxConfig, type SandboxConfigInput } from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
-import type { ExecHandle, ExecResult } from "../guest/agent-client.ts";
 import { parseEnvFile, parseEnvSpec, resolveArgv, validateUser } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
+import { attach, ioHandlers, SignalRelay, terminalSize } from "./attach.ts";
 import { boolValue, collect, durationMs, positiveInt, positiveNumber } from "./parse.ts";
 
 interface RunFlags {
@@ -16,6 +19,7 @@ interface RunFlags {
   entrypoint?: string;
   tty?: boolean;
   interactive?: boolean;
+  detach?: boolean;
   rm: boolean | string;
   cpus: number;
   memory: number;
@@ -35,6 +39,8 @@ export function registerRun(program: Command): void {
       "Boot a micro-VM from an image, run a command in it and remove the VM when the command ends.\n" +
         "The exit code is the command's. Ctrl-C or SIGTERM sends SIGTERM to the command, then SIGKILL after\n" +
         "the grace period (--graceful-shutdown), and stops the VM.\n\n" +
+        "With --rm=false or -d the VM stays up after the command (reach it with `matchlock exec ID`) until\n" +
+        "Ctrl-C, SIGTERM or `matchlock kill ID`; then it is listed as stopped until `matchlock rm ID`.\n\n" +
         "Networking is not built yet: every VM has no network interface (as with --no-network).",
     )
     .usage("[options] [--] [command...]")
@@ -52,6 +58,7 @@ export function registerRun(program: Command): void {
     .option("--entrypoint <cmd>", 'override the image\'s Entrypoint ("" clears it)')
     .option("-t, --tty", "allocate a pseudo-terminal")
     .option("-i, --interactive", "pass stdin to the command")
+    .option("-d, --detach", "start the VM in the background, print its id and return (implies --rm=false)")
     .addOption(
       new Option("--rm [bool]", "remove the VM when the command ends; --rm=false keeps it until Ctrl-C")
         .default(true)
@@ -111,10 +118,16 @@ function validateHostname(h: string): string {
   return h;
 }
 
+/** Set in the background process that `run -d` starts: it owns the VM and reports on fd 3. */
+const DETACHED_CHILD = "MATCHLOCK_DETACHED_CHILD";
+
 async function runCommandInVm(command: string[], flags: RunFlags): Promise<number> {
-  const keep = !boolValue(flags.rm);
+  const detachedChild = process.env[DETACHED_CHILD] === "1";
+  const keep = !boolValue(flags.rm) || flags.detach === true || detachedChild;
   const tty = flags.tty === true;
   const interactive = flags.interactive === true;
+  if (flags.detach && (tty || interactive))
+    throw new InvalidArgumentError("-d/--detach cannot be used with -t or -i");
   if (tty && interactive && !process.stdin.isTTY) {
     throw new InvalidArgumentError("the input device is not a TTY", "drop -t, or run from a terminal");
   }
@@ -133,162 +146,138 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
   const config = parseSandboxConfig(input);
   const entrypoint =
     flags.entrypoint === undefined ? undefined : flags.entrypoint === "" ? [] : [flags.entrypoint];
+  if (flags.detach && !detachedChild) return startDetached();
 
   // Signals that arrive while booting end the boot; afterwards they cancel the command gracefully.
   const signals = new SignalRelay();
   try {
-    const sandbox = await signals.during(
-      Sandbox.create({ config, ...(flags.accel ? { accel: flags.accel } : {}) }),
-    );
+    let sandbox: Sandbox;
     try {
-      const argv = resolveArgv(sandbox.imageConfig, command, entrypoint);
-      const status = await runInSandbox(sandbox, argv, flags, { tty, interactive }, signals);
-      if (keep && !signals.received) {
-        process.stderr.write(
-          `matchlock: VM ${sandbox.id} keeps running; press Ctrl-C (or send SIGTERM) to stop it\n`,
-        );
-        await signals.next();
+      sandbox = await signals.during(
+        Sandbox.create({ config, ...(flags.accel ? { accel: flags.accel } : {}) }),
+        (sb) => sb.close(),
+      );
+    } catch (e) {
+      if (detachedChild) announce(`error ${(e as Error).message}`);
+      throw e;
+    }
+    try {
+      if (detachedChild) announce(`ok ${sandbox.id}`);
+      let status = 0;
+      // With --rm=false and no command, the VM just stays up to be used with `matchlock exec`.
+      if (command.length > 0 || entrypoint !== undefined || !keep) {
+        const argv = resolveArgv(sandbox.imageConfig, command, entrypoint);
+        const terminate = (h: Parameters<typeof sandbox.terminate>[0]) =>
+          sandbox.terminate(h, flags.gracefulShutdown);
+        if (detachedChild) status = await runToLog(sandbox, argv, flags, signals);
+        else {
+          const size = terminalSize();
+          const handle = sandbox.exec(
+            {
+              argv,
+              ...(flags.workdir ? { cwd: flags.workdir } : {}),
+              ...(flags.user ? { user: flags.user } : {}),
+              tty,
+              stdin: interactive,
+              ...size,
+            },
+            ioHandlers,
+          );
+          status = await attach(handle, { tty, interactive, terminate, signals, deadline: sandbox.deadline });
+        }
+      }
+      if (keep && !signals.received && !sandbox.deadline.aborted) {
+        if (!detachedChild) {
+          process.stderr.write(
+            `matchlock: VM ${sandbox.id} is running. Connect: matchlock exec ${sandbox.id} -- sh\n` +
+              `           Stop: Ctrl-C here, or matchlock kill ${sandbox.id}\n`,
+          );
+        }
+        await Promise.race([
+          signals.next(),
+          new Promise((r) => sandbox.deadline.addEventListener("abort", r, { once: true })),
+        ]);
       }
       return status;
     } finally {
-      await sandbox.close();
+      await sandbox.close({ remove: !keep });
     }
   } finally {
     signals.dispose();
   }
 }
 
-async function runInSandbox(
+/** In the detached owner: the command's output goes to run.log in the VM dir. */
+async function runToLog(
   sandbox: Sandbox,
   argv: string[],
   flags: RunFlags,
-  mode: { tty: boolean; interactive: boolean },
   signals: SignalRelay,
 ): Promise<number> {
-  const stdout = process.stdout;
-  const rawTty = mode.tty && mode.interactive && process.stdin.isTTY;
-  const handle: ExecHandle = sandbox.exec(
+  const log = createWriteStream(join(sandbox.dir, "run.log"), { flags: "a", mode: 0o600 });
+  const handle = sandbox.exec(
     {
       argv,
       ...(flags.workdir ? { cwd: flags.workdir } : {}),
       ...(flags.user ? { user: flags.user } : {}),
-      tty: mode.tty,
-      stdin: mode.interactive,
-      rows: stdout.isTTY ? stdout.rows : 24,
-      cols: stdout.isTTY ? stdout.columns : 80,
     },
-    {
-      onStdout: (d) => stdout.write(d),
-      onStderr: (d) => process.stderr.write(d),
-    },
+    { onStdout: (d) => log.write(d), onStderr: (d) => log.write(d) },
   );
-  const onResize = () => handle.resize(stdout.rows, stdout.columns);
-  if (mode.tty && stdout.isTTY) stdout.on("resize", onResize);
-  if (rawTty) process.stdin.setRawMode(true);
-  const pump = mode.interactive ? pumpStdin(handle) : undefined;
-
-  let cancelledBy: string | undefined;
-  const cancel = (why: string) => {
-    if (cancelledBy) {
-      handle.signal(9); // a second Ctrl-C: no more grace
-      return;
-    }
-    cancelledBy = why;
+  signals.onSignal = () => {
     sandbox.terminate(handle, flags.gracefulShutdown).catch(() => {});
   };
-  signals.onSignal = (sig) => cancel(sig);
-  sandbox.deadline.addEventListener("abort", () => cancel(`timeout (${flags.timeout} s)`), { once: true });
-
-  let result: ExecResult;
-  try {
-    result = await handle.done;
-  } finally {
+  const r = await handle.done.finally(() => {
     signals.onSignal = undefined;
-    if (rawTty) process.stdin.setRawMode(false);
-    stdout.off("resize", onResize);
-    pump?.stop();
-  }
-  await drain(stdout);
-  if (result.startError !== undefined) process.stderr.write(`matchlock: ${result.startError}\n`);
-  if (cancelledBy?.startsWith("timeout"))
-    process.stderr.write(`matchlock: command stopped: ${cancelledBy}\n`);
-  return result.exitCode;
-}
-
-/** Copies our stdin to the command's, respecting the agent's flow-control window. */
-function pumpStdin(handle: ExecHandle): { stop(): void } {
-  const stdin = process.stdin;
-  let stopped = false;
-  const onData = (chunk: Buffer) => {
-    stdin.pause();
-    handle.writeStdin(chunk).then(
-      () => {
-        if (!stopped) stdin.resume();
-      },
-      () => {},
-    );
-  };
-  const onEnd = () => {
-    if (!stopped) handle.endStdin();
-  };
-  stdin.on("data", onData);
-  stdin.once("end", onEnd);
-  stdin.resume();
-  return {
-    stop() {
-      stopped = true;
-      stdin.off("data", onData);
-      stdin.off("end", onEnd);
-      stdin.pause();
-      stdin.unref?.();
-    },
-  };
-}
-
-function drain(stream: NodeJS.WriteStream): Promise<void> {
-  return new Promise((resolve) => {
-    if (!stream.writableNeedDrain) resolve();
-    else stream.once("drain", () => resolve());
   });
+  if (r.startError) log.write(`matchlock: ${r.startError}\n`);
+  log.write(`matchlock: command exited with ${r.exitCode}\n`);
+  await new Promise((resolve) => log.end(resolve));
+  return r.exitCode;
+}
+
+function announce(line: string): void {
+  try {
+    writeSync(3, `${line}\n`);
+    closeSync(3);
+  } catch {}
 }
 
 /**
- * Owns SIGINT/SIGTERM/SIGHUP for the life of a run: while booting they abort the boot; while a
- * command runs they are handed to `onSignal`; with --rm=false they end the wait.
+ * `run -d`: start this same command as a background owner process (its own session, no terminal),
+ * wait until it reports the VM running on fd 3, print the id and return.
  */
-class SignalRelay {
-  received: string | undefined;
-  onSignal: ((sig: string) => void) | undefined;
-  private waiters: Array<() => void> = [];
-  private readonly handler = (sig: NodeJS.Signals) => {
-    this.received = sig;
-    if (this.onSignal) this.onSignal(sig);
-    for (const w of this.waiters.splice(0)) w();
-  };
-
-  constructor() {
-    for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(s, this.handler);
+async function startDetached(): Promise<number> {
+  const argv = process.argv.slice(2);
+  const sep = argv.indexOf("--");
+  const before = (sep < 0 ? argv : argv.slice(0, sep)).filter((a) => a !== "-d" && a !== "--detach");
+  const args = [...before, ...(sep < 0 ? [] : argv.slice(sep))];
+  const child = spawn(process.execPath, [process.argv[1] as string, ...args], {
+    detached: true,
+    stdio: ["ignore", "ignore", "ignore", "pipe"],
+    env: { ...process.env, [DETACHED_CHILD]: "1" },
+  });
+  const channel = child.stdio[3] as NodeJS.ReadableStream;
+  let text = "";
+  channel.setEncoding("utf8");
+  channel.on("data", (d: string) => {
+    text += d;
+  });
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  await new Promise<void>((resolve) => {
+    channel.on("end", () => resolve());
+    channel.on("error", () => resolve());
+  });
+  const line = text.trim();
+  if (line.startsWith("ok ")) {
+    child.unref();
+    process.stdout.write(`${line.slice(3)}\n`);
+    return 0;
   }
-
-  /** Resolves with `work`, or rejects when a signal arrives first (the work is left to clean up). */
-  async during<T>(work: Promise<T>): Promise<T> {
-    const interrupted = new Promise<never>((_, reject) => {
-      this.waiters.push(() => reject(new MatchlockError("CANCELLED", `interrupted by ${this.received}`)));
-    });
-    const result = await Promise.race([work, interrupted]).catch(async (e: unknown) => {
-      // Let the boot settle and close what it produced, so no VM is left behind.
-      const v = await work.catch(() => undefined);
-      if (v instanceof Sandbox) await v.close().catch(() => {});
-      throw e;
-    });
-    return result;
-  }
-
-  next(): Promise<void> {
-    return new Promise((resolve) => this.waiters.push(resolve));
-  }
-
-  dispose(): void {
-    for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.off(s, this.handler);
-  }
+  const code = await exited;
+  throw new MatchlockError(
+    "VM_BOOT_FAILED",
+    line.startsWith("error ")
+      ? line.slice(6)
+      : `the background owner exited (code ${code}) before the VM was running`,
+  );
 }

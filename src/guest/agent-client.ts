@@ -55,6 +55,8 @@ interface ExecState {
   kind: "exec";
   io: ExecIO;
   unacked: number;
+  /** Stdin writes and the EOF go out in call order, whatever the window makes each wait for. */
+  stdinChain: Promise<void>;
   windowWaiters: Array<() => void>;
   startError?: string;
   resolve: (r: ExecResult) => void;
@@ -119,14 +121,30 @@ export class AgentClient {
       reject = rej;
     });
     done.catch(() => {}); // a caller that only cancels still must not cause an unhandled rejection
-    const state: ExecState = { kind: "exec", io, unacked: 0, windowWaiters: [], resolve, reject };
+    const state: ExecState = {
+      kind: "exec",
+      io,
+      unacked: 0,
+      stdinChain: Promise.resolve(),
+      windowWaiters: [],
+      resolve,
+      reject,
+    };
     this.streams.set(stream, state);
     this.send(HostMsg.EXEC, stream, encodeExec(req));
     return {
       stream,
       done,
-      writeStdin: (data) => this.writeStdin(stream, state, data),
-      endStdin: () => this.sendIfOpen(stream, HostMsg.STDIN, Buffer.alloc(0)),
+      writeStdin: (data) => {
+        const p = state.stdinChain.then(() => this.writeStdin(stream, state, data));
+        state.stdinChain = p.catch(() => {});
+        return p;
+      },
+      endStdin: () => {
+        state.stdinChain = state.stdinChain.then(() =>
+          this.sendIfOpen(stream, HostMsg.STDIN, Buffer.alloc(0)),
+        );
+      },
       resize: (rows, cols) => this.sendIfOpen(stream, HostMsg.RESIZE, encodeResize(rows, cols)),
       signal: (signo) => this.sendIfOpen(stream, HostMsg.SIGNAL, encodeU32(signo)),
     };

@@ -35,6 +35,7 @@ export const GuestMsg = {
 } as const;
 
 const GUEST_TYPES = new Set<number>(Object.values(GuestMsg));
+const HOST_TYPES = new Set<number>(Object.values(HostMsg));
 
 export interface Frame {
   type: number;
@@ -90,6 +91,62 @@ export function encodeExec(req: ExecRequest): Buffer {
   const payload = Buffer.concat(parts);
   if (payload.length > MAX_PAYLOAD) throw new RangeError("command line and environment exceed 1 MiB");
   return payload;
+}
+
+/** Reads an EXEC payload (the exec relay receives them from other matchlock processes). */
+export function decodeExec(p: Buffer): ExecRequest {
+  if (p.length < 12) throw new AgentProtocolError("EXEC payload too short");
+  const flags = p.readUInt32LE(0);
+  const argc = p.readUInt16LE(8);
+  const envc = p.readUInt16LE(10);
+  const strings: string[] = [];
+  let off = 12;
+  for (let i = 0; i < 2 + argc + envc; i++) {
+    const end = p.indexOf(0, off);
+    if (end < 0) throw new AgentProtocolError("EXEC payload: string without NUL");
+    strings.push(p.subarray(off, end).toString("utf8"));
+    off = end + 1;
+  }
+  if (argc < 1) throw new AgentProtocolError("EXEC payload: no argv");
+  return {
+    user: strings[0] ?? "",
+    cwd: strings[1] ?? "",
+    argv: strings.slice(2, 2 + argc),
+    env: strings.slice(2 + argc),
+    tty: (flags & ExecFlags.TTY) !== 0,
+    stdin: (flags & ExecFlags.STDIN) !== 0,
+    mkdirCwd: (flags & ExecFlags.MKDIR_CWD) !== 0,
+    rows: p.readUInt16LE(4),
+    cols: p.readUInt16LE(6),
+  };
+}
+
+/** LIST_DIR entry bytes for `entries` (the relay re-encodes what the agent sent). */
+export function encodeDirEntries(entries: DirEntry[]): Buffer {
+  return Buffer.concat(
+    entries.map((e) => {
+      const head = Buffer.alloc(24);
+      head.writeUInt32LE(e.mode, 0);
+      head.writeBigUInt64LE(BigInt(e.size), 4);
+      const sec = Math.floor(e.mtimeMs / 1000);
+      head.writeBigInt64LE(BigInt(sec), 12);
+      head.writeUInt32LE(Math.min(999_999_999, Math.round((e.mtimeMs - sec * 1000) * 1e6)), 20);
+      return Buffer.concat([head, Buffer.from(`${e.name}\0`)]);
+    }),
+  );
+}
+
+export function encodeExit(exitCode: number, signal: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeInt32LE(exitCode, 0);
+  b.writeInt32LE(signal, 4);
+  return b;
+}
+
+export function encodeResult(errno: number, message: string): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeInt32LE(errno, 0);
+  return Buffer.concat([b, Buffer.from(message, "utf8")]);
 }
 
 export function clampU16(n: number): number {
@@ -171,11 +228,19 @@ export function readDirEntries(buf: Buffer): DirEntry[] {
 
 /**
  * Splits a byte stream into frames. Bounded: a frame claiming more than MAX_PAYLOAD or of a type
- * the guest may not send is a protocol error (the guest is untrusted).
+ * the peer may not send is a protocol error (the guest is untrusted). By default it reads what a
+ * guest sends; `from: "host"` reads what a host sends (the exec relay serves host-side clients).
  */
 export class FrameDecoder {
   private chunks: Buffer[] = [];
   private buffered = 0;
+  private readonly allowed: Set<number>;
+  private readonly peer: string;
+
+  constructor(from: "guest" | "host" = "guest") {
+    this.allowed = from === "guest" ? GUEST_TYPES : HOST_TYPES;
+    this.peer = from === "guest" ? "guest" : "client";
+  }
 
   push(data: Buffer): Frame[] {
     this.chunks.push(data);
@@ -185,10 +250,12 @@ export class FrameDecoder {
       const head = this.peek(HEADER_SIZE);
       const len = head.readUInt32LE(0);
       const type = head.readUInt8(4);
-      if (len > MAX_PAYLOAD)
-        throw new AgentProtocolError(`guest sent a frame of ${len} bytes (limit ${MAX_PAYLOAD})`);
-      if (!GUEST_TYPES.has(type))
-        throw new AgentProtocolError(`guest sent unknown frame type 0x${type.toString(16)}`);
+      if (len > MAX_PAYLOAD) {
+        throw new AgentProtocolError(`${this.peer} sent a frame of ${len} bytes (limit ${MAX_PAYLOAD})`);
+      }
+      if (!this.allowed.has(type)) {
+        throw new AgentProtocolError(`${this.peer} sent unknown frame type 0x${type.toString(16)}`);
+      }
       if (this.buffered < HEADER_SIZE + len) break;
       const whole = this.take(HEADER_SIZE + len);
       frames.push({ type, stream: whole.readUInt32LE(5), payload: whole.subarray(HEADER_SIZE) });

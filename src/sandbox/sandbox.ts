@@ -1,8 +1,8 @@
 import { appendFileSync } from "node:fs";
-import { mkdir, rm } from "node:fs/promises";
+import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import type { ImageConfig, SandboxConfig } from "../api/config.ts";
-import { MatchlockError, VmBootError } from "../api/errors.ts";
+import { MatchlockError, messageOf, VmBootError } from "../api/errors.ts";
 import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
 import { AgentClient, type ExecHandle, type ExecIO } from "../guest/agent-client.ts";
@@ -11,10 +11,17 @@ import { loadKernel } from "../guest/kernel.ts";
 import type { DirEntry } from "../guest/protocol.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
 import { type ResolvedImage, resolveImage } from "../image/store.ts";
+import type { Resources } from "../state/lifecycle.ts";
+import { procStartTime, selfIdentity } from "../state/procs.ts";
+import { writeRuntimeFile } from "../state/runtime-file.ts";
+import { openState, type StateStore } from "../state/store.ts";
 import type { Accel, RunningVm, VmBackend } from "../vm/backend.ts";
 import { chooseAccel } from "../vm/qemu/accel.ts";
-import { QemuBackend } from "../vm/qemu/machine.ts";
+import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
+import { finishCleanup } from "./cleanup.ts";
 import { mergeEnv } from "./command.ts";
+import { crashPoint } from "./faults.ts";
+import { RelayServer } from "./relay.ts";
 
 /** One VM from create to close: the sandbox layer every front end (CLI, RPC) drives. */
 
@@ -27,6 +34,8 @@ export interface CreateOptions {
   onProgress?: (message: string) => void;
   paths?: Paths;
   backend?: VmBackend;
+  /** An open state.db; by default the sandbox opens (and closes) its own. */
+  state?: StateStore;
 }
 
 export interface ExecOptions {
@@ -59,6 +68,9 @@ export class Sandbox {
   private readonly vm: RunningVm;
   private readonly agent: AgentClient;
   private readonly deadlineTimer: NodeJS.Timeout | undefined;
+  private readonly state: StateStore;
+  private readonly ownsState: boolean;
+  private relay: RelayServer | undefined;
   private closing: Promise<void> | undefined;
 
   private constructor(init: {
@@ -70,6 +82,8 @@ export class Sandbox {
     hostname: string;
     vm: RunningVm;
     agent: AgentClient;
+    state: StateStore;
+    ownsState: boolean;
   }) {
     this.id = init.id;
     this.dir = init.dir;
@@ -80,12 +94,14 @@ export class Sandbox {
     this.hostname = init.hostname;
     this.vm = init.vm;
     this.agent = init.agent;
+    this.state = init.state;
+    this.ownsState = init.ownsState;
     const ctl = new AbortController();
     this.deadline = ctl.signal;
     const t = init.config.resources.timeout_seconds;
     if (t !== undefined && t > 0) {
       this.deadlineTimer = setTimeout(
-        () => ctl.abort(new MatchlockError("CANCELLED", `timed out after ${t} s`)),
+        () => ctl.abort(new MatchlockError("CANCELLED", `timeout: the ${t} s limit (--timeout) ran out`)),
         t * 1000,
       );
       this.deadlineTimer.unref();
@@ -104,15 +120,37 @@ export class Sandbox {
       { kernel: kernel.vmlinux, initramfs },
       opts.accel,
     );
+    const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
+    const state = opts.state ?? openState(p);
+    const ownsState = opts.state === undefined;
     const id = newVmId();
     const hostname = config.network.hostname || id;
     const dir = vmDir(id, p);
-    await mkdir(dir, { recursive: true, mode: 0o700 });
-    const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
+    const upper = join(dir, "upper.ext4");
+    const qp = qemuPaths(dir);
+    const relaySocket = join(dir, "relay.sock");
+    // Every resource is named in the record before it exists; a crash from here on is reclaimable.
+    const resources: Resources = {
+      vm_dir: dir,
+      disks: [upper],
+      sockets: [qp.agentSocket, qp.qmpSocket, relaySocket],
+      qemu: { cmdline_marker: `${dir}/` },
+      owner: selfIdentity(),
+    };
+    state.vms.insert(id, process.pid, image.ref, config);
+    state.lifecycle.transition(id, "creating", { backend: "qemu", resources });
+    crashPoint("creating");
+
     let vm: RunningVm | undefined;
+    let phase: "create" | "start" = "create";
     try {
-      const upper = join(dir, "upper.ext4");
+      await mkdir(dir, { recursive: true, mode: 0o700 });
       await makeEmptyExt4(upper, config.resources.disk_size_mb);
+      state.lifecycle.transition(id, "created");
+      crashPoint("created");
+
+      phase = "start";
+      state.lifecycle.transition(id, "starting");
       progress(`booting ${id} (${accel})`);
       vm = await (opts.backend ?? new QemuBackend()).start({
         id,
@@ -132,6 +170,13 @@ export class Sandbox {
         ],
         accel,
       });
+      const qemu = { pid: vm.pid, start_time: procStartTime(vm.pid) ?? 0 };
+      writeRuntimeFile(dir, { owner: resources.owner, qemu, relay_socket: relaySocket });
+      state.lifecycle.transition(id, "starting", {
+        resources: { qemu: { ...qemu, cmdline_marker: `${dir}/` } },
+      });
+      crashPoint("starting");
+
       const agentLog = join(dir, "agent.log");
       const agent = new AgentClient(vm.agent, (line) => {
         try {
@@ -139,12 +184,20 @@ export class Sandbox {
         } catch {}
       });
       await waitReady(agent, vm, bootTimeoutMs);
-      const sandbox = new Sandbox({ id, dir, config, image, accel, hostname, vm, agent });
+      const sandbox = new Sandbox({ id, dir, config, image, accel, hostname, vm, agent, state, ownsState });
       await sandbox.writeHostsFile();
+      sandbox.relay = await RelayServer.listen(relaySocket, sandbox);
+      state.lifecycle.transition(id, "running");
+      crashPoint("running");
       return sandbox;
     } catch (e) {
+      // A failed create removes everything it made, records and all: like a failed `docker run --rm`.
+      state.lifecycle.transition(id, phase === "create" ? "create_failed" : "start_failed", {
+        error: messageOf(e),
+      });
       await vm?.stop(0).catch(() => {});
-      await rm(dir, { recursive: true, force: true });
+      await finishCleanup(state, id, { removeDir: true, removeRecords: true }).catch(() => {});
+      if (ownsState) state.close();
       throw e;
     }
   }
@@ -198,13 +251,31 @@ export class Sandbox {
     return this.vm.pid;
   }
 
-  /** Stops the VM and removes its files. Safe to call more than once. */
-  close(): Promise<void> {
+  /**
+   * Stops the VM and reclaims its host resources, recording each step. With `remove` (the default,
+   * `--rm`) the VM dir and its records go too; without it the VM stays listed as stopped, with its
+   * logs, until `matchlock rm`. Safe to call more than once.
+   */
+  close(opts: { remove?: boolean } = {}): Promise<void> {
     this.closing ??= (async () => {
+      const remove = opts.remove ?? true;
       clearTimeout(this.deadlineTimer);
+      this.relay?.close();
+      this.state.lifecycle.transition(this.id, "stopping");
+      crashPoint("stopping");
       this.agent.close();
-      await this.vm.stop();
-      await rm(this.dir, { recursive: true, force: true });
+      try {
+        await this.vm.stop();
+        this.state.lifecycle.transition(this.id, "stopped");
+      } catch (e) {
+        this.state.lifecycle.transition(this.id, "stop_failed", { error: messageOf(e) });
+      }
+      this.state.vms.setStatus(this.id, "stopped");
+      try {
+        await finishCleanup(this.state, this.id, { removeDir: remove, removeRecords: remove });
+      } finally {
+        if (this.ownsState) this.state.close();
+      }
     })();
     return this.closing;
   }

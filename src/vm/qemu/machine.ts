@@ -51,7 +51,8 @@ export class QemuBackend implements VmBackend {
     // detached: QEMU gets its own session, so a Ctrl-C on the terminal reaches us (who stop the guest
     // command gracefully) and not QEMU. setpriv's parent-death signal kills QEMU if we die: a VM never
     // outlives its owner unnoticed.
-    const usePdeath = existsSync("/usr/bin/setpriv");
+    // MATCHLOCK_TEST_NO_PDEATHSIG lets the crash tests leave a QEMU behind for `gc` to find.
+    const usePdeath = existsSync("/usr/bin/setpriv") && !process.env.MATCHLOCK_TEST_NO_PDEATHSIG;
     const child: ChildProcess = usePdeath
       ? spawn("/usr/bin/setpriv", ["--pdeathsig", "SIGKILL", "--", QEMU_BINARY, ...argv], {
           stdio: ["ignore", "ignore", "pipe"],

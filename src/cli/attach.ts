@@ -1,0 +1,162 @@
+import { MatchlockError } from "../api/errors.ts";
+import type { ExecHandle, ExecResult } from "../guest/agent-client.ts";
+
+/**
+ * Wiring a running command to this terminal: stdout/stderr, stdin with flow control, raw mode and
+ * window size for -t, and signals (Ctrl-C/SIGTERM cancel the command gracefully, twice kills it).
+ * Shared by `run` and `exec`.
+ */
+
+export interface AttachOptions {
+  tty: boolean;
+  interactive: boolean;
+  /** SIGTERM, then SIGKILL after the grace period. */
+  terminate: (handle: ExecHandle) => Promise<void>;
+  signals: SignalRelay;
+  /** Aborts the command (--timeout). */
+  deadline?: AbortSignal;
+}
+
+/** The rows/cols to start a PTY with. */
+export function terminalSize(): { rows: number; cols: number } {
+  const out = process.stdout;
+  return out.isTTY && out.rows > 0 && out.columns > 0
+    ? { rows: out.rows, cols: out.columns }
+    : { rows: 24, cols: 80 };
+}
+
+/** Attaches to a started command until it ends; returns its exit code. */
+export async function attach(handle: ExecHandle, opts: AttachOptions): Promise<number> {
+  const stdout = process.stdout;
+  const rawTty = opts.tty && opts.interactive && process.stdin.isTTY;
+  const onResize = () => {
+    const { rows, cols } = terminalSize();
+    handle.resize(rows, cols);
+  };
+  if (opts.tty && stdout.isTTY) stdout.on("resize", onResize);
+  if (rawTty) process.stdin.setRawMode(true);
+  const pump = opts.interactive ? pumpStdin(handle) : undefined;
+
+  let cancelledBy: string | undefined;
+  const cancel = (why: string) => {
+    if (cancelledBy) {
+      handle.signal(9); // a second Ctrl-C: no more grace
+      return;
+    }
+    cancelledBy = why;
+    opts.terminate(handle).catch(() => {});
+  };
+  opts.signals.onSignal = (sig) => cancel(sig);
+  opts.deadline?.addEventListener(
+    "abort",
+    () => cancel(String(opts.deadline?.reason?.message ?? "timeout")),
+    {
+      once: true,
+    },
+  );
+
+  let result: ExecResult;
+  try {
+    result = await handle.done;
+  } finally {
+    opts.signals.onSignal = undefined;
+    if (rawTty) process.stdin.setRawMode(false);
+    stdout.off("resize", onResize);
+    pump?.stop();
+  }
+  await drain(stdout);
+  if (result.startError !== undefined) process.stderr.write(`matchlock: ${result.startError}\n`);
+  if (opts.deadline?.aborted && cancelledBy && !cancelledBy.startsWith("SIG")) {
+    process.stderr.write(`matchlock: command stopped: ${cancelledBy}\n`);
+  }
+  return result.exitCode;
+}
+
+export const ioHandlers = {
+  onStdout: (d: Buffer) => process.stdout.write(d),
+  onStderr: (d: Buffer) => process.stderr.write(d),
+};
+
+/** Copies our stdin to the command's, respecting the agent's flow-control window. */
+function pumpStdin(handle: ExecHandle): { stop(): void } {
+  const stdin = process.stdin;
+  let stopped = false;
+  const onData = (chunk: Buffer) => {
+    stdin.pause();
+    handle.writeStdin(chunk).then(
+      () => {
+        if (!stopped) stdin.resume();
+      },
+      () => {},
+    );
+  };
+  const onEnd = () => {
+    if (!stopped) handle.endStdin();
+  };
+  stdin.on("data", onData);
+  stdin.once("end", onEnd);
+  stdin.resume();
+  return {
+    stop() {
+      stopped = true;
+      stdin.off("data", onData);
+      stdin.off("end", onEnd);
+      stdin.pause();
+      stdin.unref?.();
+    },
+  };
+}
+
+function drain(stream: NodeJS.WriteStream): Promise<void> {
+  return new Promise((resolve) => {
+    if (!stream.writableNeedDrain) resolve();
+    else stream.once("drain", () => resolve());
+  });
+}
+
+/**
+ * Owns SIGINT/SIGTERM/SIGHUP for the life of a run: while booting they abort the boot; while a
+ * command runs they are handed to `onSignal`; with --rm=false they end the wait.
+ */
+export class SignalRelay {
+  received: string | undefined;
+  onSignal: ((sig: string) => void) | undefined;
+  private waiters: Array<() => void> = [];
+  private readonly handler = (sig: NodeJS.Signals) => {
+    this.received = sig;
+    if (this.onSignal) this.onSignal(sig);
+    for (const w of this.waiters.splice(0)) w();
+  };
+
+  constructor() {
+    for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(s, this.handler);
+  }
+
+  /**
+   * Resolves with `work`, or rejects when a signal arrives first; then lets `work` settle and hands
+   * its result to `undo` (closing a half-booted VM), so nothing is left behind.
+   */
+  async during<T>(work: Promise<T>, undo: (v: T) => Promise<void> = async () => {}): Promise<T> {
+    const interrupted = new Promise<never>((_, reject) => {
+      this.waiters.push(() => reject(new MatchlockError("CANCELLED", `interrupted by ${this.received}`)));
+    });
+    const result = await Promise.race([work, interrupted]).catch(async (e: unknown) => {
+      // Let the boot settle and close what it produced, so no VM is left behind.
+      const settled = await work.then(
+        (v) => ({ ok: true as const, v }),
+        () => ({ ok: false as const }),
+      );
+      if (settled.ok) await undo(settled.v).catch(() => {});
+      throw e;
+    });
+    return result;
+  }
+
+  next(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  dispose(): void {
+    for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.off(s, this.handler);
+  }
+}

@@ -1,0 +1,116 @@
+import { existsSync } from "node:fs";
+import { connect } from "node:net";
+import { join } from "node:path";
+import { type Command, Option } from "commander";
+import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { paths } from "../api/paths.ts";
+import { AgentClient, type ExecHandle } from "../guest/agent-client.ts";
+import { parseEnvSpec, validateUser } from "../sandbox/command.ts";
+import { DEFAULT_GRACE_MS } from "../sandbox/sandbox.ts";
+import { readRuntimeFile } from "../state/runtime-file.ts";
+import { attach, ioHandlers, SignalRelay, terminalSize } from "./attach.ts";
+import { collect, durationMs } from "./parse.ts";
+
+/** `matchlock exec ID -- CMD`: runs a command in a VM owned by another process, through its relay. */
+
+interface ExecFlags {
+  tty?: boolean;
+  interactive?: boolean;
+  workdir?: string;
+  user?: string;
+  env: string[];
+  gracefulShutdown: number;
+}
+
+export function registerExec(program: Command): void {
+  program
+    .command("exec")
+    .summary("run a command in a running VM")
+    .description(
+      "Run a command in a VM started by another matchlock process (`run -d` or `run --rm=false`), through\n" +
+        "the exec relay socket in its VM dir. The exit code is the command's. Ctrl-C cancels the command\n" +
+        "(SIGTERM, then SIGKILL after the grace period); the VM keeps running.",
+    )
+    .usage("[options] ID [--] command...")
+    .argument("<id>", "VM id (see `matchlock list`)")
+    .argument("<command...>", "command and arguments")
+    .option("-t, --tty", "allocate a pseudo-terminal")
+    .option("-i, --interactive", "pass stdin to the command")
+    .option("-w, --workdir <dir>", "working directory (default: the image's)")
+    .option("-u, --user <user>", "uid, uid:gid, name or name:group (default: the image's)")
+    .option("-e, --env <KEY=VALUE|KEY>", "set an environment variable", collect, [])
+    .addOption(
+      new Option("--graceful-shutdown <duration>", "grace between SIGTERM and SIGKILL on cancel")
+        .default(DEFAULT_GRACE_MS, "3s")
+        .argParser(durationMs),
+    )
+    .passThroughOptions()
+    .action(async (id: string, command: string[], flags: ExecFlags) => {
+      // Options end at the id, so a `--` after it arrives as an argument.
+      const argv = command[0] === "--" ? command.slice(1) : command;
+      if (argv.length === 0)
+        throw new InvalidArgumentError("no command given", "usage: matchlock exec ID -- command");
+      process.exitCode = await execInVm(id, argv, flags);
+    });
+}
+
+export async function connectRelay(id: string): Promise<AgentClient> {
+  const dir = join(paths().vms, id);
+  const socket = readRuntimeFile(dir)?.relay_socket ?? join(dir, "relay.sock");
+  if (!existsSync(socket)) {
+    throw new MatchlockError("INVALID_ARGUMENT", `VM ${id} is not running (no exec relay at ${socket})`, {
+      hint: "`matchlock list --running` shows the VMs you can exec into",
+    });
+  }
+  const sock = connect(socket);
+  await new Promise<void>((resolve, reject) => {
+    sock.once("connect", () => resolve());
+    sock.once("error", (e) =>
+      reject(
+        new MatchlockError("VM_FAILED", `cannot reach VM ${id}: ${e.message}`, {
+          hint: "is it still running?",
+        }),
+      ),
+    );
+  });
+  const client = new AgentClient(sock, (line) => process.stderr.write(`matchlock: ${line}\n`));
+  await client.ready;
+  return client;
+}
+
+async function execInVm(id: string, command: string[], flags: ExecFlags): Promise<number> {
+  const tty = flags.tty === true;
+  const interactive = flags.interactive === true;
+  if (tty && interactive && !process.stdin.isTTY) {
+    throw new InvalidArgumentError("the input device is not a TTY", "drop -t, or run from a terminal");
+  }
+  if (flags.user !== undefined) validateUser(flags.user);
+  const env = flags.env.map((spec) => parseEnvSpec(spec).join("="));
+  const client = await connectRelay(id);
+  const signals = new SignalRelay();
+  try {
+    const handle: ExecHandle = client.exec(
+      {
+        argv: command,
+        env,
+        cwd: flags.workdir ?? "",
+        user: flags.user ?? "",
+        tty,
+        stdin: interactive,
+        mkdirCwd: true,
+        ...terminalSize(),
+      },
+      ioHandlers,
+    );
+    const terminate = async (h: ExecHandle) => {
+      h.signal(15);
+      const t = setTimeout(() => h.signal(9), flags.gracefulShutdown);
+      await h.done.catch(() => {});
+      clearTimeout(t);
+    };
+    return await attach(handle, { tty, interactive, terminate, signals });
+  } finally {
+    signals.dispose();
+    client.close("exec finished");
+  }
+}

@@ -1,0 +1,161 @@
+import { existsSync, readdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { MatchlockError, messageOf } from "../api/errors.ts";
+import { isVmId } from "../api/ids.ts";
+import type { Paths } from "../api/paths.ts";
+import type { LifecycleRecord } from "../state/lifecycle.ts";
+import { cmdline, findProcesses, isAlive, type ProcIdentity, procStartTime } from "../state/procs.ts";
+import type { StateStore } from "../state/store.ts";
+import type { VmRow, VmStatus } from "../state/vms.ts";
+import { finishCleanup, QEMU_EXE, vmProcesses } from "./cleanup.ts";
+
+/**
+ * Reconcile: make the host match the records after a crash. A VM whose owning process is gone is
+ * orphaned; its QEMU, disks, sockets and subnet are reclaimed from what the lifecycle record names,
+ * and then by sweeping the host for anything of ours with no live owner (records are not the only
+ * truth: a crash can come between creating a thing and recording its handle).
+ */
+
+/** The owner of a VM, verified by start time when we recorded it (rows from other tools: pid only). */
+export function ownerOf(row: VmRow | undefined, lc: LifecycleRecord | undefined): ProcIdentity | undefined {
+  if (lc?.resources.owner) return lc.resources.owner;
+  if (row?.pid) {
+    const start = procStartTime(row.pid);
+    return start === undefined ? undefined : { pid: row.pid, start_time: start };
+  }
+  return undefined;
+}
+
+export function ownerAlive(row: VmRow | undefined, lc: LifecycleRecord | undefined): boolean {
+  return isAlive(ownerOf(row, lc));
+}
+
+/** What `list` shows: a `running` row whose owner is dead is `crashed`. */
+export function effectiveStatus(row: VmRow, lc: LifecycleRecord | undefined): VmStatus {
+  if (row.status === "running" && !ownerAlive(row, lc)) return "crashed";
+  return row.status;
+}
+
+export type ReconcileOutcome = "cleaned" | "skipped" | "failed";
+
+export interface ReconcileResult {
+  id: string;
+  outcome: ReconcileOutcome;
+  detail: string;
+  failedSteps: string[];
+}
+
+export interface ReconcileOptions {
+  /** Reclaim VMs whose owner is still alive (the owner gets SIGTERM first). */
+  forceRunning?: boolean;
+  /** Also delete the VM dir (logs) — `rm` and `prune` do, `gc` keeps logs. */
+  removeDir?: boolean;
+}
+
+async function stopOwner(owner: ProcIdentity): Promise<void> {
+  try {
+    process.kill(owner.pid, "SIGTERM");
+  } catch {}
+  const deadline = Date.now() + 10_000;
+  while (isAlive(owner) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  if (isAlive(owner)) {
+    try {
+      process.kill(owner.pid, "SIGKILL");
+    } catch {}
+    while (isAlive(owner) && Date.now() < deadline + 2000) await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export async function reconcileVm(
+  state: StateStore,
+  id: string,
+  opts: ReconcileOptions = {},
+): Promise<ReconcileResult> {
+  const row = state.vms.get(id);
+  const lc = state.lifecycle.current(id);
+  if (!row && !lc) throw new MatchlockError("INVALID_ARGUMENT", `no VM ${id}`);
+  const owner = ownerOf(row, lc);
+  if (isAlive(owner)) {
+    if (!opts.forceRunning) {
+      return {
+        id,
+        outcome: "skipped",
+        detail: `running (owner pid ${owner?.pid} is alive)`,
+        failedSteps: [],
+      };
+    }
+    await stopOwner(owner as ProcIdentity);
+  }
+  const leftovers = lc ? vmProcesses(lc.resources) : [];
+  const dirLeft = lc?.resources.vm_dir !== undefined && existsSync(lc.resources.vm_dir);
+  if (lc?.phase === "cleaned" && leftovers.length === 0 && !(opts.removeDir && dirLeft)) {
+    return { id, outcome: "skipped", detail: "nothing to reclaim", failedSteps: [] };
+  }
+  try {
+    if (lc?.phase === "cleaned") {
+      for (const p of leftovers) if (isAlive(p)) process.kill(p.pid, "SIGKILL");
+      if (opts.removeDir && lc.resources.vm_dir)
+        rmSync(lc.resources.vm_dir, { recursive: true, force: true });
+    } else {
+      await finishCleanup(state, id, { removeDir: opts.removeDir ?? false, removeRecords: false });
+    }
+    if (row?.status === "running") state.vms.setStatus(id, "crashed");
+    return { id, outcome: "cleaned", detail: `was ${lc?.phase ?? "unrecorded"}`, failedSteps: [] };
+  } catch (e) {
+    const cleanup = state.lifecycle.current(id)?.cleanup ?? {};
+    const failed = Object.entries(cleanup)
+      .filter(([, s]) => s.status === "failed")
+      .map(([name, s]) => `${name}: ${s.error}`);
+    return { id, outcome: "failed", detail: messageOf(e), failedSteps: failed };
+  }
+}
+
+/**
+ * Sweeps the host for QEMU processes of ours (their command line names a dir under our vms dir)
+ * whose VM has no live owner, and kills them. Returns what it killed.
+ */
+export async function sweepOrphanProcesses(
+  state: StateStore,
+  p: Paths,
+): Promise<Array<{ id: string; pid: number }>> {
+  const killed: Array<{ id: string; pid: number }> = [];
+  for (const proc of findProcesses(`${p.vms}/vm-`, QEMU_EXE)) {
+    const cmd = cmdline(proc.pid).join(" ");
+    const m = new RegExp(`${escapeRe(p.vms)}/(vm-[0-9a-f]{8})/`).exec(cmd);
+    if (!m?.[1]) continue;
+    const id = m[1];
+    if (ownerAlive(state.vms.get(id), state.lifecycle.current(id))) continue;
+    if (isAlive(proc)) {
+      try {
+        process.kill(proc.pid, "SIGKILL");
+        killed.push({ id, pid: proc.pid });
+      } catch {}
+    }
+  }
+  return killed;
+}
+
+/** Subnet rows whose VM is gone or cleaned: nothing holds them any more. */
+export function releaseOrphanSubnets(state: StateStore): string[] {
+  const released: string[] = [];
+  for (const s of state.subnets.list()) {
+    const row = state.vms.get(s.vm_id);
+    const lc = state.lifecycle.current(s.vm_id);
+    if (!row || !lc || lc.phase === "cleaned" || (!ownerAlive(row, lc) && row.status !== "running")) {
+      if (state.subnets.release(s.vm_id)) released.push(s.vm_id);
+    }
+  }
+  return released;
+}
+
+/** VM dirs on disk with no record at all (a crash before the first write, or a deleted database). */
+export function unrecordedVmDirs(state: StateStore, p: Paths): string[] {
+  if (!existsSync(p.vms)) return [];
+  return readdirSync(p.vms)
+    .filter((d) => isVmId(d) && !state.vms.get(d) && !state.lifecycle.current(d))
+    .map((d) => join(p.vms, d));
+}
+
+function escapeRe(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}

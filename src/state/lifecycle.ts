@@ -1,0 +1,214 @@
+import { MatchlockError } from "../api/errors.ts";
+import { type Db, nowIso, writeTx } from "./db.ts";
+import type { ProcIdentity } from "./procs.ts";
+
+/**
+ * The lifecycle of a VM as an append-only history (vm_lifecycle) with a head pointer
+ * (vm_lifecycle_head): every phase change is a new version carrying the full resource list and
+ * cleanup state, so a crash at any moment leaves a record of what to reclaim.
+ */
+
+export const PHASES = [
+  "creating",
+  "created",
+  "starting",
+  "running",
+  "stopping",
+  "stopped",
+  "cleaning",
+  "cleaned",
+  "create_failed",
+  "start_failed",
+  "stop_failed",
+  "cleanup_failed",
+] as const;
+export type Phase = (typeof PHASES)[number];
+
+/** PROTOCOLS.md §4; a phase may also move to itself. */
+export const TRANSITIONS: Record<Phase, readonly Phase[]> = {
+  creating: ["created", "create_failed", "cleaning"],
+  created: ["starting", "stopping", "cleaning"],
+  starting: ["running", "start_failed", "stopping", "cleaning"],
+  running: ["stopping", "cleaning"],
+  stopping: ["stopped", "stop_failed", "cleaning"],
+  stopped: ["cleaning", "cleaned"],
+  cleaning: ["cleaned", "cleanup_failed"],
+  create_failed: ["cleaning", "cleanup_failed"],
+  start_failed: ["stopping", "cleaning", "cleanup_failed"],
+  stop_failed: ["cleaning", "cleanup_failed"],
+  cleanup_failed: ["cleaning", "cleaned"],
+  cleaned: [],
+};
+
+export function canTransition(from: Phase, to: Phase): boolean {
+  return from === to || TRANSITIONS[from].includes(to);
+}
+
+/**
+ * Every host resource a VM holds. Written before the resource is created; a field that names a
+ * thing that does not exist (yet, or any more) is harmless to clean.
+ */
+export interface Resources {
+  vm_dir?: string;
+  disks?: string[];
+  sockets?: string[];
+  /** The hypervisor process: its command line names the VM dir, so it can be found without the pid. */
+  qemu?: { pid?: number; start_time?: number; cmdline_marker: string };
+  /** The owning matchlock process; the VM is orphaned when it is gone. */
+  owner?: ProcIdentity;
+  subnet?: { octet: number; subnet: string };
+  tap?: string;
+  nft_tables?: string[];
+}
+
+export interface CleanupStep {
+  status: "ok" | "failed" | "skipped";
+  error: string;
+  updated_at: string;
+}
+
+export type Cleanup = Record<string, CleanupStep>;
+
+export interface LifecycleRecord {
+  vm_id: string;
+  version: number;
+  backend: string;
+  phase: Phase;
+  updated_at: string;
+  last_error: string;
+  resources: Resources;
+  cleanup: Cleanup;
+}
+
+interface Row {
+  vm_id: string;
+  version: number;
+  backend: string;
+  phase: string;
+  updated_at: string;
+  last_error: string;
+  resources_json: string;
+  cleanup_json: string;
+}
+
+function parseJson<T>(s: string, fallback: T): T {
+  try {
+    return JSON.parse(s) as T;
+  } catch {
+    return fallback;
+  }
+}
+
+function fromRow(r: Row): LifecycleRecord {
+  return {
+    vm_id: r.vm_id,
+    version: r.version,
+    backend: r.backend,
+    phase: (PHASES as readonly string[]).includes(r.phase) ? (r.phase as Phase) : "cleanup_failed",
+    updated_at: r.updated_at,
+    last_error: r.last_error,
+    resources: parseJson<Resources>(r.resources_json, {}),
+    cleanup: parseJson<Cleanup>(r.cleanup_json, {}),
+  };
+}
+
+export class InvalidTransitionError extends MatchlockError {
+  constructor(vmId: string, from: Phase, to: Phase) {
+    super("INTERNAL", `${vmId}: lifecycle cannot go from ${from} to ${to}`);
+    this.name = "InvalidTransitionError";
+  }
+}
+
+export class LifecycleStore {
+  private readonly db: Db;
+  constructor(db: Db) {
+    this.db = db;
+  }
+
+  current(vmId: string): LifecycleRecord | undefined {
+    const r = this.db
+      .prepare(
+        `SELECT l.* FROM vm_lifecycle l JOIN vm_lifecycle_head h ON h.vm_id = l.vm_id AND h.last_version = l.version
+         WHERE l.vm_id = ?`,
+      )
+      .get(vmId) as Row | undefined;
+    return r ? fromRow(r) : undefined;
+  }
+
+  history(vmId: string): LifecycleRecord[] {
+    return (
+      this.db.prepare("SELECT * FROM vm_lifecycle WHERE vm_id = ? ORDER BY version").all(vmId) as Row[]
+    ).map(fromRow);
+  }
+
+  /**
+   * Appends the next version. `patch` merges into the current record: resources and cleanup steps
+   * accumulate, so each write carries the whole picture. Refuses a transition PROTOCOLS.md forbids.
+   */
+  transition(
+    vmId: string,
+    phase: Phase,
+    patch: { backend?: string; error?: string; resources?: Resources; cleanup?: Cleanup } = {},
+  ): LifecycleRecord {
+    return writeTx(this.db, () => {
+      const cur = this.current(vmId);
+      if (cur && !canTransition(cur.phase, phase)) throw new InvalidTransitionError(vmId, cur.phase, phase);
+      if (!cur && phase !== "creating") throw new InvalidTransitionError(vmId, "creating", phase);
+      const version = (
+        this.db
+          .prepare(
+            `INSERT INTO vm_lifecycle_head(vm_id, last_version)
+             VALUES (?, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?), 0) + 1)
+             ON CONFLICT(vm_id) DO UPDATE SET last_version = vm_lifecycle_head.last_version + 1
+             RETURNING last_version`,
+          )
+          .get(vmId, vmId) as { last_version: number }
+      ).last_version;
+      const rec: LifecycleRecord = {
+        vm_id: vmId,
+        version,
+        backend: patch.backend ?? cur?.backend ?? "",
+        phase,
+        updated_at: nowIso(),
+        last_error: patch.error ?? "",
+        resources: { ...(cur?.resources ?? {}), ...(patch.resources ?? {}) },
+        cleanup: { ...(cur?.cleanup ?? {}), ...(patch.cleanup ?? {}) },
+      };
+      this.db
+        .prepare(
+          `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+        )
+        .run(
+          vmId,
+          version,
+          rec.backend,
+          phase,
+          rec.updated_at,
+          rec.last_error,
+          JSON.stringify(rec.resources),
+          JSON.stringify(rec.cleanup),
+        );
+      return rec;
+    });
+  }
+
+  /** VMs whose latest phase is not `cleaned`: candidates for reconcile. */
+  unfinished(): LifecycleRecord[] {
+    return (
+      this.db
+        .prepare(
+          `SELECT l.* FROM vm_lifecycle l JOIN vm_lifecycle_head h ON h.vm_id = l.vm_id AND h.last_version = l.version
+           WHERE l.phase != 'cleaned' ORDER BY l.vm_id`,
+        )
+        .all() as Row[]
+    ).map(fromRow);
+  }
+
+  remove(vmId: string): void {
+    writeTx(this.db, () => {
+      this.db.prepare("DELETE FROM vm_lifecycle WHERE vm_id = ?").run(vmId);
+      this.db.prepare("DELETE FROM vm_lifecycle_head WHERE vm_id = ?").run(vmId);
+    });
+  }
+}

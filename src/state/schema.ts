@@ -1,0 +1,75 @@
+import type { ModuleMigrations } from "./db.ts";
+
+/**
+ * state.db schema: the tables and columns of Matchlock's (PROTOCOLS.md §4), so its documented
+ * sqlite3 diagnostics work on our database. Never edit an applied migration; add a new one.
+ */
+
+export const STATE_MIGRATIONS: ModuleMigrations = {
+  module: "state",
+  migrations: [
+    {
+      version: 1,
+      name: "create_vms",
+      sql: `
+CREATE TABLE IF NOT EXISTS vms (
+  id TEXT PRIMARY KEY,
+  pid INTEGER NOT NULL DEFAULT 0,
+  status TEXT NOT NULL,
+  image TEXT NOT NULL DEFAULT '',
+  config_json BLOB,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_vms_status ON vms(status);
+CREATE INDEX IF NOT EXISTS idx_vms_created_at ON vms(created_at);`,
+    },
+    {
+      version: 2,
+      name: "create_subnet_allocations",
+      sql: `
+CREATE TABLE IF NOT EXISTS subnet_allocations (
+  vm_id TEXT PRIMARY KEY,
+  octet INTEGER NOT NULL UNIQUE,
+  gateway_ip TEXT NOT NULL,
+  guest_ip TEXT NOT NULL,
+  subnet TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_subnet_allocations_octet ON subnet_allocations(octet);`,
+    },
+  ],
+};
+
+export const LIFECYCLE_MIGRATIONS: ModuleMigrations = {
+  module: "lifecycle",
+  migrations: [
+    {
+      version: 1,
+      name: "create_append_only_vm_lifecycle_table",
+      sql: `
+CREATE TABLE IF NOT EXISTS vm_lifecycle (
+  vm_id TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  backend TEXT NOT NULL DEFAULT '',
+  phase TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  last_error TEXT NOT NULL DEFAULT '',
+  resources_json TEXT NOT NULL DEFAULT '{}',
+  cleanup_json TEXT NOT NULL DEFAULT '{}',
+  PRIMARY KEY (vm_id, version)
+);
+CREATE INDEX IF NOT EXISTS idx_vm_lifecycle_phase ON vm_lifecycle(phase);
+CREATE INDEX IF NOT EXISTS idx_vm_lifecycle_vm_version ON vm_lifecycle(vm_id, version DESC);`,
+    },
+    {
+      version: 2,
+      name: "create_vm_lifecycle_head",
+      sql: `
+CREATE TABLE IF NOT EXISTS vm_lifecycle_head (
+  vm_id TEXT PRIMARY KEY,
+  last_version INTEGER NOT NULL
+);`,
+    },
+  ],
+};

@@ -1,0 +1,78 @@
+import { MatchlockError } from "../api/errors.ts";
+import { type Db, nowIso, writeTx } from "./db.ts";
+
+/**
+ * Per-VM /24 subnets for the host side of a VM's TAP: `10.99.<octet>.0/24`, gateway `.1`, guest
+ * `.2`. The octet is UNIQUE in the table and chosen inside a write transaction, so concurrent
+ * processes never get the same one.
+ */
+
+export const SUBNET_PREFIX = "10.99";
+const MIN_OCTET = 1;
+const MAX_OCTET = 254;
+
+export interface SubnetAllocation {
+  vm_id: string;
+  octet: number;
+  gateway_ip: string;
+  guest_ip: string;
+  subnet: string;
+  created_at: string;
+}
+
+export class SubnetStore {
+  private readonly db: Db;
+  constructor(db: Db) {
+    this.db = db;
+  }
+
+  allocate(vmId: string): SubnetAllocation {
+    return writeTx(this.db, () => {
+      const existing = this.get(vmId);
+      if (existing) return existing;
+      const used = new Set(
+        (this.db.prepare("SELECT octet FROM subnet_allocations").all() as Array<{ octet: number }>).map(
+          (r) => r.octet,
+        ),
+      );
+      let octet = MIN_OCTET;
+      while (used.has(octet) && octet <= MAX_OCTET) octet++;
+      if (octet > MAX_OCTET) {
+        throw new MatchlockError("VM_FAILED", `no free subnet: all ${MAX_OCTET} are allocated`, {
+          hint: "run `matchlock gc` to release subnets of dead VMs",
+        });
+      }
+      const row: SubnetAllocation = {
+        vm_id: vmId,
+        octet,
+        gateway_ip: `${SUBNET_PREFIX}.${octet}.1`,
+        guest_ip: `${SUBNET_PREFIX}.${octet}.2`,
+        subnet: `${SUBNET_PREFIX}.${octet}.0/24`,
+        created_at: nowIso(),
+      };
+      this.db
+        .prepare(
+          "INSERT INTO subnet_allocations(vm_id, octet, gateway_ip, guest_ip, subnet, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .run(row.vm_id, row.octet, row.gateway_ip, row.guest_ip, row.subnet, row.created_at);
+      return row;
+    });
+  }
+
+  get(vmId: string): SubnetAllocation | undefined {
+    return this.db.prepare("SELECT * FROM subnet_allocations WHERE vm_id = ?").get(vmId) as
+      | SubnetAllocation
+      | undefined;
+  }
+
+  list(): SubnetAllocation[] {
+    return this.db.prepare("SELECT * FROM subnet_allocations ORDER BY octet").all() as SubnetAllocation[];
+  }
+
+  release(vmId: string): boolean {
+    return writeTx(
+      this.db,
+      () => this.db.prepare("DELETE FROM subnet_allocations WHERE vm_id = ?").run(vmId).changes > 0,
+    );
+  }
+}

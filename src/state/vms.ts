@@ -1,0 +1,76 @@
+import type { SandboxConfig } from "../api/config.ts";
+import { type Db, nowIso, writeTx } from "./db.ts";
+
+/** The `vms` table: one row per VM, `pid` being the owning matchlock process. */
+
+export type VmStatus = "running" | "stopped" | "crashed";
+
+export interface VmRow {
+  id: string;
+  pid: number;
+  status: VmStatus;
+  image: string;
+  config_json: string;
+  created_at: string;
+  updated_at: string;
+}
+
+/**
+ * The config as stored: secret values never reach the disk (SECURITY.md). Names, placeholders and
+ * hosts stay, so `get` can show which secrets a VM was given.
+ */
+export function redactConfig(config: SandboxConfig): SandboxConfig {
+  const secrets: SandboxConfig["network"]["secrets"] = {};
+  for (const [name, s] of Object.entries(config.network.secrets)) {
+    secrets[name] = {
+      hosts: s.hosts,
+      ...(s.placeholder === undefined ? {} : { placeholder: s.placeholder }),
+    };
+  }
+  return { ...config, network: { ...config.network, secrets } };
+}
+
+export class VmStore {
+  private readonly db: Db;
+  constructor(db: Db) {
+    this.db = db;
+  }
+
+  insert(id: string, ownerPid: number, image: string, config: SandboxConfig): void {
+    const now = nowIso();
+    writeTx(this.db, () =>
+      this.db
+        .prepare(
+          "INSERT INTO vms(id, pid, status, image, config_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .run(id, ownerPid, "running", image, JSON.stringify(redactConfig(config)), now, now),
+    );
+  }
+
+  setStatus(id: string, status: VmStatus): void {
+    writeTx(this.db, () =>
+      this.db.prepare("UPDATE vms SET status = ?, updated_at = ? WHERE id = ?").run(status, nowIso(), id),
+    );
+  }
+
+  get(id: string): VmRow | undefined {
+    const row = this.db
+      .prepare(
+        "SELECT id, pid, status, image, CAST(config_json AS TEXT) AS config_json, created_at, updated_at FROM vms WHERE id = ?",
+      )
+      .get(id);
+    return row as VmRow | undefined;
+  }
+
+  list(): VmRow[] {
+    return this.db
+      .prepare(
+        "SELECT id, pid, status, image, CAST(config_json AS TEXT) AS config_json, created_at, updated_at FROM vms ORDER BY created_at, id",
+      )
+      .all() as VmRow[];
+  }
+
+  remove(id: string): void {
+    writeTx(this.db, () => this.db.prepare("DELETE FROM vms WHERE id = ?").run(id));
+  }
+}
