@@ -86,11 +86,12 @@ export function parseSandboxConfig(input: unknown): SandboxConfig {
 /**
  * Features of the config that this build cannot honour yet. A config that asks for one is refused
  * with a message naming it: silently ignoring a field (say, an allowlist) would be a security bug.
+ * A config that merely leaves networking at its default gets a VM without a NIC (no network is
+ * the safe side of "default"); asking for anything network-specific is refused.
  */
 export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
   const n = config.network;
-  if (!n.no_network) out.push("networking (only --no-network VMs exist in this version)");
   if (n.allowed_hosts.length > 0) out.push("network.allowed_hosts (allowlist)");
   if (Object.keys(n.secrets).length > 0) out.push("network.secrets");
   if (n.add_hosts.length > 0) out.push("network.add_hosts");

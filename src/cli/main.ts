@@ -3,6 +3,7 @@ import { Command, CommanderError } from "commander";
 import { isMatchlockError } from "../api/errors.ts";
 import { registerDiagnose } from "./diagnose.ts";
 import { registerExec } from "./exec.ts";
+import { registerRpc } from "./rpc.ts";
 import { registerRun } from "./run.ts";
 import { registerSetup } from "./setup.ts";
 import { registerVersion, VERSION } from "./version.ts";
@@ -20,6 +21,7 @@ const program = new Command("matchlock")
 registerRun(program);
 registerExec(program);
 registerVmCommands(program);
+registerRpc(program);
 registerSetup(program);
 registerDiagnose(program);
 registerVersion(program);

@@ -47,5 +47,9 @@ describe("sandbox config", () => {
     assert.ok(missing.some((m) => m.includes("allowlist")));
     assert.ok(missing.some((m) => m.includes("secrets")));
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ network: { no_network: true } })), []);
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({})), []);
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/workspace" } })), [
+      "vfs mounts",
+    ]);
   });
 });

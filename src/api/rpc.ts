@@ -1,0 +1,103 @@
+import * as v from "valibot";
+import { SandboxConfigSchema } from "./config.ts";
+import type { ErrorCode } from "./errors.ts";
+
+/**
+ * The JSON-RPC surface of `matchlock rpc` (PROTOCOLS.md §2), declared once: method names, their
+ * params schemas and the error codes. The server validates every request against these; the SDK
+ * and the protocol test read the same declarations.
+ */
+
+export const RpcCode = {
+  PARSE_ERROR: -32700,
+  INVALID_REQUEST: -32600,
+  METHOD_NOT_FOUND: -32601,
+  INVALID_PARAMS: -32602,
+  INTERNAL: -32603,
+  VM_FAILED: -32000,
+  EXEC_FAILED: -32001,
+  FILE_FAILED: -32002,
+  CANCELLED: -32003,
+} as const;
+
+/** How our typed errors travel over JSON-RPC. */
+export function rpcCodeFor(code: ErrorCode): number {
+  switch (code) {
+    case "INVALID_ARGUMENT":
+      return RpcCode.INVALID_PARAMS;
+    case "EXEC_FAILED":
+      return RpcCode.EXEC_FAILED;
+    case "FILE_FAILED":
+      return RpcCode.FILE_FAILED;
+    case "CANCELLED":
+      return RpcCode.CANCELLED;
+    case "INTERNAL":
+    case "AGENT_PROTOCOL":
+      return RpcCode.INTERNAL;
+    default:
+      return RpcCode.VM_FAILED;
+  }
+}
+
+const ExecParams = v.object({
+  command: v.pipe(v.string(), v.minLength(1, "command must not be empty")),
+  working_dir: v.optional(v.string()),
+  user: v.optional(v.string()),
+});
+
+const Dims = {
+  rows: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(65535)), 24),
+  cols: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(65535)), 80),
+};
+
+const Port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
+
+export const RpcMethods = {
+  create: v.optional(SandboxConfigSchema, {}),
+  exec: ExecParams,
+  exec_stream: ExecParams,
+  exec_pipe: ExecParams,
+  exec_tty: v.object({ ...ExecParams.entries, ...Dims }),
+  write_file: v.object({
+    path: v.pipe(v.string(), v.minLength(1)),
+    content: v.optional(v.string(), ""),
+    mode: v.optional(v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(0o7777))),
+  }),
+  read_file: v.object({ path: v.pipe(v.string(), v.minLength(1)) }),
+  list_files: v.object({ path: v.pipe(v.string(), v.minLength(1)) }),
+  log: v.optional(v.object({}), {}),
+  log_stream: v.optional(v.object({}), {}),
+  allow_list_add: v.object({ hosts: v.array(v.string()) }),
+  allow_list_delete: v.object({ hosts: v.array(v.string()) }),
+  port_forward: v.object({
+    forwards: v.pipe(
+      v.array(v.object({ local_port: Port, remote_port: v.pipe(Port, v.minValue(1)) })),
+      v.minLength(1),
+    ),
+    addresses: v.optional(v.array(v.string())),
+  }),
+  cancel: v.object({ id: v.union([v.number(), v.string()]) }),
+  close: v.optional(v.object({ timeout_seconds: v.optional(v.number()) }), {}),
+} as const;
+
+export type RpcMethod = keyof typeof RpcMethods;
+export type RpcParams<M extends RpcMethod> = v.InferOutput<(typeof RpcMethods)[M]>;
+
+/** Notifications the client sends to feed a running exec_pipe / exec_tty request. */
+export const RpcClientNotifications = {
+  "exec_pipe.stdin": v.object({ id: v.union([v.number(), v.string()]), data: v.string() }),
+  "exec_pipe.stdin_eof": v.object({ id: v.union([v.number(), v.string()]) }),
+  "exec_tty.stdin": v.object({ id: v.union([v.number(), v.string()]), data: v.string() }),
+  "exec_tty.stdin_eof": v.object({ id: v.union([v.number(), v.string()]) }),
+  "exec_tty.resize": v.object({ id: v.union([v.number(), v.string()]), ...Dims }),
+} as const;
+
+export type RpcClientNotification = keyof typeof RpcClientNotifications;
+
+export function isRpcMethod(m: string): m is RpcMethod {
+  return Object.hasOwn(RpcMethods, m);
+}
+
+export function isClientNotification(m: string): m is RpcClientNotification {
+  return Object.hasOwn(RpcClientNotifications, m);
+}

@@ -1,0 +1,19 @@
+import type { Command } from "commander";
+import { RpcServer } from "../rpc/server.ts";
+
+/** `matchlock rpc`: the JSON-RPC server on stdio that SDKs drive. */
+export function registerRpc(program: Command): void {
+  program
+    .command("rpc")
+    .summary("serve JSON-RPC 2.0 on stdin/stdout (one VM per process; used by the SDKs)")
+    .description(
+      "Newline-delimited JSON-RPC 2.0 on stdin/stdout, compatible with Matchlock's protocol: create, exec,\n" +
+        "exec_stream, exec_pipe, exec_tty, write_file, read_file, list_files, log, log_stream, port_forward,\n" +
+        "cancel, close. One VM per process; EOF on stdin cancels everything and closes the VM. Logs go to\n" +
+        "stderr. See docs/rpc.md.",
+    )
+    .action(async () => {
+      const server = new RpcServer({ input: process.stdin, output: process.stdout });
+      await server.serve();
+    });
+}

@@ -1,0 +1,458 @@
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { Readable, Writable } from "node:stream";
+import * as v from "valibot";
+import { parseSandboxConfig, unsupportedFeatures } from "../api/config.ts";
+import { isMatchlockError, MatchlockError, messageOf } from "../api/errors.ts";
+import {
+  isClientNotification,
+  isRpcMethod,
+  RpcClientNotifications,
+  RpcCode,
+  type RpcMethod,
+  RpcMethods,
+  type RpcParams,
+  rpcCodeFor,
+} from "../api/rpc.ts";
+import type { ExecHandle } from "../guest/agent-client.ts";
+import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
+import { LineSplitter } from "./lines.ts";
+
+/**
+ * `matchlock rpc`: newline-delimited JSON-RPC 2.0 on stdio, one VM per process, the methods and
+ * notifications of Matchlock (PROTOCOLS.md §2). Requests run concurrently; each request's
+ * notifications are written in order before its response. stdout carries only protocol lines; logs
+ * go to stderr. EOF on stdin (or a broken stdout) cancels everything and closes the VM.
+ */
+
+type Id = number | string;
+
+/** A line longer than this is refused (and skipped without being buffered). 96 MiB fits a 64 MiB write_file. */
+export const DEFAULT_MAX_LINE = 96 * 1024 * 1024;
+
+const STDIN_HIGH_WATER = 8 * 1024 * 1024;
+const STDIN_LOW_WATER = 2 * 1024 * 1024;
+
+class RpcError extends Error {
+  readonly code: number;
+  constructor(code: number, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+interface Inflight {
+  id: Id;
+  method: string;
+  handle?: ExecHandle;
+  cancelled: boolean;
+  /** Stops a log_stream. */
+  stop?: () => void;
+  /** Client notifications that arrived before the command started; applied in order once it has. */
+  early?: Array<(h: ExecHandle) => void>;
+}
+
+export interface RpcServerOptions {
+  input: Readable;
+  output: Writable;
+  log?: (line: string) => void;
+  maxLine?: number;
+  graceMs?: number;
+  /** Creates the sandbox (tests inject options such as a private MATCHLOCK_HOME). */
+  createSandbox?: (config: ReturnType<typeof parseSandboxConfig>) => Promise<Sandbox>;
+}
+
+export class RpcServer {
+  private readonly input: Readable;
+  private readonly output: Writable;
+  private readonly log: (line: string) => void;
+  private readonly splitter: LineSplitter;
+  private readonly graceMs: number;
+  private readonly createSandbox: (config: ReturnType<typeof parseSandboxConfig>) => Promise<Sandbox>;
+  private readonly inflight = new Map<string, Inflight>();
+  private sandbox: Sandbox | undefined;
+  private creating: Promise<Sandbox> | undefined;
+  /** Why the sandbox is gone, once it is. */
+  private gone: string | undefined;
+  private shuttingDown: Promise<void> | undefined;
+  private pendingStdin = 0;
+
+  constructor(opts: RpcServerOptions) {
+    this.input = opts.input;
+    this.output = opts.output;
+    this.log = opts.log ?? ((line) => process.stderr.write(`matchlock rpc: ${line}\n`));
+    this.splitter = new LineSplitter(opts.maxLine ?? DEFAULT_MAX_LINE);
+    this.graceMs = opts.graceMs ?? DEFAULT_GRACE_MS;
+    this.createSandbox = opts.createSandbox ?? ((config) => Sandbox.create({ config }));
+  }
+
+  /** Serves until stdin ends, then closes the VM. */
+  serve(): Promise<void> {
+    return new Promise((resolve) => {
+      this.input.on("data", (chunk: Buffer) => {
+        for (const ev of this.splitter.push(chunk)) this.onLineEvent(ev);
+      });
+      const finish = () => {
+        for (const ev of this.splitter.end()) this.onLineEvent(ev);
+        this.shutdown("stdin closed").then(resolve, resolve);
+      };
+      this.input.once("end", finish);
+      this.input.once("error", finish);
+      this.output.on("error", () => {
+        this.shutdown("stdout is broken").then(resolve, resolve);
+      });
+    });
+  }
+
+  private onLineEvent(ev: ReturnType<LineSplitter["push"]>[number]): void {
+    if (ev.kind === "too_long") {
+      this.sendError(null, RpcCode.INVALID_REQUEST, `request line of ${ev.bytes} bytes exceeds the limit`);
+      return;
+    }
+    const text = ev.line.toString("utf8").trim();
+    if (text === "") return;
+    let msg: unknown;
+    try {
+      msg = JSON.parse(text);
+    } catch (e) {
+      this.sendError(null, RpcCode.PARSE_ERROR, `Parse error: ${messageOf(e)}`);
+      return;
+    }
+    this.onMessage(msg);
+  }
+
+  private onMessage(msg: unknown): void {
+    if (typeof msg !== "object" || msg === null || Array.isArray(msg)) {
+      this.sendError(null, RpcCode.INVALID_REQUEST, "Invalid request: expected a JSON object");
+      return;
+    }
+    const m = msg as Record<string, unknown>;
+    const rawId = m.id;
+    const hasId = rawId !== undefined && rawId !== null;
+    if (hasId && typeof rawId !== "number" && typeof rawId !== "string") {
+      this.sendError(null, RpcCode.INVALID_REQUEST, "Invalid request: id must be a number or a string");
+      return;
+    }
+    const id = hasId ? (rawId as Id) : null;
+    if (typeof m.method !== "string") {
+      this.sendError(id, RpcCode.INVALID_REQUEST, "Invalid request: method must be a string");
+      return;
+    }
+    const method = m.method;
+    if (isClientNotification(method)) {
+      this.onClientNotification(method, m.params);
+      if (id !== null) this.send({ jsonrpc: "2.0", id, result: {} });
+      return;
+    }
+    if (id === null) return; // an unknown notification: JSON-RPC says never answer one
+    if (!isRpcMethod(method)) {
+      this.sendError(id, RpcCode.METHOD_NOT_FOUND, `Method not found: ${method}`);
+      return;
+    }
+    const key = String(id);
+    if (this.inflight.has(key)) {
+      this.sendError(
+        id,
+        RpcCode.INVALID_REQUEST,
+        `Invalid request: id ${key} is already in use by a running request`,
+      );
+      return;
+    }
+    const parsed = v.safeParse(RpcMethods[method], m.params ?? undefined);
+    if (!parsed.success) {
+      const issue = parsed.issues[0];
+      const where = issue?.path?.map((p) => String(p.key)).join(".") || "params";
+      this.sendError(
+        id,
+        RpcCode.INVALID_PARAMS,
+        `invalid params for ${method}: ${where}: ${issue?.message ?? "invalid"}`,
+      );
+      return;
+    }
+    const req: Inflight = { id, method, cancelled: false };
+    this.inflight.set(key, req);
+    this.dispatch(method, parsed.output, req).then(
+      (result) => {
+        this.inflight.delete(key);
+        if (req.cancelled) this.sendError(id, RpcCode.CANCELLED, `request ${key} was cancelled`);
+        else this.send({ jsonrpc: "2.0", id, result });
+      },
+      (e: unknown) => {
+        this.inflight.delete(key);
+        if (req.cancelled) this.sendError(id, RpcCode.CANCELLED, `request ${key} was cancelled`);
+        else if (e instanceof RpcError) this.sendError(id, e.code, e.message);
+        else if (isMatchlockError(e))
+          this.sendError(id, rpcCodeFor(e.code), e.hint ? `${e.message} (${e.hint})` : e.message);
+        else {
+          this.log(`internal error in ${method}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+          this.sendError(id, RpcCode.INTERNAL, `internal error: ${messageOf(e)}`);
+        }
+      },
+    );
+  }
+
+  private async dispatch(method: RpcMethod, params: unknown, req: Inflight): Promise<unknown> {
+    switch (method) {
+      case "create":
+        return this.create(params as RpcParams<"create">);
+      case "close":
+        await this.closeSandbox("closed by the client");
+        return {};
+      case "cancel":
+        return this.cancel(params as RpcParams<"cancel">);
+      case "exec":
+      case "exec_stream":
+      case "exec_pipe":
+      case "exec_tty":
+        return this.exec(method, params as RpcParams<"exec_tty">, req);
+      case "write_file": {
+        const p = params as RpcParams<"write_file">;
+        const data = decodeBase64(p.content, "content");
+        await (await this.vm()).writeFile(p.path, data, p.mode ?? 0o644);
+        return {};
+      }
+      case "read_file": {
+        const p = params as RpcParams<"read_file">;
+        return { content: (await (await this.vm()).readFile(p.path)).toString("base64") };
+      }
+      case "list_files": {
+        const p = params as RpcParams<"list_files">;
+        const files = await (await this.vm()).listFiles(p.path);
+        return {
+          files: files.map((f) => ({
+            name: f.name,
+            size: f.size,
+            mode: f.mode,
+            mod_time: new Date(f.mtimeMs).toISOString(),
+            is_dir: f.isDir,
+          })),
+        };
+      }
+      case "log":
+        return { content: await this.readLog(await this.vm()) };
+      case "log_stream":
+        return this.logStream(await this.vm(), req);
+      case "allow_list_add":
+      case "allow_list_delete":
+        await this.vm();
+        throw new RpcError(
+          RpcCode.VM_FAILED,
+          `${method}: networking (the allowlist) is not available in this version`,
+        );
+      case "port_forward":
+        await this.vm();
+        throw new RpcError(RpcCode.VM_FAILED, "port_forward is not available yet");
+    }
+  }
+
+  /** The VM; a request that arrives while `create` is still booting waits for it, as in Matchlock. */
+  private async vm(): Promise<Sandbox> {
+    if (this.creating) await this.creating.catch(() => {});
+    if (this.sandbox) return this.sandbox;
+    if (this.gone) throw new RpcError(RpcCode.VM_FAILED, `the sandbox is gone: ${this.gone}`);
+    throw new RpcError(RpcCode.VM_FAILED, "VM not created: call create first");
+  }
+
+  private async create(input: RpcParams<"create">): Promise<unknown> {
+    if (this.sandbox || this.creating || this.gone) {
+      throw new RpcError(RpcCode.VM_FAILED, "this rpc session already has a VM (one VM per rpc process)");
+    }
+    const config = parseSandboxConfig(input);
+    const missing = unsupportedFeatures(config);
+    if (missing.length > 0) {
+      throw new RpcError(
+        RpcCode.INVALID_PARAMS,
+        `not supported by this version of matchlock: ${missing.join(", ")}`,
+      );
+    }
+    this.creating = this.createSandbox(config);
+    try {
+      const sb = await this.creating;
+      if (this.shuttingDown) {
+        await sb.close();
+        throw new RpcError(RpcCode.VM_FAILED, "the rpc session is shutting down");
+      }
+      this.sandbox = sb;
+      sb.deadline.addEventListener("abort", () => {
+        this.log(`${sb.id}: ${messageOf(sb.deadline.reason)}; closing the VM`);
+        this.closeSandbox(messageOf(sb.deadline.reason)).catch(() => {});
+      });
+      this.log(`${sb.id} created`);
+      return { id: sb.id };
+    } finally {
+      this.creating = undefined;
+    }
+  }
+
+  private async exec(
+    method: "exec" | "exec_stream" | "exec_pipe" | "exec_tty",
+    p: RpcParams<"exec_tty">,
+    req: Inflight,
+  ) {
+    const sb = await this.vm();
+    const started = Date.now();
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    const notify = (stream: "stdout" | "stderr") => (d: Buffer) => {
+      if (method === "exec") (stream === "stdout" ? out : err).push(d);
+      else
+        this.send({
+          jsonrpc: "2.0",
+          method: `${method}.${stream}`,
+          params: { id: req.id, data: d.toString("base64") },
+        });
+    };
+    const handle = sb.exec(
+      {
+        argv: ["/bin/sh", "-c", p.command],
+        ...(p.working_dir ? { cwd: p.working_dir } : {}),
+        ...(p.user ? { user: p.user } : {}),
+        tty: method === "exec_tty",
+        stdin: method === "exec_pipe" || method === "exec_tty",
+        ...(method === "exec_tty" ? { rows: p.rows, cols: p.cols } : {}),
+      },
+      { onStdout: notify("stdout"), onStderr: notify("stderr") },
+    );
+    req.handle = handle;
+    for (const apply of req.early?.splice(0) ?? []) apply(handle);
+    if (method === "exec_pipe" || method === "exec_tty") {
+      this.send({ jsonrpc: "2.0", method: `${method}.ready`, params: { id: req.id } });
+    }
+    const r = await handle.done.catch((e: unknown) => {
+      throw new MatchlockError("EXEC_FAILED", messageOf(e));
+    });
+    const duration_ms = Date.now() - started;
+    if (r.startError !== undefined) {
+      const msg = Buffer.from(`${r.startError}\n`);
+      if (method === "exec") err.push(msg);
+      else if (method !== "exec_tty") notify("stderr")(msg);
+    }
+    if (method === "exec") {
+      return {
+        exit_code: r.exitCode,
+        stdout: Buffer.concat(out).toString("base64"),
+        stderr: Buffer.concat(err).toString("base64"),
+        duration_ms,
+      };
+    }
+    return { exit_code: r.exitCode, duration_ms };
+  }
+
+  private onClientNotification(method: keyof typeof RpcClientNotifications, params: unknown): void {
+    const parsed = v.safeParse(RpcClientNotifications[method], params);
+    if (!parsed.success) {
+      this.log(`ignored ${method}: invalid params`);
+      return;
+    }
+    const p = parsed.output as { id: Id; data?: string; rows?: number; cols?: number };
+    const req = this.inflight.get(String(p.id));
+    if (!req || !req.method.startsWith(method.split(".")[0] as string)) return;
+    let apply: (h: ExecHandle) => void;
+    if (method.endsWith(".stdin")) {
+      let data: Buffer;
+      try {
+        data = decodeBase64(p.data ?? "", "data");
+      } catch {
+        this.log(`ignored ${method}: data is not base64`);
+        return;
+      }
+      apply = (h) => {
+        // Notifications have no acknowledgement: when the guest is slower than the client, stop
+        // reading our stdin (the pipe then pushes back on the client) instead of buffering.
+        this.pendingStdin += data.length;
+        if (this.pendingStdin > STDIN_HIGH_WATER) this.input.pause();
+        h.writeStdin(data)
+          .catch(() => {})
+          .finally(() => {
+            this.pendingStdin -= data.length;
+            if (this.pendingStdin < STDIN_LOW_WATER) this.input.resume();
+          });
+      };
+    } else if (method.endsWith(".stdin_eof")) apply = (h) => h.endStdin();
+    else apply = (h) => h.resize(p.rows ?? 24, p.cols ?? 80);
+    if (req.handle) apply(req.handle);
+    else (req.early ??= []).push(apply);
+  }
+
+  private async cancel(p: RpcParams<"cancel">): Promise<unknown> {
+    const target = this.inflight.get(String(p.id));
+    if (!target || target.method === "cancel" || target.method === "create" || target.method === "close") {
+      return { cancelled: false };
+    }
+    target.cancelled = true;
+    target.stop?.();
+    if (target.handle && this.sandbox) await this.sandbox.terminate(target.handle, this.graceMs);
+    return { cancelled: true };
+  }
+
+  private async readLog(sb: Sandbox): Promise<string> {
+    const parts = await Promise.all(
+      ["console.log", "run.log"].map((f) => readFile(join(sb.dir, f), "utf8").catch(() => "")),
+    );
+    return parts.join("");
+  }
+
+  /** Sends what the console log gains, as `log_stream.data`, until cancelled or the VM closes. */
+  private async logStream(sb: Sandbox, req: Inflight): Promise<unknown> {
+    let sent = 0;
+    let stopped = false;
+    req.stop = () => {
+      stopped = true;
+    };
+    while (!stopped && this.sandbox === sb) {
+      const text = await this.readLog(sb);
+      if (text.length > sent) {
+        this.send({
+          jsonrpc: "2.0",
+          method: "log_stream.data",
+          params: { id: req.id, data: text.slice(sent) },
+        });
+        sent = text.length;
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    return {};
+  }
+
+  private async closeSandbox(why: string): Promise<void> {
+    const creating = this.creating;
+    if (creating) await creating.catch(() => {});
+    const sb = this.sandbox;
+    if (!sb) {
+      this.gone ??= why;
+      return;
+    }
+    this.sandbox = undefined;
+    this.gone = why;
+    for (const req of this.inflight.values()) {
+      req.stop?.();
+      if (req.handle) sb.terminate(req.handle, this.graceMs).catch(() => {});
+    }
+    await sb.close();
+    this.log(`${sb.id} closed (${why})`);
+  }
+
+  private shutdown(why: string): Promise<void> {
+    this.shuttingDown ??= (async () => {
+      for (const req of this.inflight.values()) if (req.handle || req.stop) req.cancelled = true;
+      await this.closeSandbox(why).catch((e: unknown) => this.log(`close failed: ${messageOf(e)}`));
+    })();
+    return this.shuttingDown;
+  }
+
+  private sendError(id: Id | null, code: number, message: string): void {
+    this.send({ jsonrpc: "2.0", id, error: { code, message } });
+  }
+
+  private send(msg: unknown): void {
+    if (this.output.writableEnded || this.output.destroyed) return;
+    this.output.write(`${JSON.stringify(msg)}\n`);
+  }
+}
+
+function decodeBase64(s: string, what: string): Buffer {
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s) || s.length % 4 === 1) {
+    throw new RpcError(RpcCode.INVALID_PARAMS, `${what} is not valid base64`);
+  }
+  return Buffer.from(s, "base64");
+}

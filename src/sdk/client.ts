@@ -1,0 +1,585 @@
+import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import type { SandboxConfigInput } from "../api/config.ts";
+import { LineSplitter } from "../rpc/lines.ts";
+import { Sandbox } from "./sandbox.ts";
+
+/**
+ * The TypeScript SDK: drives one sandbox through a `matchlock rpc` child process (MATCHLOCK_BIN to
+ * override which binary), speaking PROTOCOLS.md §2. Every call takes an AbortSignal and a timeout;
+ * aborting sends `cancel`, which stops the guest command (SIGTERM, then SIGKILL).
+ */
+
+export type BinaryLike = string | Buffer | Uint8Array;
+export type StreamWriter = NodeJS.WritableStream | ((chunk: Buffer) => void);
+export type StreamReader =
+  | NodeJS.ReadableStream
+  | AsyncIterable<BinaryLike>
+  | Iterable<BinaryLike>
+  | BinaryLike;
+
+export interface ClientOptions {
+  /** The matchlock binary; default MATCHLOCK_BIN, else this package's own CLI. */
+  binaryPath?: string;
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface CallOptions {
+  signal?: AbortSignal;
+  /** Fail (and cancel the guest command) after this many milliseconds. */
+  timeoutMs?: number;
+}
+
+export interface ExecOptions extends CallOptions {
+  workingDir?: string;
+  user?: string;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+  durationMs: number;
+}
+
+export interface ExecStreamOptions extends ExecOptions {
+  stdout?: StreamWriter;
+  stderr?: StreamWriter;
+}
+
+export interface ExecPipeOptions extends ExecStreamOptions {
+  stdin?: StreamReader;
+}
+
+export type TTYSize = { rows: number; cols: number } | [number, number];
+
+export interface ExecInteractiveOptions extends ExecOptions {
+  stdin?: StreamReader;
+  stdout?: StreamWriter;
+  rows?: number;
+  cols?: number;
+  /** New window sizes, e.g. from `process.stdout.on("resize")`. */
+  resize?: AsyncIterable<TTYSize> | Iterable<TTYSize>;
+}
+
+export interface StreamResult {
+  exitCode: number;
+  durationMs: number;
+}
+
+export interface FileInfo {
+  name: string;
+  size: number;
+  mode: number;
+  modTime: string;
+  isDir: boolean;
+}
+
+export interface PortForwardBinding {
+  address: string;
+  localPort: number;
+  remotePort: number;
+}
+
+/** An error the server answered with; `code` is the JSON-RPC code (-32000 VM failed, …). */
+export class RPCError extends Error {
+  readonly code: number;
+  constructor(code: number, message: string) {
+    super(message);
+    this.name = "RPCError";
+    this.code = code;
+  }
+}
+
+/** A client-side failure: the rpc process died, a timeout, an abort. `stderr` holds what it printed last. */
+export class MatchlockError extends Error {
+  readonly stderr: string;
+  constructor(message: string, stderr = "") {
+    super(stderr ? `${message}\n--- matchlock rpc stderr ---\n${stderr.trimEnd()}` : message);
+    this.name = "MatchlockError";
+    this.stderr = stderr;
+  }
+}
+
+export const RPC_CODES = {
+  PARSE_ERROR: -32700,
+  INVALID_REQUEST: -32600,
+  METHOD_NOT_FOUND: -32601,
+  INVALID_PARAMS: -32602,
+  INTERNAL: -32603,
+  VM_FAILED: -32000,
+  EXEC_FAILED: -32001,
+  FILE_FAILED: -32002,
+  CANCELLED: -32003,
+} as const;
+
+type Json = Record<string, unknown>;
+
+interface Pending {
+  method: string;
+  resolve: (v: Json) => void;
+  reject: (e: Error) => void;
+  onNotification?: (method: string, params: Json) => void;
+}
+
+const STDIN_CHUNK = 512 * 1024;
+const STDERR_TAIL = 8192;
+
+function commandFor(binaryPath: string | undefined): { cmd: string; args: string[] } {
+  const bin = binaryPath ?? process.env.MATCHLOCK_BIN;
+  if (bin)
+    return /\.(c?m?js|ts)$/.test(bin) ? { cmd: process.execPath, args: [bin] } : { cmd: bin, args: [] };
+  // This package's own CLI, run by the same Node (works without a global install).
+  const own = fileURLToPath(
+    new URL(import.meta.url.endsWith(".ts") ? "../cli/main.ts" : "../cli/main.js", import.meta.url),
+  );
+  return { cmd: process.execPath, args: [own] };
+}
+
+function toBuffer(c: BinaryLike): Buffer {
+  return typeof c === "string" ? Buffer.from(c, "utf8") : Buffer.isBuffer(c) ? c : Buffer.from(c);
+}
+
+function write(w: StreamWriter | undefined, chunk: Buffer): void {
+  if (!w) return;
+  if (typeof w === "function") w(chunk);
+  else w.write(chunk);
+}
+
+async function* chunksOf(src: StreamReader): AsyncGenerator<Buffer> {
+  if (typeof src === "string" || Buffer.isBuffer(src) || src instanceof Uint8Array) {
+    const b = toBuffer(src);
+    for (let off = 0; off < b.length; off += STDIN_CHUNK) yield b.subarray(off, off + STDIN_CHUNK);
+    return;
+  }
+  for await (const c of src as AsyncIterable<BinaryLike>) {
+    const b = toBuffer(c);
+    for (let off = 0; off < b.length; off += STDIN_CHUNK) yield b.subarray(off, off + STDIN_CHUNK);
+  }
+}
+
+export class Client {
+  private readonly options: ClientOptions;
+  private child: ChildProcessWithoutNullStreams | undefined;
+  private exited: Promise<void> | undefined;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 0;
+  private stderrTail = "";
+  private writeChain: Promise<void> = Promise.resolve();
+  private closed = false;
+  private vmIdValue = "";
+  private deadError: MatchlockError | undefined;
+
+  constructor(options: ClientOptions = {}) {
+    this.options = options;
+  }
+
+  /** The VM id once `create`/`launch` returned. */
+  get vmId(): string {
+    return this.vmIdValue;
+  }
+
+  /** Boots a sandbox from the builder; sets up its port forwards. Returns the VM id. */
+  async launch(sandbox: Sandbox = new Sandbox(), opts: CallOptions = {}): Promise<string> {
+    const id = await this.create(sandbox.options(), opts);
+    if (sandbox.portForwards.length > 0) {
+      await this.portForwardMappings(sandbox.portForwards, [...sandbox.portForwardAddresses], opts);
+    }
+    return id;
+  }
+
+  async create(config: SandboxConfigInput = {}, opts: CallOptions = {}): Promise<string> {
+    const r = await this.call("create", config as Json, opts);
+    this.vmIdValue = String(r.id ?? "");
+    if (!this.vmIdValue) throw new MatchlockError("invalid create response: no id", this.stderrTail);
+    return this.vmIdValue;
+  }
+
+  /** Runs `command` with /bin/sh -c and collects its output. */
+  async exec(command: string, opts: ExecOptions = {}): Promise<ExecResult> {
+    const r = await this.call("exec", execParams(command, opts), opts);
+    return {
+      exitCode: Number(r.exit_code),
+      stdout: Buffer.from(String(r.stdout ?? ""), "base64").toString("utf8"),
+      stderr: Buffer.from(String(r.stderr ?? ""), "base64").toString("utf8"),
+      durationMs: Number(r.duration_ms),
+    };
+  }
+
+  async execStream(command: string, opts: ExecStreamOptions = {}): Promise<StreamResult> {
+    const r = await this.call("exec_stream", execParams(command, opts), opts, (method, p) => {
+      const data = Buffer.from(String(p.data ?? ""), "base64");
+      write(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data);
+    });
+    return { exitCode: Number(r.exit_code), durationMs: Number(r.duration_ms) };
+  }
+
+  /** Like execStream, with the command's stdin fed from `opts.stdin` (then EOF). */
+  async execPipe(command: string, opts: ExecPipeOptions = {}): Promise<StreamResult> {
+    return this.execWithInput(
+      "exec_pipe",
+      execParams(command, opts),
+      opts,
+      opts.stdin,
+      undefined,
+      (method, data) => write(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data),
+    );
+  }
+
+  /** A command on a PTY: stdin and resizes flow in, the terminal's output flows to `stdout`. */
+  async execInteractive(command: string, opts: ExecInteractiveOptions = {}): Promise<StreamResult> {
+    const params = { ...execParams(command, opts), rows: opts.rows ?? 24, cols: opts.cols ?? 80 };
+    return this.execWithInput("exec_tty", params, opts, opts.stdin, opts.resize, (_m, data) =>
+      write(opts.stdout, data),
+    );
+  }
+
+  async writeFile(
+    path: string,
+    content: BinaryLike,
+    opts: CallOptions & { mode?: number } = {},
+  ): Promise<void> {
+    await this.call(
+      "write_file",
+      { path, content: toBuffer(content).toString("base64"), mode: opts.mode ?? 0o644 },
+      opts,
+    );
+  }
+
+  async readFile(path: string, opts: CallOptions = {}): Promise<Buffer> {
+    const r = await this.call("read_file", { path }, opts);
+    return Buffer.from(String(r.content ?? ""), "base64");
+  }
+
+  async listFiles(path: string, opts: CallOptions = {}): Promise<FileInfo[]> {
+    const r = await this.call("list_files", { path }, opts);
+    const files = Array.isArray(r.files) ? (r.files as Json[]) : [];
+    return files.map((f) => ({
+      name: String(f.name),
+      size: Number(f.size),
+      mode: Number(f.mode),
+      modTime: String(f.mod_time ?? ""),
+      isDir: Boolean(f.is_dir),
+    }));
+  }
+
+  /** The VM's console log. */
+  async log(opts: CallOptions = {}): Promise<string> {
+    return String((await this.call("log", {}, opts)).content ?? "");
+  }
+
+  /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port. */
+  async portForward(...specs: string[]): Promise<PortForwardBinding[]> {
+    return this.portForwardMappings(specs.map(parsePortSpec), undefined, {});
+  }
+
+  async portForwardWithAddresses(addresses: string[], ...specs: string[]): Promise<PortForwardBinding[]> {
+    return this.portForwardMappings(specs.map(parsePortSpec), addresses, {});
+  }
+
+  /**
+   * Closes the VM and ends the rpc process. It really stops: if the child does not exit, it is
+   * killed, and `matchlock gc` reclaims the VM.
+   */
+  async close(timeoutSeconds = 0, opts: CallOptions = {}): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const child = this.child;
+    if (!child || this.deadError) return;
+    const t = timeoutSeconds > 0 ? timeoutSeconds : 10;
+    try {
+      await this.call(
+        "close",
+        { timeout_seconds: t },
+        { ...opts, timeoutMs: (t + 10) * 1000 },
+        undefined,
+        true,
+      );
+    } catch {}
+    child.stdin.end();
+    if (!(await this.waitExit(5000))) {
+      child.kill("SIGTERM");
+      if (!(await this.waitExit(3000))) {
+        child.kill("SIGKILL");
+        await this.waitExit(3000);
+        if (this.vmIdValue) await this.runCli(["gc", this.vmIdValue]).catch(() => {});
+      }
+    }
+  }
+
+  /** Removes the stopped VM's record and logs (`matchlock rm`). */
+  async remove(): Promise<void> {
+    if (!this.vmIdValue) return;
+    const r = await this.runCli(["rm", this.vmIdValue]);
+    if (r.code !== 0) throw new MatchlockError(`matchlock rm ${this.vmIdValue} failed`, r.stderr);
+  }
+
+  private async portForwardMappings(
+    forwards: readonly { localPort: number; remotePort: number }[],
+    addresses: string[] | undefined,
+    opts: CallOptions,
+  ): Promise<PortForwardBinding[]> {
+    const r = await this.call(
+      "port_forward",
+      {
+        forwards: forwards.map((f) => ({ local_port: f.localPort, remote_port: f.remotePort })),
+        addresses: addresses && addresses.length > 0 ? addresses : ["127.0.0.1"],
+      },
+      opts,
+    );
+    const bindings = Array.isArray(r.bindings) ? (r.bindings as Json[]) : [];
+    return bindings.map((b) => ({
+      address: String(b.address),
+      localPort: Number(b.local_port),
+      remotePort: Number(b.remote_port),
+    }));
+  }
+
+  private async execWithInput(
+    method: "exec_pipe" | "exec_tty",
+    params: Json,
+    opts: CallOptions,
+    stdin: StreamReader | undefined,
+    resize: AsyncIterable<TTYSize> | Iterable<TTYSize> | undefined,
+    onData: (method: string, data: Buffer) => void,
+  ): Promise<StreamResult> {
+    let readyId: number | undefined;
+    let stopped = false;
+    let markReady: () => void = () => {};
+    const ready = new Promise<void>((r) => {
+      markReady = r;
+    });
+    const call = this.call(method, params, opts, (m, p) => {
+      if (m === `${method}.ready`) {
+        readyId = Number(p.id);
+        markReady();
+      } else onData(m, Buffer.from(String(p.data ?? ""), "base64"));
+    });
+    const pumpIn = (async () => {
+      await Promise.race([ready, call.catch(() => {})]);
+      if (readyId === undefined || stopped) return;
+      if (stdin !== undefined) {
+        for await (const chunk of chunksOf(stdin)) {
+          if (stopped) return;
+          await this.notify(`${method}.stdin`, { id: readyId, data: chunk.toString("base64") });
+        }
+      }
+      if (!stopped) await this.notify(`${method}.stdin_eof`, { id: readyId });
+    })();
+    const pumpResize = (async () => {
+      if (!resize) return;
+      await Promise.race([ready, call.catch(() => {})]);
+      if (readyId === undefined) return;
+      for await (const size of resize as AsyncIterable<TTYSize>) {
+        if (stopped) return;
+        const [rows, cols] = Array.isArray(size) ? size : [size.rows, size.cols];
+        if (rows > 0 && cols > 0) await this.notify("exec_tty.resize", { id: readyId, rows, cols });
+      }
+    })();
+    try {
+      const r = await call;
+      return { exitCode: Number(r.exit_code), durationMs: Number(r.duration_ms) };
+    } finally {
+      stopped = true;
+      pumpIn.catch(() => {});
+      pumpResize.catch(() => {});
+    }
+  }
+
+  private start(): ChildProcessWithoutNullStreams {
+    if (this.child) return this.child;
+    const { cmd, args } = commandFor(this.options.binaryPath);
+    const child = spawn(cmd, [...args, "rpc"], {
+      stdio: ["pipe", "pipe", "pipe"],
+      env: this.options.env ?? process.env,
+    });
+    this.child = child;
+    const lines = new LineSplitter(512 * 1024 * 1024);
+    child.stdout.on("data", (d: Buffer) => {
+      for (const ev of lines.push(d)) if (ev.kind === "line") this.onLine(ev.line);
+    });
+    child.stderr.setEncoding("utf8");
+    child.stderr.on("data", (d: string) => {
+      this.stderrTail = (this.stderrTail + d).slice(-STDERR_TAIL);
+    });
+    child.stdin.on("error", () => {});
+    this.exited = new Promise((resolve) => {
+      const done = (why: string) => {
+        this.deadError ??= new MatchlockError(`matchlock rpc ${why}`, this.stderrTail);
+        for (const p of this.pending.values()) p.reject(this.deadError);
+        this.pending.clear();
+        resolve();
+      };
+      child.once("error", (e) => done(`could not start (${cmd}): ${e.message}`));
+      child.once("close", (code, signal) =>
+        done(signal ? `was killed by ${signal}` : `exited with code ${code}`),
+      );
+    });
+    return child;
+  }
+
+  private onLine(line: Buffer): void {
+    let msg: Json;
+    try {
+      msg = JSON.parse(line.toString("utf8")) as Json;
+    } catch {
+      return;
+    }
+    if (typeof msg.id === "number" && ("result" in msg || "error" in msg)) {
+      const p = this.pending.get(msg.id);
+      if (!p) return;
+      this.pending.delete(msg.id);
+      const err = msg.error as { code?: number; message?: string } | undefined;
+      if (err) p.reject(new RPCError(Number(err.code ?? RPC_CODES.INTERNAL), String(err.message ?? "error")));
+      else p.resolve((msg.result ?? {}) as Json);
+      return;
+    }
+    if (typeof msg.method === "string") {
+      const params = (msg.params ?? {}) as Json;
+      const p = typeof params.id === "number" ? this.pending.get(params.id) : undefined;
+      p?.onNotification?.(msg.method, params);
+    }
+  }
+
+  private send(line: string): Promise<void> {
+    const child = this.start();
+    const next = this.writeChain.then(
+      () =>
+        new Promise<void>((resolve, reject) => {
+          if (this.deadError) {
+            reject(this.deadError);
+            return;
+          }
+          // Waiting for each write keeps a 64 MiB upload from piling up in memory twice.
+          child.stdin.write(line, (e) =>
+            e ? reject(new MatchlockError(`write to matchlock rpc failed: ${e.message}`)) : resolve(),
+          );
+        }),
+    );
+    this.writeChain = next.catch(() => {});
+    return next;
+  }
+
+  private notify(method: string, params: Json): Promise<void> {
+    return this.send(`${JSON.stringify({ jsonrpc: "2.0", method, params })}\n`);
+  }
+
+  private call(
+    method: string,
+    params: Json,
+    opts: CallOptions,
+    onNotification?: (method: string, params: Json) => void,
+    allowAfterClose = false,
+  ): Promise<Json> {
+    if (this.closed && !allowAfterClose) return Promise.reject(new MatchlockError("client is closed"));
+    if (this.deadError) return Promise.reject(this.deadError);
+    this.start();
+    const id = ++this.nextId;
+    return new Promise<Json>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const cleanup = () => {
+        clearTimeout(timer);
+        opts.signal?.removeEventListener("abort", onAbort);
+      };
+      const abortWith = (err: Error) => {
+        if (!this.pending.has(id)) return;
+        this.pending.delete(id);
+        cleanup();
+        // Tell the server so the guest command is stopped too.
+        this.send(
+          `${JSON.stringify({ jsonrpc: "2.0", id: ++this.nextId, method: "cancel", params: { id } })}\n`,
+        ).catch(() => {});
+        reject(err);
+      };
+      const onAbort = () =>
+        abortWith(
+          opts.signal?.reason instanceof Error
+            ? opts.signal.reason
+            : new MatchlockError(`${method} was aborted`),
+        );
+      this.pending.set(id, {
+        method,
+        onNotification,
+        resolve: (v) => {
+          cleanup();
+          resolve(v);
+        },
+        reject: (e) => {
+          cleanup();
+          reject(e);
+        },
+      });
+      if (opts.signal?.aborted) {
+        onAbort();
+        return;
+      }
+      opts.signal?.addEventListener("abort", onAbort, { once: true });
+      if (opts.timeoutMs && opts.timeoutMs > 0) {
+        timer = setTimeout(
+          () => abortWith(new MatchlockError(`${method} timed out after ${opts.timeoutMs} ms`)),
+          opts.timeoutMs,
+        );
+      }
+      this.send(`${JSON.stringify({ jsonrpc: "2.0", id, method, params })}\n`).catch((e: Error) => {
+        if (this.pending.delete(id)) {
+          cleanup();
+          reject(e);
+        }
+      });
+    });
+  }
+
+  private async waitExit(ms: number): Promise<boolean> {
+    if (!this.exited) return true;
+    let timer: NodeJS.Timeout | undefined;
+    const ok = await Promise.race([
+      this.exited.then(() => true),
+      new Promise<boolean>((r) => {
+        timer = setTimeout(() => r(false), ms);
+      }),
+    ]);
+    clearTimeout(timer);
+    return ok;
+  }
+
+  private runCli(args: string[]): Promise<{ code: number; stderr: string }> {
+    const { cmd, args: pre } = commandFor(this.options.binaryPath);
+    return new Promise((resolve) => {
+      const c = spawn(cmd, [...pre, ...args], {
+        stdio: ["ignore", "ignore", "pipe"],
+        env: this.options.env ?? process.env,
+      });
+      let stderr = "";
+      c.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+      c.on("close", (code) => resolve({ code: code ?? 1, stderr }));
+      c.on("error", (e) => resolve({ code: 1, stderr: e.message }));
+    });
+  }
+}
+
+function execParams(command: string, opts: ExecOptions): Json {
+  return {
+    command,
+    ...(opts.workingDir ? { working_dir: opts.workingDir } : {}),
+    ...(opts.user ? { user: opts.user } : {}),
+  };
+}
+
+function parsePortSpec(spec: string): { localPort: number; remotePort: number } {
+  const parts = spec.trim().split(":");
+  const port = (s: string | undefined, role: string) => {
+    const n = Number(s);
+    if (!s || !Number.isInteger(n) || n < 1 || n > 65535) {
+      throw new MatchlockError(
+        `invalid port-forward spec "${spec}": bad ${role} port (expected [LOCAL:]REMOTE, 1-65535)`,
+      );
+    }
+    return n;
+  };
+  if (parts.length === 1) {
+    const p = port(parts[0], "remote");
+    return { localPort: p, remotePort: p };
+  }
+  if (parts.length === 2) return { localPort: port(parts[0], "local"), remotePort: port(parts[1], "remote") };
+  throw new MatchlockError(`invalid port-forward spec "${spec}" (expected [LOCAL:]REMOTE)`);
+}

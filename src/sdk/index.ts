@@ -1,0 +1,30 @@
+/**
+ * matchlock's TypeScript SDK: `import { Client, Sandbox } from "matchlock"`.
+ *
+ *   const client = new Client();
+ *   await client.launch(new Sandbox().withMemory(256).withEnv("A", "1"));
+ *   const r = await client.exec("echo hi; exit 3"); // { exitCode: 3, stdout: "hi\n", … }
+ *   await client.close();
+ */
+export type { SandboxConfigInput as SandboxConfig } from "../api/config.ts";
+export {
+  type BinaryLike,
+  type CallOptions,
+  Client,
+  type ClientOptions,
+  type ExecInteractiveOptions,
+  type ExecOptions,
+  type ExecPipeOptions,
+  type ExecResult,
+  type ExecStreamOptions,
+  type FileInfo,
+  MatchlockError,
+  type PortForwardBinding,
+  RPC_CODES,
+  RPCError,
+  type StreamReader,
+  type StreamResult,
+  type StreamWriter,
+  type TTYSize,
+} from "./client.ts";
+export { type ImageConfigOptions, type MountOptions, type PortForwardSpec, Sandbox } from "./sandbox.ts";

@@ -1,0 +1,246 @@
+import type { SandboxConfigInput } from "../api/config.ts";
+
+/**
+ * The immutable sandbox builder: every `with…` returns a new Sandbox, so a base definition can be
+ * shared and specialised without surprises. `options()` is the wire config of PROTOCOLS.md §3 — the
+ * same type the server validates.
+ */
+
+export interface MountOptions {
+  type?: "memory" | "host_fs" | "overlay";
+  hostPath?: string;
+  readonly?: boolean;
+}
+
+export interface ImageConfigOptions {
+  user?: string;
+  workingDir?: string;
+  entrypoint?: string[];
+  cmd?: string[];
+  env?: Record<string, string>;
+}
+
+export interface PortForwardSpec {
+  localPort: number;
+  remotePort: number;
+}
+
+type Net = NonNullable<SandboxConfigInput["network"]>;
+type Vfs = NonNullable<SandboxConfigInput["vfs"]>;
+
+export class Sandbox {
+  private readonly config: SandboxConfigInput;
+  /** Port forwards the client sets up right after create (not part of the create config). */
+  readonly portForwards: readonly PortForwardSpec[];
+  readonly portForwardAddresses: readonly string[];
+
+  /** `image` omitted: the default image built by `matchlock setup`. */
+  constructor(
+    image?: string,
+    config: SandboxConfigInput = {},
+    forwards: PortForwardSpec[] = [],
+    addresses: string[] = [],
+  ) {
+    this.config = structuredClone(image === undefined ? config : { ...config, image });
+    this.portForwards = Object.freeze([...forwards]);
+    this.portForwardAddresses = Object.freeze([...addresses]);
+  }
+
+  /** The create config (a copy). */
+  options(): SandboxConfigInput {
+    return structuredClone(this.config);
+  }
+
+  private with(patch: (c: SandboxConfigInput) => void): Sandbox {
+    const next = structuredClone(this.config);
+    patch(next);
+    return new Sandbox(undefined, next, [...this.portForwards], [...this.portForwardAddresses]);
+  }
+
+  private net(patch: (n: Net) => void): Sandbox {
+    return this.with((c) => {
+      c.network ??= {};
+      patch(c.network);
+    });
+  }
+
+  private vfs(patch: (v: Vfs) => void): Sandbox {
+    return this.with((c) => {
+      c.vfs ??= {};
+      patch(c.vfs);
+    });
+  }
+
+  withImage(image: string): Sandbox {
+    return this.with((c) => {
+      c.image = image;
+    });
+  }
+
+  withPrivileged(): Sandbox {
+    return this.with((c) => {
+      c.privileged = true;
+    });
+  }
+
+  withCPUs(cpus: number): Sandbox {
+    return this.with((c) => {
+      c.resources = { ...c.resources, cpus };
+    });
+  }
+
+  withMemory(mb: number): Sandbox {
+    return this.with((c) => {
+      c.resources = { ...c.resources, memory_mb: mb };
+    });
+  }
+
+  withDiskSize(mb: number): Sandbox {
+    return this.with((c) => {
+      c.resources = { ...c.resources, disk_size_mb: mb };
+    });
+  }
+
+  /** The VM is closed when this many seconds have passed since create. */
+  withTimeout(seconds: number): Sandbox {
+    return this.with((c) => {
+      c.resources = { ...c.resources, timeout_seconds: seconds };
+    });
+  }
+
+  withEnv(name: string, value: string): Sandbox {
+    return this.with((c) => {
+      c.env = { ...c.env, [name]: value };
+    });
+  }
+
+  withEnvMap(env: Record<string, string>): Sandbox {
+    return this.with((c) => {
+      c.env = { ...c.env, ...env };
+    });
+  }
+
+  withHostname(hostname: string): Sandbox {
+    return this.net((n) => {
+      n.hostname = hostname;
+    });
+  }
+
+  withNoNetwork(): Sandbox {
+    return this.net((n) => {
+      n.no_network = true;
+    });
+  }
+
+  withNetworkMTU(mtu: number): Sandbox {
+    return this.net((n) => {
+      n.mtu = mtu;
+    });
+  }
+
+  withDNSServers(...servers: string[]): Sandbox {
+    return this.net((n) => {
+      n.dns_servers = [...(n.dns_servers ?? []), ...servers];
+    });
+  }
+
+  withBlockPrivateIPs(enabled: boolean): Sandbox {
+    return this.net((n) => {
+      n.block_private_ips = enabled;
+    });
+  }
+
+  allowHost(...hosts: string[]): Sandbox {
+    return this.net((n) => {
+      n.allowed_hosts = [...(n.allowed_hosts ?? []), ...hosts];
+    });
+  }
+
+  addHost(host: string, ip: string): Sandbox {
+    return this.net((n) => {
+      n.add_hosts = [...(n.add_hosts ?? []), { host, ip }];
+    });
+  }
+
+  /** The guest sees a placeholder; the host substitutes `value` only in requests to `hosts`. */
+  addSecret(name: string, value: string, ...hosts: string[]): Sandbox {
+    return this.net((n) => {
+      n.secrets = { ...n.secrets, [name]: { value, hosts } };
+    });
+  }
+
+  withWorkspace(path: string): Sandbox {
+    return this.vfs((v) => {
+      v.workspace = path;
+    });
+  }
+
+  mount(guestPath: string, m: MountOptions): Sandbox {
+    return this.vfs((v) => {
+      v.mounts = {
+        ...v.mounts,
+        [guestPath]: {
+          type: m.type ?? "memory",
+          ...(m.hostPath === undefined ? {} : { host_path: m.hostPath }),
+          ...(m.readonly ? { readonly: true } : {}),
+        },
+      };
+    });
+  }
+
+  mountHostDir(guestPath: string, hostPath: string): Sandbox {
+    return this.mount(guestPath, { type: "host_fs", hostPath });
+  }
+
+  mountHostDirReadonly(guestPath: string, hostPath: string): Sandbox {
+    return this.mount(guestPath, { type: "host_fs", hostPath, readonly: true });
+  }
+
+  mountMemory(guestPath: string): Sandbox {
+    return this.mount(guestPath, { type: "memory" });
+  }
+
+  mountOverlay(guestPath: string, hostPath: string): Sandbox {
+    return this.mount(guestPath, { type: "overlay", hostPath });
+  }
+
+  withUser(user: string): Sandbox {
+    return this.withImageConfig({ user });
+  }
+
+  withEntrypoint(...entrypoint: string[]): Sandbox {
+    return this.withImageConfig({ entrypoint });
+  }
+
+  withImageConfig(ic: ImageConfigOptions): Sandbox {
+    return this.with((c) => {
+      const cur = c.image_config ?? {};
+      c.image_config = {
+        ...cur,
+        ...(ic.user ? { user: ic.user } : {}),
+        ...(ic.workingDir ? { working_dir: ic.workingDir } : {}),
+        ...(ic.entrypoint && ic.entrypoint.length > 0 ? { entrypoint: [...ic.entrypoint] } : {}),
+        ...(ic.cmd && ic.cmd.length > 0 ? { cmd: [...ic.cmd] } : {}),
+        ...(ic.env && Object.keys(ic.env).length > 0 ? { env: { ...ic.env } } : {}),
+      };
+    });
+  }
+
+  withPortForward(localPort: number, remotePort: number): Sandbox {
+    return new Sandbox(
+      undefined,
+      this.config,
+      [...this.portForwards, { localPort, remotePort }],
+      [...this.portForwardAddresses],
+    );
+  }
+
+  withPortForwardAddresses(...addresses: string[]): Sandbox {
+    return new Sandbox(
+      undefined,
+      this.config,
+      [...this.portForwards],
+      [...this.portForwardAddresses, ...addresses],
+    );
+  }
+}
