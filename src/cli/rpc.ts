@@ -10,10 +10,15 @@ export function registerRpc(program: Command): void {
       "Newline-delimited JSON-RPC 2.0 on stdin/stdout, compatible with Matchlock's protocol: create, exec,\n" +
         "exec_stream, exec_pipe, exec_tty, write_file, read_file, list_files, log, log_stream, port_forward,\n" +
         "cancel, close. One VM per process; EOF on stdin cancels everything and closes the VM. Logs go to\n" +
-        "stderr. See docs/rpc.md.",
+        "stderr. A request line may be at most 96 MiB (MATCHLOCK_RPC_MAX_LINE bytes). See docs/rpc.md.",
     )
     .action(async () => {
-      const server = new RpcServer({ input: process.stdin, output: process.stdout });
+      const max = Number(process.env.MATCHLOCK_RPC_MAX_LINE);
+      const server = new RpcServer({
+        input: process.stdin,
+        output: process.stdout,
+        ...(Number.isInteger(max) && max > 0 ? { maxLine: max } : {}),
+      });
       await server.serve();
     });
 }

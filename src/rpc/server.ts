@@ -371,7 +371,10 @@ export class RpcServer {
     } else if (method.endsWith(".stdin_eof")) apply = (h) => h.endStdin();
     else apply = (h) => h.resize(p.rows ?? 24, p.cols ?? 80);
     if (req.handle) apply(req.handle);
-    else (req.early ??= []).push(apply);
+    else {
+      req.early ??= [];
+      req.early.push(apply);
+    }
   }
 
   private async cancel(p: RpcParams<"cancel">): Promise<unknown> {
