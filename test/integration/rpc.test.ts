@@ -1,0 +1,281 @@
+import assert from "node:assert/strict";
+import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { after, before, describe, test } from "node:test";
+import { Client, MatchlockError, RPC_CODES, RPCError, Sandbox } from "../../src/sdk/index.ts";
+import { CLI, qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
+
+/** `matchlock rpc` through the SDK and on the raw wire, with real VMs. */
+
+const h = tempHome();
+after(() => h.cleanup());
+const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+
+/** A raw JSON-RPC session: write lines, read parsed messages. */
+class Wire {
+  readonly child: ChildProcessWithoutNullStreams;
+  private buf = "";
+  private readonly msgs: Array<Record<string, unknown>> = [];
+  private waiters: Array<() => void> = [];
+  constructor(env: NodeJS.ProcessEnv = {}) {
+    this.child = spawn(process.execPath, [CLI, "rpc"], { env: { ...h.env, ...env } });
+    this.child.stdout.setEncoding("utf8");
+    this.child.stdout.on("data", (d: string) => {
+      this.buf += d;
+      let nl = this.buf.indexOf("\n");
+      while (nl >= 0) {
+        this.msgs.push(JSON.parse(this.buf.slice(0, nl)));
+        this.buf = this.buf.slice(nl + 1);
+        nl = this.buf.indexOf("\n");
+      }
+      for (const w of this.waiters.splice(0)) w();
+    });
+    this.child.stderr.resume();
+  }
+  write(line: string | Buffer): void {
+    this.child.stdin.write(line);
+  }
+  request(id: number, method: string, params?: unknown): void {
+    this.write(
+      `${JSON.stringify({ jsonrpc: "2.0", id, method, ...(params === undefined ? {} : { params }) })}\n`,
+    );
+  }
+  async response(id: number | null, timeoutMs = 90_000): Promise<Record<string, unknown>> {
+    const end = Date.now() + timeoutMs;
+    for (;;) {
+      const i = this.msgs.findIndex((m) => m.id === id && ("result" in m || "error" in m));
+      if (i >= 0) return this.msgs.splice(i, 1)[0] as Record<string, unknown>;
+      if (Date.now() > end) throw new Error(`no response for id ${id}`);
+      await new Promise<void>((r) => {
+        this.waiters.push(r);
+        setTimeout(r, 200);
+      });
+    }
+  }
+  async closed(): Promise<number | null> {
+    return new Promise((r) => this.child.on("close", (code) => r(code)));
+  }
+}
+
+const errCode = (m: Record<string, unknown>) => (m.error as { code: number } | undefined)?.code;
+
+describe("rpc protocol robustness (raw wire)", () => {
+  test("malformed JSON, unknown method, wrong types, oversized and huge lines: each its error, and the server keeps serving", async () => {
+    const w = new Wire({ MATCHLOCK_RPC_MAX_LINE: String(16 * 1024 * 1024) });
+    w.write("{not json\n");
+    assert.equal(errCode(await w.response(null)), RPC_CODES.PARSE_ERROR);
+    w.request(1, "no_such_method");
+    assert.equal(errCode(await w.response(1)), RPC_CODES.METHOD_NOT_FOUND);
+    w.request(2, "exec", { command: 42 });
+    const bad = await w.response(2);
+    assert.equal(errCode(bad), RPC_CODES.INVALID_PARAMS);
+    assert.match((bad.error as { message: string }).message, /command/);
+    w.request(3, "create", { resources: { memory_mb: "lots" } });
+    assert.match(((await w.response(3)).error as { message: string }).message, /resources\.memory_mb/);
+    w.write(`${JSON.stringify([1, 2])}\n`);
+    assert.equal(errCode(await w.response(null)), RPC_CODES.INVALID_REQUEST);
+    // A 20 MiB line over the 16 MiB limit: refused without being buffered.
+    w.write(Buffer.alloc(20 * 1024 * 1024, 0x61));
+    w.write("\n");
+    const long = await w.response(null);
+    assert.equal(errCode(long), RPC_CODES.INVALID_REQUEST);
+    assert.match((long.error as { message: string }).message, /exceeds/);
+    w.request(4, "exec", { command: "true" });
+    assert.equal(errCode(await w.response(4)), RPC_CODES.VM_FAILED, "no VM yet");
+    // Still serving: a real create and exec work after all that.
+    w.request(5, "create", { resources: { memory_mb: 256 } });
+    const created = await w.response(5);
+    assert.match(String((created.result as { id: string }).id), /^vm-/);
+    w.request(6, "exec", { command: "echo alive" });
+    const r6 = (await w.response(6)).result as { exit_code: number; stdout: string };
+    assert.equal(Buffer.from(r6.stdout, "base64").toString(), "alive\n");
+    w.request(7, "create", {});
+    const second = await w.response(7);
+    assert.equal(errCode(second), RPC_CODES.VM_FAILED);
+    assert.match((second.error as { message: string }).message, /one VM per rpc process/);
+    w.request(8, "allow_list_add", { hosts: ["example.com"] });
+    assert.match(((await w.response(8)).error as { message: string }).message, /allowlist/);
+    w.request(9, "close", { timeout_seconds: 5 });
+    assert.deepEqual((await w.response(9)).result, {});
+    w.request(10, "exec", { command: "true" });
+    const afterClose = await w.response(10);
+    assert.equal(errCode(afterClose), RPC_CODES.VM_FAILED);
+    assert.match((afterClose.error as { message: string }).message, /gone/);
+    w.child.stdin.end();
+    assert.equal(await w.closed(), 0);
+  });
+
+  test("a config asking for a feature this version lacks is refused, naming it", async () => {
+    const w = new Wire();
+    w.request(1, "create", { network: { allowed_hosts: ["api.example.com"] } });
+    const r = await w.response(1);
+    assert.equal(errCode(r), RPC_CODES.INVALID_PARAMS);
+    assert.match((r.error as { message: string }).message, /allowlist/);
+    w.child.stdin.end();
+    await w.closed();
+  });
+
+  test("EOF on stdin cancels a running command and closes the VM", async () => {
+    const w = new Wire();
+    w.request(1, "create", {});
+    const id = ((await w.response(1)).result as { id: string }).id;
+    w.request(2, "exec", { command: "sleep 600" });
+    await new Promise((r) => setTimeout(r, 500));
+    w.child.stdin.end();
+    assert.equal(await w.closed(), 0);
+    assert.deepEqual(qemuProcessesMentioning(id), []);
+    assert.deepEqual(h.vmDirs(), []);
+  });
+});
+
+describe("the SDK against real VMs", () => {
+  let client: Client;
+  before(async () => {
+    client = new Client({ env: h.env });
+    await client.launch(new Sandbox().withMemory(384).withEnv("A", "1").withHostname("sdkbox"));
+  });
+  after(async () => {
+    await client?.close();
+  });
+
+  test("exec returns exit code, stdout, stderr and duration", async () => {
+    const r = await client.exec("echo hi $A $(hostname); echo oops >&2; exit 3");
+    assert.equal(r.exitCode, 3);
+    assert.equal(r.stdout, "hi 1 sdkbox\n");
+    assert.equal(r.stderr, "oops\n");
+    assert.ok(r.durationMs >= 0);
+    const u = await client.exec("id -u; pwd", { user: "user", workingDir: "/tmp" });
+    assert.equal(u.stdout, "1000\n/tmp\n");
+  });
+
+  test("execStream delivers output as it happens, in order", async () => {
+    const chunks: string[] = [];
+    const r = await client.execStream("for i in 1 2 3; do echo $i; sleep 0.2; done", {
+      stdout: (c) => chunks.push(c.toString()),
+    });
+    assert.equal(r.exitCode, 0);
+    assert.equal(chunks.join(""), "1\n2\n3\n");
+    assert.ok(chunks.length >= 2, "streamed in pieces, not at the end");
+  });
+
+  test("execPipe: 10 MiB of binary stdin in order", async () => {
+    const data = randomBytes(10 * 1024 * 1024);
+    const out: Buffer[] = [];
+    const r = await client.execPipe("cat", { stdin: data, stdout: (c) => out.push(c) });
+    assert.equal(r.exitCode, 0);
+    assert.equal(sha(Buffer.concat(out)), sha(data));
+  });
+
+  test("execInteractive: a PTY with the asked size, input, and resize", async () => {
+    let out = "";
+    async function* sizes() {
+      await new Promise((r) => setTimeout(r, 800));
+      yield [50, 132] as [number, number];
+    }
+    const r = await client.execInteractive("stty size; sleep 1.5; stty size; read x; echo got-$x", {
+      rows: 40,
+      cols: 120,
+      stdin: (async function* () {
+        await new Promise((res) => setTimeout(res, 2500));
+        yield "typed\n";
+      })(),
+      stdout: (c) => (out += c.toString()),
+      resize: sizes(),
+    });
+    assert.equal(r.exitCode, 0);
+    assert.match(out, /^40 120\r\n50 132\r\n/);
+    assert.match(out, /got-typed/);
+  });
+
+  test("files: write, read, list", async () => {
+    const data = randomBytes(1024 * 1024);
+    await client.writeFile("/workspace/data.bin", data, { mode: 0o600 });
+    await client.writeFile("/workspace/a.py", "print(1)");
+    assert.ok((await client.readFile("/workspace/data.bin")).equals(data));
+    const files = await client.listFiles("/workspace");
+    assert.deepEqual(
+      files.map((f) => [f.name, f.size, f.mode & 0o777, f.isDir]),
+      [
+        ["a.py", 8, 0o644, false],
+        ["data.bin", data.length, 0o600, false],
+      ],
+    );
+    assert.match(files[0]?.modTime ?? "", /^\d{4}-\d\d-\d\dT/);
+    await assert.rejects(
+      client.readFile("/nope"),
+      (e: Error) => e instanceof RPCError && e.code === RPC_CODES.FILE_FAILED,
+    );
+  });
+
+  test("20 concurrent execs", async () => {
+    const rs = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => client.exec(`echo ${i}; exit ${i % 7}`)),
+    );
+    rs.forEach((r, i) => {
+      assert.equal(r.stdout, `${i}\n`);
+      assert.equal(r.exitCode, i % 7);
+    });
+  });
+
+  test("cancel mid-stream: the guest process is gone within the grace period", async () => {
+    const ac = new AbortController();
+    let seen = "";
+    const p = client.execStream("echo started; sleep 777", { stdout: (c) => (seen += c), signal: ac.signal });
+    while (!seen.includes("started")) await new Promise((r) => setTimeout(r, 50));
+    ac.abort();
+    await assert.rejects(p);
+    let left = "1";
+    const end = Date.now() + 5000;
+    while (left !== "0" && Date.now() < end) {
+      left = (await client.exec("ps -o args | grep -c '^sleep 777' || true")).stdout.trim();
+    }
+    assert.equal(left, "0");
+  });
+
+  test("timeoutMs stops a call and its command", async () => {
+    const t = Date.now();
+    await assert.rejects(
+      client.exec("sleep 600", { timeoutMs: 700 }),
+      (e: Error) => e instanceof MatchlockError && /timed out/.test(e.message),
+    );
+    assert.ok(Date.now() - t < 5000);
+  });
+
+  test("log returns the VM console", async () => {
+    assert.equal(typeof (await client.log()), "string");
+  });
+});
+
+describe("lifetimes", () => {
+  test("resources.timeout_seconds closes the VM when it runs out", async () => {
+    const c = new Client({ env: h.env });
+    await c.launch(new Sandbox().withTimeout(3));
+    await new Promise((r) => setTimeout(r, 4500));
+    await assert.rejects(c.exec("true"), (e: Error) => e instanceof RPCError && /timeout/.test(e.message));
+    await c.close();
+  });
+
+  test("killing the program that uses the SDK leaves nothing that gc cannot reclaim", async () => {
+    const script = `
+      import { Client, Sandbox } from ${JSON.stringify(new URL("../../src/sdk/index.ts", import.meta.url).href)};
+      const c = new Client();
+      await c.launch(new Sandbox());
+      process.stdout.write(c.vmId + "\\n");
+      setInterval(() => {}, 1000);`;
+    const prog = spawn(process.execPath, ["--input-type=module", "-e", script], { env: h.env });
+    let id = "";
+    prog.stdout.on("data", (d: Buffer) => (id += d.toString()));
+    while (!id.includes("\n")) await new Promise((r) => setTimeout(r, 100));
+    id = id.trim();
+    prog.kill("SIGKILL");
+    // The rpc child sees EOF and closes the VM; whatever is left, gc reclaims.
+    const end = Date.now() + 20_000;
+    while (qemuProcessesMentioning(id).length > 0 && Date.now() < end)
+      await new Promise((r) => setTimeout(r, 200));
+    const gc = await runCli(["gc"], { env: h.env });
+    assert.equal(gc.code, 0, gc.stdout.toString());
+    assert.deepEqual(qemuProcessesMentioning(id), []);
+    await runCli(["prune"], { env: h.env });
+    assert.deepEqual(h.vmDirs(), []);
+  });
+});
