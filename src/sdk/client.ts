@@ -146,16 +146,25 @@ function write(w: StreamWriter | undefined, chunk: Buffer): void {
   else w.write(chunk);
 }
 
-async function* chunksOf(src: StreamReader): AsyncGenerator<Buffer> {
-  if (typeof src === "string" || Buffer.isBuffer(src) || src instanceof Uint8Array) {
-    const b = toBuffer(src);
-    for (let off = 0; off < b.length; off += STDIN_CHUNK) yield b.subarray(off, off + STDIN_CHUNK);
-    return;
+/** An iterator over stdin or resize sources: streams, (async) iterables, or one buffer/string. */
+function sourceIterator<T>(src: AsyncIterable<T> | Iterable<T> | T): AsyncIterator<T> {
+  if (src !== null && typeof src === "object" && Symbol.asyncIterator in src) {
+    return (src as AsyncIterable<T>)[Symbol.asyncIterator]();
   }
-  for await (const c of src as AsyncIterable<BinaryLike>) {
-    const b = toBuffer(c);
-    for (let off = 0; off < b.length; off += STDIN_CHUNK) yield b.subarray(off, off + STDIN_CHUNK);
+  if (
+    src !== null &&
+    typeof src === "object" &&
+    Symbol.iterator in src &&
+    !Buffer.isBuffer(src) &&
+    !(src instanceof Uint8Array)
+  ) {
+    return toAsync(src as Iterable<T>);
   }
+  return toAsync([src as T]);
+}
+
+async function* toAsync<T>(items: Iterable<T>): AsyncGenerator<T> {
+  yield* items;
 }
 
 export class Client {
@@ -355,32 +364,55 @@ export class Client {
         markReady();
       } else onData(m, Buffer.from(String(p.data ?? ""), "base64"));
     });
+    // When the command ends the input iterators are closed (even mid-read), so a terminal's stdin
+    // is released and the program can exit.
+    let markStopped: () => void = () => {};
+    const stoppedP = new Promise<{ done: true; value: undefined }>((r) => {
+      markStopped = () => r({ done: true, value: undefined });
+    });
+    const iterators: Array<AsyncIterator<unknown>> = [];
+    const drive = async <T>(it: AsyncIterator<T>, each: (v: T) => Promise<void>) => {
+      iterators.push(it);
+      for (;;) {
+        const next = await Promise.race([it.next(), stoppedP]);
+        if (next.done || stopped) return;
+        await each(next.value);
+      }
+    };
     const pumpIn = (async () => {
       await Promise.race([ready, call.catch(() => {})]);
       if (readyId === undefined || stopped) return;
+      const id = readyId;
       if (stdin !== undefined) {
-        for await (const chunk of chunksOf(stdin)) {
-          if (stopped) return;
-          await this.notify(`${method}.stdin`, { id: readyId, data: chunk.toString("base64") });
-        }
+        await drive(sourceIterator(stdin as AsyncIterable<BinaryLike>), async (c) => {
+          const b = toBuffer(c);
+          for (let off = 0; off < b.length; off += STDIN_CHUNK) {
+            await this.notify(`${method}.stdin`, {
+              id,
+              data: b.subarray(off, off + STDIN_CHUNK).toString("base64"),
+            });
+          }
+        });
       }
-      if (!stopped) await this.notify(`${method}.stdin_eof`, { id: readyId });
+      if (!stopped) await this.notify(`${method}.stdin_eof`, { id });
     })();
     const pumpResize = (async () => {
       if (!resize) return;
       await Promise.race([ready, call.catch(() => {})]);
-      if (readyId === undefined) return;
-      for await (const size of resize as AsyncIterable<TTYSize>) {
-        if (stopped) return;
+      if (readyId === undefined || stopped) return;
+      const id = readyId;
+      await drive(sourceIterator(resize), async (size) => {
         const [rows, cols] = Array.isArray(size) ? size : [size.rows, size.cols];
-        if (rows > 0 && cols > 0) await this.notify("exec_tty.resize", { id: readyId, rows, cols });
-      }
+        if (rows > 0 && cols > 0) await this.notify("exec_tty.resize", { id, rows, cols });
+      });
     })();
     try {
       const r = await call;
       return { exitCode: Number(r.exit_code), durationMs: Number(r.duration_ms) };
     } finally {
       stopped = true;
+      markStopped();
+      for (const it of iterators) Promise.resolve(it.return?.()).catch(() => {});
       pumpIn.catch(() => {});
       pumpResize.catch(() => {});
     }
