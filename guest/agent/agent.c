@@ -8,7 +8,7 @@
  *
  * Mechanism only: the host decides everything, the agent does what it is told.
  * Single-threaded: one poll() loop over the port, a signalfd (SIGCHLD), the pipes/PTYs of running
- * processes and open READ_FILE files.
+ * processes, open READ_FILE files and port-forward TCP sockets. Only writes to the port block.
  *
  * Build: cc -static -Os -s -Wall -Wextra -o matchlock-agent agent.c
  */
@@ -18,6 +18,8 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -46,15 +48,16 @@
 #define HDR 9                    /* u32 len, u8 type, u32 stream */
 #define MAX_PAYLOAD (1u << 20)   /* protocol limit, both directions */
 #define CHUNK (64 * 1024)        /* one read of process output / file content */
+#define WINDOW (256 * 1024)      /* flow control: most bytes unacknowledged per stream and direction */
 #define DRAIN_MAX (4u << 20)     /* bound on draining an exited process's pipe (a grandchild may keep writing) */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* host -> guest */
 enum { T_EXEC = 0x01, T_STDIN, T_RESIZE, T_SIGNAL, T_WRITE_FILE, T_FILE_DATA, T_READ_FILE, T_LIST_DIR,
-       T_PING, T_SHUTDOWN };
+       T_PING, T_SHUTDOWN, T_TCP_CONNECT, T_TCP_DATA, T_TCP_CLOSE, T_TCP_ACK };
 /* guest -> host */
 enum { T_READY = 0x80, T_STDOUT, T_STDERR, T_EXIT, T_ERROR, T_STARTED, T_STDIN_ACK, T_DATA, T_RESULT,
-       T_PONG, T_LOG };
+       T_PONG, T_LOG, T_TCP_CONNECTED, T_TCP_READ /* TCP_DATA guest->host */, T_TCP_CLOSED };
 
 #define F_TTY 1u
 #define F_STDIN 2u
@@ -270,12 +273,28 @@ struct rfile {
 	char *path;
 };
 
+/* A port-forward connection. Each direction ends on its own (half-close); TCP_CLOSED once both did. */
+struct tcp {
+	uint32_t stream;
+	int fd;
+	int connecting;      /* connect() in progress: POLLOUT, then SO_ERROR tells the outcome */
+	unsigned char *buf;  /* host->guest bytes not yet written; those before off are written */
+	size_t len, off, cap;
+	int host_eof;        /* the host sent an empty TCP_DATA: SHUT_WR once buf is flushed */
+	int wr_done;         /* host->guest over: SHUT_WR done, or a write failed (err set) */
+	int rd_eof;          /* guest->host over: EOF read, empty TCP_DATA sent */
+	uint32_t unacked;    /* guest->host bytes sent and not yet TCP_ACKed; we read only below WINDOW */
+	int err;             /* first socket error, for TCP_CLOSED */
+};
+
 static struct exec **execs;
 static size_t n_execs;
 static struct wfile **wfiles;
 static size_t n_wfiles;
 static struct rfile **rfiles;
 static size_t n_rfiles;
+static struct tcp **tcps;
+static size_t n_tcps;
 
 /* Pointer arrays: append, and remove by swapping in the last element. */
 static void vec_add(void ***v, size_t *n, void *p)
@@ -291,6 +310,21 @@ static void vec_del(void **v, size_t *n, void *p)
 			v[i] = v[--*n];
 			return;
 		}
+}
+
+/* Append to a write buffer whose first *off bytes are written already; their space is reused, so the
+ * buffer stays as small as what is pending (at most the host's window). */
+static void buf_append(unsigned char **buf, size_t *len, size_t *off, size_t *cap, const void *p, size_t n)
+{
+	if (*len + n > *cap && *off) {
+		memmove(*buf, *buf + *off, *len - *off);
+		*len -= *off;
+		*off = 0;
+	}
+	if (*len + n > *cap)
+		*buf = xrealloc(*buf, *cap = *len + n);
+	memcpy(*buf + *len, p, n);
+	*len += n;
 }
 
 static struct exec *find_exec(uint32_t stream)
@@ -811,12 +845,7 @@ static void on_stdin(uint32_t stream, const unsigned char *p, uint32_t len)
 		send_u32(T_STDIN_ACK, stream, len);  /* discarded, still acknowledged */
 		return;
 	}
-	if (e->in_len + len > e->in_cap) {
-		e->in_cap = e->in_len + len;
-		e->in_buf = xrealloc(e->in_buf, e->in_cap);
-	}
-	memcpy(e->in_buf + e->in_len, p, len);
-	e->in_len += len;
+	buf_append(&e->in_buf, &e->in_len, &e->in_off, &e->in_cap, p, len);
 }
 
 /* The process was reaped: forward what is left in its pipes, then EXIT, then forget it. */
@@ -1025,11 +1054,160 @@ static void do_list_dir(uint32_t stream, const unsigned char *p, uint32_t len)
 	}
 }
 
+/* ---------- TCP streams (port forwarding) ---------- */
+
+static struct tcp *find_tcp(uint32_t stream)
+{
+	for (size_t i = 0; i < n_tcps; i++)
+		if (tcps[i]->stream == stream)
+			return tcps[i];
+	return NULL;
+}
+
+/* The stream is over: close, TCP_CLOSED (always its last frame), forget. */
+static void tcp_end(struct tcp *t, int err)
+{
+	close(t->fd);
+	send_u32(T_TCP_CLOSED, t->stream, (uint32_t)err);
+	vec_del((void **)tcps, &n_tcps, t);
+	free(t->buf);
+	free(t);
+}
+
+static void do_tcp_connect(uint32_t stream, const unsigned char *p, uint32_t len)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int one = 1, fd = -1, r = -1;
+	if (len == 2 && get_u16(p)) {
+		sa.sin_port = htons(get_u16(p));
+		fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd >= 0)
+			r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+	} else {
+		errno = EINVAL;
+	}
+	if (r < 0 && (fd < 0 || errno != EINPROGRESS)) {
+		int err = errno;
+		if (fd >= 0)
+			close(fd);
+		send_u32(T_TCP_CLOSED, stream, (uint32_t)err);
+		return;
+	}
+	/* we forward writes as they come: Nagle would only add delayed-ACK stalls */
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	struct tcp *t = xrealloc(NULL, sizeof *t);
+	*t = (struct tcp){ .stream = stream, .fd = fd, .connecting = r < 0 };
+	vec_add((void ***)&tcps, &n_tcps, t);
+	if (!t->connecting)
+		send_frame(T_TCP_CONNECTED, stream, NULL, 0);
+}
+
+static void on_tcp_data(uint32_t stream, const unsigned char *p, uint32_t len)
+{
+	struct tcp *t = find_tcp(stream);
+	if (!t)
+		return;
+	if (len == 0)
+		t->host_eof = 1;  /* the poll loop flushes, then shuts down */
+	else if (t->wr_done || t->host_eof)
+		send_u32(T_STDIN_ACK, stream, len);  /* nowhere to go: discarded, still acknowledged */
+	else
+		buf_append(&t->buf, &t->len, &t->off, &t->cap, p, len);
+}
+
+static short tcp_events(const struct tcp *t)
+{
+	if (t->connecting)
+		return POLLOUT;
+	return (!t->rd_eof && t->unacked < WINDOW ? POLLIN : 0) |
+	       (t->off < t->len || (t->host_eof && !t->wr_done) ? POLLOUT : 0);
+}
+
+/* Write pending bytes and ACK them; a dead peer's bytes are dropped and ACKed too, so the host never
+ * waits for a window that cannot open. Then the host's EOF, once everything before it is out. */
+static void tcp_write(struct tcp *t)
+{
+	if (t->off < t->len) {
+		ssize_t n = write(t->fd, t->buf + t->off, t->len - t->off);
+		if (n > 0) {
+			t->off += (size_t)n;
+			send_u32(T_STDIN_ACK, t->stream, (uint32_t)n);
+		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+			t->err = t->err ? t->err : errno;
+			send_u32(T_STDIN_ACK, t->stream, (uint32_t)(t->len - t->off));
+			t->off = t->len;
+			t->wr_done = 1;
+		}
+		if (t->off < t->len)
+			return;
+		t->off = t->len = 0;
+	}
+	if (t->host_eof && !t->wr_done) {
+		if (shutdown(t->fd, SHUT_WR) < 0 && !t->err)
+			t->err = errno;
+		t->wr_done = 1;
+	}
+}
+
+/* One read, never more than the window allows. Returns -1 if the stream ended (t is freed). */
+static int tcp_read(struct tcp *t)
+{
+	static unsigned char buf[CHUNK];
+	size_t room = WINDOW - t->unacked;
+	ssize_t n = read(t->fd, buf, room < sizeof buf ? room : sizeof buf);
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return 0;
+	if (n < 0) {
+		tcp_end(t, t->err ? t->err : errno);  /* ECONNRESET...: what was read before went out */
+		return -1;
+	}
+	send_frame(T_TCP_READ, t->stream, buf, (size_t)n);  /* n == 0: the empty TCP_DATA (EOF) */
+	t->unacked += (uint32_t)n;
+	t->rd_eof = n == 0;
+	return 0;
+}
+
+static int so_error(int fd)
+{
+	int err = 0;
+	socklen_t l = sizeof err;
+	return getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0 ? errno : err;
+}
+
+static void tcp_event(struct tcp *t, short rev)
+{
+	short ev = tcp_events(t);
+	if (t->connecting) {
+		int err = so_error(t->fd);
+		if (err) {
+			tcp_end(t, err);
+			return;
+		}
+		t->connecting = 0;
+		send_frame(T_TCP_CONNECTED, t->stream, NULL, 0);
+		return;  /* reads and writes from the next round */
+	}
+	/* POLLERR/POLLHUP come whatever we asked: the read or write at hand shows the error */
+	if ((ev & POLLOUT) && (rev & (POLLOUT | POLLERR | POLLHUP)))
+		tcp_write(t);
+	if ((ev & POLLIN) && (rev & (POLLIN | POLLERR | POLLHUP)) && tcp_read(t) < 0)
+		return;
+	if (!ev && (rev & (POLLERR | POLLHUP))) {
+		/* polled only for errors (see serve): nothing to read or write, so ask the socket */
+		int err = so_error(t->fd);
+		tcp_end(t, err ? err : ECONNRESET);
+		return;
+	}
+	if (t->rd_eof && t->wr_done)
+		tcp_end(t, t->err);
+}
+
 /* ---------- frames in ---------- */
 
 static void handle_frame(uint8_t type, uint32_t stream, const unsigned char *p, uint32_t len)
 {
 	struct exec *e;
+	struct tcp *t;
 	switch (type) {
 	case T_EXEC:
 		do_exec(stream, p, len);
@@ -1064,6 +1242,22 @@ static void handle_frame(uint8_t type, uint32_t stream, const unsigned char *p, 
 		break;
 	case T_PING:
 		send_frame(T_PONG, stream, p, len);
+		break;
+	case T_TCP_CONNECT:
+		do_tcp_connect(stream, p, len);
+		break;
+	case T_TCP_DATA:
+		on_tcp_data(stream, p, len);
+		break;
+	case T_TCP_CLOSE:
+		if ((t = find_tcp(stream)))
+			tcp_end(t, 0);
+		break;
+	case T_TCP_ACK:
+		if ((t = find_tcp(stream)) && len >= 4) {
+			uint32_t n = get_u32(p);
+			t->unacked -= n < t->unacked ? n : t->unacked;
+		}
 		break;
 	case T_SHUTDOWN:
 		sync();
@@ -1117,7 +1311,7 @@ static void on_port_readable(void)
 
 /* ---------- event loop ---------- */
 
-enum { K_PORT, K_SIG, K_OUT, K_ERR, K_IN, K_RFILE };
+enum { K_PORT, K_SIG, K_OUT, K_ERR, K_IN, K_RFILE, K_TCP };
 
 static void serve(int sigfd)
 {
@@ -1127,7 +1321,7 @@ static void serve(int sigfd)
 
 	send_frame(T_READY, 0, AGENT_VERSION, strlen(AGENT_VERSION));
 	for (;;) {
-		size_t need = 2 + n_execs * 3 + n_rfiles, n = 0;
+		size_t need = 2 + n_execs * 3 + n_rfiles + n_tcps, n = 0;
 		if (need > cap) {
 			cap = need * 2;
 			pfd = xrealloc(pfd, cap * sizeof *pfd);
@@ -1152,6 +1346,13 @@ static void serve(int sigfd)
 		}
 		for (size_t i = 0; i < n_rfiles; i++)
 			ADD(rfiles[i]->fd, POLLIN, K_RFILE, rfiles[i]);
+		for (size_t i = 0; i < n_tcps; i++) {
+			/* Nothing wanted: after EOF still polled, for errors (a reset) only; at the window
+			 * limit not at all, so that a reset does not lose the data still queued. */
+			short ev = tcp_events(tcps[i]);
+			if (ev || tcps[i]->rd_eof)
+				ADD(tcps[i]->fd, ev, K_TCP, tcps[i]);
+		}
 #undef ADD
 		if (poll(pfd, n, timeout) < 0) {
 			if (errno == EINTR)
@@ -1160,7 +1361,8 @@ static void serve(int sigfd)
 		}
 		port_hup = 0;  /* retry the port after a backoff */
 
-		/* Phase 1: process fds. Nothing here frees an exec, so the pointers stay valid. */
+		/* Phase 1: process fds. Nothing here frees an exec, so the pointers stay valid; a TCP stream
+		 * may end here, but it has only one entry. */
 		for (size_t i = 0; i < n; i++) {
 			if (!pfd[i].revents)
 				continue;
@@ -1181,9 +1383,13 @@ static void serve(int sigfd)
 			case K_RFILE:
 				pump_read_file(what[i].ptr);
 				break;
+			case K_TCP:
+				tcp_event(what[i].ptr, pfd[i].revents);
+				break;
 			}
 		}
-		/* Phase 2: host frames (may add execs and files, never frees an exec). */
+		/* Phase 2: host frames (may add execs, files and TCP streams, may end TCP streams, never
+		 * frees an exec). */
 		for (size_t i = 0; i < n; i++)
 			if (what[i].kind == K_PORT && pfd[i].revents)
 				on_port_readable();

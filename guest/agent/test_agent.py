@@ -9,10 +9,12 @@
 unix socket chardev (server=on,wait=off); it expects a busybox-like image with hostname testvm,
 matchlock.time=1700000000, users app (1000, home /home/app) and nobody, group staff (50), and it
 ends with SHUTDOWN. Standard library only. User-switching tests need root (skipped otherwise).
+The port-forward (TCP stream) tests run their servers on this host's 127.0.0.1, so --stdio mode only.
 """
 import hashlib
 import os
 import queue
+import socket
 import struct
 import subprocess
 import sys
@@ -22,11 +24,14 @@ import traceback
 
 AGENT = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--vm" else "/tmp/matchlock-agent"
 
-EXEC, STDIN, RESIZE, SIGNAL, WRITE_FILE, FILE_DATA, READ_FILE, LIST_DIR, PING, SHUTDOWN = range(1, 11)
-READY, STDOUT, STDERR, EXIT, ERROR, STARTED, STDIN_ACK, DATA, RESULT, PONG, LOG = range(0x80, 0x8B)
+(EXEC, STDIN, RESIZE, SIGNAL, WRITE_FILE, FILE_DATA, READ_FILE, LIST_DIR, PING, SHUTDOWN,
+ TCP_CONNECT, TCP_DATA, TCP_CLOSE, TCP_ACK) = range(1, 0x0F)
+(READY, STDOUT, STDERR, EXIT, ERROR, STARTED, STDIN_ACK, DATA, RESULT, PONG, LOG,
+ TCP_CONNECTED, TCP_RDATA, TCP_CLOSED) = range(0x80, 0x8E)  # TCP_RDATA: TCP_DATA guest->host (0x8C)
 NAMES = {v: k for k, v in dict(READY=READY, STDOUT=STDOUT, STDERR=STDERR, EXIT=EXIT, ERROR=ERROR,
                                  STARTED=STARTED, STDIN_ACK=STDIN_ACK, DATA=DATA, RESULT=RESULT,
-                                 PONG=PONG, LOG=LOG).items()}
+                                 PONG=PONG, LOG=LOG, TCP_CONNECTED=TCP_CONNECTED, TCP_RDATA=TCP_RDATA,
+                                 TCP_CLOSED=TCP_CLOSED).items()}
 F_TTY, F_STDIN, F_MKDIR_CWD = 1, 2, 4
 WINDOW = 256 * 1024
 MAX = 1 << 20
@@ -79,6 +84,7 @@ class Agent:
             assert payload is not None
             if typ == LOG:
                 self.logs.append(payload.decode())
+            assert typ != TCP_RDATA or ln <= 64 * 1024, f"TCP_DATA of {ln} bytes"
             self.q(stream).put((typ, payload))
         self.eof.set()
 
@@ -188,6 +194,50 @@ class Agent:
                 end = p.index(b"\0", off + 24)
                 entries[p[off + 24:end].decode()] = (mode, size, sec, nsec)
                 off = end + 1
+
+    def tcp_connect(self, port, s=None):
+        """TCP_CONNECT; returns (stream, None) once connected or (stream, errno) if TCP_CLOSED."""
+        s = s or self.stream()
+        self.send(TCP_CONNECT, s, struct.pack("<H", port))
+        typ, p = self.recv(s)
+        if typ == TCP_CONNECTED:
+            assert p == b""
+            return s, None
+        assert typ == TCP_CLOSED and len(p) == 4, (NAMES.get(typ), p)
+        return s, struct.unpack("<i", p)[0]
+
+    def tcp_transfer(self, s, data=b"", timeout=60, chunk=64 * 1024):
+        """Send data (flow controlled by STDIN_ACK) then the empty TCP_DATA; receive (acking with
+        TCP_ACK) until TCP_CLOSED. Checks both windows and the frame order."""
+        r = dict(data=b"", errno=None, acked=0, max_unacked=0, eof=False)
+        sent, eof_sent, got = 0, False, []
+        deadline = time.time() + timeout
+        while True:
+            while sent < len(data) and sent - r["acked"] < WINDOW:
+                n = min(chunk, len(data) - sent, WINDOW - (sent - r["acked"]))
+                self.send(TCP_DATA, s, data[sent:sent + n])
+                sent += n
+                r["max_unacked"] = max(r["max_unacked"], sent - r["acked"])
+            if sent == len(data) and not eof_sent:
+                self.send(TCP_DATA, s, b"")
+                eof_sent = True
+            typ, p = self.recv(s, max(0.1, deadline - time.time()))
+            if typ == STDIN_ACK:
+                r["acked"] += struct.unpack("<I", p)[0]
+                assert r["acked"] <= sent, "acked more than sent"
+            elif typ == TCP_RDATA:
+                assert not r["eof"], "TCP_DATA after the empty one"
+                if not p:
+                    r["eof"] = True
+                else:
+                    got.append(p)
+                    self.send(TCP_ACK, s, struct.pack("<I", len(p)))
+            elif typ == TCP_CLOSED:
+                r["errno"] = struct.unpack("<i", p)[0]
+                r["data"] = b"".join(got)
+                return r
+            else:
+                raise AssertionError(f"unexpected frame {NAMES.get(typ, typ)} on a TCP stream")
 
     def close(self):
         try:
@@ -600,6 +650,305 @@ def t_bad_frames(a):
     t_ping(a)
 
 
+# ---------------------------------------------------------------- port forwarding (TCP streams)
+
+class Server:
+    """A TCP server on 127.0.0.1 (a thread per connection) running handler(conn)."""
+
+    def __init__(self, handler):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.handler, self.errors, self.done = handler, [], []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            self.handler(c)
+        except Exception as e:
+            self.errors.append(e)
+        finally:
+            c.close()
+            self.done.append(1)
+
+    def close(self):
+        self.sock.close()
+
+
+def echo(c):
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        c.sendall(b)
+    c.shutdown(socket.SHUT_WR)
+
+
+def recv_all(c):
+    buf = []
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            return b"".join(buf)
+        buf.append(b)
+
+
+def agent_cpu(a):
+    f = open(f"/proc/{a.p.pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def t_tcp_echo(a):
+    srv = Server(echo)
+    data = os.urandom(5 << 20)
+    t0 = time.time()
+    s, err = a.tcp_connect(srv.port)
+    assert err is None, err
+    r = a.tcp_transfer(s, data)
+    assert r["errno"] == 0 and r["eof"], r["errno"]
+    assert len(r["data"]) == len(data) and hashlib.sha256(r["data"]).digest() == hashlib.sha256(data).digest()
+    assert r["acked"] == len(data) and r["max_unacked"] <= WINDOW
+    print(f"    5 MiB echoed in {time.time() - t0:.2f}s")
+    # an empty connection; then the same stream id again (free after TCP_CLOSED)
+    s, err = a.tcp_connect(srv.port)
+    r = a.tcp_transfer(s)
+    assert (err, r["errno"], r["data"], r["eof"]) == (None, 0, b"", True), r
+    assert a.tcp_connect(srv.port, s)[1] is None
+    r = a.tcp_transfer(s, b"again")
+    assert (r["errno"], r["data"]) == (0, b"again"), r
+    # data and EOF sent before TCP_CONNECTED are kept for when the connection is up
+    s = a.stream()
+    a.send(TCP_CONNECT, s, struct.pack("<H", srv.port))
+    a.send(TCP_DATA, s, b"early")
+    a.send(TCP_DATA, s, b"")
+    frames = []
+    while not frames or frames[-1][0] != TCP_CLOSED:
+        frames.append(a.recv(s))
+    assert frames[0] == (TCP_CONNECTED, b"") and frames[-1] == (TCP_CLOSED, b"\0\0\0\0"), frames
+    assert b"".join(p for t, p in frames if t == TCP_RDATA) == b"early", frames
+    assert sum(struct.unpack("<I", p)[0] for t, p in frames if t == STDIN_ACK) == 5, frames
+    srv.close()
+    assert not srv.errors, srv.errors
+
+
+def t_tcp_half_close(a):
+    resp = os.urandom(1 << 20)
+    req = {}
+
+    def handler(c):
+        req["data"] = recv_all(c)   # the request, until the host's EOF
+        time.sleep(0.2)             # the guest must wait, not close on the host's EOF
+        c.sendall(resp)             # only then the response
+    srv = Server(handler)
+    s, err = a.tcp_connect(srv.port)
+    assert err is None, err
+    data = os.urandom(300 * 1024)
+    r = a.tcp_transfer(s, data)
+    assert r["errno"] == 0 and r["eof"], r["errno"]
+    assert req["data"] == data
+    assert len(r["data"]) == len(resp) and r["data"] == resp, len(r["data"])
+    # the guest peer finishes first: the host can still send afterwards
+    def first(c):
+        c.sendall(b"banner\n")
+        c.shutdown(socket.SHUT_WR)
+        req["late"] = recv_all(c)
+    srv2 = Server(first)
+    s, err = a.tcp_connect(srv2.port)
+    assert a.recv(s) == (TCP_RDATA, b"banner\n")
+    assert a.recv(s) == (TCP_RDATA, b"")
+    cpu0 = agent_cpu(a)
+    time.sleep(0.3)
+    assert a.q(s).empty()  # not closed while the host still sends
+    assert agent_cpu(a) - cpu0 < 0.1, "the agent spins on a half-closed stream"
+    r = a.tcp_transfer(s, b"x" * 100000)
+    assert r["errno"] == 0 and r["data"] == b"" and not r["eof"], r
+    time.sleep(0.1)
+    assert req["late"] == b"x" * 100000
+    srv.close()
+    srv2.close()
+    assert not srv.errors and not srv2.errors, (srv.errors, srv2.errors)
+
+
+def t_tcp_errors(a):
+    # a port nobody listens on
+    sk = socket.socket()
+    sk.bind(("127.0.0.1", 0))
+    port = sk.getsockname()[1]
+    sk.close()
+    s, err = a.tcp_connect(port)
+    assert err == 111, err  # ECONNREFUSED
+    # port 0 and malformed payloads: EINVAL
+    for payload in (b"\0\0", b"\x50", b"\x50\0\0"):
+        s = a.stream()
+        a.send(TCP_CONNECT, s, payload)
+        assert a.recv(s) == (TCP_CLOSED, struct.pack("<i", 22)), payload
+    # a peer that resets the connection: TCP_CLOSED with ECONNRESET
+    def reset(c):
+        c.recv(10)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    srv = Server(reset)
+    s, err = a.tcp_connect(srv.port)
+    a.send(TCP_DATA, s, b"hello")
+    frames = [a.recv(s)]
+    while frames[-1][0] != TCP_CLOSED:
+        frames.append(a.recv(s))
+    assert frames[-1] == (TCP_CLOSED, struct.pack("<i", 104)), frames  # ECONNRESET
+    # a peer that stops reading and resets while the host sends a lot: every byte is still
+    # acknowledged (the host never waits for a window that cannot open) and the error is reported
+    def reader_then_reset(c):
+        c.recv(1000)
+        time.sleep(0.2)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    srv2 = Server(reader_then_reset)
+    s, err = a.tcp_connect(srv2.port)
+    r = a.tcp_transfer(s, os.urandom(4 << 20))
+    assert r["errno"] in (104, 32), r["errno"]  # ECONNRESET or EPIPE
+    assert r["max_unacked"] <= WINDOW
+    # a reset after the peer's EOF, while the host sends nothing: noticed at once
+    def eof_then_reset(c):
+        c.sendall(b"bye")
+        c.shutdown(socket.SHUT_WR)
+        time.sleep(0.2)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    srv3 = Server(eof_then_reset)
+    s, err = a.tcp_connect(srv3.port)
+    assert [a.recv(s), a.recv(s)] == [(TCP_RDATA, b"bye"), (TCP_RDATA, b"")]
+    typ, p = a.recv(s, 5)
+    assert typ == TCP_CLOSED and struct.unpack("<i", p)[0] in (104, 32), p  # RST in CLOSE_WAIT: EPIPE
+    srv3.close()
+    # frames for unknown streams are ignored
+    for typ in (TCP_DATA, TCP_CLOSE, TCP_ACK):
+        a.send(typ, 777777, struct.pack("<I", 5))
+    a.send(TCP_DATA, 777777, b"")
+    t_ping(a)
+    assert a.q(777777).empty()
+    srv.close()
+    srv2.close()
+
+
+def t_tcp_close(a):
+    sent = {"n": 0}
+
+    def flood(c):
+        while True:
+            c.sendall(b"z" * 65536)
+            sent["n"] += 65536
+    srv = Server(flood)
+    s, err = a.tcp_connect(srv.port)
+    assert err is None, err
+    got = 0
+    while got < 1 << 20:  # mid-transfer, acking as we go
+        typ, p = a.recv(s)
+        if typ == TCP_RDATA:
+            got += len(p)
+            a.send(TCP_ACK, s, struct.pack("<I", len(p)))
+    a.send(TCP_DATA, s, b"q" * 1000)
+    a.send(TCP_CLOSE, s)
+    while True:
+        typ, p = a.recv(s)
+        if typ == TCP_CLOSED:
+            assert p == b"\0\0\0\0", p
+            break
+        assert typ in (TCP_RDATA, STDIN_ACK), NAMES.get(typ)
+    for _ in range(50):  # the server's writes fail: the guest socket is really closed
+        if srv.done:
+            break
+        time.sleep(0.05)
+    assert srv.done and isinstance(srv.errors[0], (ConnectionResetError, BrokenPipeError)), srv.errors
+    time.sleep(0.1)
+    a.send(TCP_ACK, s, struct.pack("<I", 1))  # after TCP_CLOSED: the stream is unknown, ignored
+    a.send(TCP_CLOSE, s)
+    t_ping(a)
+    assert a.q(s).empty()  # TCP_CLOSED was the last frame
+    srv.close()
+
+
+def t_tcp_backpressure(a):
+    big = os.urandom(8 << 20)
+
+    def writer(c):
+        c.sendall(big)  # as fast as the guest lets it
+    srv = Server(writer)
+    s, err = a.tcp_connect(srv.port)
+    assert err is None, err
+    got = []
+    unacked = 0
+
+    def take(timeout):
+        nonlocal unacked
+        typ, p = a.recv(s, timeout)
+        assert typ == TCP_RDATA, NAMES.get(typ)
+        got.append(p)
+        unacked += len(p)
+        assert unacked <= WINDOW, f"{unacked} bytes unacknowledged"
+        return p
+    # no TCP_ACK: the agent stops at the window
+    while unacked < WINDOW:
+        take(10)
+    cpu0 = agent_cpu(a)
+    # meanwhile the other streams are served
+    t0 = time.time()
+    ok(a.run(["echo", "hi"]), b"hi\n")
+    t_ping(a)
+    dt = time.time() - t0
+    time.sleep(1)
+    assert a.q(s).empty(), "data beyond the window"
+    assert agent_cpu(a) - cpu0 < 0.3, "the agent spins while a stream is stalled"
+    print(f"    stalled at {unacked} bytes; exec meanwhile in {dt * 1000:.0f} ms")
+    # ack everything: the rest flows, each frame acked as it comes
+    a.send(TCP_ACK, s, struct.pack("<I", unacked))
+    unacked = 0
+    while True:
+        p = take(10)
+        if not p:
+            break
+        a.send(TCP_ACK, s, struct.pack("<I", len(p)))
+        unacked -= len(p)
+    data = b"".join(got)
+    assert len(data) == len(big) and data == big, len(data)
+    a.send(TCP_DATA, s, b"")
+    assert a.recv(s) == (TCP_CLOSED, b"\0\0\0\0")
+    srv.close()
+
+
+def t_tcp_many(a):
+    srv = Server(echo)
+    errors, results = [], {}
+
+    def one(i, size):
+        try:
+            data = os.urandom(size)
+            s, err = a.tcp_connect(srv.port)
+            assert err is None, err
+            r = a.tcp_transfer(s, data, chunk=16 * 1024)
+            assert r["errno"] == 0 and r["data"] == data, (r["errno"], len(r["data"]))
+            results[i] = True
+        except Exception as e:
+            errors.append(e)
+    for n, size in ((50, 64 * 1024), (300, 4096)):
+        results.clear()
+        t0 = time.time()
+        threads = [threading.Thread(target=one, args=(i, size)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert len(results) == n
+        print(f"    {n} concurrent connections x {size} bytes in {time.time() - t0:.2f}s")
+    srv.close()
+    assert not srv.errors, srv.errors
+
+
 def t_protocol_error():
     a = Agent()
     assert a.recv(0)[0] == READY
@@ -704,7 +1053,8 @@ def main():
     print(f"READY {p.decode()!r}")
     tests = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
              t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files,
-             t_orphans, t_bad_frames]
+             t_orphans, t_bad_frames, t_tcp_echo, t_tcp_half_close, t_tcp_errors, t_tcp_close, t_tcp_backpressure,
+             t_tcp_many]
     failed = 0
     for t in VM_TESTS if vm else tests:
         t0 = time.time()

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { type Command, Option } from "commander";
 import { parseSandboxConfig, type SandboxConfigInput } from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { parsePortSpec, validateAddress } from "../api/specs.ts";
 import { parseEnvFile, parseEnvSpec, resolveArgv, validateUser } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
 import { attach, ioHandlers, SignalRelay, terminalSize } from "./attach.ts";
@@ -29,6 +30,8 @@ interface RunFlags {
   network: boolean;
   accel?: string;
   gracefulShutdown: number;
+  publish: string[];
+  address: string[];
 }
 
 export function registerRun(program: Command): void {
@@ -70,6 +73,18 @@ export function registerRun(program: Command): void {
     .option("--timeout <seconds>", "stop the command and the VM after this many seconds", positiveNumber)
     .option("--hostname <name>", "guest hostname (default: the VM id)")
     .option("--no-network", "no network interface (currently always the case)")
+    .option(
+      "-p, --publish <[LOCAL:]REMOTE>",
+      "forward a host port to a guest port (over the agent channel)",
+      collect,
+      [],
+    )
+    .option(
+      "--address <ip>",
+      "host address to bind published ports on (repeatable; default 127.0.0.1)",
+      collect,
+      [],
+    )
     .addOption(
       new Option("--accel <kind>", "accelerator (default: probed; env MATCHLOCK_ACCEL)").choices([
         "kvm",
@@ -146,6 +161,8 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
   const config = parseSandboxConfig(input);
   const entrypoint =
     flags.entrypoint === undefined ? undefined : flags.entrypoint === "" ? [] : [flags.entrypoint];
+  const forwards = flags.publish.map(parsePortSpec);
+  const addresses = flags.address.length > 0 ? flags.address.map(validateAddress) : ["127.0.0.1"];
   if (flags.detach && !detachedChild) return startDetached();
 
   // Signals that arrive while booting end the boot; afterwards they cancel the command gracefully.
@@ -162,6 +179,12 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       throw e;
     }
     try {
+      if (forwards.length > 0) {
+        for (const b of await sandbox.portForward(forwards, addresses)) {
+          const line = `matchlock: forwarding ${b.address}:${b.localPort} → guest port ${b.remotePort}\n`;
+          if (!detachedChild) process.stderr.write(line);
+        }
+      }
       if (detachedChild) announce(`ok ${sandbox.id}`);
       let status = 0;
       // With --rm=false and no command, the VM just stays up to be used with `matchlock exec`.

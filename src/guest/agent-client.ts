@@ -7,6 +7,7 @@ import {
   encodeFrame,
   encodePath,
   encodeResize,
+  encodeU16,
   encodeU32,
   encodeWriteFile,
   type Frame,
@@ -15,9 +16,11 @@ import {
   HostMsg,
   readDirEntries,
   readExit,
+  readI32,
   readResult,
   readU32,
   STDIN_WINDOW,
+  TCP_WINDOW,
 } from "./protocol.ts";
 
 /** Host side of the agent protocol over one byte stream (the `agent` virtio-serial port). */
@@ -78,7 +81,42 @@ interface PingState {
   reject: (e: Error) => void;
 }
 
-type StreamState = ExecState | FileState | PingState;
+/** A TCP connection to a port in the guest (port forwarding), multiplexed on the agent channel. */
+export interface TcpStream {
+  readonly stream: number;
+  /** Sends bytes; resolves once they fit in the flow-control window. */
+  write(data: Buffer): Promise<void>;
+  /** We are done sending (half-close); the guest side can still answer. */
+  end(): void;
+  /** Drops the connection at once. */
+  abort(): void;
+  /** Tell the guest `n` of its bytes were delivered, so it may send more. */
+  ack(n: number): void;
+  /** Settles with the errno of the end (0: both directions finished normally). */
+  readonly closed: Promise<number>;
+}
+
+export interface TcpIO {
+  onData: (data: Buffer) => void;
+  /** The guest side finished sending. */
+  onEnd: () => void;
+}
+
+interface TcpState {
+  kind: "tcp";
+  io: TcpIO;
+  unacked: number;
+  /** Guest bytes delivered to us that we have not acknowledged yet. */
+  guestUnacked: number;
+  chain: Promise<void>;
+  windowWaiters: Array<() => void>;
+  connected: boolean;
+  onConnected: () => void;
+  resolve: (errno: number) => void;
+  reject: (e: Error) => void;
+}
+
+type StreamState = ExecState | FileState | PingState | TcpState;
 
 export class AgentClient {
   private readonly decoder = new FrameDecoder();
@@ -136,7 +174,7 @@ export class AgentClient {
       stream,
       done,
       writeStdin: (data) => {
-        const p = state.stdinChain.then(() => this.writeStdin(stream, state, data));
+        const p = state.stdinChain.then(() => this.writeWindowed(stream, state, HostMsg.STDIN, data));
         state.stdinChain = p.catch(() => {});
         return p;
       },
@@ -147,6 +185,58 @@ export class AgentClient {
       },
       resize: (rows, cols) => this.sendIfOpen(stream, HostMsg.RESIZE, encodeResize(rows, cols)),
       signal: (signo) => this.sendIfOpen(stream, HostMsg.SIGNAL, encodeU32(signo)),
+    };
+  }
+
+  /**
+   * Opens a TCP connection to `port` on the guest's loopback. Resolves once connected; rejects with
+   * the guest's errno (ECONNREFUSED…) if it cannot.
+   */
+  async tcpConnect(port: number, io: TcpIO): Promise<TcpStream> {
+    const stream = this.allocStream();
+    let resolve!: (errno: number) => void;
+    let reject!: (e: Error) => void;
+    const closed = new Promise<number>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    closed.catch(() => {});
+    let onConnected!: () => void;
+    const connected = new Promise<void>((r) => {
+      onConnected = r;
+    });
+    const state: TcpState = {
+      kind: "tcp",
+      io,
+      unacked: 0,
+      guestUnacked: 0,
+      chain: Promise.resolve(),
+      windowWaiters: [],
+      connected: false,
+      onConnected,
+      resolve,
+      reject,
+    };
+    this.streams.set(stream, state);
+    this.send(HostMsg.TCP_CONNECT, stream, encodeU16(port));
+    const first = await Promise.race([connected.then(() => -1), closed]);
+    if (first !== -1) throw new TcpConnectError(port, first);
+    return {
+      stream,
+      closed,
+      write: (data) => {
+        const p = state.chain.then(() => this.writeWindowed(stream, state, HostMsg.TCP_DATA, data));
+        state.chain = p.catch(() => {});
+        return p;
+      },
+      end: () => {
+        state.chain = state.chain.then(() => this.sendIfOpen(stream, HostMsg.TCP_DATA, Buffer.alloc(0)));
+      },
+      abort: () => this.sendIfOpen(stream, HostMsg.TCP_CLOSE, Buffer.alloc(0)),
+      ack: (n) => {
+        state.guestUnacked = Math.max(0, state.guestUnacked - n);
+        this.sendIfOpen(stream, HostMsg.TCP_ACK, encodeU32(n));
+      },
     };
   }
 
@@ -206,17 +296,23 @@ export class AgentClient {
     });
   }
 
-  private async writeStdin(stream: number, state: ExecState, data: Buffer): Promise<void> {
+  /** Sends `data` in chunks, never more than the window ahead of the guest's STDIN_ACKs. */
+  private async writeWindowed(
+    stream: number,
+    state: ExecState | TcpState,
+    type: number,
+    data: Buffer,
+  ): Promise<void> {
     for (let off = 0; off < data.length; off += CHUNK) {
       const piece = data.subarray(off, off + CHUNK);
       while (state.unacked + piece.length > STDIN_WINDOW) {
         if (this.failure) throw this.failure;
-        if (!this.streams.has(stream)) return; // the process is gone: drop its input like a closed pipe
+        if (!this.streams.has(stream)) return; // the process/connection is gone: drop the bytes
         await new Promise<void>((resolve) => state.windowWaiters.push(resolve));
       }
       if (!this.streams.has(stream)) return;
       state.unacked += piece.length;
-      this.send(HostMsg.STDIN, stream, piece);
+      this.send(type, stream, piece);
     }
   }
 
@@ -279,6 +375,9 @@ export class AgentClient {
       case "file":
         this.dispatchFile(f, state);
         return;
+      case "tcp":
+        this.dispatchTcp(f, state);
+        return;
       case "ping":
         if (f.type !== GuestMsg.PONG)
           throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} for a ping`);
@@ -322,6 +421,44 @@ export class AgentClient {
     }
   }
 
+  private dispatchTcp(f: Frame, s: TcpState): void {
+    switch (f.type) {
+      case GuestMsg.TCP_CONNECTED:
+        s.connected = true;
+        s.onConnected();
+        return;
+      case GuestMsg.TCP_DATA:
+        if (f.payload.length === 0) {
+          s.io.onEnd();
+          return;
+        }
+        s.guestUnacked += f.payload.length;
+        if (s.guestUnacked > TCP_WINDOW) {
+          // The guest ignores flow control: drop this connection, not the whole VM.
+          this.streams.delete(f.stream);
+          this.send(HostMsg.TCP_CLOSE, f.stream);
+          s.resolve(-1);
+          return;
+        }
+        s.io.onData(f.payload);
+        return;
+      case GuestMsg.STDIN_ACK: {
+        s.unacked = Math.max(0, s.unacked - readU32(f.payload, "STDIN_ACK"));
+        for (const w of s.windowWaiters.splice(0)) w();
+        return;
+      }
+      case GuestMsg.TCP_CLOSED: {
+        const errno = readI32(f.payload, "TCP_CLOSED");
+        this.streams.delete(f.stream);
+        for (const w of s.windowWaiters.splice(0)) w();
+        s.resolve(errno);
+        return;
+      }
+      default:
+        throw new AgentProtocolError(`unexpected frame 0x${f.type.toString(16)} on a TCP stream`);
+    }
+  }
+
   private dispatchFile(f: Frame, s: FileState): void {
     if (f.type === GuestMsg.DATA) {
       s.bytes += f.payload.length;
@@ -344,11 +481,34 @@ export class AgentClient {
     this.failure = err;
     this.readyReject?.(err);
     for (const s of this.streams.values()) {
-      if (s.kind === "exec") for (const w of s.windowWaiters.splice(0)) w();
+      if (s.kind === "exec" || s.kind === "tcp") for (const w of s.windowWaiters.splice(0)) w();
       s.reject(err);
     }
     this.streams.clear();
   }
+}
+
+const ERRNO_NAMES: Record<number, string> = {
+  [-1]: "flow-control violation",
+  2: "ENOENT",
+  22: "EINVAL",
+  104: "ECONNRESET",
+  110: "ETIMEDOUT",
+  111: "ECONNREFUSED (nothing listens there)",
+  113: "EHOSTUNREACH",
+};
+
+export class TcpConnectError extends MatchlockError {
+  readonly errno: number;
+  constructor(port: number, errno: number) {
+    super("VM_FAILED", `cannot connect to guest port ${port}: ${errnoName(errno)}`);
+    this.name = "TcpConnectError";
+    this.errno = errno;
+  }
+}
+
+export function errnoName(errno: number): string {
+  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
 }
 
 function fileError(message: string): MatchlockError {

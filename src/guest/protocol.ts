@@ -18,6 +18,10 @@ export const HostMsg = {
   LIST_DIR: 0x08,
   PING: 0x09,
   SHUTDOWN: 0x0a,
+  TCP_CONNECT: 0x0b,
+  TCP_DATA: 0x0c,
+  TCP_CLOSE: 0x0d,
+  TCP_ACK: 0x0e,
 } as const;
 
 export const GuestMsg = {
@@ -32,7 +36,13 @@ export const GuestMsg = {
   RESULT: 0x88,
   PONG: 0x89,
   LOG: 0x8a,
+  TCP_CONNECTED: 0x8b,
+  TCP_DATA: 0x8c,
+  TCP_CLOSED: 0x8d,
 } as const;
+
+/** Guest→host TCP bytes the guest may send ahead of our TCP_ACKs, per stream. */
+export const TCP_WINDOW = 256 * 1024;
 
 const GUEST_TYPES = new Set<number>(Object.values(GuestMsg));
 const HOST_TYPES = new Set<number>(Object.values(HostMsg));
@@ -160,6 +170,12 @@ export function encodeResize(rows: number, cols: number): Buffer {
   return b;
 }
 
+export function encodeU16(n: number): Buffer {
+  const b = Buffer.alloc(2);
+  b.writeUInt16LE(n & 0xffff, 0);
+  return b;
+}
+
 export function encodeU32(n: number): Buffer {
   const b = Buffer.alloc(4);
   b.writeUInt32LE(n >>> 0, 0);
@@ -183,6 +199,11 @@ export function readExit(p: Buffer): { exitCode: number; signal: number } {
 export function readU32(p: Buffer, what: string): number {
   if (p.length !== 4) throw new AgentProtocolError(`${what} frame of ${p.length} bytes (want 4)`);
   return p.readUInt32LE(0);
+}
+
+export function readI32(p: Buffer, what: string): number {
+  if (p.length !== 4) throw new AgentProtocolError(`${what} frame of ${p.length} bytes (want 4)`);
+  return p.readInt32LE(0);
 }
 
 export function readResult(p: Buffer): { errno: number; message: string } {

@@ -239,9 +239,20 @@ export class RpcServer {
           RpcCode.VM_FAILED,
           `${method}: networking (the allowlist) is not available in this version`,
         );
-      case "port_forward":
-        await this.vm();
-        throw new RpcError(RpcCode.VM_FAILED, "port_forward is not available yet");
+      case "port_forward": {
+        const p = params as RpcParams<"port_forward">;
+        const bindings = await (await this.vm()).portForward(
+          p.forwards.map((f) => ({ localPort: f.local_port, remotePort: f.remote_port })),
+          p.addresses && p.addresses.length > 0 ? p.addresses : ["127.0.0.1"],
+        );
+        return {
+          bindings: bindings.map((b) => ({
+            address: b.address,
+            local_port: b.localPort,
+            remote_port: b.remotePort,
+          })),
+        };
+      }
     }
   }
 

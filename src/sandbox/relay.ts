@@ -1,7 +1,13 @@
 import { chmodSync, rmSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
 import { messageOf } from "../api/errors.ts";
-import type { ExecHandle, ExecIO } from "../guest/agent-client.ts";
+import {
+  type ExecHandle,
+  type ExecIO,
+  TcpConnectError,
+  type TcpIO,
+  type TcpStream,
+} from "../guest/agent-client.ts";
 import {
   type DirEntry,
   decodeExec,
@@ -50,6 +56,7 @@ export interface RelayTarget {
   writeFile(path: string, data: Buffer, mode?: number): Promise<void>;
   readFile(path: string): Promise<Buffer>;
   listFiles(path: string): Promise<DirEntry[]>;
+  tcpConnect(port: number, io: TcpIO): Promise<TcpStream>;
 }
 
 export class RelayServer {
@@ -97,6 +104,8 @@ class RelayConnection {
   private readonly decoder = new FrameDecoder("host");
   private readonly execs = new Map<number, ExecHandle>();
   private readonly stdinChains = new Map<number, Promise<void>>();
+  /** Client TCP streams: each resolves to the guest stream once connected (frames queue behind it). */
+  private readonly tcp = new Map<number, Promise<TcpStream | undefined>>();
   private readonly writes = new Map<
     number,
     { path: string; mode: number; chunks: Buffer[]; bytes: number }
@@ -225,6 +234,29 @@ class RelayConnection {
           (e: unknown) => this.send(GuestMsg.RESULT, f.stream, encodeResult(2, messageOf(e))),
         );
         return;
+      case HostMsg.TCP_CONNECT:
+        this.startTcp(f);
+        return;
+      case HostMsg.TCP_DATA: {
+        const data = Buffer.from(f.payload);
+        this.withTcp(f.stream, (t) => {
+          if (data.length === 0) t.end();
+          else
+            t.write(data).then(
+              () => this.send(GuestMsg.STDIN_ACK, f.stream, encodeU32(data.length)),
+              () => {},
+            );
+        });
+        return;
+      }
+      case HostMsg.TCP_ACK: {
+        const n = readU32(f.payload, "TCP_ACK");
+        this.withTcp(f.stream, (t) => t.ack(n));
+        return;
+      }
+      case HostMsg.TCP_CLOSE:
+        this.withTcp(f.stream, (t) => t.abort());
+        return;
       default:
         // SHUTDOWN and anything else are the owner's business, not a client's.
         this.send(GuestMsg.LOG, 0, Buffer.from(`relay: frame 0x${f.type.toString(16)} is not allowed`));
@@ -280,13 +312,65 @@ class RelayConnection {
     );
   }
 
+  /**
+   * A client TCP stream to a guest port. The client's TCP_ACKs are passed on to the guest only as
+   * the client acknowledges, so flow control holds end to end.
+   */
+  private startTcp(f: Frame): void {
+    if (this.tcp.has(f.stream)) throw new Error(`stream ${f.stream} is already in use`);
+    if (f.payload.length !== 2) {
+      this.send(GuestMsg.TCP_CLOSED, f.stream, encodeI32(22));
+      return;
+    }
+    const port = f.payload.readUInt16LE(0);
+    const connecting = this.target
+      .tcpConnect(port, {
+        onData: (d) => this.send(GuestMsg.TCP_DATA, f.stream, d),
+        onEnd: () => this.send(GuestMsg.TCP_DATA, f.stream, Buffer.alloc(0)),
+      })
+      .then(
+        (t) => {
+          this.send(GuestMsg.TCP_CONNECTED, f.stream);
+          t.closed.then(
+            (errno) => this.endTcp(f.stream, errno),
+            () => this.endTcp(f.stream, 5),
+          );
+          return t;
+        },
+        (e: unknown) => {
+          this.endTcp(f.stream, e instanceof TcpConnectError ? e.errno : 111);
+          return undefined;
+        },
+      );
+    this.tcp.set(f.stream, connecting);
+  }
+
+  private withTcp(stream: number, fn: (t: TcpStream) => void): void {
+    this.tcp.get(stream)?.then((t) => {
+      if (t) fn(t);
+    });
+  }
+
+  private endTcp(stream: number, errno: number): void {
+    if (!this.tcp.delete(stream)) return;
+    this.send(GuestMsg.TCP_CLOSED, stream, encodeI32(errno));
+  }
+
   /** The client went away: its commands are cancelled, as if it had pressed Ctrl-C. */
   private onClose(): void {
     this.closed = true;
     for (const h of this.execs.values()) this.target.terminate(h).catch(() => {});
     this.execs.clear();
+    for (const t of this.tcp.values()) t.then((s) => s?.abort()).catch(() => {});
+    this.tcp.clear();
     this.writes.clear();
   }
+}
+
+function encodeI32(n: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeInt32LE(n, 0);
+  return b;
 }
 
 function cstring(p: Buffer): string {

@@ -5,7 +5,13 @@ import type { ImageConfig, SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf, VmBootError } from "../api/errors.ts";
 import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
-import { AgentClient, type ExecHandle, type ExecIO } from "../guest/agent-client.ts";
+import {
+  AgentClient,
+  type ExecHandle,
+  type ExecIO,
+  type TcpIO,
+  type TcpStream,
+} from "../guest/agent-client.ts";
 import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
 import type { DirEntry } from "../guest/protocol.ts";
@@ -21,6 +27,7 @@ import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
 import { finishCleanup } from "./cleanup.ts";
 import { mergeEnv } from "./command.ts";
 import { crashPoint } from "./faults.ts";
+import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
 
 /** One VM from create to close: the sandbox layer every front end (CLI, RPC) drives. */
@@ -71,6 +78,7 @@ export class Sandbox {
   private readonly state: StateStore;
   private readonly ownsState: boolean;
   private relay: RelayServer | undefined;
+  private forwarder: PortForwarder | undefined;
   private closing: Promise<void> | undefined;
 
   private constructor(init: {
@@ -247,6 +255,17 @@ export class Sandbox {
     return this.agent.ping();
   }
 
+  /** A TCP connection to a port on the guest's loopback, over the agent channel (no NIC needed). */
+  tcpConnect(port: number, io: TcpIO): Promise<TcpStream> {
+    return this.agent.tcpConnect(port, io);
+  }
+
+  /** Forwards host ports into the guest until the sandbox closes. */
+  portForward(forwards: PortForward[], addresses?: string[]): Promise<PortBinding[]> {
+    this.forwarder ??= new PortForwarder((port, io) => this.agent.tcpConnect(port, io));
+    return this.forwarder.add(forwards, addresses);
+  }
+
   get vmPid(): number {
     return this.vm.pid;
   }
@@ -261,6 +280,7 @@ export class Sandbox {
       const remove = opts.remove ?? true;
       clearTimeout(this.deadlineTimer);
       this.relay?.close();
+      this.forwarder?.close();
       this.state.lifecycle.transition(this.id, "stopping");
       crashPoint("stopping");
       this.agent.close();

@@ -1,6 +1,7 @@
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import type { SandboxConfigInput } from "../api/config.ts";
+import { parsePortSpec } from "../api/specs.ts";
 import { LineSplitter } from "../rpc/lines.ts";
 import { Sandbox } from "./sandbox.ts";
 
@@ -277,13 +278,13 @@ export class Client {
     return String((await this.call("log", {}, opts)).content ?? "");
   }
 
-  /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port. */
+  /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port; `"0:80"` any free port. */
   async portForward(...specs: string[]): Promise<PortForwardBinding[]> {
-    return this.portForwardMappings(specs.map(parsePortSpec), undefined, {});
+    return this.portForwardMappings(specs.map(portSpec), undefined, {});
   }
 
   async portForwardWithAddresses(addresses: string[], ...specs: string[]): Promise<PortForwardBinding[]> {
-    return this.portForwardMappings(specs.map(parsePortSpec), addresses, {});
+    return this.portForwardMappings(specs.map(portSpec), addresses, {});
   }
 
   /**
@@ -597,21 +598,10 @@ function execParams(command: string, opts: ExecOptions): Json {
   };
 }
 
-function parsePortSpec(spec: string): { localPort: number; remotePort: number } {
-  const parts = spec.trim().split(":");
-  const port = (s: string | undefined, role: string) => {
-    const n = Number(s);
-    if (!s || !Number.isInteger(n) || n < 1 || n > 65535) {
-      throw new MatchlockError(
-        `invalid port-forward spec "${spec}": bad ${role} port (expected [LOCAL:]REMOTE, 1-65535)`,
-      );
-    }
-    return n;
-  };
-  if (parts.length === 1) {
-    const p = port(parts[0], "remote");
-    return { localPort: p, remotePort: p };
+function portSpec(spec: string): { localPort: number; remotePort: number } {
+  try {
+    return parsePortSpec(spec);
+  } catch (e) {
+    throw new MatchlockError((e as Error).message);
   }
-  if (parts.length === 2) return { localPort: port(parts[0], "local"), remotePort: port(parts[1], "remote") };
-  throw new MatchlockError(`invalid port-forward spec "${spec}" (expected [LOCAL:]REMOTE)`);
 }
