@@ -1,5 +1,5 @@
 import { MatchlockError } from "../api/errors.ts";
-import { type Db, nowIso, writeTx } from "./db.ts";
+import { type Db, nowIso, stmt, writeTx } from "./db.ts";
 import type { ProcIdentity } from "./procs.ts";
 
 /**
@@ -126,18 +126,17 @@ export class LifecycleStore {
   }
 
   current(vmId: string): LifecycleRecord | undefined {
-    const r = this.db
-      .prepare(
-        `SELECT l.* FROM vm_lifecycle l JOIN vm_lifecycle_head h ON h.vm_id = l.vm_id AND h.last_version = l.version
+    const r = stmt(
+      this.db,
+      `SELECT l.* FROM vm_lifecycle l JOIN vm_lifecycle_head h ON h.vm_id = l.vm_id AND h.last_version = l.version
          WHERE l.vm_id = ?`,
-      )
-      .get(vmId) as Row | undefined;
+    ).get(vmId) as Row | undefined;
     return r ? fromRow(r) : undefined;
   }
 
   history(vmId: string): LifecycleRecord[] {
     return (
-      this.db.prepare("SELECT * FROM vm_lifecycle WHERE vm_id = ? ORDER BY version").all(vmId) as Row[]
+      stmt(this.db, "SELECT * FROM vm_lifecycle WHERE vm_id = ? ORDER BY version").all(vmId) as Row[]
     ).map(fromRow);
   }
 
@@ -155,14 +154,13 @@ export class LifecycleStore {
       if (cur && !canTransition(cur.phase, phase)) throw new InvalidTransitionError(vmId, cur.phase, phase);
       if (!cur && phase !== "creating") throw new InvalidTransitionError(vmId, "creating", phase);
       const version = (
-        this.db
-          .prepare(
-            `INSERT INTO vm_lifecycle_head(vm_id, last_version)
+        stmt(
+          this.db,
+          `INSERT INTO vm_lifecycle_head(vm_id, last_version)
              VALUES (?, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?), 0) + 1)
              ON CONFLICT(vm_id) DO UPDATE SET last_version = vm_lifecycle_head.last_version + 1
              RETURNING last_version`,
-          )
-          .get(vmId, vmId) as { last_version: number }
+        ).get(vmId, vmId) as { last_version: number }
       ).last_version;
       const rec: LifecycleRecord = {
         vm_id: vmId,
@@ -174,21 +172,20 @@ export class LifecycleStore {
         resources: { ...(cur?.resources ?? {}), ...(patch.resources ?? {}) },
         cleanup: { ...(cur?.cleanup ?? {}), ...(patch.cleanup ?? {}) },
       };
-      this.db
-        .prepare(
-          `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
+      stmt(
+        this.db,
+        `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-        )
-        .run(
-          vmId,
-          version,
-          rec.backend,
-          phase,
-          rec.updated_at,
-          rec.last_error,
-          JSON.stringify(rec.resources),
-          JSON.stringify(rec.cleanup),
-        );
+      ).run(
+        vmId,
+        version,
+        rec.backend,
+        phase,
+        rec.updated_at,
+        rec.last_error,
+        JSON.stringify(rec.resources),
+        JSON.stringify(rec.cleanup),
+      );
       return rec;
     });
   }
@@ -196,19 +193,18 @@ export class LifecycleStore {
   /** VMs whose latest phase is not `cleaned`: candidates for reconcile. */
   unfinished(): LifecycleRecord[] {
     return (
-      this.db
-        .prepare(
-          `SELECT l.* FROM vm_lifecycle l JOIN vm_lifecycle_head h ON h.vm_id = l.vm_id AND h.last_version = l.version
+      stmt(
+        this.db,
+        `SELECT l.* FROM vm_lifecycle l JOIN vm_lifecycle_head h ON h.vm_id = l.vm_id AND h.last_version = l.version
            WHERE l.phase != 'cleaned' ORDER BY l.vm_id`,
-        )
-        .all() as Row[]
+      ).all() as Row[]
     ).map(fromRow);
   }
 
   remove(vmId: string): void {
     writeTx(this.db, () => {
-      this.db.prepare("DELETE FROM vm_lifecycle WHERE vm_id = ?").run(vmId);
-      this.db.prepare("DELETE FROM vm_lifecycle_head WHERE vm_id = ?").run(vmId);
+      stmt(this.db, "DELETE FROM vm_lifecycle WHERE vm_id = ?").run(vmId);
+      stmt(this.db, "DELETE FROM vm_lifecycle_head WHERE vm_id = ?").run(vmId);
     });
   }
 }

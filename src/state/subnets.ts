@@ -1,5 +1,5 @@
 import { MatchlockError } from "../api/errors.ts";
-import { type Db, nowIso, writeTx } from "./db.ts";
+import { type Db, nowIso, stmt, writeTx } from "./db.ts";
 
 /**
  * Per-VM /24 subnets for the host side of a VM's TAP: `10.99.<octet>.0/24`, gateway `.1`, guest
@@ -31,7 +31,7 @@ export class SubnetStore {
       const existing = this.get(vmId);
       if (existing) return existing;
       const used = new Set(
-        (this.db.prepare("SELECT octet FROM subnet_allocations").all() as Array<{ octet: number }>).map(
+        (stmt(this.db, "SELECT octet FROM subnet_allocations").all() as Array<{ octet: number }>).map(
           (r) => r.octet,
         ),
       );
@@ -50,29 +50,28 @@ export class SubnetStore {
         subnet: `${SUBNET_PREFIX}.${octet}.0/24`,
         created_at: nowIso(),
       };
-      this.db
-        .prepare(
-          "INSERT INTO subnet_allocations(vm_id, octet, gateway_ip, guest_ip, subnet, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .run(row.vm_id, row.octet, row.gateway_ip, row.guest_ip, row.subnet, row.created_at);
+      stmt(
+        this.db,
+        "INSERT INTO subnet_allocations(vm_id, octet, gateway_ip, guest_ip, subnet, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+      ).run(row.vm_id, row.octet, row.gateway_ip, row.guest_ip, row.subnet, row.created_at);
       return row;
     });
   }
 
   get(vmId: string): SubnetAllocation | undefined {
-    return this.db.prepare("SELECT * FROM subnet_allocations WHERE vm_id = ?").get(vmId) as
+    return stmt(this.db, "SELECT * FROM subnet_allocations WHERE vm_id = ?").get(vmId) as
       | SubnetAllocation
       | undefined;
   }
 
   list(): SubnetAllocation[] {
-    return this.db.prepare("SELECT * FROM subnet_allocations ORDER BY octet").all() as SubnetAllocation[];
+    return stmt(this.db, "SELECT * FROM subnet_allocations ORDER BY octet").all() as SubnetAllocation[];
   }
 
   release(vmId: string): boolean {
     return writeTx(
       this.db,
-      () => this.db.prepare("DELETE FROM subnet_allocations WHERE vm_id = ?").run(vmId).changes > 0,
+      () => stmt(this.db, "DELETE FROM subnet_allocations WHERE vm_id = ?").run(vmId).changes > 0,
     );
   }
 }

@@ -1,5 +1,5 @@
 import type { SandboxConfig } from "../api/config.ts";
-import { type Db, nowIso, writeTx } from "./db.ts";
+import { type Db, nowIso, stmt, writeTx } from "./db.ts";
 
 /** The `vms` table: one row per VM, `pid` being the owning matchlock process. */
 
@@ -39,38 +39,35 @@ export class VmStore {
   insert(id: string, ownerPid: number, image: string, config: SandboxConfig): void {
     const now = nowIso();
     writeTx(this.db, () =>
-      this.db
-        .prepare(
-          "INSERT INTO vms(id, pid, status, image, config_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .run(id, ownerPid, "running", image, JSON.stringify(redactConfig(config)), now, now),
+      stmt(
+        this.db,
+        "INSERT INTO vms(id, pid, status, image, config_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      ).run(id, ownerPid, "running", image, JSON.stringify(redactConfig(config)), now, now),
     );
   }
 
   setStatus(id: string, status: VmStatus): void {
     writeTx(this.db, () =>
-      this.db.prepare("UPDATE vms SET status = ?, updated_at = ? WHERE id = ?").run(status, nowIso(), id),
+      stmt(this.db, "UPDATE vms SET status = ?, updated_at = ? WHERE id = ?").run(status, nowIso(), id),
     );
   }
 
   get(id: string): VmRow | undefined {
-    const row = this.db
-      .prepare(
-        "SELECT id, pid, status, image, CAST(config_json AS TEXT) AS config_json, created_at, updated_at FROM vms WHERE id = ?",
-      )
-      .get(id);
+    const row = stmt(
+      this.db,
+      "SELECT id, pid, status, image, CAST(config_json AS TEXT) AS config_json, created_at, updated_at FROM vms WHERE id = ?",
+    ).get(id);
     return row as VmRow | undefined;
   }
 
   list(): VmRow[] {
-    return this.db
-      .prepare(
-        "SELECT id, pid, status, image, CAST(config_json AS TEXT) AS config_json, created_at, updated_at FROM vms ORDER BY created_at, id",
-      )
-      .all() as VmRow[];
+    return stmt(
+      this.db,
+      "SELECT id, pid, status, image, CAST(config_json AS TEXT) AS config_json, created_at, updated_at FROM vms ORDER BY created_at, id",
+    ).all() as VmRow[];
   }
 
   remove(id: string): void {
-    writeTx(this.db, () => this.db.prepare("DELETE FROM vms WHERE id = ?").run(id));
+    writeTx(this.db, () => stmt(this.db, "DELETE FROM vms WHERE id = ?").run(id));
   }
 }
