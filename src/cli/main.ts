@@ -3,6 +3,7 @@ import { Command, CommanderError } from "commander";
 import { isMatchlockError } from "../api/errors.ts";
 import { registerDiagnose } from "./diagnose.ts";
 import { registerExec } from "./exec.ts";
+import { registerImage } from "./image.ts";
 import { registerPortForward } from "./port-forward.ts";
 import { registerRpc } from "./rpc.ts";
 import { registerRun } from "./run.ts";
@@ -22,6 +23,7 @@ const program = new Command("matchlock")
 registerRun(program);
 registerExec(program);
 registerVmCommands(program);
+registerImage(program);
 registerRpc(program);
 registerPortForward(program);
 registerSetup(program);

@@ -23,13 +23,31 @@ async function treeBytes(dir: string): Promise<number> {
   return Number.parseInt(out, 10) || 0;
 }
 
-/** A read-only base disk holding `dir`, with room for ext4's own metadata. */
-export async function makeExt4FromDir(dir: string, out: string, label: string): Promise<void> {
+/**
+ * A read-only base disk holding `dir`, with room for ext4's own metadata. `entries` (files, dirs,
+ * links in the tree) sizes the inode table: the default ratio runs out on trees of small files.
+ */
+export async function makeExt4FromDir(
+  dir: string,
+  out: string,
+  label: string,
+  entries?: number,
+): Promise<void> {
   const used = await treeBytes(dir);
-  const bytes = Math.ceil((used * 1.3 + 16 * 1024 * 1024) / (1024 * 1024)) * 1024 * 1024;
+  const inodes = entries === undefined ? undefined : Math.ceil(entries * 1.2) + 1024;
+  const bytes =
+    Math.ceil((used * 1.3 + (inodes ?? 0) * 256 + 16 * 1024 * 1024) / (1024 * 1024)) * 1024 * 1024;
   await sparseFile(out, bytes);
   try {
-    await runCommand(MKFS, [...COMMON, "-L", label, "-d", dir, out]);
+    await runCommand(MKFS, [
+      ...COMMON,
+      ...(inodes === undefined ? [] : ["-N", String(inodes)]),
+      "-L",
+      label,
+      "-d",
+      dir,
+      out,
+    ]);
   } catch (e) {
     await rm(out, { force: true });
     throw new MatchlockError("SETUP_FAILED", `could not build an ext4 image of ${dir}`, { cause: e });

@@ -23,7 +23,11 @@ describe("Sandbox builder", () => {
     const a = base.withEnv("A", "1").withCPUs(2);
     const b = base.withEnv("B", "2").withNoNetwork().withPortForward(8080, 80);
     assert.deepEqual(base.options(), { image: "img:1", resources: { memory_mb: 256 } });
-    assert.deepEqual(a.options(), { image: "img:1", resources: { memory_mb: 256, cpus: 2 }, env: { A: "1" } });
+    assert.deepEqual(a.options(), {
+      image: "img:1",
+      resources: { memory_mb: 256, cpus: 2 },
+      env: { A: "1" },
+    });
     assert.deepEqual(b.options().env, { B: "2" });
     assert.equal(b.options().network?.no_network, true);
     assert.deepEqual(b.portForwards, [{ localPort: 8080, remotePort: 80 }]);
@@ -44,7 +48,12 @@ describe("Sandbox builder", () => {
     const c = parseSandboxConfig(s.options());
     assert.equal(c.resources.cpus, 1.5);
     assert.equal(c.resources.timeout_seconds, 30);
-    assert.deepEqual(c.image_config, { user: "user", entrypoint: ["/bin/sh", "-c"], working_dir: "/work", env: { X: "y" } });
+    assert.deepEqual(c.image_config, {
+      user: "user",
+      entrypoint: ["/bin/sh", "-c"],
+      working_dir: "/work",
+      env: { X: "y" },
+    });
     assert.deepEqual(c.network.secrets.K, { value: "v", hosts: ["api.example.com"] });
     assert.deepEqual(c.vfs.mounts["/data"], { type: "host_fs", host_path: "/srv/data", readonly: true });
   });
@@ -75,7 +84,9 @@ describe("Client edge cases", () => {
     await assert.rejects(
       c.exec("true"),
       (e: Error) =>
-        e instanceof MatchlockError && /exited with code 3/.test(e.message) && /kernel exploded/.test(e.stderr),
+        e instanceof MatchlockError &&
+        /exited with code 3/.test(e.message) &&
+        /kernel exploded/.test(e.stderr),
     );
   });
 
@@ -107,7 +118,10 @@ describe("Client edge cases", () => {
     await assert.rejects(p);
     await new Promise((r) => setTimeout(r, 300));
     const { readFileSync } = await import("node:fs");
-    const lines = readFileSync(seen, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    const lines = readFileSync(seen, "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l));
     assert.equal(lines[0].method, "exec");
     assert.deepEqual(lines[1].params, { id: lines[0].id });
     assert.equal(lines[1].method, "cancel");

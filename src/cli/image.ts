@@ -1,0 +1,117 @@
+import { createReadStream, existsSync } from "node:fs";
+import type { Readable } from "node:stream";
+import type { Command } from "commander";
+import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { paths } from "../api/paths.ts";
+import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
+import { ImageStore } from "../image/store.ts";
+
+/** `matchlock image import|ls|rm|gc`: the local image store. */
+
+function withStore<T>(fn: (s: ImageStore) => Promise<T> | T): Promise<T> {
+  const s = new ImageStore(paths());
+  return Promise.resolve()
+    .then(() => fn(s))
+    .finally(() => s.close());
+}
+
+function mb(bytes: number): string {
+  return bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(1)} MB`;
+}
+
+export function registerImage(program: Command): void {
+  const image = program.command("image").summary("manage local images: import, ls, rm, gc");
+
+  image
+    .command("import")
+    .summary("import a docker-save or OCI-layout tar archive under TAG")
+    .description(
+      "Import an image archive — `docker save` output or an OCI image layout, as a tar — from stdin or -i FILE.\n" +
+        "Layers are stored by digest (shared between images), applied with OCI whiteouts into a read-only\n" +
+        "base disk, and checked: entries escaping the root, writes through symlinks, hardlinks out of the\n" +
+        "tree, unencodable names and oversized archives are refused with the entry and the rule named;\n" +
+        "device nodes are dropped.\n\n" +
+        "  docker save app:latest | matchlock image import app:latest\n" +
+        "  matchlock image import oci-app:1 -i app-oci-layout.tar",
+    )
+    .argument(
+      "<tag>",
+      "name to give the image (normalised as Docker does: app → docker.io/library/app:latest)",
+    )
+    .option("-i, --input <file>", "read the archive from this file instead of stdin")
+    .action((tag: string, flags: { input?: string }) =>
+      withStore(async (s) => {
+        let input: Readable;
+        if (flags.input) {
+          if (!existsSync(flags.input)) throw new InvalidArgumentError(`${flags.input}: no such file`);
+          input = createReadStream(flags.input);
+        } else {
+          if (process.stdin.isTTY)
+            throw new InvalidArgumentError("no archive: pipe one to stdin or use -i FILE");
+          input = process.stdin;
+        }
+        const log = (line: string) => process.stderr.write(`  … ${line}\n`);
+        const r = await s.importArchive(input, tag, flags.input ? `file:${flags.input}` : "stdin", log);
+        for (const sk of r.skipped) process.stderr.write(`  dropped ${sk}\n`);
+        process.stdout.write(`${r.tag} ${r.digest}\n`);
+      }),
+    );
+
+  image
+    .command("ls")
+    .alias("list")
+    .summary("list images")
+    .action(() =>
+      withStore(async (s) => {
+        const rows = [["TAG", "SCOPE", "DIGEST", "SIZE", "CREATED"]];
+        if (await loadDefaultImage(paths())) rows.push([DEFAULT_IMAGE, "builtin", "-", "-", "-"]);
+        for (const i of s.list()) {
+          rows.push([
+            i.tag,
+            i.scope,
+            i.digest.slice(0, 19),
+            mb(i.size),
+            i.created_at.replace("T", " ").slice(0, 19),
+          ]);
+        }
+        const widths = rows[0]?.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? "").length))) ?? [];
+        for (const r of rows)
+          process.stdout.write(
+            `${r
+              .map((x, c) => x.padEnd(widths[c] ?? 0))
+              .join("  ")
+              .trimEnd()}\n`,
+          );
+      }),
+    );
+
+  image
+    .command("rm")
+    .alias("remove")
+    .summary("remove image tags (their blobs are freed by `image gc`)")
+    .argument("<tags...>")
+    .action((tags: string[]) =>
+      withStore((s) => {
+        let missing = 0;
+        for (const t of tags) {
+          if (s.remove(t)) process.stdout.write(`${t}\n`);
+          else {
+            process.stderr.write(`matchlock: no image ${t}\n`);
+            missing++;
+          }
+        }
+        if (missing > 0)
+          throw new MatchlockError("IMAGE_NOT_FOUND", `${missing} of the images were not found`);
+      }),
+    );
+
+  image
+    .command("gc")
+    .summary("free layer blobs and base disks no image uses")
+    .action(() =>
+      withStore(async (s) => {
+        const r = await s.gc();
+        process.stdout.write(`freed ${r.blobs} blobs and ${r.rootfs} base disks (${mb(r.bytes)})\n`);
+      }),
+    );
+}
