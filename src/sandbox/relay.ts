@@ -346,9 +346,12 @@ class RelayConnection {
   }
 
   private withTcp(stream: number, fn: (t: TcpStream) => void): void {
-    this.tcp.get(stream)?.then((t) => {
-      if (t) fn(t);
-    });
+    this.tcp
+      .get(stream)
+      ?.then((t) => {
+        if (t) fn(t);
+      })
+      .catch(() => {});
   }
 
   private endTcp(stream: number, errno: number): void {
