@@ -238,15 +238,13 @@ export class ImageStore {
   }
 
   list(): ImageListing[] {
-    return this.meta
-      .list()
-      .map((r: ImageRow) => ({
-        tag: r.tag,
-        scope: r.scope,
-        digest: r.digest,
-        size: r.size,
-        created_at: r.created_at,
-      }));
+    return this.meta.list().map((r: ImageRow) => ({
+      tag: r.tag,
+      scope: r.scope,
+      digest: r.digest,
+      size: r.size,
+      created_at: r.created_at,
+    }));
   }
 
   remove(tag: string): boolean {
