@@ -10,6 +10,7 @@ import { parseEnvFile, parseEnvSpec, resolveArgv, validateUser } from "../sandbo
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
 import { attach, ioHandlers, SignalRelay, terminalSize } from "./attach.ts";
 import { boolValue, collect, durationMs, positiveInt, positiveNumber } from "./parse.ts";
+import { pullProgress } from "./progress.ts";
 
 interface RunFlags {
   image?: string;
@@ -32,6 +33,7 @@ interface RunFlags {
   gracefulShutdown: number;
   publish: string[];
   address: string[];
+  pull?: boolean;
 }
 
 export function registerRun(program: Command): void {
@@ -48,7 +50,11 @@ export function registerRun(program: Command): void {
     )
     .usage("[options] [--] [command...]")
     .argument("[command...]", "command and arguments (default: the image's Entrypoint + Cmd)")
-    .option("--image <ref>", "image to boot (default: matchlock/default:latest, built by `matchlock setup`)")
+    .option(
+      "--image <ref>",
+      "image to boot: a local tag, a pulled image, or pulled now (default: matchlock/default:latest)",
+    )
+    .option("--pull", "pull the image again even if it is here")
     .option(
       "-e, --env <KEY=VALUE|KEY>",
       "set an environment variable; a bare KEY copies the host's value",
@@ -170,10 +176,18 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
   try {
     let sandbox: Sandbox;
     try {
-      sandbox = await signals.during(
-        Sandbox.create({ config, ...(flags.accel ? { accel: flags.accel } : {}) }),
-        (sb) => sb.close(),
-      );
+      const progress = pullProgress();
+      sandbox = await signals
+        .during(
+          Sandbox.create({
+            config,
+            ...(flags.accel ? { accel: flags.accel } : {}),
+            ...(flags.pull ? { pull: true } : {}),
+            onPullProgress: progress.onProgress,
+          }),
+          (sb) => sb.close(),
+        )
+        .finally(() => progress.stop());
     } catch (e) {
       if (detachedChild) announce(`error ${(e as Error).message}`);
       throw e;

@@ -4,7 +4,7 @@ import { mkdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import type { ImageConfig } from "../api/config.ts";
-import { InvalidArgumentError, MatchlockError, NotSetUpError } from "../api/errors.ts";
+import { InvalidArgumentError, isMatchlockError, MatchlockError, NotSetUpError } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { procStartTime } from "../state/procs.ts";
 import { openLayer, RootfsBuilder } from "./apply.ts";
@@ -12,7 +12,8 @@ import { readArchive, unpackArchive } from "./archive.ts";
 import { DEFAULT_IMAGE, loadDefaultImage, type ResolvedImage } from "./default-image.ts";
 import { makeExt4FromDir } from "./ext4.ts";
 import { type BlobRef, ImageMetadata, type ImageRow } from "./metadata.ts";
-import { normalizeReference } from "./reference.ts";
+import { normalizeReference, parseReference } from "./reference.ts";
+import { type PullProgress, pullImage } from "./registry.ts";
 
 export type { ResolvedImage };
 
@@ -184,6 +185,80 @@ export class ImageStore {
     }
   }
 
+  /**
+   * Pulls an image from its registry into the store (blobs already present are not downloaded) and
+   * builds its base disk. Recorded with scope "registry" under the normalised reference.
+   */
+  async pull(
+    ref: string,
+    opts: { insecure?: boolean; onProgress?: (p: PullProgress) => void; signal?: AbortSignal } = {},
+  ): Promise<ImportResult & { manifestDigest: string; downloaded: number }> {
+    const name = normalizeReference(ref);
+    const tmp = this.scratch("pull");
+    await mkdir(tmp, { recursive: true, mode: 0o700 });
+    await mkdir(join(this.p.images, "blobs", "sha256"), { recursive: true });
+    try {
+      const pulled = await pullImage(parseReference(ref), {
+        blobPath: (d) => this.blobPath(d),
+        tmpDir: tmp,
+        ...(opts.insecure ? { insecure: true } : {}),
+        ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+        ...(opts.signal ? { signal: opts.signal } : {}),
+      });
+      const configPath = this.blobPath(pulled.configDigest);
+      let oci: OciConfig;
+      try {
+        oci = JSON.parse(readFileSync(configPath, "utf8")) as OciConfig;
+      } catch {
+        throw new InvalidArgumentError(`${name}: the image config is not valid JSON`);
+      }
+      const blobs: BlobRef[] = [
+        {
+          digest: pulled.configDigest,
+          size: statSync(configPath).size,
+          mediaType: "application/vnd.oci.image.config.v1+json",
+          role: "config",
+        },
+        ...pulled.layers.map(
+          (l): BlobRef => ({ digest: l.digest, size: l.size, mediaType: l.mediaType, role: "layer" }),
+        ),
+      ];
+      const size = pulled.layers.reduce((n, l) => n + l.size, 0);
+      const rootfs = this.rootfsPath(pulled.configDigest);
+      let skipped: string[] = [];
+      if (!existsSync(rootfs)) {
+        skipped = await this.buildRootfs(
+          pulled.layers.map((l) => l.digest),
+          rootfs,
+        );
+      }
+      this.meta.put(
+        {
+          scope: "registry",
+          tag: name,
+          digest: pulled.configDigest,
+          size,
+          source: `registry:${name}@${pulled.manifestDigest}`,
+          rootfs_path: rootfs,
+          oci_json: JSON.stringify(oci),
+        },
+        blobs,
+      );
+      return {
+        tag: name,
+        digest: pulled.configDigest,
+        layers: pulled.layers.length,
+        size,
+        addedBytes: pulled.downloaded,
+        skipped,
+        manifestDigest: pulled.manifestDigest,
+        downloaded: pulled.downloaded,
+      };
+    } finally {
+      await rm(tmp, { recursive: true, force: true });
+    }
+  }
+
   /** Applies the layers (hardened) into a staging dir and packs it as the image's read-only ext4. */
   private async buildRootfs(layers: string[], out: string): Promise<string[]> {
     const staging = this.scratch("rootfs");
@@ -201,19 +276,40 @@ export class ImageStore {
     }
   }
 
-  /** `--image` lookup: the default image, then a local tag, then a pulled one. */
-  async resolve(ref: string | undefined): Promise<ResolvedImage> {
+  /** `--image` lookup: the default image, then a local tag, then a pulled one, then a pull. */
+  async resolve(
+    ref: string | undefined,
+    opts: { pull?: boolean; allowPull?: boolean; onProgress?: (p: PullProgress) => void } = {},
+  ): Promise<ResolvedImage> {
     if (ref === undefined || ref === "" || DEFAULT_ALIASES.has(ref)) {
       const img = await loadDefaultImage(this.p);
       if (!img) throw new NotSetUpError(`the default image ${DEFAULT_IMAGE} is not built`);
       return img;
     }
     const name = normalizeReference(ref);
-    const row = this.meta.get("local", name) ?? this.meta.get("registry", name);
+    let row = opts.pull ? undefined : (this.meta.get("local", name) ?? this.meta.get("registry", name));
     if (!row) {
-      throw new MatchlockError("IMAGE_NOT_FOUND", `image "${ref}" (${name}) not found`, {
-        hint: "import it with `matchlock image import TAG -i FILE` (pulling from registries is not built yet); `matchlock image ls` lists what is here",
-      });
+      // Lookup order: local tag → registry cache → pull.
+      if (!opts.pull && !opts.allowPull) {
+        throw new MatchlockError("IMAGE_NOT_FOUND", `image "${ref}" (${name}) not found`, {
+          hint: "`matchlock pull` it or `matchlock image import` it; `matchlock image ls` lists what is here",
+        });
+      }
+      try {
+        await this.pull(ref, opts.onProgress ? { onProgress: opts.onProgress } : {});
+      } catch (e) {
+        if (opts.pull || !isMatchlockError(e)) throw e;
+        throw new MatchlockError(
+          "IMAGE_NOT_FOUND",
+          `image "${ref}" (${name}) is not here, and pulling it failed: ${e.message}`,
+          {
+            hint: "`matchlock image import` it from an archive, or check the registry; `matchlock image ls` lists what is here",
+          },
+        );
+      }
+      row = this.meta.get("registry", name);
+      if (!row)
+        throw new MatchlockError("IMAGE_NOT_FOUND", `image "${ref}" (${name}) not found after pulling`);
     }
     if (!existsSync(row.rootfs_path)) {
       const layers = this.meta.blobsOf(row.digest).filter((b) => b.role === "layer");
@@ -235,6 +331,15 @@ export class ImageStore {
       fstype: "ext4",
       config: imageConfigOf(JSON.parse(row.oci_json) as OciConfig),
     };
+  }
+
+  /** Gives an image already in the store another local tag. */
+  tagLocal(existing: string, tag: string): void {
+    const from = normalizeReference(existing);
+    const row = this.meta.get("local", from) ?? this.meta.get("registry", from);
+    if (!row) throw new MatchlockError("IMAGE_NOT_FOUND", `no image ${existing}`);
+    const { created_at: _c, updated_at: _u, ...rest } = row;
+    this.meta.put({ ...rest, scope: "local", tag: normalizeReference(tag) }, this.meta.blobsOf(row.digest));
   }
 
   list(): ImageListing[] {
@@ -287,8 +392,12 @@ export class ImageStore {
   }
 }
 
-/** Resolves `--image` for one VM start (opens and closes the store). */
-export async function resolveImage(p: Paths, ref: string | undefined): Promise<ResolvedImage> {
+/** Resolves `--image` for one VM start (opens and closes the store); pulls what is not here. */
+export async function resolveImage(
+  p: Paths,
+  ref: string | undefined,
+  opts: { pull?: boolean; onProgress?: (p: PullProgress) => void } = {},
+): Promise<ResolvedImage> {
   if (ref === undefined || ref === "" || DEFAULT_ALIASES.has(ref)) {
     const img = await loadDefaultImage(p);
     if (!img) throw new NotSetUpError(`the default image ${DEFAULT_IMAGE} is not built`);
@@ -296,7 +405,7 @@ export async function resolveImage(p: Paths, ref: string | undefined): Promise<R
   }
   const store = new ImageStore(p);
   try {
-    return await store.resolve(ref);
+    return await store.resolve(ref, { ...opts, allowPull: true });
   } finally {
     store.close();
   }

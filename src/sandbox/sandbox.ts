@@ -16,6 +16,7 @@ import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
 import type { DirEntry } from "../guest/protocol.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
+import type { PullProgress } from "../image/registry.ts";
 import { type ResolvedImage, resolveImage } from "../image/store.ts";
 import type { Resources } from "../state/lifecycle.ts";
 import { procStartTime, selfIdentity } from "../state/procs.ts";
@@ -43,6 +44,9 @@ export interface CreateOptions {
   backend?: VmBackend;
   /** An open state.db; by default the sandbox opens (and closes) its own. */
   state?: StateStore;
+  /** Pull the image again even if it is in the store (`--pull`). */
+  pull?: boolean;
+  onPullProgress?: (p: PullProgress) => void;
 }
 
 export interface ExecOptions {
@@ -120,7 +124,10 @@ export class Sandbox {
     const p = opts.paths ?? defaultPaths();
     const progress = opts.onProgress ?? (() => {});
     const config = opts.config;
-    const image = await resolveImage(p, config.image);
+    const image = await resolveImage(p, config.image, {
+      ...(opts.pull ? { pull: true } : {}),
+      ...(opts.onPullProgress ? { onProgress: opts.onPullProgress } : {}),
+    });
     const kernel = await loadKernel(p);
     const initramfs = await loadInitramfs(p);
     const { accel } = await chooseAccel(
