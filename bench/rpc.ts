@@ -29,7 +29,10 @@ async function main(): Promise<void> {
   const env = { ...process.env, MATCHLOCK_HOME: home };
   console.log(`bench/rpc on ${cpus().length} × ${cpus()[0]?.model ?? "?"}, ${RUNS} round trips each`);
 
-  const direct = await VmSandbox.create({ config: parseSandboxConfig({ network: { no_network: true } }), paths: paths(env) });
+  const direct = await VmSandbox.create({
+    config: parseSandboxConfig({ network: { no_network: true } }),
+    paths: paths(env),
+  });
   const client = new Client({ env });
   await client.launch(new Sandbox().withNoNetwork());
   try {
@@ -48,8 +51,12 @@ async function main(): Promise<void> {
       await client.exec("true");
       rpcMs.push(performance.now() - t);
     }
-    console.log(`agent exec "sh -c true" (in-process)  p50 ${ms(pct(agentMs, 50))}  p99 ${ms(pct(agentMs, 99))}`);
-    console.log(`rpc exec("true") via the SDK           p50 ${ms(pct(rpcMs, 50))}  p99 ${ms(pct(rpcMs, 99))}`);
+    console.log(
+      `agent exec "sh -c true" (in-process)  p50 ${ms(pct(agentMs, 50))}  p99 ${ms(pct(agentMs, 99))}`,
+    );
+    console.log(
+      `rpc exec("true") via the SDK           p50 ${ms(pct(rpcMs, 50))}  p99 ${ms(pct(rpcMs, 99))}`,
+    );
     console.log(`RPC overhead ratio (p50 rpc / agent)   ${(pct(rpcMs, 50) / pct(agentMs, 50)).toFixed(2)}`);
 
     for (const size of [1024 * 1024, 64 * 1024 * 1024]) {
