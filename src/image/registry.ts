@@ -20,6 +20,11 @@ import { formatReference, type ImageRef } from "./reference.ts";
  * dev registry is nearly always plain HTTP, and a silent downgrade is what we want to avoid.)
  * Credentials come from the docker config's `auths` (`auth` or `username`/`password`); credential
  * helpers and identity tokens are not supported.
+ *
+ * Errors are RegistryErrors (`status` = the HTTP status): IMAGE_NOT_FOUND for 404 and for 401/403
+ * once auth was tried (registries answer 401 for repositories you may not see); INVALID_ARGUMENT
+ * for schema 1, unsupported media types and no linux/<arch> image; INTERNAL for digest mismatches,
+ * other 4xx, unreachable registries and retries run out. An aborted `signal` gives CANCELLED.
  */
 
 export interface PullProgress {
@@ -56,14 +61,12 @@ export interface PulledImage {
   downloaded: number;
 }
 
+type ErrorOptions = { status?: number | undefined; hint?: string; cause?: unknown };
+
 export class RegistryError extends MatchlockError {
   /** The HTTP status that caused it, if any. */
   readonly status: number | undefined;
-  constructor(
-    code: ErrorCode,
-    message: string,
-    opts: { status?: number; hint?: string; cause?: unknown } = {},
-  ) {
+  constructor(code: ErrorCode, message: string, opts: ErrorOptions = {}) {
     super(code, message, { hint: opts.hint, cause: opts.cause });
     this.name = "RegistryError";
     this.status = opts.status;
@@ -99,17 +102,7 @@ const LAYER_TYPES = new Set([
 const MAX_JSON = 4 * 1024 * 1024;
 const DIGEST = /^sha256:[a-f0-9]{64}$/;
 /** Connection failures that a retry may cure (not refused/unknown host: those fail fast). */
-const TRANSIENT_CODES = new Set([
-  "ECONNRESET",
-  "EPIPE",
-  "ETIMEDOUT",
-  "ECONNABORTED",
-  "EAI_AGAIN",
-  "UND_ERR_SOCKET",
-  "UND_ERR_CONNECT_TIMEOUT",
-  "UND_ERR_HEADERS_TIMEOUT",
-  "UND_ERR_BODY_TIMEOUT",
-]);
+const TRANSIENT_CODE = /^(ECONNRESET|EPIPE|ETIMEDOUT|ECONNABORTED|EAI_AGAIN|UND_ERR_(SOCKET|\w+_TIMEOUT))$/;
 
 interface Descriptor {
   mediaType?: string;
@@ -126,6 +119,9 @@ interface Manifest {
 }
 
 const sha256 = (b: Buffer) => `sha256:${createHash("sha256").update(b).digest("hex")}`;
+const internal = (message: string, status?: number) => new RegistryError("INTERNAL", message, { status });
+const basicAuth = (c: { user: string; pass: string }) =>
+  `Basic ${Buffer.from(`${c.user}:${c.pass}`).toString("base64")}`;
 
 export function isLoopback(host: string): boolean {
   const h = host.startsWith("[") ? host.slice(0, host.indexOf("]") + 1) : (host.split(":")[0] ?? "");
@@ -153,18 +149,16 @@ async function detailOf(res: Response): Promise<string> {
 
 /** Reads a small body (manifest, token), refusing more than `cap` bytes without buffering them. */
 async function readCapped(res: Response, cap: number, what: string): Promise<Buffer> {
-  if (Number(res.headers.get("content-length") ?? 0) > cap || !res.body) {
+  const tooBig = internal(`${what} is larger than ${cap >> 20} MiB; refusing it`);
+  if (Number(res.headers.get("content-length") ?? 0) > cap) {
     await res.body?.cancel();
-    throw new RegistryError(
-      "INTERNAL",
-      `${what} is ${res.body ? "larger than 4 MiB" : "empty"}; refusing it`,
-    );
+    throw tooBig;
   }
   const chunks: Buffer[] = [];
   let n = 0;
-  for await (const c of res.body as AsyncIterable<Uint8Array>) {
+  for await (const c of (res.body ?? []) as AsyncIterable<Uint8Array>) {
     n += c.length;
-    if (n > cap) throw new RegistryError("INTERNAL", `${what} is larger than 4 MiB; refusing it`);
+    if (n > cap) throw tooBig; // leaving the loop cancels the stream
     chunks.push(Buffer.from(c));
   }
   return Buffer.concat(chunks);
@@ -174,7 +168,7 @@ function isTransient(e: unknown): boolean {
   for (let c: unknown = e; c instanceof Error; c = c.cause) {
     if (c instanceof Transient) return true;
     const code = (c as { code?: unknown }).code;
-    if (typeof code === "string" && TRANSIENT_CODES.has(code)) return true;
+    if (typeof code === "string" && TRANSIENT_CODE.test(code)) return true;
   }
   return false;
 }
@@ -183,9 +177,11 @@ function isTransient(e: unknown): boolean {
 class Repo {
   private readonly base: string;
   private readonly fetch: typeof fetch;
-  private readonly tokens = new Map<string, string>();
+  /** Bearer tokens per (realm, service, scope): `header` is set once the token has arrived. */
+  private readonly tokens = new Map<string, { header?: string; promise: Promise<string> }>();
   private auth: string | undefined;
   private credsFile: string | undefined;
+  private readonly configFile: string;
   private readonly opts: PullOptions;
   readonly ref: ImageRef;
   readonly name: string;
@@ -198,51 +194,55 @@ class Repo {
     this.base = `${isLoopback(host) || opts.insecure ? "http" : "https"}://${host}/v2/${ref.path}`;
     this.fetch = opts.fetchImpl ?? globalThis.fetch;
     this.name = formatReference(ref);
+    this.configFile =
+      opts.dockerConfigPath ?? join(process.env.DOCKER_CONFIG ?? join(homedir(), ".docker"), "config.json");
   }
 
   /** Runs `fn` again on 5xx, 429 and connection resets, with exponential backoff and jitter. */
-  async retrying<T>(fn: () => Promise<T>): Promise<T> {
+  async retrying<T>(fn: () => Promise<T>, signal = this.opts.signal): Promise<T> {
     const retries = this.opts.retries ?? 4;
     for (let attempt = 0; ; attempt++) {
       try {
         return await fn();
       } catch (e) {
-        if (this.opts.signal?.aborted) throw new MatchlockError("CANCELLED", "pull cancelled", { cause: e });
         if (!isTransient(e)) {
           if (e instanceof MatchlockError || (e as Error).name === "AbortError") throw e;
-          throw new RegistryError("INTERNAL", `cannot reach registry ${this.ref.domain}: ${causeOf(e)}`, {
-            cause: e,
-          });
+          const msg = `cannot reach registry ${this.ref.domain}: ${causeOf(e)}`;
+          throw new RegistryError("INTERNAL", msg, { cause: e });
         }
         if (attempt >= retries) {
-          const status = e instanceof Transient ? e.status : undefined;
-          throw new RegistryError(
-            "INTERNAL",
-            `registry ${this.ref.domain} failed after ${retries + 1} attempts: ${causeOf(e)}`,
-            { status, cause: e },
-          );
+          const msg = `registry ${this.ref.domain} failed after ${retries + 1} attempts: ${causeOf(e)}`;
+          throw new RegistryError("INTERNAL", msg, { status: (e as Transient).status, cause: e });
         }
         const backoff = 200 * 2 ** attempt * (0.5 + Math.random());
-        await sleep(Math.max(backoff, e instanceof Transient ? e.waitMs : 0), undefined, {
-          signal: this.opts.signal,
-        });
+        await sleep(Math.max(backoff, e instanceof Transient ? e.waitMs : 0), undefined, { signal });
       }
     }
   }
 
   /** GET <base>/<path>, answering one 401 with the challenge's auth; throws on anything but 2xx. */
   async get(path: string, accept: string, what: string, signal?: AbortSignal): Promise<Response> {
-    const send = () =>
-      this.fetch(`${this.base}/${path}`, {
-        headers: { accept, "user-agent": "matchlock", ...(this.auth ? { authorization: this.auth } : {}) },
+    let sent: string | undefined;
+    const send = () => {
+      sent = this.auth;
+      return this.fetch(`${this.base}/${path}`, {
+        // identity: fetch would transparently gunzip a Content-Encoding'd blob and break its digest.
+        headers: {
+          accept,
+          "accept-encoding": "identity",
+          "user-agent": "matchlock",
+          ...(sent ? { authorization: sent } : {}),
+        },
         redirect: "follow", // fetch drops Authorization on a cross-origin hop (S3-style blob URLs)
         signal: signal ?? this.opts.signal ?? null,
       });
+    };
     let res = await send();
     if (res.status === 401) {
       const challenge = res.headers.get("www-authenticate") ?? "";
       await res.body?.cancel();
-      this.auth = await this.authenticate(challenge, this.auth);
+      // A token refused here may have expired mid-pull (or another layer's request already renewed it).
+      this.auth = await this.authenticate(challenge, sent);
       res = await send();
     }
     if (res.ok) return res;
@@ -263,53 +263,55 @@ class Repo {
         Math.min(after * 1000 || 0, 10_000),
       );
     }
-    throw new RegistryError(
-      "INTERNAL",
-      `registry ${this.ref.domain} answered HTTP ${status} for ${what}: ${detail}`,
-      {
-        status,
-      },
-    );
+    throw internal(`registry ${this.ref.domain} answered HTTP ${status} for ${what}: ${detail}`, status);
   }
 
   /** The Authorization header a 401 challenge asks for; `stale` is the one that was just refused. */
-  private async authenticate(header: string, stale: string | undefined): Promise<string> {
+  private authenticate(header: string, stale: string | undefined): Promise<string> {
     const { scheme, params } = parseChallenge(header);
     const creds = this.credentials();
     if (scheme === "basic") {
-      if (!creds) throw this.authError(401);
-      return `Basic ${Buffer.from(`${creds.user}:${creds.pass}`).toString("base64")}`;
+      return creds ? Promise.resolve(basicAuth(creds)) : Promise.reject(this.authError(401));
     }
     if (scheme !== "bearer" || !params.realm)
-      throw new RegistryError(
-        "INTERNAL",
-        `registry ${this.ref.domain} sent an unusable challenge: "${header}"`,
-      );
+      return Promise.reject(internal(`registry ${this.ref.domain} sent an unusable challenge: "${header}"`));
     const scope = params.scope ?? `repository:${this.ref.path}:pull`;
     const key = `${params.realm} ${params.service ?? ""} ${scope}`;
+    // Share a token being fetched, or a newer one than was refused: parallel layers renew it once.
     const cached = this.tokens.get(key);
-    if (cached && `Bearer ${cached}` !== stale) return `Bearer ${cached}`;
-    let url: URL;
-    try {
-      url = new URL(params.realm);
-    } catch {
-      throw new RegistryError(
-        "INTERNAL",
-        `registry ${this.ref.domain} sent a bad token realm "${params.realm}"`,
-      );
-    }
+    if (cached && cached.header !== stale) return cached.promise;
+    const entry: { header?: string; promise: Promise<string> } = {
+      promise: this.fetchToken(params.realm, params.service, scope, creds).then(
+        (token) => {
+          entry.header = `Bearer ${token}`;
+          return entry.header;
+        },
+        (e) => {
+          if (this.tokens.get(key) === entry) this.tokens.delete(key);
+          throw e;
+        },
+      ),
+    };
+    this.tokens.set(key, entry);
+    return entry.promise;
+  }
+
+  private async fetchToken(
+    realm: string,
+    service: string | undefined,
+    scope: string,
+    creds: { user: string; pass: string } | undefined,
+  ): Promise<string> {
+    const url = URL.parse(realm);
+    if (!url) throw internal(`registry ${this.ref.domain} sent a bad token realm "${realm}"`);
     // Never send credentials in clear to a host the user did not mark insecure.
-    if (
-      url.protocol !== "https:" &&
-      !(url.protocol === "http:" && (isLoopback(url.host) || this.opts.insecure))
-    )
-      throw new RegistryError("INTERNAL", `refusing the token realm ${url.origin}: not HTTPS`);
-    if (params.service) url.searchParams.set("service", params.service);
+    const clearOk = url.protocol === "http:" && (isLoopback(url.host) || this.opts.insecure);
+    if (url.protocol !== "https:" && !clearOk)
+      throw internal(`refusing the token realm ${url.origin}: not HTTPS`);
+    if (service) url.searchParams.set("service", service);
     for (const s of scope.split(" ")) url.searchParams.append("scope", s);
     const res = await this.fetch(url, {
-      headers: creds
-        ? { authorization: `Basic ${Buffer.from(`${creds.user}:${creds.pass}`).toString("base64")}` }
-        : {},
+      headers: creds ? { authorization: basicAuth(creds) } : {},
       signal: this.opts.signal ?? null,
     });
     if (res.status === 401 || res.status === 403) {
@@ -320,36 +322,22 @@ class Repo {
       const detail = await detailOf(res);
       if (res.status === 429 || res.status >= 500)
         throw new Transient(`token: HTTP ${res.status}`, res.status, 0);
-      throw new RegistryError(
-        "INTERNAL",
-        `token endpoint ${url.origin} answered HTTP ${res.status}: ${detail}`,
-        {
-          status: res.status,
-        },
-      );
+      throw internal(`token endpoint ${url.origin} answered HTTP ${res.status}: ${detail}`, res.status);
     }
     let body: { token?: string; access_token?: string };
     try {
       body = JSON.parse((await readCapped(res, 1 << 20, "the token response")).toString("utf8"));
     } catch (e) {
-      throw new RegistryError("INTERNAL", `bad token response from ${url.origin}: ${messageOf(e)}`);
+      throw internal(`bad token response from ${url.origin}: ${messageOf(e)}`);
     }
     const token = body.token ?? body.access_token;
-    if (!token) throw new RegistryError("INTERNAL", `the token response from ${url.origin} has no token`);
-    this.tokens.set(key, token);
-    return `Bearer ${token}`;
-  }
-
-  private configFile(): string {
-    return (
-      this.opts.dockerConfigPath ??
-      join(process.env.DOCKER_CONFIG ?? join(homedir(), ".docker"), "config.json")
-    );
+    if (!token) throw internal(`the token response from ${url.origin} has no token`);
+    return token;
   }
 
   /** user:pass for this registry from the docker config's `auths`, if any. */
   private credentials(): { user: string; pass: string } | undefined {
-    const file = this.configFile();
+    const file = this.configFile;
     if (!existsSync(file)) return undefined;
     type Auth = { auth?: string; username?: string; password?: string };
     let auths: Record<string, Auth>;
@@ -385,7 +373,7 @@ class Repo {
         : `authentication ${this.credsFile ? "failed" : "required"} for ${host} (pulling ${this.name})`;
     const hint = this.credsFile
       ? `check the credentials for "${host}" in ${this.credsFile}`
-      : `add {"auths": {"${host}": {"auth": "<base64 of user:password>"}}} to ${this.configFile()} (or run \`docker login ${host}\`)`;
+      : `add {"auths": {"${host}": {"auth": "<base64 of user:password>"}}} to ${this.configFile} (or run \`docker login ${host}\`)`;
     return new RegistryError("IMAGE_NOT_FOUND", msg, { status, hint });
   }
 }
@@ -411,15 +399,9 @@ function unsupported(what: string, type: string | undefined): RegistryError {
 }
 
 function checkDescriptor(d: Descriptor | undefined, what: string): Descriptor {
-  if (
-    !d ||
-    typeof d.digest !== "string" ||
-    !DIGEST.test(d.digest) ||
-    !Number.isSafeInteger(d.size) ||
-    d.size < 0
-  )
-    throw new RegistryError("INTERNAL", `the manifest's ${what} has no valid sha256 digest and size`);
-  return d;
+  // The digest becomes a file name: only sha256:<hex> gets through.
+  if (d && DIGEST.test(String(d.digest)) && Number.isSafeInteger(d.size) && d.size >= 0) return d;
+  throw internal(`the manifest's ${what} has no valid sha256 digest and size`);
 }
 
 /** Fetches manifests until one for linux/<arch>; verifies each against the digest that named it. */
@@ -439,16 +421,13 @@ async function resolve(repo: Repo, opts: PullOptions): Promise<{ digest: string;
     // By digest, the bytes must hash to it; by tag, to what the registry says the tag points at.
     const want = expected ?? (claimed?.startsWith("sha256:") ? claimed : digest);
     if (digest !== want)
-      throw new RegistryError(
-        "INTERNAL",
-        `digest mismatch for the manifest of ${repo.name}: got ${digest}, want ${want}`,
-      );
+      throw internal(`digest mismatch for the manifest of ${repo.name}: got ${digest}, want ${want}`);
     opts.onProgress?.({ digest, total: bytes.length, done: bytes.length, phase: "manifest" });
     let m: Manifest;
     try {
       m = JSON.parse(bytes.toString("utf8")) as Manifest;
     } catch {
-      throw new RegistryError("INTERNAL", `the manifest of ${repo.name} is not valid JSON`);
+      throw internal(`the manifest of ${repo.name} is not valid JSON`);
     }
     const mediaType = m.mediaType ?? type;
     if (m.schemaVersion === 1 || mediaType?.startsWith("application/vnd.docker.distribution.manifest.v1"))
@@ -459,6 +438,7 @@ async function resolve(repo: Repo, opts: PullOptions): Promise<{ digest: string;
           hint: "re-push it with a current docker or skopeo to get a schema 2 / OCI manifest",
         },
       );
+    // OCI lets mediaType be left out: then the shape says what it is.
     if (
       mediaType === OCI_INDEX ||
       mediaType === DOCKER_LIST ||
@@ -482,8 +462,7 @@ async function resolve(repo: Repo, opts: PullOptions): Promise<{ digest: string;
       const config = checkDescriptor(m.config, "config");
       if (!CONFIG_TYPES.has(config.mediaType ?? ""))
         throw unsupported(`the config of ${repo.name}`, config.mediaType);
-      if (config.size > MAX_JSON)
-        throw new RegistryError("INTERNAL", `the config of ${repo.name} is over 4 MiB`);
+      if (config.size > MAX_JSON) throw internal(`the config of ${repo.name} is over 4 MiB`);
       for (const l of m.layers ?? []) {
         checkDescriptor(l, "layer");
         if (!LAYER_TYPES.has(l.mediaType ?? "")) throw unsupported(`a layer of ${repo.name}`, l.mediaType);
@@ -492,7 +471,7 @@ async function resolve(repo: Repo, opts: PullOptions): Promise<{ digest: string;
     }
     throw unsupported(`the manifest of ${repo.name}`, mediaType);
   }
-  throw new RegistryError("INTERNAL", `${repo.name}: indexes nested too deeply`);
+  throw internal(`${repo.name}: indexes nested too deeply`);
 }
 
 /** Streams one blob to tmpDir while hashing, verifies digest and size, renames it into place. */
@@ -504,10 +483,10 @@ async function fetchBlob(repo: Repo, d: Descriptor, opts: PullOptions, signal: A
   }
   return repo.retrying(async () => {
     const res = await repo.get(`blobs/${d.digest}`, "*/*", `blob ${d.digest} of ${repo.name}`, signal);
-    if (!res.body) throw new RegistryError("INTERNAL", `the registry sent no body for blob ${d.digest}`);
+    if (!res.body) throw internal(`the registry sent no body for blob ${d.digest}`);
     const tmp = join(opts.tmpDir, `${d.digest.slice(7)}.${randomBytes(4).toString("hex")}.partial`);
     const mismatch = (why: string) =>
-      new RegistryError("INTERNAL", `digest mismatch for blob ${d.digest} of ${repo.name}: ${why}`);
+      internal(`digest mismatch for blob ${d.digest} of ${repo.name}: ${why}`);
     const hash = createHash("sha256");
     let done = 0;
     const meter = new Transform({
@@ -531,10 +510,20 @@ async function fetchBlob(repo: Repo, d: Descriptor, opts: PullOptions, signal: A
     }
     opts.onProgress?.({ digest: d.digest, total: d.size, done, phase: "verified" });
     return done;
-  });
+  }, signal);
 }
 
 export async function pullImage(ref: ImageRef, opts: PullOptions): Promise<PulledImage> {
+  try {
+    return await pull(ref, opts);
+  } catch (e) {
+    if (opts.signal?.aborted)
+      throw new MatchlockError("CANCELLED", `pull of ${formatReference(ref)} cancelled`, { cause: e });
+    throw e;
+  }
+}
+
+async function pull(ref: ImageRef, opts: PullOptions): Promise<PulledImage> {
   const repo = new Repo(ref, opts);
   const arch = opts.arch ?? "amd64";
   await mkdir(opts.tmpDir, { recursive: true });
@@ -554,13 +543,12 @@ export async function pullImage(ref: ImageRef, opts: PullOptions): Promise<Pulle
   try {
     oci = JSON.parse(readFileSync(opts.blobPath(config.digest), "utf8"));
   } catch {
-    throw new RegistryError("INTERNAL", `the config of ${repo.name} is not valid JSON`);
+    throw internal(`the config of ${repo.name} is not valid JSON`);
   }
-  if ((oci.os && oci.os !== "linux") || (oci.architecture && oci.architecture !== arch))
-    throw new RegistryError(
-      "INVALID_ARGUMENT",
-      `${repo.name} is a ${oci.os}/${oci.architecture} image, not linux/${arch}`,
-    );
+  if ((oci.os && oci.os !== "linux") || (oci.architecture && oci.architecture !== arch)) {
+    const msg = `${repo.name} is a ${oci.os}/${oci.architecture} image, not linux/${arch}`;
+    throw new RegistryError("INVALID_ARGUMENT", msg);
+  }
 
   // Three layers at a time, as docker does; the first failure stops the others.
   const queue = [...new Map(layers.map((l) => [l.digest, l])).values()];
