@@ -17,6 +17,7 @@ export const HOST_PACKAGES: HostPackage[] = [
   { name: "gcc", why: "compiles the guest agent" },
   { name: "libc6-dev", why: "static C library for the guest agent" },
   { name: "util-linux", why: "setpriv: QEMU dies with its owning process" },
+  { name: "attr", why: "setfattr: images keep their file capabilities and xattrs" },
 ];
 
 /** dpkg-query's own placeholder syntax (not a JS template). */

@@ -7,6 +7,7 @@ import { promisify } from "node:util";
 import { createGunzip, createZstdDecompress } from "node:zlib";
 import * as tar from "tar-stream";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
+import { PaxXattrScanner, type RawXattr } from "./pax.ts";
 
 /**
  * The hardened layer applier: OCI/Docker layer tars → a root filesystem directory for `mkfs.ext4 -d`.
@@ -99,6 +100,9 @@ export class RootfsBuilder {
   private readonly tree: Node = { kind: "dir", layer: 0, children: new Map() };
   private layers = 0;
   private busy = false;
+  /** Raw pax xattrs of the layer being applied, by entry ordinal. */
+  private rawXattrs = new Map<number, RawXattr[]>();
+  private ordinal = 0;
 
   constructor(stagingDir: string, limits?: Partial<ApplyLimits>) {
     this.root = realpathSync(stagingDir); // every later realpath check compares against this
@@ -126,8 +130,13 @@ export class RootfsBuilder {
     const dirTimes = new Map<string, Date>(); // set last: creating children would bump them again
     const ex = tar.extract();
     const src = input as Readable;
+    // The scanner sees the raw bytes first and keeps binary xattr values tar-stream would mangle.
+    const scanner = new PaxXattrScanner();
+    this.rawXattrs = scanner.xattrs;
+    this.ordinal = 0;
     src.on("error", (e) => ex.destroy(e));
-    src.pipe(ex as unknown as NodeJS.WritableStream);
+    scanner.on("error", (e) => ex.destroy(e));
+    src.pipe(scanner).pipe(ex as unknown as NodeJS.WritableStream);
     try {
       for await (const entry of ex as AsyncIterable<Entry>)
         await this.applyEntry(entry, layerName, layer, dirTimes);
@@ -153,6 +162,7 @@ export class RootfsBuilder {
 
   private async applyEntry(entry: Entry, layerName: string, layer: number, dirTimes: Map<string, Date>) {
     const h = entry.header;
+    const ordinal = this.ordinal++;
     const fail: Fail = (rule) => new ImageRejectedError(layerName, h.name, rule);
     if (++this.stats.entries > this.limits.maxEntries) {
       throw fail(`too many entries (limit maxEntries = ${this.limits.maxEntries})`);
@@ -176,7 +186,7 @@ export class RootfsBuilder {
       return this.drain(entry, fail);
     }
     const meta = this.meta(h, fail);
-    const xattrs = this.xattrsOf(h, layerName, comps);
+    const xattrs = this.xattrsOf(h, layerName, comps, this.rawXattrs.get(ordinal));
 
     if (name === undefined) {
       // "./": the root itself. Only its metadata can change.
@@ -403,11 +413,16 @@ export class RootfsBuilder {
     return { mode: (h.mode ?? 0o644) & 0o7777, uid, gid, mtime };
   }
 
-  private xattrsOf(h: tar.Header, layerName: string, comps: string[]) {
+  private xattrsOf(h: tar.Header, layerName: string, comps: string[], raw: RawXattr[] | undefined) {
     const out: Array<{ name: string; value: Buffer }> = [];
     for (const [k, v] of Object.entries((h.pax ?? {}) as Record<string, string>)) {
       if (k.startsWith("SCHILY.xattr.")) {
         const name = k.slice("SCHILY.xattr.".length);
+        const exact = raw?.find((x) => x.name === name);
+        if (exact) {
+          out.push({ name, value: exact.value });
+          continue;
+        }
         // tar-stream decodes pax values as UTF-8: non-UTF-8 bytes (binary capabilities) are lost to U+FFFD.
         if (v.includes("\uFFFD")) {
           const reason = `xattr ${name}: binary value lost by the tar parser`;

@@ -14,6 +14,7 @@ import { makeExt4FromDir } from "./ext4.ts";
 import { type BlobRef, ImageMetadata, type ImageRow } from "./metadata.ts";
 import { normalizeReference, parseReference } from "./reference.ts";
 import { type PullProgress, pullImage } from "./registry.ts";
+import { applyXattrs } from "./xattrs.ts";
 
 export type { ResolvedImage };
 
@@ -266,11 +267,12 @@ export class ImageStore {
     try {
       const builder = new RootfsBuilder(staging);
       for (const digest of layers) await builder.applyLayer(await openLayer(this.blobPath(digest)), digest);
+      const xattrNotes = await applyXattrs(staging, builder.xattrs);
       await mkdir(join(this.p.images, "rootfs"), { recursive: true });
       const tmp = `${out}.tmp-${process.pid}`;
       await makeExt4FromDir(staging, tmp, "matchlock-image", builder.stats.entries);
       await rename(tmp, out);
-      return builder.skipped.map((s) => `${s.path}: ${s.reason}`);
+      return [...builder.skipped.map((s) => `${s.path}: ${s.reason}`), ...xattrNotes];
     } finally {
       await rm(staging, { recursive: true, force: true });
     }

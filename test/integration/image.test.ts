@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
@@ -123,6 +124,39 @@ describe("image import and run", () => {
     assert.equal(blobsBytes(), before);
     const ls = (await runCli(["image", "ls"], { env: cacheEnv })).stdout.toString();
     assert.doesNotMatch(ls, /mltest-evil/);
+  });
+
+  test("docker save | matchlock image import TAG reads the archive from stdin", async () => {
+    const archive = await dockerSave({
+      layers: [await busyboxLayer()],
+      config: { Cmd: ["echo", "from-stdin"] },
+    });
+    const t = `mltest-stdin-${process.pid}:1`;
+    const r = await runCli(["image", "import", t], { env: cacheEnv, input: archive });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal((await runCli(["run", "--image", t], { env: cacheEnv })).stdout.toString(), "from-stdin\n");
+    await runCli(["image", "rm", t], { env: cacheEnv });
+  });
+
+  test("file capabilities (binary xattrs) survive import and work in the VM", async () => {
+    // GNU tar writes the capability as a raw SCHILY.xattr pax record, as real image builders do.
+    const stage = join(h.home, "capstage");
+    execFileSync("mkdir", ["-p", join(stage, "opt/cap")]);
+    execFileSync("cp", ["/bin/busybox", join(stage, "opt/cap/busybox")]);
+    execFileSync("setcap", ["cap_net_raw+ep", join(stage, "opt/cap/busybox")]);
+    const layer = execFileSync("tar", ["--xattrs", "--xattrs-include=*", "-C", stage, "-cf", "-", "."], {
+      maxBuffer: 64 * 1024 * 1024,
+    });
+    const t = `mltest-cap-${process.pid}:1`;
+    const r = await importFile(t, await dockerSave({ layers: [await busyboxLayer(), layer] }), "cap.tar");
+    assert.equal(r.code, 0, r.stderr);
+    const run = await runCli(
+      ["run", "--image", t, "-u", "4242", "--", "/opt/cap/busybox", "grep", "CapEff", "/proc/self/status"],
+      { env: cacheEnv },
+    );
+    // cap_net_raw is bit 13: a non-root user running the file gets it, as on the host.
+    assert.match(run.stdout.toString(), /CapEff:\s+0000000000002000/, run.stderr);
+    await runCli(["image", "rm", t], { env: cacheEnv });
   });
 
   test("not an image archive: one clear error", async () => {
