@@ -1,8 +1,9 @@
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { runCli, tempHome } from "../helpers/cli.ts";
+import { CLI, runCli, tempHome } from "../helpers/cli.ts";
 import { busyboxLayer, dockerSave, makeTar } from "../helpers/images.ts";
 import { push, requireTools, startRegistry, type TestRegistry } from "../helpers/registry.ts";
 
@@ -70,6 +71,19 @@ describe("matchlock pull", () => {
       env: h.env,
     });
     assert.equal(again.code, 0, again.stderr);
+  });
+
+  test("on a terminal the pull shows progress bars; on a 0-column terminal it stays quiet", async () => {
+    const pull = `'${process.execPath}' '${CLI}' pull ${reg.host}/team/app:1.2`;
+    const tty = execFileSync("script", ["-qec", `stty cols 120 rows 40; ${pull}`, "/dev/null"], {
+      env: h.env,
+    }).toString();
+    assert.match(tty, /\d+%/, "a progress bar with a percentage");
+    const zero = execFileSync("script", ["-qec", `stty cols 0 rows 0; ${pull}`, "/dev/null"], {
+      env: h.env,
+    }).toString();
+    assert.doesNotMatch(zero, /\d+%/);
+    assert.match(zero, /downloaded/);
   });
 
   test("a tag the registry does not have is one clear error", async () => {
