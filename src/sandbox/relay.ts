@@ -22,6 +22,7 @@ import {
   HostMsg,
   readU32,
 } from "../guest/protocol.ts";
+import type { ExecOptions } from "./sandbox.ts";
 
 /**
  * The exec relay: the owning process serves a unix socket (0600) in the VM dir so that other
@@ -39,19 +40,7 @@ const CHUNK = 64 * 1024;
 const MAX_RELAY_WRITE = 512 * 1024 * 1024;
 
 export interface RelayTarget {
-  exec(
-    opts: {
-      argv: string[];
-      env?: Record<string, string>;
-      cwd?: string;
-      user?: string;
-      tty?: boolean;
-      stdin?: boolean;
-      rows?: number;
-      cols?: number;
-    },
-    io: ExecIO,
-  ): ExecHandle;
+  exec(opts: ExecOptions, io: ExecIO): ExecHandle;
   terminate(handle: ExecHandle, graceMs?: number): Promise<void>;
   writeFile(path: string, data: Buffer, mode?: number): Promise<void>;
   readFile(path: string): Promise<Buffer>;

@@ -1,6 +1,7 @@
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import type { SandboxConfigInput } from "../api/config.ts";
+import { RpcCode } from "../api/rpc.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { LineSplitter } from "../rpc/lines.ts";
 import { Sandbox } from "./sandbox.ts";
@@ -102,17 +103,8 @@ export class MatchlockError extends Error {
   }
 }
 
-export const RPC_CODES = {
-  PARSE_ERROR: -32700,
-  INVALID_REQUEST: -32600,
-  METHOD_NOT_FOUND: -32601,
-  INVALID_PARAMS: -32602,
-  INTERNAL: -32603,
-  VM_FAILED: -32000,
-  EXEC_FAILED: -32001,
-  FILE_FAILED: -32002,
-  CANCELLED: -32003,
-} as const;
+/** The JSON-RPC error codes (PROTOCOLS.md §2), from the one declaration the server uses too. */
+export const RPC_CODES = RpcCode;
 
 type Json = Record<string, unknown>;
 
