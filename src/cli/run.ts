@@ -194,9 +194,14 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
     }
     try {
       if (forwards.length > 0) {
-        for (const b of await sandbox.portForward(forwards, addresses)) {
-          const line = `matchlock: forwarding ${b.address}:${b.localPort} → guest port ${b.remotePort}\n`;
-          if (!detachedChild) process.stderr.write(line);
+        try {
+          for (const b of await sandbox.portForward(forwards, addresses)) {
+            const line = `matchlock: forwarding ${b.address}:${b.localPort} → guest port ${b.remotePort}\n`;
+            if (!detachedChild) process.stderr.write(line);
+          }
+        } catch (e) {
+          if (detachedChild) announce(`error ${(e as Error).message}`);
+          throw e;
         }
       }
       if (detachedChild) announce(`ok ${sandbox.id}`);
