@@ -221,6 +221,18 @@ describe("long-lived VMs", () => {
     await cli(["rm", id]);
   });
 
+  test("gc skips a running VM, and reclaims it with --force-running", async () => {
+    const id = (await cli(["run", "-d", "--", "sleep", "600"])).stdout.toString().trim();
+    const skipped = await cli(["gc", id]);
+    assert.match(skipped.stdout.toString(), new RegExp(`${id}\\s+skipped\\s+running`));
+    assert.equal(listRows((await cli(["list"])).stdout.toString()).get(id), "running");
+    const forced = await cli(["gc", "--force-running", id]);
+    assert.equal(forced.code, 0, forced.stdout.toString());
+    assert.notEqual(listRows((await cli(["list"])).stdout.toString()).get(id), "running");
+    assert.deepEqual(leftovers(id), []);
+    assert.equal((await cli(["rm", id])).code, 0);
+  });
+
   test("exec into a VM that does not exist is one clear error", async () => {
     const r = await cli(["exec", "vm-deadbeef", "--", "true"]);
     assert.equal(r.code, 1);
