@@ -4,15 +4,20 @@ import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { paths } from "../api/paths.ts";
 import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
-import { ImageStore } from "../image/store.ts";
+import type { ImageStore } from "../image/store.ts";
+import { table } from "./table.ts";
 
 /** `matchlock image import|ls|rm|gc`: the local image store. */
 
-function withStore<T>(fn: (s: ImageStore) => Promise<T> | T): Promise<T> {
+/** Opens the store for one command; loaded on demand, so other commands do not pay for it at start-up. */
+async function withStore<T>(fn: (s: ImageStore) => Promise<T> | T): Promise<T> {
+  const { ImageStore } = await import("../image/store.ts");
   const s = new ImageStore(paths());
-  return Promise.resolve()
-    .then(() => fn(s))
-    .finally(() => s.close());
+  try {
+    return await fn(s);
+  } finally {
+    s.close();
+  }
 }
 
 function mb(bytes: number): string {
@@ -74,14 +79,7 @@ export function registerImage(program: Command): void {
             i.created_at.replace("T", " ").slice(0, 19),
           ]);
         }
-        const widths = rows[0]?.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? "").length))) ?? [];
-        for (const r of rows)
-          process.stdout.write(
-            `${r
-              .map((x, c) => x.padEnd(widths[c] ?? 0))
-              .join("  ")
-              .trimEnd()}\n`,
-          );
+        process.stdout.write(`${table(rows)}\n`);
       }),
     );
 

@@ -15,6 +15,7 @@ import {
 import { isAlive } from "../state/procs.ts";
 import { openState, type StateStore } from "../state/store.ts";
 import type { VmRow } from "../state/vms.ts";
+import { table } from "./table.ts";
 
 /** list, get, inspect, log, kill, rm, prune, gc: the VMs recorded in state.db. */
 
@@ -32,11 +33,14 @@ function mustGet(s: StateStore, id: string): VmRow {
   return row;
 }
 
-function table(rows: string[][]): string {
-  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? "").length))) ?? [];
-  return rows
-    .map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join("  "))
-    .join("\n");
+/** A VM as `get` and `inspect` show it: the row, its effective status, and the config parsed. */
+function vmView(s: StateStore, row: VmRow) {
+  return {
+    ...row,
+    status: effectiveStatus(row, s.lifecycle.current(row.id)),
+    config: parseConfig(row),
+    config_json: undefined,
+  };
 }
 
 function parseConfig(row: VmRow): unknown {
@@ -76,15 +80,7 @@ export function registerVmCommands(program: Command): void {
     .argument("<id>")
     .action((id: string) =>
       withState((s) => {
-        const row = mustGet(s, id);
-        const lc = s.lifecycle.current(id);
-        const out = {
-          ...row,
-          status: effectiveStatus(row, lc),
-          config: parseConfig(row),
-          config_json: undefined,
-        };
-        process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
+        process.stdout.write(`${JSON.stringify(vmView(s, mustGet(s, id)), null, 2)}\n`);
       }),
     );
 
@@ -95,14 +91,8 @@ export function registerVmCommands(program: Command): void {
     .argument("<id>")
     .action((id: string) =>
       withState((s) => {
-        const row = mustGet(s, id);
+        const vm = vmView(s, mustGet(s, id));
         const lc = s.lifecycle.current(id);
-        const vm = {
-          ...row,
-          status: effectiveStatus(row, lc),
-          config: parseConfig(row),
-          config_json: undefined,
-        };
         process.stdout.write(
           `${JSON.stringify({ vm, lifecycle: lc ?? null, history: s.lifecycle.history(id) }, null, 2)}\n`,
         );
