@@ -6,6 +6,9 @@ import { InvalidArgumentError } from "./errors.ts";
  * the CLI, the RPC server and the SDK. Types are inferred from the schema so they cannot drift.
  */
 
+/** The PATH a command gets when neither the image nor the sandbox sets one (Docker's default). */
+export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 const positiveInt = v.pipe(v.number(), v.integer(), v.minValue(1));
 
 export const ResourcesSchema = v.object({

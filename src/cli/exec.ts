@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { type Command, Option } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { paths } from "../api/paths.ts";
-import { AgentClient, type ExecHandle } from "../guest/agent-client.ts";
+import { AgentClient, type ExecHandle, terminateExec } from "../guest/agent-client.ts";
 import { parseEnvSpec, validateUser } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS } from "../sandbox/sandbox.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
@@ -102,12 +102,7 @@ async function execInVm(id: string, command: string[], flags: ExecFlags): Promis
       },
       ioHandlers,
     );
-    const terminate = async (h: ExecHandle) => {
-      h.signal(15);
-      const t = setTimeout(() => h.signal(9), flags.gracefulShutdown);
-      await h.done.catch(() => {});
-      clearTimeout(t);
-    };
+    const terminate = (h: ExecHandle) => terminateExec(h, flags.gracefulShutdown);
     return await attach(handle, { tty, interactive, terminate, signals });
   } finally {
     signals.dispose();

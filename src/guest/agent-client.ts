@@ -498,6 +498,14 @@ const ERRNO_NAMES: Record<number, string> = {
   113: "EHOSTUNREACH",
 };
 
+/** SIGTERM to a command's process group, then SIGKILL if it still runs after `graceMs`; waits for its end. */
+export async function terminateExec(handle: ExecHandle, graceMs: number): Promise<void> {
+  handle.signal(15);
+  const timer = setTimeout(() => handle.signal(9), graceMs);
+  await handle.done.catch(() => {});
+  clearTimeout(timer);
+}
+
 export class TcpConnectError extends MatchlockError {
   readonly errno: number;
   constructor(port: number, errno: number) {

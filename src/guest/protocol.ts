@@ -182,6 +182,12 @@ export function encodeU32(n: number): Buffer {
   return b;
 }
 
+export function encodeI32(n: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeInt32LE(n, 0);
+  return b;
+}
+
 export function encodeWriteFile(path: string, mode: number): Buffer {
   return Buffer.concat([encodeU32(mode & 0o7777), cstr(path, "path")]);
 }

@@ -1,9 +1,9 @@
-import type { ImageConfig } from "../api/config.ts";
+import { DEFAULT_PATH, type ImageConfig } from "../api/config.ts";
 import { InvalidArgumentError } from "../api/errors.ts";
 
 /** How a run's argv, env, workdir and user come from the image config and the flags (Docker's rules). */
 
-export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+export { DEFAULT_PATH };
 
 /**
  * argv = entrypoint + cmd. `entrypoint` undefined keeps the image's; `[]` (from `--entrypoint ""`)

@@ -14,6 +14,7 @@ import {
   encodeDirEntries,
   encodeExit,
   encodeFrame,
+  encodeI32,
   encodeResult,
   encodeU32,
   type Frame,
@@ -357,12 +358,6 @@ class RelayConnection {
     this.tcp.clear();
     this.writes.clear();
   }
-}
-
-function encodeI32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeInt32LE(n, 0);
-  return b;
 }
 
 function cstring(p: Buffer): string {

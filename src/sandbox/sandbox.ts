@@ -11,13 +11,14 @@ import {
   type ExecIO,
   type TcpIO,
   type TcpStream,
+  terminateExec,
 } from "../guest/agent-client.ts";
 import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
 import type { DirEntry } from "../guest/protocol.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
 import type { PullProgress } from "../image/registry.ts";
-import { type ResolvedImage, resolveImage } from "../image/store.ts";
+import { type ResolvedImage, resolveImage } from "../image/resolve.ts";
 import type { Resources } from "../state/lifecycle.ts";
 import { procStartTime, selfIdentity } from "../state/procs.ts";
 import { writeRuntimeFile } from "../state/runtime-file.ts";
@@ -240,10 +241,7 @@ export class Sandbox {
   /** SIGTERM to the command's process group, then SIGKILL if it is still running after `graceMs`. */
   async terminate(handle: ExecHandle, graceMs = DEFAULT_GRACE_MS): Promise<void> {
     if (this.agent.failed) return;
-    handle.signal(15);
-    const timer = setTimeout(() => handle.signal(9), graceMs);
-    await handle.done.catch(() => {});
-    clearTimeout(timer);
+    await terminateExec(handle, graceMs);
   }
 
   writeFile(path: string, data: Buffer, mode?: number): Promise<void> {
