@@ -86,7 +86,8 @@ export async function reconcileVm(
     }
     await stopOwner(owner as ProcIdentity);
   }
-  const leftovers = lc ? vmProcesses(lc.resources) : [];
+  // Only a cleaned VM needs the scan here; otherwise cleanupResources scans /proc itself.
+  const leftovers = lc?.phase === "cleaned" ? vmProcesses(lc.resources) : [];
   const dirLeft = lc?.resources.vm_dir !== undefined && existsSync(lc.resources.vm_dir);
   if (lc?.phase === "cleaned" && leftovers.length === 0 && !(opts.removeDir && dirLeft)) {
     return { id, outcome: "skipped", detail: "nothing to reclaim", failedSteps: [] };
