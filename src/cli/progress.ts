@@ -1,4 +1,5 @@
-import cliProgress from "cli-progress";
+import { createRequire } from "node:module";
+import type cliProgressTypes from "cli-progress";
 import type { PullProgress } from "../image/registry.ts";
 
 /**
@@ -8,6 +9,8 @@ import type { PullProgress } from "../image/registry.ts";
 export function pullProgress(): { onProgress: (p: PullProgress) => void; stop: () => void } {
   const err = process.stderr;
   if (!err.isTTY || !(err.columns > 0)) return { onProgress: () => {}, stop: () => {} };
+  // Loaded only when bars are shown: every `run` calls this, few need it.
+  const cliProgress = createRequire(import.meta.url)("cli-progress") as typeof cliProgressTypes;
   const multi = new cliProgress.MultiBar(
     {
       stream: err,
@@ -18,7 +21,7 @@ export function pullProgress(): { onProgress: (p: PullProgress) => void; stop: (
     },
     cliProgress.Presets.shades_classic,
   );
-  const bars = new Map<string, cliProgress.SingleBar>();
+  const bars = new Map<string, cliProgressTypes.SingleBar>();
   const mb = (n: number) => (n / 1e6).toFixed(1);
   return {
     onProgress: (p) => {

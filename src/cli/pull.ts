@@ -1,6 +1,5 @@
 import type { Command } from "commander";
 import { paths } from "../api/paths.ts";
-import { ImageStore } from "../image/store.ts";
 import { pullProgress } from "./progress.ts";
 
 /** `matchlock pull IMAGE`: fetch an image from its registry into the store. */
@@ -19,6 +18,7 @@ export function registerPull(program: Command): void {
     .option("-t, --tag <tag>", "also tag the pulled image locally as TAG")
     .option("--insecure", "allow plain HTTP to a registry that is not on loopback")
     .action(async (ref: string, flags: { force?: boolean; tag?: string; insecure?: boolean }) => {
+      const { ImageStore } = await import("../image/store.ts"); // loaded only for this command
       const store = new ImageStore(paths());
       const progress = pullProgress();
       try {

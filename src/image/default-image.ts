@@ -2,8 +2,8 @@ import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { chmod, chown, mkdir, readFile, rename, rm, symlink, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
-import type { ImageConfig } from "../api/config.ts";
-import { MatchlockError } from "../api/errors.ts";
+import { DEFAULT_PATH, type ImageConfig } from "../api/config.ts";
+import { MatchlockError, NotSetUpError } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { runCommand } from "../host/command.ts";
 import { readJson, scratchDir } from "../host/fsutil.ts";
@@ -20,7 +20,7 @@ const RECIPE_VERSION = 1; // bump when the layout below changes, so setup rebuil
 
 export const DEFAULT_IMAGE_CONFIG: ImageConfig = {
   cmd: ["/bin/sh"],
-  env: { PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" },
+  env: { PATH: DEFAULT_PATH },
   working_dir: "/",
 };
 
@@ -145,4 +145,17 @@ export async function loadDefaultImage(p: Paths): Promise<ResolvedImage | undefi
   const config = await readJson<ImageConfig>(join(dir, "config.json"));
   if (!config || !existsSync(join(dir, "rootfs.ext4"))) return undefined;
   return { ref: DEFAULT_IMAGE, rootfs: join(dir, "rootfs.ext4"), fstype: "ext4", config };
+}
+
+/** Names that mean the default image built by `matchlock setup`. */
+const DEFAULT_ALIASES = new Set([DEFAULT_IMAGE, "matchlock/default", "default"]);
+
+export function isDefaultRef(ref: string): boolean {
+  return ref === "" || DEFAULT_ALIASES.has(ref);
+}
+
+export async function requireDefaultImage(p: Paths): Promise<ResolvedImage> {
+  const img = await loadDefaultImage(p);
+  if (!img) throw new NotSetUpError(`the default image ${DEFAULT_IMAGE} is not built`);
+  return img;
 }

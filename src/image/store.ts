@@ -4,12 +4,12 @@ import { mkdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import type { ImageConfig } from "../api/config.ts";
-import { InvalidArgumentError, isMatchlockError, MatchlockError, NotSetUpError } from "../api/errors.ts";
+import { InvalidArgumentError, isMatchlockError, MatchlockError } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { procStartTime } from "../state/procs.ts";
 import { openLayer, RootfsBuilder } from "./apply.ts";
 import { readArchive, unpackArchive } from "./archive.ts";
-import { DEFAULT_IMAGE, loadDefaultImage, type ResolvedImage } from "./default-image.ts";
+import { isDefaultRef, type ResolvedImage, requireDefaultImage } from "./default-image.ts";
 import { makeExt4FromDir } from "./ext4.ts";
 import { type BlobRef, ImageMetadata, type ImageRow } from "./metadata.ts";
 import { normalizeReference, parseReference } from "./reference.ts";
@@ -23,9 +23,6 @@ export type { ResolvedImage };
  * and renamed, shared by every image that uses them), one read-only ext4 base disk per image digest
  * under images/rootfs, and metadata.db saying which tag is which image and which blobs it uses.
  */
-
-/** Names that mean the default image built by `matchlock setup`. */
-const DEFAULT_ALIASES = new Set([DEFAULT_IMAGE, "matchlock/default", "default"]);
 
 export interface ImportResult {
   tag: string;
@@ -283,11 +280,7 @@ export class ImageStore {
     ref: string | undefined,
     opts: { pull?: boolean; allowPull?: boolean; onProgress?: (p: PullProgress) => void } = {},
   ): Promise<ResolvedImage> {
-    if (ref === undefined || ref === "" || DEFAULT_ALIASES.has(ref)) {
-      const img = await loadDefaultImage(this.p);
-      if (!img) throw new NotSetUpError(`the default image ${DEFAULT_IMAGE} is not built`);
-      return img;
-    }
+    if (ref === undefined || isDefaultRef(ref)) return requireDefaultImage(this.p);
     const name = normalizeReference(ref);
     let row = opts.pull ? undefined : (this.meta.get("local", name) ?? this.meta.get("registry", name));
     if (!row) {
@@ -391,24 +384,5 @@ export class ImageStore {
       }
     }
     return { blobs: blobs.length, rootfs, bytes };
-  }
-}
-
-/** Resolves `--image` for one VM start (opens and closes the store); pulls what is not here. */
-export async function resolveImage(
-  p: Paths,
-  ref: string | undefined,
-  opts: { pull?: boolean; onProgress?: (p: PullProgress) => void } = {},
-): Promise<ResolvedImage> {
-  if (ref === undefined || ref === "" || DEFAULT_ALIASES.has(ref)) {
-    const img = await loadDefaultImage(p);
-    if (!img) throw new NotSetUpError(`the default image ${DEFAULT_IMAGE} is not built`);
-    return img;
-  }
-  const store = new ImageStore(p);
-  try {
-    return await store.resolve(ref, { ...opts, allowPull: true });
-  } finally {
-    store.close();
   }
 }
