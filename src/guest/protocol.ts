@@ -1,4 +1,4 @@
-import { AgentProtocolError } from "../api/errors.ts";
+import { AgentProtocolError, InvalidArgumentError } from "../api/errors.ts";
 
 /** Frame codec of the agent protocol (docs/agent-protocol.md). */
 
@@ -77,14 +77,22 @@ export interface ExecRequest {
   cols?: number;
 }
 
+/** A NUL-terminated string field. A NUL inside is the caller's input error, never a protocol one. */
 function cstr(s: string, what: string): Buffer {
-  if (s.includes("\0")) throw new AgentProtocolError(`${what} contains a NUL byte`);
+  if (s.includes("\0")) throw new InvalidArgumentError(`${what} contains a NUL byte`);
   return Buffer.from(`${s}\0`, "utf8");
 }
 
+/**
+ * The EXEC payload. Its limits (65535 arguments, 65535 variables, 1 MiB in all) are the only
+ * definition of how big a command may be: front ends call this before booting to refuse early.
+ */
 export function encodeExec(req: ExecRequest): Buffer {
-  if (req.argv.length === 0) throw new RangeError("exec needs at least one argument");
-  if (req.argv.length > 0xffff || req.env.length > 0xffff) throw new RangeError("too many arguments");
+  if (req.argv.length === 0) throw new InvalidArgumentError("no command given");
+  if (req.argv.length > 0xffff)
+    throw new InvalidArgumentError(`${req.argv.length} arguments: at most 65535 fit in one command`);
+  if (req.env.length > 0xffff)
+    throw new InvalidArgumentError(`${req.env.length} environment variables: at most 65535 fit in one command`);
   const head = Buffer.alloc(12);
   const flags =
     (req.tty ? ExecFlags.TTY : 0) |
@@ -99,7 +107,12 @@ export function encodeExec(req: ExecRequest): Buffer {
   for (const a of req.argv) parts.push(cstr(a, "argument"));
   for (const e of req.env) parts.push(cstr(e, "environment variable"));
   const payload = Buffer.concat(parts);
-  if (payload.length > MAX_PAYLOAD) throw new RangeError("command line and environment exceed 1 MiB");
+  if (payload.length > MAX_PAYLOAD) {
+    throw new InvalidArgumentError(
+      `the command line and environment take ${payload.length} bytes; at most ${MAX_PAYLOAD - 12} fit in one command`,
+      "pass large data through stdin or a file (write_file) instead",
+    );
+  }
   return payload;
 }
 
