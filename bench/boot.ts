@@ -120,7 +120,14 @@ async function main(): Promise<void> {
     const status = readFileSync(`/proc/${sb.vmPid}/status`, "utf8");
     const rssKb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
     let meminfo = "";
-    await sb.exec({ argv: ["cat", "/proc/meminfo"] }, { onStdout: (d) => (meminfo += d.toString()) }).done;
+    await sb.exec(
+      { argv: ["cat", "/proc/meminfo"] },
+      {
+        onStdout: (d) => {
+          meminfo += d.toString();
+        },
+      },
+    ).done;
     const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, "m").exec(meminfo)?.[1] ?? 0);
     const guestUsedKb = kb("MemTotal") - kb("MemFree");
     console.log(

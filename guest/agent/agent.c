@@ -49,12 +49,15 @@
 #define MAX_PAYLOAD (1u << 20)   /* protocol limit, both directions */
 #define CHUNK (64 * 1024)        /* one read of process output / file content */
 #define WINDOW (256 * 1024)      /* flow control: most bytes unacknowledged per stream and direction */
+/* Every guest->host byte stream (process output, READ_FILE content, TCP data) is credit-based: we
+ * send at most WINDOW bytes the host has not ACKed, and stop reading the source at the limit, so a
+ * slow reader on the host stalls the writer in the guest instead of filling anyone's memory. */
 #define DRAIN_MAX (4u << 20)     /* bound on draining an exited process's pipe (a grandchild may keep writing) */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* host -> guest */
 enum { T_EXEC = 0x01, T_STDIN, T_RESIZE, T_SIGNAL, T_WRITE_FILE, T_FILE_DATA, T_READ_FILE, T_LIST_DIR,
-       T_PING, T_SHUTDOWN, T_TCP_CONNECT, T_TCP_DATA, T_TCP_CLOSE, T_TCP_ACK };
+       T_PING, T_SHUTDOWN, T_TCP_CONNECT, T_TCP_DATA, T_CLOSE, T_ACK };
 /* guest -> host */
 enum { T_READY = 0x80, T_STDOUT, T_STDERR, T_EXIT, T_ERROR, T_STARTED, T_STDIN_ACK, T_DATA, T_RESULT,
        T_PONG, T_LOG, T_TCP_CONNECTED, T_TCP_READ /* TCP_DATA guest->host */, T_TCP_CLOSED };
@@ -256,6 +259,11 @@ struct exec {
 	size_t in_len, in_off, in_cap;
 	int in_eof;          /* host sent EOF: close (pipe) or write ^D (TTY) once in_buf is flushed */
 	int in_dead;         /* the process closed its stdin: discard (and still ACK) further bytes */
+	uint32_t unacked;    /* STDOUT+STDERR bytes sent and not yet ACKed; we read only below WINDOW */
+	int exited;          /* reaped: drain what is left in the pipes, then EXIT */
+	int status;          /* wait status, once exited */
+	size_t drained;      /* bytes forwarded since the exit (bounded by DRAIN_MAX) */
+	int idle[2];         /* after the exit: stdout/stderr found empty (EAGAIN) */
 };
 
 struct wfile {
@@ -264,6 +272,7 @@ struct wfile {
 	int err;             /* first error, reported in RESULT */
 	char *path;
 	mode_t mode;
+	int opened;          /* we created or truncated path: on failure it is removed, never left half-written */
 	char msg[1024];
 };
 
@@ -271,6 +280,7 @@ struct rfile {
 	uint32_t stream;
 	int fd;
 	char *path;
+	uint32_t unacked;    /* DATA bytes sent and not yet ACKed */
 };
 
 /* A port-forward connection. Each direction ends on its own (half-close); TCP_CLOSED once both did. */
@@ -783,11 +793,15 @@ out:
 static ssize_t pump_output(struct exec *e, int *fd, uint8_t type)
 {
 	static unsigned char buf[CHUNK];
+	size_t room = WINDOW - e->unacked;
 	ssize_t n;
+	if (room == 0 || e->unacked > WINDOW)
+		return 0;
 	do
-		n = read(*fd, buf, sizeof buf);
+		n = read(*fd, buf, room < sizeof buf ? room : sizeof buf);
 	while (n < 0 && errno == EINTR);
 	if (n > 0) {
+		e->unacked += (uint32_t)n;
 		send_frame(type, e->stream, buf, (size_t)n);
 		return n;
 	}
@@ -848,18 +862,25 @@ static void on_stdin(uint32_t stream, const unsigned char *p, uint32_t len)
 	buf_append(&e->in_buf, &e->in_len, &e->in_off, &e->in_cap, p, len);
 }
 
-/* The process was reaped: forward what is left in its pipes, then EXIT, then forget it. */
-static void finish_exec(struct exec *e, int status)
+/* The process was reaped: forward what is left in its pipes, within the window, then EXIT, then
+ * forget it. Returns 0 while it must wait for the host's ACKs to drain the rest. Non-blocking: a
+ * grandchild holding a pipe open (or writing forever) must not delay EXIT past DRAIN_MAX. */
+static int finish_exec(struct exec *e)
 {
 	int *fds[2] = { &e->out_fd, &e->err_fd };
 	uint8_t types[2] = { T_STDOUT, T_STDERR };
 	for (int i = 0; i < 2; i++) {
-		size_t total = 0;
-		ssize_t n;
-		/* non-blocking: a grandchild holding the pipe open must not delay EXIT */
-		while (*fds[i] >= 0 && total < DRAIN_MAX && (n = pump_output(e, fds[i], types[i])) > 0)
-			total += (size_t)n;
+		while (*fds[i] >= 0 && !e->idle[i] && e->drained < DRAIN_MAX) {
+			if (e->unacked >= WINDOW)
+				return 0;
+			ssize_t n = pump_output(e, fds[i], types[i]);
+			if (n > 0)
+				e->drained += (size_t)n;
+			else if (n == 0)
+				e->idle[i] = 1;
+		}
 	}
+	int status = e->status;
 	if (WIFSIGNALED(status))
 		send_exit(e->stream, 128 + WTERMSIG(status), WTERMSIG(status));
 	else
@@ -870,6 +891,15 @@ static void finish_exec(struct exec *e, int status)
 	vec_del((void **)execs, &n_execs, e);
 	free(e->in_buf);
 	free(e);
+	return 1;
+}
+
+/* Finishes every reaped process whose output is drained (or past DRAIN_MAX). */
+static void finish_execs(void)
+{
+	for (size_t i = n_execs; i-- > 0;)
+		if (execs[i]->exited)
+			finish_exec(execs[i]);
 }
 
 /* Reap every child, orphans included (we may be PID 1). */
@@ -881,8 +911,9 @@ static void reap(void)
 		if (!WIFEXITED(status) && !WIFSIGNALED(status))
 			continue;
 		for (size_t i = 0; i < n_execs; i++)
-			if (execs[i]->pid == pid) {
-				finish_exec(execs[i], status);
+			if (execs[i]->pid == pid && !execs[i]->exited) {
+				execs[i]->exited = 1;
+				execs[i]->status = status;
 				break;
 			}
 	}
@@ -898,6 +929,10 @@ static void wfile_error(struct wfile *w, const char *op, const char *path, int e
 		snprintf(w->msg, sizeof w->msg, "%s %s: %s", op, path, strerror(err));
 	}
 	close_fd(&w->fd);
+	if (w->opened) {
+		unlink(w->path);
+		w->opened = 0;
+	}
 }
 
 static void do_write_file(uint32_t stream, const unsigned char *p, uint32_t len)
@@ -924,16 +959,30 @@ static void do_write_file(uint32_t stream, const unsigned char *p, uint32_t len)
 	w->fd = open(w->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
 	if (w->fd < 0)
 		wfile_error(w, "open", w->path, errno);
-	else if (fchmod(w->fd, mode) < 0)  /* exactly this mode, whatever the umask or an old file's mode */
+	else if ((w->opened = 1) && fchmod(w->fd, mode) < 0)  /* exactly this mode, whatever the umask or an old file's mode */
 		wfile_error(w, "chmod", w->path, errno);
+}
+
+static struct wfile *find_wfile(uint32_t stream)
+{
+	for (size_t i = 0; i < n_wfiles; i++)
+		if (wfiles[i]->stream == stream)
+			return wfiles[i];
+	return NULL;
+}
+
+/* RESULT (the first error, if any), then forget the write. */
+static void wfile_finish(struct wfile *w)
+{
+	send_result(w->stream, w->err, w->err ? w->msg : "");
+	vec_del((void **)wfiles, &n_wfiles, w);
+	free(w->path);
+	free(w);
 }
 
 static void do_file_data(uint32_t stream, const unsigned char *p, uint32_t len)
 {
-	struct wfile *w = NULL;
-	for (size_t i = 0; i < n_wfiles; i++)
-		if (wfiles[i]->stream == stream)
-			w = wfiles[i];
+	struct wfile *w = find_wfile(stream);
 	if (!w)
 		return;
 	if (len > 0) {
@@ -950,10 +999,7 @@ static void do_file_data(uint32_t stream, const unsigned char *p, uint32_t len)
 		if (close(fd) < 0)
 			wfile_error(w, "close", w->path, errno);
 	}
-	send_result(stream, w->err, w->err ? w->msg : "");
-	vec_del((void **)wfiles, &n_wfiles, w);
-	free(w->path);
-	free(w);
+	wfile_finish(w);
 }
 
 static void do_read_file(uint32_t stream, const unsigned char *p, uint32_t len)
@@ -978,11 +1024,23 @@ static void do_read_file(uint32_t stream, const unsigned char *p, uint32_t len)
 }
 
 /* One chunk per loop iteration, so a big file does not starve the other streams. */
+static void rfile_free(struct rfile *f)
+{
+	close(f->fd);
+	vec_del((void **)rfiles, &n_rfiles, f);
+	free(f->path);
+	free(f);
+}
+
 static void pump_read_file(struct rfile *f)
 {
 	static unsigned char buf[CHUNK];
-	ssize_t n = read(f->fd, buf, sizeof buf);
+	size_t room = WINDOW - f->unacked;
+	if (f->unacked >= WINDOW)
+		return;
+	ssize_t n = read(f->fd, buf, room < sizeof buf ? room : sizeof buf);
 	if (n > 0) {
+		f->unacked += (uint32_t)n;
 		send_frame(T_DATA, f->stream, buf, (size_t)n);
 		return;
 	}
@@ -996,10 +1054,15 @@ static void pump_read_file(struct rfile *f)
 		snprintf(msg, sizeof msg, "read %s: %s", f->path, strerror(err));
 		send_result(f->stream, err, msg);
 	}
-	close(f->fd);
-	vec_del((void **)rfiles, &n_rfiles, f);
-	free(f->path);
-	free(f);
+	rfile_free(f);
+}
+
+static struct rfile *find_rfile(uint32_t stream)
+{
+	for (size_t i = 0; i < n_rfiles; i++)
+		if (rfiles[i]->stream == stream)
+			return rfiles[i];
+	return NULL;
 }
 
 static void do_list_dir(uint32_t stream, const unsigned char *p, uint32_t len)
@@ -1204,10 +1267,17 @@ static void tcp_event(struct tcp *t, short rev)
 
 /* ---------- frames in ---------- */
 
+static void ack(uint32_t *unacked, uint32_t n)
+{
+	*unacked -= n < *unacked ? n : *unacked;
+}
+
 static void handle_frame(uint8_t type, uint32_t stream, const unsigned char *p, uint32_t len)
 {
 	struct exec *e;
 	struct tcp *t;
+	struct rfile *f;
+	struct wfile *w;
 	switch (type) {
 	case T_EXEC:
 		do_exec(stream, p, len);
@@ -1222,7 +1292,7 @@ static void handle_frame(uint8_t type, uint32_t stream, const unsigned char *p, 
 		}
 		break;
 	case T_SIGNAL:
-		if ((e = find_exec(stream)) && len >= 4) {
+		if ((e = find_exec(stream)) && !e->exited && len >= 4) {  /* reaped: its pid may be reused */
 			int sig = (int)get_u32(p);
 			if (kill(-e->pid, sig) < 0 && errno == ESRCH)
 				kill(e->pid, sig);
@@ -1249,15 +1319,26 @@ static void handle_frame(uint8_t type, uint32_t stream, const unsigned char *p, 
 	case T_TCP_DATA:
 		on_tcp_data(stream, p, len);
 		break;
-	case T_TCP_CLOSE:
-		if ((t = find_tcp(stream)))
+	case T_CLOSE:
+		if ((t = find_tcp(stream))) {
 			tcp_end(t, 0);
-		break;
-	case T_TCP_ACK:
-		if ((t = find_tcp(stream)) && len >= 4) {
-			uint32_t n = get_u32(p);
-			t->unacked -= n < t->unacked ? n : t->unacked;
+		} else if ((f = find_rfile(stream))) {
+			send_result(stream, ECANCELED, "read cancelled by the host");
+			rfile_free(f);
+		} else if ((w = find_wfile(stream))) {
+			wfile_error(w, "write", w->path ? w->path : "", ECANCELED);
+			wfile_finish(w);
 		}
+		break;
+	case T_ACK:
+		if (len < 4)
+			break;
+		if ((t = find_tcp(stream)))
+			ack(&t->unacked, get_u32(p));
+		else if ((e = find_exec(stream)))
+			ack(&e->unacked, get_u32(p));
+		else if ((f = find_rfile(stream)))
+			ack(&f->unacked, get_u32(p));
 		break;
 	case T_SHUTDOWN:
 		sync();
@@ -1337,15 +1418,18 @@ static void serve(int sigfd)
 		ADD(sigfd, POLLIN, K_SIG, NULL);
 		for (size_t i = 0; i < n_execs; i++) {
 			struct exec *e = execs[i];
-			if (e->out_fd >= 0)
+			/* at the window limit the pipes are not read: the writer in the guest blocks */
+			int room = e->unacked < WINDOW && !e->exited;
+			if (e->out_fd >= 0 && room)
 				ADD(e->out_fd, POLLIN, K_OUT, e);
-			if (e->err_fd >= 0)
+			if (e->err_fd >= 0 && room)
 				ADD(e->err_fd, POLLIN, K_ERR, e);
 			if (e->in_fd >= 0 && (e->in_len > e->in_off || e->in_eof))
 				ADD(e->in_fd, POLLOUT, K_IN, e);
 		}
 		for (size_t i = 0; i < n_rfiles; i++)
-			ADD(rfiles[i]->fd, POLLIN, K_RFILE, rfiles[i]);
+			if (rfiles[i]->unacked < WINDOW)
+				ADD(rfiles[i]->fd, POLLIN, K_RFILE, rfiles[i]);
 		for (size_t i = 0; i < n_tcps; i++) {
 			/* Nothing wanted: after EOF still polled, for errors (a reset) only; at the window
 			 * limit not at all, so that a reset does not lose the data still queued. */
@@ -1393,7 +1477,7 @@ static void serve(int sigfd)
 		for (size_t i = 0; i < n; i++)
 			if (what[i].kind == K_PORT && pfd[i].revents)
 				on_port_readable();
-		/* Phase 3: reaping frees execs. */
+		/* Phase 3: reaping marks execs exited; phase 4 frees those whose output is drained. */
 		for (size_t i = 0; i < n; i++)
 			if (what[i].kind == K_SIG && pfd[i].revents) {
 				struct signalfd_siginfo si;
@@ -1401,6 +1485,7 @@ static void serve(int sigfd)
 					;
 				reap();
 			}
+		finish_execs();
 	}
 }
 

@@ -17,6 +17,7 @@ import queue
 import socket
 import struct
 import subprocess
+import errno
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ import traceback
 AGENT = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--vm" else "/tmp/matchlock-agent"
 
 (EXEC, STDIN, RESIZE, SIGNAL, WRITE_FILE, FILE_DATA, READ_FILE, LIST_DIR, PING, SHUTDOWN,
- TCP_CONNECT, TCP_DATA, TCP_CLOSE, TCP_ACK) = range(1, 0x0F)
+ TCP_CONNECT, TCP_DATA, CLOSE, ACK) = range(1, 0x0F)
 (READY, STDOUT, STDERR, EXIT, ERROR, STARTED, STDIN_ACK, DATA, RESULT, PONG, LOG,
  TCP_CONNECTED, TCP_RDATA, TCP_CLOSED) = range(0x80, 0x8E)  # TCP_RDATA: TCP_DATA guest->host (0x8C)
 NAMES = {v: k for k, v in dict(READY=READY, STDOUT=STDOUT, STDERR=STDERR, EXIT=EXIT, ERROR=ERROR,
@@ -132,10 +133,13 @@ class Agent:
             if typ == STARTED:
                 assert len(p) == 4 and r["pid"] is None
                 r["pid"] = struct.unpack("<I", p)[0]
-            elif typ == STDOUT:
-                r["out"] += p
-            elif typ == STDERR:
-                r["err"] += p
+            elif typ in (STDOUT, STDERR):
+                r["out" if typ == STDOUT else "err"] += p
+                r["out_unacked"] = r.get("out_unacked", 0) + len(p)
+                r["max_out_unacked"] = max(r.get("max_out_unacked", 0), r["out_unacked"])
+                if not r.get("hold_acks"):
+                    self.send(ACK, s, struct.pack("<I", len(p)))
+                    r["out_unacked"] -= len(p)
             elif typ == STDIN_ACK:
                 r["acked"] += struct.unpack("<I", p)[0]
                 assert r["acked"] <= sent + r["extra"], "acked more than sent"
@@ -175,6 +179,7 @@ class Agent:
             if typ == DATA:
                 assert len(p) <= 64 * 1024
                 data += p
+                self.send(ACK, s, struct.pack("<I", len(p)))
             else:
                 assert typ == RESULT, NAMES.get(typ)
                 return data, struct.unpack("<i", p[:4])[0], p[4:].decode()
@@ -208,7 +213,7 @@ class Agent:
 
     def tcp_transfer(self, s, data=b"", timeout=60, chunk=64 * 1024):
         """Send data (flow controlled by STDIN_ACK) then the empty TCP_DATA; receive (acking with
-        TCP_ACK) until TCP_CLOSED. Checks both windows and the frame order."""
+        ACK) until TCP_CLOSED. Checks both windows and the frame order."""
         r = dict(data=b"", errno=None, acked=0, max_unacked=0, eof=False)
         sent, eof_sent, got = 0, False, []
         deadline = time.time() + timeout
@@ -231,7 +236,7 @@ class Agent:
                     r["eof"] = True
                 else:
                     got.append(p)
-                    self.send(TCP_ACK, s, struct.pack("<I", len(p)))
+                    self.send(ACK, s, struct.pack("<I", len(p)))
             elif typ == TCP_CLOSED:
                 r["errno"] = struct.unpack("<i", p)[0]
                 r["data"] = b"".join(got)
@@ -633,6 +638,88 @@ def t_files(a):
     assert err == 2 and msg, msg
 
 
+def t_output_backpressure(a):
+    # the host does not ACK: the agent stops reading the pipe at the window, the writer blocks
+    s = a.start(["sh", "-c", "head -c 8000000 /dev/zero; echo done >&2"])
+    got, unacked = [], 0
+    while unacked < WINDOW:
+        typ, p = a.recv(s, 10)
+        if typ == STARTED:
+            continue
+        assert typ == STDOUT, NAMES.get(typ)
+        got.append(p)
+        unacked += len(p)
+        assert unacked <= WINDOW, f"{unacked} bytes unacknowledged"
+    cpu0 = agent_cpu(a)
+    t0 = time.time()
+    ok(a.run(["echo", "hi"]), b"hi\n")  # other streams are served meanwhile
+    t_ping(a)
+    dt = time.time() - t0
+    time.sleep(1)
+    assert a.q(s).empty(), "output beyond the window"
+    assert agent_cpu(a) - cpu0 < 0.3, "the agent spins while an exec is stalled"
+    print(f"    stalled at {unacked} bytes; exec meanwhile in {dt * 1000:.0f} ms")
+    a.send(ACK, s, struct.pack("<I", unacked))
+    r = a.collect(s, timeout=60)
+    ok(r)
+    assert unacked + len(r["out"]) == 8000000 and r["err"] == b"done\n", (unacked, len(r["out"]))
+    assert r["max_out_unacked"] <= WINDOW
+
+
+def t_output_after_exit_waits_for_acks(a):
+    # the process exits with output still in its pipe: EXIT comes only after all of it, window kept
+    s = a.start(["sh", "-c", "head -c 60000 /dev/zero; exit 3"])
+    time.sleep(0.5)
+    r = a.collect(s)
+    ok(r, code=3)
+    assert len(r["out"]) == 60000
+    # the window is full when the process exits: nothing more until ACKs, then the rest and EXIT
+    s = a.start(["sh", "-c", "head -c 300000 /dev/zero &  wait; exit 4"])
+    got = 0
+    while got < WINDOW:
+        typ, p = a.recv(s, 10)
+        if typ == STDOUT:
+            got += len(p)
+    time.sleep(0.5)
+    assert a.q(s).empty(), "EXIT or output beyond the window before ACKs"
+    a.send(ACK, s, struct.pack("<I", got))
+    r = a.collect(s)
+    ok(r, code=4)
+    assert got + len(r["out"]) == 300000
+
+
+def t_read_file_backpressure_and_cancel(a):
+    s = a.stream()
+    a.send(READ_FILE, s, b"/dev/zero\0")
+    got = 0
+    while got < WINDOW:
+        typ, p = a.recv(s, 10)
+        assert typ == DATA, NAMES.get(typ)
+        got += len(p)
+    assert got == WINDOW
+    time.sleep(0.5)
+    assert a.q(s).empty(), "read_file data beyond the window"
+    a.send(CLOSE, s)
+    typ, p = a.recv(s, 10)
+    assert typ == RESULT and struct.unpack("<i", p[:4])[0] == errno.ECANCELED, (NAMES.get(typ), p)
+    back, err, _ = a.read_file("/etc/hostname")
+    assert err == 0 and back == open("/etc/hostname", "rb").read()
+
+
+def t_write_file_enospc_leaves_nothing(a):
+    d = f"/tmp/agent-test-{os.getpid()}/tiny"
+    os.makedirs(d, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d]).returncode:
+        print("    skipped: needs root to mount a small tmpfs")
+        return
+    try:
+        err, msg = a.write_file(d + "/big", os.urandom(3 << 20), chunk=64 * 1024)
+        assert err == errno.ENOSPC and "No space left" in msg, (err, msg)
+        assert not os.path.exists(d + "/big"), "a failed write left a partial file"
+    finally:
+        subprocess.run(["umount", d])
+
+
 def t_orphans(a):
     # orphans are reaped (the agent is a subreaper in --stdio mode, PID 1 in a VM)
     ok(a.run(["sh", "-c", "(sleep 0.2 &) ; exit 0"]))
@@ -826,7 +913,7 @@ def t_tcp_errors(a):
     assert typ == TCP_CLOSED and struct.unpack("<i", p)[0] in (104, 32), p  # RST in CLOSE_WAIT: EPIPE
     srv3.close()
     # frames for unknown streams are ignored
-    for typ in (TCP_DATA, TCP_CLOSE, TCP_ACK):
+    for typ in (TCP_DATA, CLOSE, ACK):
         a.send(typ, 777777, struct.pack("<I", 5))
     a.send(TCP_DATA, 777777, b"")
     t_ping(a)
@@ -850,9 +937,9 @@ def t_tcp_close(a):
         typ, p = a.recv(s)
         if typ == TCP_RDATA:
             got += len(p)
-            a.send(TCP_ACK, s, struct.pack("<I", len(p)))
+            a.send(ACK, s, struct.pack("<I", len(p)))
     a.send(TCP_DATA, s, b"q" * 1000)
-    a.send(TCP_CLOSE, s)
+    a.send(CLOSE, s)
     while True:
         typ, p = a.recv(s)
         if typ == TCP_CLOSED:
@@ -865,8 +952,8 @@ def t_tcp_close(a):
         time.sleep(0.05)
     assert srv.done and isinstance(srv.errors[0], (ConnectionResetError, BrokenPipeError)), srv.errors
     time.sleep(0.1)
-    a.send(TCP_ACK, s, struct.pack("<I", 1))  # after TCP_CLOSED: the stream is unknown, ignored
-    a.send(TCP_CLOSE, s)
+    a.send(ACK, s, struct.pack("<I", 1))  # after TCP_CLOSED: the stream is unknown, ignored
+    a.send(CLOSE, s)
     t_ping(a)
     assert a.q(s).empty()  # TCP_CLOSED was the last frame
     srv.close()
@@ -891,7 +978,7 @@ def t_tcp_backpressure(a):
         unacked += len(p)
         assert unacked <= WINDOW, f"{unacked} bytes unacknowledged"
         return p
-    # no TCP_ACK: the agent stops at the window
+    # no ACK: the agent stops at the window
     while unacked < WINDOW:
         take(10)
     cpu0 = agent_cpu(a)
@@ -905,13 +992,13 @@ def t_tcp_backpressure(a):
     assert agent_cpu(a) - cpu0 < 0.3, "the agent spins while a stream is stalled"
     print(f"    stalled at {unacked} bytes; exec meanwhile in {dt * 1000:.0f} ms")
     # ack everything: the rest flows, each frame acked as it comes
-    a.send(TCP_ACK, s, struct.pack("<I", unacked))
+    a.send(ACK, s, struct.pack("<I", unacked))
     unacked = 0
     while True:
         p = take(10)
         if not p:
             break
-        a.send(TCP_ACK, s, struct.pack("<I", len(p)))
+        a.send(ACK, s, struct.pack("<I", len(p)))
         unacked -= len(p)
     data = b"".join(got)
     assert len(data) == len(big) and data == big, len(data)
@@ -1053,6 +1140,8 @@ def main():
     print(f"READY {p.decode()!r}")
     tests = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
              t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files,
+             t_output_backpressure, t_output_after_exit_waits_for_acks, t_read_file_backpressure_and_cancel,
+             t_write_file_enospc_leaves_nothing,
              t_orphans, t_bad_frames, t_tcp_echo, t_tcp_half_close, t_tcp_errors, t_tcp_close, t_tcp_backpressure,
              t_tcp_many]
     failed = 0

@@ -1,5 +1,5 @@
 import { MatchlockError } from "../api/errors.ts";
-import type { ExecHandle, ExecResult } from "../guest/agent-client.ts";
+import { type ExecHandle, type ExecIO, type ExecResult, writeSink } from "../guest/agent-client.ts";
 
 /**
  * Wiring a running command to this terminal: stdout/stderr, stdin with flow control, raw mode and
@@ -15,6 +15,51 @@ export interface AttachOptions {
   signals: SignalRelay;
   /** Aborts the command (--timeout). */
   deadline?: AbortSignal;
+  /** The command's output, as made by `terminalOutput()` and given to exec. */
+  output: TerminalOutput;
+}
+
+const SIGPIPE = 13;
+
+/**
+ * The command's stdout/stderr on ours, with back-pressure: a chunk is acknowledged to the guest only
+ * once our stdout has room, so `matchlock run … | slow-reader` stalls the guest's writer. When our
+ * stdout closes (`| head -1`), the command gets SIGPIPE as it would in a local pipeline; its output
+ * is dropped from then on.
+ */
+export class TerminalOutput {
+  readonly io: ExecIO;
+  private broken = false;
+  private onBroken: (() => void) | undefined;
+
+  constructor() {
+    guardStdio();
+    const stdout = writeSink(process.stdout);
+    const stderr = writeSink(process.stderr);
+    this.io = {
+      onStdout: (d) => (this.broken ? undefined : stdout(d)),
+      onStderr: (d) => (process.stderr.destroyed ? undefined : stderr(d)),
+    };
+    const broke = () => {
+      if (this.broken) return;
+      this.broken = true;
+      this.onBroken?.();
+    };
+    process.stdout.once("error", broke);
+    if (process.stdout.destroyed) broke();
+  }
+
+  /** Our stdout closed: the handler runs once (at once if it already has). */
+  whenBroken(handler: (() => void) | undefined): void {
+    this.onBroken = handler;
+    if (handler && this.broken) handler();
+  }
+}
+
+/** A closed stdout or stderr must never crash us with EPIPE: errors on them are handled, not thrown. */
+function guardStdio(): void {
+  for (const s of [process.stdout, process.stderr])
+    if (s.listenerCount("error") === 0) s.on("error", () => {});
 }
 
 /** The rows/cols to start a PTY with. */
@@ -47,6 +92,12 @@ export async function attach(handle: ExecHandle, opts: AttachOptions): Promise<n
     opts.terminate(handle).catch(() => {});
   };
   opts.signals.onSignal = (sig) => cancel(sig);
+  let pipeTimer: NodeJS.Timeout | undefined;
+  opts.output.whenBroken(() => {
+    // As in a local pipeline: SIGPIPE ends most commands; one that ignores it is stopped after a grace.
+    handle.signal(SIGPIPE);
+    pipeTimer = setTimeout(() => cancel("stdout closed"), 1000);
+  });
   opts.deadline?.addEventListener(
     "abort",
     () => cancel(String(opts.deadline?.reason?.message ?? "timeout")),
@@ -60,6 +111,8 @@ export async function attach(handle: ExecHandle, opts: AttachOptions): Promise<n
     result = await handle.done;
   } finally {
     opts.signals.onSignal = undefined;
+    opts.output.whenBroken(undefined);
+    clearTimeout(pipeTimer);
     if (rawTty) process.stdin.setRawMode(false);
     stdout.off("resize", onResize);
     pump?.stop();
@@ -71,11 +124,6 @@ export async function attach(handle: ExecHandle, opts: AttachOptions): Promise<n
   }
   return result.exitCode;
 }
-
-export const ioHandlers = {
-  onStdout: (d: Buffer) => process.stdout.write(d),
-  onStderr: (d: Buffer) => process.stderr.write(d),
-};
 
 /** Copies our stdin to the command's, respecting the agent's flow-control window. */
 function pumpStdin(handle: ExecHandle): { stop(): void } {
@@ -109,8 +157,11 @@ function pumpStdin(handle: ExecHandle): { stop(): void } {
 
 function drain(stream: NodeJS.WriteStream): Promise<void> {
   return new Promise((resolve) => {
-    if (!stream.writableNeedDrain) resolve();
-    else stream.once("drain", () => resolve());
+    if (!stream.writableNeedDrain || stream.destroyed) resolve();
+    else {
+      stream.once("drain", () => resolve());
+      stream.once("close", () => resolve());
+    }
   });
 }
 

@@ -8,7 +8,7 @@ import { AgentClient, type ExecHandle, terminateExec } from "../guest/agent-clie
 import { parseEnvSpec, validateUser } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS } from "../sandbox/sandbox.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
-import { attach, ioHandlers, SignalRelay, terminalSize } from "./attach.ts";
+import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
 import { collect, durationMs } from "./parse.ts";
 
 /** `matchlock exec ID -- CMD`: runs a command in a VM owned by another process, through its relay. */
@@ -88,6 +88,7 @@ async function execInVm(id: string, command: string[], flags: ExecFlags): Promis
   const env = flags.env.map((spec) => parseEnvSpec(spec).join("="));
   const client = await connectRelay(id);
   const signals = new SignalRelay();
+  const output = new TerminalOutput();
   try {
     const handle: ExecHandle = client.exec(
       {
@@ -100,10 +101,10 @@ async function execInVm(id: string, command: string[], flags: ExecFlags): Promis
         mkdirCwd: true,
         ...terminalSize(),
       },
-      ioHandlers,
+      output.io,
     );
     const terminate = (h: ExecHandle) => terminateExec(h, flags.gracefulShutdown);
-    return await attach(handle, { tty, interactive, terminate, signals });
+    return await attach(handle, { tty, interactive, terminate, signals, output });
   } finally {
     signals.dispose();
     client.close("exec finished");

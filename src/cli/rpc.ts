@@ -13,6 +13,13 @@ export function registerRpc(program: Command): void {
         "stderr. A request line may be at most 96 MiB (MATCHLOCK_RPC_MAX_LINE bytes). See docs/rpc.md.",
     )
     .action(async () => {
+      // The server must outlive any bug in one request: a stray rejection is logged, never fatal,
+      // so the VM is still closed when stdin ends.
+      process.on("unhandledRejection", (e) => {
+        process.stderr.write(
+          `matchlock rpc: internal error (ignored): ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`,
+        );
+      });
       const max = Number(process.env.MATCHLOCK_RPC_MAX_LINE);
       const server = new RpcServer({
         input: process.stdin,

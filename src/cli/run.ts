@@ -6,9 +6,10 @@ import { type Command, Option } from "commander";
 import { parseSandboxConfig, type SandboxConfigInput } from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { parsePortSpec, validateAddress } from "../api/specs.ts";
+import { writeSink } from "../guest/agent-client.ts";
 import { parseEnvFile, parseEnvSpec, resolveArgv, validateUser } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
-import { attach, ioHandlers, SignalRelay, terminalSize } from "./attach.ts";
+import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
 import { boolValue, collect, durationMs, positiveInt, positiveNumber } from "./parse.ts";
 import { pullProgress } from "./progress.ts";
 
@@ -214,6 +215,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
         if (detachedChild) status = await runToLog(sandbox, argv, flags, signals);
         else {
           const size = terminalSize();
+          const output = new TerminalOutput();
           const handle = sandbox.exec(
             {
               argv,
@@ -223,9 +225,16 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
               stdin: interactive,
               ...size,
             },
-            ioHandlers,
+            output.io,
           );
-          status = await attach(handle, { tty, interactive, terminate, signals, deadline: sandbox.deadline });
+          status = await attach(handle, {
+            tty,
+            interactive,
+            terminate,
+            signals,
+            deadline: sandbox.deadline,
+            output,
+          });
         }
       }
       if (keep && !signals.received && !sandbox.deadline.aborted) {
@@ -263,7 +272,7 @@ async function runToLog(
       ...(flags.workdir ? { cwd: flags.workdir } : {}),
       ...(flags.user ? { user: flags.user } : {}),
     },
-    { onStdout: (d) => log.write(d), onStderr: (d) => log.write(d) },
+    { onStdout: writeSink(log), onStderr: writeSink(log) },
   );
   signals.onSignal = () => {
     sandbox.terminate(handle, flags.gracefulShutdown).catch(() => {});

@@ -19,21 +19,47 @@ import {
   readI32,
   readResult,
   readU32,
-  STDIN_WINDOW,
-  TCP_WINDOW,
+  WINDOW,
 } from "./protocol.ts";
 
 /** Host side of the agent protocol over one byte stream (the `agent` virtio-serial port). */
 
 const CHUNK = 64 * 1024;
-/** A READ_FILE answer larger than this is refused: the guest must not make the host buffer without bound. */
-const MAX_READ_FILE = 1024 * 1024 * 1024;
+/** readFile() collects at most this much by default; streamed reads (readFileStream) have no limit. */
+export const MAX_READ_FILE = 64 * 1024 * 1024;
+/** A LIST_DIR answer larger than this fails that listing (about 1.3 million entries). */
 const MAX_LIST_BYTES = 64 * 1024 * 1024;
 
+/**
+ * Receives a chunk of guest output. The guest may send more only once we acknowledge the chunk, and
+ * we do that when the sink is done with it: when the returned promise settles (fulfilled or not),
+ * or at once if it returns nothing. So a sink that writes to a slow reader returns a promise that
+ * waits for that reader (see `writeSink`), and the guest's writer stalls instead of host memory growing.
+ */
+export type OutputSink = (data: Buffer) => void | Promise<void>;
+
 export interface ExecIO {
-  onStdout?: (data: Buffer) => void;
-  onStderr?: (data: Buffer) => void;
+  onStdout?: OutputSink;
+  onStderr?: OutputSink;
   onStarted?: (pid: number) => void;
+}
+
+/** A sink writing to a Node stream: settles once the stream has room again (or is gone). */
+export function writeSink(out: NodeJS.WritableStream & { destroyed?: boolean }): OutputSink {
+  return (data) => {
+    if (out.destroyed || out.write(data)) return;
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        out.off("drain", done);
+        out.off("close", done);
+        out.off("error", done);
+        resolve();
+      };
+      out.on("drain", done);
+      out.on("close", done);
+      out.on("error", done);
+    });
+  };
 }
 
 export interface ExecResult {
@@ -58,6 +84,8 @@ interface ExecState {
   kind: "exec";
   io: ExecIO;
   unacked: number;
+  /** Output bytes the guest sent that we have not acknowledged yet. */
+  guestUnacked: number;
   /** Stdin writes and the EOF go out in call order, whatever the window makes each wait for. */
   stdinChain: Promise<void>;
   windowWaiters: Array<() => void>;
@@ -68,6 +96,9 @@ interface ExecState {
 
 interface FileState {
   kind: "file";
+  /** READ_FILE: content flows to the sink under flow control. LIST_DIR: collected up to the limit. */
+  sink: OutputSink | undefined;
+  guestUnacked: number;
   chunks: Buffer[];
   bytes: number;
   limit: number;
@@ -79,6 +110,14 @@ interface PingState {
   kind: "ping";
   resolve: () => void;
   reject: (e: Error) => void;
+}
+
+export interface FileWriter {
+  write(data: Buffer): Promise<void>;
+  /** Closes the file; rejects with the guest's error if any write failed. */
+  end(): Promise<void>;
+  /** Gives up: the guest removes the partial file. */
+  abort(): void;
 }
 
 /** A TCP connection to a port in the guest (port forwarding), multiplexed on the agent channel. */
@@ -163,13 +202,15 @@ export class AgentClient {
       kind: "exec",
       io,
       unacked: 0,
+      guestUnacked: 0,
       stdinChain: Promise.resolve(),
       windowWaiters: [],
       resolve,
       reject,
     };
+    const payload = encodeExec(req); // a bad request throws before any state exists
     this.streams.set(stream, state);
-    this.send(HostMsg.EXEC, stream, encodeExec(req));
+    this.send(HostMsg.EXEC, stream, payload);
     return {
       stream,
       done,
@@ -232,10 +273,10 @@ export class AgentClient {
       end: () => {
         state.chain = state.chain.then(() => this.sendIfOpen(stream, HostMsg.TCP_DATA, Buffer.alloc(0)));
       },
-      abort: () => this.sendIfOpen(stream, HostMsg.TCP_CLOSE, Buffer.alloc(0)),
+      abort: () => this.sendIfOpen(stream, HostMsg.CLOSE, Buffer.alloc(0)),
       ack: (n) => {
         state.guestUnacked = Math.max(0, state.guestUnacked - n);
-        this.sendIfOpen(stream, HostMsg.TCP_ACK, encodeU32(n));
+        this.sendIfOpen(stream, HostMsg.ACK, encodeU32(n));
       },
     };
   }
@@ -249,31 +290,75 @@ export class AgentClient {
   }
 
   async writeFile(path: string, data: Buffer, mode = 0o644): Promise<void> {
-    const stream = this.allocStream();
-    const result = this.fileOp(stream, 0);
-    this.send(HostMsg.WRITE_FILE, stream, encodeWriteFile(path, mode));
-    for (let off = 0; off < data.length; off += CHUNK) {
-      this.send(HostMsg.FILE_DATA, stream, data.subarray(off, off + CHUNK));
-      if (this.sock.writableNeedDrain) await this.drain();
-    }
-    this.send(HostMsg.FILE_DATA, stream);
-    const r = await result;
-    if (r.errno !== 0) throw fileError(r.message || `write ${path} failed (errno ${r.errno})`);
+    const w = this.openWrite(path, mode);
+    await w.write(data);
+    await w.end();
   }
 
-  async readFile(path: string): Promise<Buffer> {
+  /**
+   * Writes a guest file piece by piece (the relay streams its clients' writes through this). Each
+   * write resolves once the bytes are handed to the channel with room to spare, so a fast producer
+   * is held back by the VM instead of queueing in memory. `end` resolves when the guest has closed
+   * the file; a failed write leaves no file behind (the agent removes it).
+   */
+  openWrite(path: string, mode = 0o644): FileWriter {
+    const header = encodeWriteFile(path, mode); // a bad path throws before any state exists
     const stream = this.allocStream();
-    const result = this.fileOp(stream, MAX_READ_FILE);
-    this.send(HostMsg.READ_FILE, stream, encodePath(path));
+    const result = this.fileOp(stream, 0);
+    result.catch(() => {}); // observed by end(); a writer given up on must not be an unhandled rejection
+    this.send(HostMsg.WRITE_FILE, stream, header);
+    let chain = Promise.resolve();
+    return {
+      write: (data) => {
+        chain = chain.then(async () => {
+          for (let off = 0; off < data.length; off += CHUNK) {
+            this.send(HostMsg.FILE_DATA, stream, data.subarray(off, off + CHUNK));
+            if (this.sock.writableNeedDrain) await this.drain();
+          }
+        });
+        return chain;
+      },
+      end: async () => {
+        await chain;
+        this.send(HostMsg.FILE_DATA, stream);
+        const r = await result;
+        if (r.errno !== 0) throw fileError(r.message || `write ${path} failed (errno ${r.errno})`);
+      },
+      abort: () => this.sendIfOpen(stream, HostMsg.CLOSE, Buffer.alloc(0)),
+    };
+  }
+
+  /**
+   * Streams a guest file into `sink`, under flow control: the guest reads ahead at most WINDOW bytes
+   * of what the sink has taken. A sink that throws cancels the read (the guest closes the file) and
+   * the read rejects with that error.
+   */
+  async readFileStream(path: string, sink: OutputSink): Promise<void> {
+    const payload = encodePath(path);
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, Number.POSITIVE_INFINITY, sink);
+    this.send(HostMsg.READ_FILE, stream, payload);
     const r = await result;
     if (r.errno !== 0) throw fileError(r.message || `read ${path} failed (errno ${r.errno})`);
-    return r.data;
+  }
+
+  /** A guest file in memory; one larger than `limit` bytes is refused, and its read cancelled. */
+  async readFile(path: string, limit = MAX_READ_FILE): Promise<Buffer> {
+    const chunks: Buffer[] = [];
+    let bytes = 0;
+    await this.readFileStream(path, (data) => {
+      bytes += data.length;
+      if (bytes > limit) throw new FileTooLargeError(path, limit);
+      chunks.push(data);
+    });
+    return Buffer.concat(chunks, bytes);
   }
 
   async listDir(path: string): Promise<DirEntry[]> {
+    const payload = encodePath(path);
     const stream = this.allocStream();
     const result = this.fileOp(stream, MAX_LIST_BYTES);
-    this.send(HostMsg.LIST_DIR, stream, encodePath(path));
+    this.send(HostMsg.LIST_DIR, stream, payload);
     const r = await result;
     if (r.errno !== 0) throw fileError(r.message || `list ${path} failed (errno ${r.errno})`);
     return readDirEntries(r.data).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
@@ -290,10 +375,59 @@ export class AgentClient {
     this.sock.destroy();
   }
 
-  private fileOp(stream: number, limit: number): Promise<{ data: Buffer; errno: number; message: string }> {
+  private fileOp(
+    stream: number,
+    limit: number,
+    sink?: OutputSink,
+  ): Promise<{ data: Buffer; errno: number; message: string }> {
     return new Promise((resolve, reject) => {
-      this.streams.set(stream, { kind: "file", chunks: [], bytes: 0, limit, resolve, reject });
+      this.streams.set(stream, {
+        kind: "file",
+        sink,
+        guestUnacked: 0,
+        chunks: [],
+        bytes: 0,
+        limit,
+        resolve,
+        reject,
+      });
     });
+  }
+
+  /**
+   * Hands guest output to its sink and acknowledges it once the sink is done. A guest that sends
+   * beyond the window ignores flow control: that breaks the protocol (our own agent never does).
+   */
+  private deliver(
+    stream: number,
+    s: { guestUnacked: number },
+    sink: OutputSink | undefined,
+    data: Buffer,
+    onSinkError?: (e: unknown) => void,
+  ): void {
+    s.guestUnacked += data.length;
+    if (s.guestUnacked > WINDOW) {
+      throw new AgentProtocolError(
+        `guest sent ${s.guestUnacked} bytes on stream ${stream} without acknowledgement (window ${WINDOW})`,
+      );
+    }
+    const ack = () => {
+      s.guestUnacked -= data.length;
+      this.sendIfOpen(stream, HostMsg.ACK, encodeU32(data.length));
+    };
+    let pending: void | Promise<void>;
+    try {
+      pending = sink?.(data);
+    } catch (e) {
+      onSinkError?.(e);
+      return;
+    }
+    if (pending === undefined) ack();
+    else
+      pending.then(ack, (e: unknown) => {
+        if (onSinkError) onSinkError(e);
+        else ack();
+      });
   }
 
   /** Sends `data` in chunks, never more than the window ahead of the guest's STDIN_ACKs. */
@@ -305,7 +439,7 @@ export class AgentClient {
   ): Promise<void> {
     for (let off = 0; off < data.length; off += CHUNK) {
       const piece = data.subarray(off, off + CHUNK);
-      while (state.unacked + piece.length > STDIN_WINDOW) {
+      while (state.unacked + piece.length > WINDOW) {
         if (this.failure) throw this.failure;
         if (!this.streams.has(stream)) return; // the process/connection is gone: drop the bytes
         await new Promise<void>((resolve) => state.windowWaiters.push(resolve));
@@ -390,10 +524,10 @@ export class AgentClient {
   private dispatchExec(f: Frame, s: ExecState): void {
     switch (f.type) {
       case GuestMsg.STDOUT:
-        s.io.onStdout?.(f.payload);
+        this.deliver(f.stream, s, s.io.onStdout, f.payload);
         return;
       case GuestMsg.STDERR:
-        s.io.onStderr?.(f.payload);
+        this.deliver(f.stream, s, s.io.onStderr, f.payload);
         return;
       case GuestMsg.STARTED:
         s.io.onStarted?.(readU32(f.payload, "STARTED"));
@@ -433,10 +567,10 @@ export class AgentClient {
           return;
         }
         s.guestUnacked += f.payload.length;
-        if (s.guestUnacked > TCP_WINDOW) {
+        if (s.guestUnacked > WINDOW) {
           // The guest ignores flow control: drop this connection, not the whole VM.
           this.streams.delete(f.stream);
-          this.send(HostMsg.TCP_CLOSE, f.stream);
+          this.send(HostMsg.CLOSE, f.stream);
           s.resolve(-1);
           return;
         }
@@ -461,9 +595,23 @@ export class AgentClient {
 
   private dispatchFile(f: Frame, s: FileState): void {
     if (f.type === GuestMsg.DATA) {
+      if (s.sink) {
+        // A sink that fails ends the read here: the guest closes the file, later frames are dropped.
+        this.deliver(f.stream, s, s.sink, f.payload, (e) => {
+          if (this.streams.get(f.stream) !== s) return;
+          this.streams.delete(f.stream);
+          if (!this.failure) this.send(HostMsg.CLOSE, f.stream);
+          s.reject(e instanceof Error ? e : new Error(String(e)));
+        });
+        return;
+      }
       s.bytes += f.payload.length;
-      if (s.bytes > s.limit)
-        throw new AgentProtocolError(`guest sent more than ${s.limit} bytes for one file operation`);
+      if (s.bytes > s.limit) {
+        // Too much for one listing: fail this operation, not the VM (its late frames are dropped).
+        this.streams.delete(f.stream);
+        s.reject(fileError(`the guest answered more than ${s.limit} bytes for one listing`));
+        return;
+      }
       s.chunks.push(f.payload);
       return;
     }
@@ -504,6 +652,18 @@ export async function terminateExec(handle: ExecHandle, graceMs: number): Promis
   const timer = setTimeout(() => handle.signal(9), graceMs);
   await handle.done.catch(() => {});
   clearTimeout(timer);
+}
+
+/** readFile of a file larger than its limit: the caller should stream it instead. */
+export class FileTooLargeError extends MatchlockError {
+  readonly limit: number;
+  constructor(path: string, limit: number) {
+    super("FILE_FAILED", `${path} is larger than ${limit} bytes, the most read_file returns at once`, {
+      hint: "stream it instead (exec_stream `cat FILE`), or read part of it (`head -c`)",
+    });
+    this.name = "FileTooLargeError";
+    this.limit = limit;
+  }
 }
 
 export class TcpConnectError extends MatchlockError {

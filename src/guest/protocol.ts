@@ -4,8 +4,13 @@ import { AgentProtocolError, InvalidArgumentError } from "../api/errors.ts";
 
 export const HEADER_SIZE = 9;
 export const MAX_PAYLOAD = 1024 * 1024;
-/** Bytes of STDIN the host sends ahead of the guest's acknowledgements, per stream. */
-export const STDIN_WINDOW = 256 * 1024;
+/**
+ * Flow control, both directions: a sender keeps at most this many bytes of one stream unacknowledged.
+ * Host→guest (STDIN, TCP_DATA) the guest answers STDIN_ACK; guest→host (STDOUT/STDERR, READ_FILE
+ * DATA, TCP_DATA) the host answers ACK once the bytes are delivered to their reader, so a slow
+ * reader anywhere stalls the writer in the guest and no buffer in between grows.
+ */
+export const WINDOW = 256 * 1024;
 
 export const HostMsg = {
   EXEC: 0x01,
@@ -20,8 +25,10 @@ export const HostMsg = {
   SHUTDOWN: 0x0a,
   TCP_CONNECT: 0x0b,
   TCP_DATA: 0x0c,
-  TCP_CLOSE: 0x0d,
-  TCP_ACK: 0x0e,
+  /** Abort a TCP stream or a READ_FILE. */
+  CLOSE: 0x0d,
+  /** The host delivered `n` bytes of the stream's guest→host data (exec output, file content, TCP). */
+  ACK: 0x0e,
 } as const;
 
 export const GuestMsg = {
@@ -40,9 +47,6 @@ export const GuestMsg = {
   TCP_DATA: 0x8c,
   TCP_CLOSED: 0x8d,
 } as const;
-
-/** Guest→host TCP bytes the guest may send ahead of our TCP_ACKs, per stream. */
-export const TCP_WINDOW = 256 * 1024;
 
 const GUEST_TYPES = new Set<number>(Object.values(GuestMsg));
 const HOST_TYPES = new Set<number>(Object.values(HostMsg));
@@ -92,7 +96,9 @@ export function encodeExec(req: ExecRequest): Buffer {
   if (req.argv.length > 0xffff)
     throw new InvalidArgumentError(`${req.argv.length} arguments: at most 65535 fit in one command`);
   if (req.env.length > 0xffff)
-    throw new InvalidArgumentError(`${req.env.length} environment variables: at most 65535 fit in one command`);
+    throw new InvalidArgumentError(
+      `${req.env.length} environment variables: at most 65535 fit in one command`,
+    );
   const head = Buffer.alloc(12);
   const flags =
     (req.tty ? ExecFlags.TTY : 0) |

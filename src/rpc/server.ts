@@ -1,6 +1,7 @@
-import { readFile } from "node:fs/promises";
+import { open, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { Readable, Writable } from "node:stream";
+import { StringDecoder } from "node:string_decoder";
 import * as v from "valibot";
 import { parseSandboxConfig, unsupportedFeatures } from "../api/config.ts";
 import { isMatchlockError, MatchlockError, messageOf } from "../api/errors.ts";
@@ -14,7 +15,7 @@ import {
   type RpcParams,
   rpcCodeFor,
 } from "../api/rpc.ts";
-import type { ExecHandle } from "../guest/agent-client.ts";
+import { type ExecHandle, MAX_READ_FILE, type OutputSink } from "../guest/agent-client.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
 import { LineSplitter } from "./lines.ts";
 
@@ -23,6 +24,11 @@ import { LineSplitter } from "./lines.ts";
  * notifications of Matchlock (PROTOCOLS.md §2). Requests run concurrently; each request's
  * notifications are written in order before its response. stdout carries only protocol lines; logs
  * go to stderr. EOF on stdin (or a broken stdout) cancels everything and closes the VM.
+ *
+ * Memory stays bounded however fast the guest writes and however slowly the client reads:
+ * streamed output is acknowledged to the guest only once its notification is written out to the
+ * client (stdout has room); while stdout is backed up we also stop reading requests; results that
+ * must be held whole (`exec`, `read_file`) have a per-request and a server-wide cap.
  */
 
 type Id = number | string;
@@ -32,6 +38,11 @@ export const DEFAULT_MAX_LINE = 96 * 1024 * 1024;
 
 const STDIN_HIGH_WATER = 8 * 1024 * 1024;
 const STDIN_LOW_WATER = 2 * 1024 * 1024;
+
+/** The most output one `exec` collects (stdout + stderr), and the largest file `read_file` returns. */
+export const MAX_BUFFERED_RESULT = MAX_READ_FILE;
+/** The most bytes all in-flight `exec`/`read_file` requests of one server hold at once. */
+export const MAX_BUFFERED_TOTAL = 4 * MAX_BUFFERED_RESULT;
 
 class RpcError extends Error {
   readonly code: number;
@@ -76,6 +87,10 @@ export class RpcServer {
   private gone: string | undefined;
   private shuttingDown: Promise<void> | undefined;
   private pendingStdin = 0;
+  /** Bytes held by in-flight exec / read_file results (bounded by MAX_BUFFERED_TOTAL). */
+  private buffered = 0;
+  /** Why reading requests is paused: stdin fed to the guest faster than it takes it, stdout backed up. */
+  private readonly pausedBy = new Set<"stdin" | "output">();
 
   constructor(opts: RpcServerOptions) {
     this.input = opts.input;
@@ -101,6 +116,7 @@ export class RpcServer {
       this.output.on("error", () => {
         this.shutdown("stdout is broken").then(resolve, resolve);
       });
+      this.output.on("drain", () => this.resumeInput("output"));
     });
   }
 
@@ -213,7 +229,22 @@ export class RpcServer {
       }
       case "read_file": {
         const p = params as RpcParams<"read_file">;
-        return { content: (await (await this.vm()).readFile(p.path)).toString("base64") };
+        const sb = await this.vm();
+        const held = this.budget(
+          "FILE_FAILED",
+          `${p.path} is larger than`,
+          "stream it with exec_stream `cat FILE`",
+        );
+        const chunks: Buffer[] = [];
+        try {
+          await sb.readFileStream(p.path, (d) => {
+            held.reserve(d.length);
+            chunks.push(d);
+          });
+          return { content: Buffer.concat(chunks).toString("base64") };
+        } finally {
+          held.release();
+        }
       }
       case "list_files": {
         const p = params as RpcParams<"list_files">;
@@ -302,17 +333,37 @@ export class RpcServer {
   ) {
     const sb = await this.vm();
     const started = Date.now();
+    // exec holds its output for the response, within a cap; the others stream it as notifications,
+    // each acknowledged to the guest once written out to the client.
+    const held =
+      method === "exec"
+        ? this.budget("EXEC_FAILED", "the output of exec exceeded", "use exec_stream")
+        : undefined;
     const out: Buffer[] = [];
     const err: Buffer[] = [];
-    const notify = (stream: "stdout" | "stderr") => (d: Buffer) => {
-      if (method === "exec") (stream === "stdout" ? out : err).push(d);
-      else
-        this.send({
+    let overflow: unknown;
+    const notify =
+      (stream: "stdout" | "stderr"): OutputSink =>
+      (d) => {
+        if (held) {
+          if (overflow) return;
+          try {
+            held.reserve(d.length);
+          } catch (e) {
+            // Past the cap: stop the command now rather than let it run on unobserved.
+            overflow = e;
+            handle.signal(9);
+            return;
+          }
+          (stream === "stdout" ? out : err).push(d);
+          return;
+        }
+        return this.sendPaced({
           jsonrpc: "2.0",
           method: `${method}.${stream}`,
           params: { id: req.id, data: d.toString("base64") },
         });
-    };
+      };
     const handle = sb.exec(
       {
         argv: ["/bin/sh", "-c", p.command],
@@ -329,14 +380,17 @@ export class RpcServer {
     if (method === "exec_pipe" || method === "exec_tty") {
       this.send({ jsonrpc: "2.0", method: `${method}.ready`, params: { id: req.id } });
     }
-    const r = await handle.done.catch((e: unknown) => {
-      throw new MatchlockError("EXEC_FAILED", messageOf(e));
-    });
+    const r = await handle.done
+      .catch((e: unknown) => {
+        throw new MatchlockError("EXEC_FAILED", messageOf(e));
+      })
+      .finally(() => held?.release());
+    if (overflow) throw overflow;
     const duration_ms = Date.now() - started;
     if (r.startError !== undefined) {
       const msg = Buffer.from(`${r.startError}\n`);
       if (method === "exec") err.push(msg);
-      else if (method !== "exec_tty") notify("stderr")(msg);
+      else if (method !== "exec_tty") await notify("stderr")(msg);
     }
     if (method === "exec") {
       return {
@@ -371,12 +425,12 @@ export class RpcServer {
         // Notifications have no acknowledgement: when the guest is slower than the client, stop
         // reading our stdin (the pipe then pushes back on the client) instead of buffering.
         this.pendingStdin += data.length;
-        if (this.pendingStdin > STDIN_HIGH_WATER) this.input.pause();
+        if (this.pendingStdin > STDIN_HIGH_WATER) this.pauseInput("stdin");
         h.writeStdin(data)
           .catch(() => {})
           .finally(() => {
             this.pendingStdin -= data.length;
-            if (this.pendingStdin < STDIN_LOW_WATER) this.input.resume();
+            if (this.pendingStdin < STDIN_LOW_WATER) this.resumeInput("stdin");
           });
       };
     } else if (method.endsWith(".stdin_eof")) apply = (h) => h.endStdin();
@@ -399,31 +453,52 @@ export class RpcServer {
     return { cancelled: true };
   }
 
+  /** The VM's logs (console, then command output of a detached run); at most the last 64 MiB of each. */
   private async readLog(sb: Sandbox): Promise<string> {
     const parts = await Promise.all(
-      ["console.log", "run.log"].map((f) => readFile(join(sb.dir, f), "utf8").catch(() => "")),
+      LOG_FILES.map(async (f) => {
+        const path = join(sb.dir, f);
+        const size = await stat(path).then(
+          (st) => st.size,
+          () => 0,
+        );
+        const start = Math.max(0, size - MAX_BUFFERED_RESULT);
+        return (await readRange(path, start, size - start)).toString("utf8");
+      }),
     );
     return parts.join("");
   }
 
-  /** Sends what the console log gains, as `log_stream.data`, until cancelled or the VM closes. */
+  /**
+   * Sends what the logs gain, as `log_stream.data`, until cancelled or the VM closes: read from where
+   * it left off, a bounded piece at a time, each sent before the next is read.
+   */
   private async logStream(sb: Sandbox, req: Inflight): Promise<unknown> {
-    let sent = 0;
     let stopped = false;
     req.stop = () => {
       stopped = true;
     };
+    const files = LOG_FILES.map((f) => ({
+      path: join(sb.dir, f),
+      offset: 0,
+      decoder: new StringDecoder("utf8"),
+    }));
     while (!stopped && this.sandbox === sb) {
-      const text = await this.readLog(sb);
-      if (text.length > sent) {
-        this.send({
-          jsonrpc: "2.0",
-          method: "log_stream.data",
-          params: { id: req.id, data: text.slice(sent) },
-        });
-        sent = text.length;
+      let grew = false;
+      for (const f of files) {
+        const chunk = await readRange(f.path, f.offset, LOG_CHUNK);
+        if (chunk.length === 0) continue;
+        grew = true;
+        f.offset += chunk.length;
+        const text = f.decoder.write(chunk);
+        if (text)
+          await this.sendPaced({
+            jsonrpc: "2.0",
+            method: "log_stream.data",
+            params: { id: req.id, data: text },
+          });
       }
-      await new Promise((r) => setTimeout(r, 200));
+      if (!grew) await new Promise((r) => setTimeout(r, 200));
     }
     return {};
   }
@@ -458,9 +533,98 @@ export class RpcServer {
     this.send({ jsonrpc: "2.0", id, error: { code, message } });
   }
 
+  /** Writes one protocol line; while stdout is backed up, no new requests are read. */
   private send(msg: unknown): void {
-    if (this.output.writableEnded || this.output.destroyed) return;
-    this.output.write(`${JSON.stringify(msg)}\n`);
+    this.write(msg);
+  }
+
+  /**
+   * Writes a notification of streamed output: settles once stdout has room again (or breaks), which
+   * is when the output is acknowledged to the guest.
+   */
+  private sendPaced(msg: unknown): Promise<void> | undefined {
+    if (this.write(msg)) return;
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        this.output.off("drain", done);
+        this.output.off("close", done);
+        this.output.off("error", done);
+        resolve();
+      };
+      this.output.on("drain", done);
+      this.output.on("close", done);
+      this.output.on("error", done);
+    });
+  }
+
+  /** True if stdout has room for more (or is gone: nothing waits for a broken stdout). */
+  private write(msg: unknown): boolean {
+    if (this.output.writableEnded || this.output.destroyed) return true;
+    if (this.output.write(`${JSON.stringify(msg)}\n`)) return true;
+    this.pauseInput("output");
+    return false;
+  }
+
+  private pauseInput(why: "stdin" | "output"): void {
+    this.pausedBy.add(why);
+    this.input.pause();
+  }
+
+  private resumeInput(why: "stdin" | "output"): void {
+    if (!this.pausedBy.delete(why) || this.pausedBy.size > 0) return;
+    this.input.resume();
+  }
+
+  /**
+   * Accounts for a result held in memory for a response (`exec` output, `read_file` content):
+   * `reserve` throws past MAX_BUFFERED_RESULT bytes for this request, or when all requests together
+   * would hold more than MAX_BUFFERED_TOTAL; `release` gives the bytes back to the server.
+   */
+  private budget(
+    code: "EXEC_FAILED" | "FILE_FAILED",
+    tooBig: string,
+    hint: string,
+  ): { reserve(n: number): void; release(): void } {
+    let bytes = 0;
+    let released = false;
+    return {
+      reserve: (n) => {
+        if (bytes + n > MAX_BUFFERED_RESULT) {
+          throw new MatchlockError(code, `${tooBig} ${MAX_BUFFERED_RESULT / 1048576} MiB`, { hint });
+        }
+        if (this.buffered + n > MAX_BUFFERED_TOTAL) {
+          throw new MatchlockError(
+            code,
+            `the rpc server already holds ${MAX_BUFFERED_TOTAL / 1048576} MiB of results for other requests`,
+            { hint: `retry when they are done, or ${hint}` },
+          );
+        }
+        bytes += n;
+        this.buffered += n;
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        this.buffered -= bytes;
+      },
+    };
+  }
+}
+
+const LOG_FILES = ["console.log", "run.log"];
+const LOG_CHUNK = 1024 * 1024;
+
+/** Up to `length` bytes of a file from `offset`; nothing if it does not exist (yet). */
+async function readRange(path: string, offset: number, length: number): Promise<Buffer> {
+  if (length <= 0) return Buffer.alloc(0);
+  const fh = await open(path, "r").catch(() => undefined);
+  if (!fh) return Buffer.alloc(0);
+  try {
+    const buf = Buffer.alloc(length);
+    const { bytesRead } = await fh.read(buf, 0, length, offset);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
   }
 }
 

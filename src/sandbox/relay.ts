@@ -4,6 +4,8 @@ import { messageOf } from "../api/errors.ts";
 import {
   type ExecHandle,
   type ExecIO,
+  type FileWriter,
+  type OutputSink,
   TcpConnectError,
   type TcpIO,
   type TcpStream,
@@ -33,20 +35,72 @@ import type { ExecOptions } from "./sandbox.ts";
  *
  * EXEC from a client: empty `cwd`/`user` mean the image defaults, `env` is added on top of the
  * image's and the sandbox's.
+ *
+ * Flow control holds end to end: guest output and file content go to the client as fast as the
+ * client ACKs them (the guest's own window is acknowledged only then), and a client's WRITE_FILE
+ * data is read off its socket only as fast as the VM takes it. Memory per client stays bounded.
  */
 
-export const RELAY_VERSION = "matchlock-relay 1";
-const CHUNK = 64 * 1024;
-/** Bytes a client may stream into one WRITE_FILE before it must end it. */
-const MAX_RELAY_WRITE = 512 * 1024 * 1024;
+export const RELAY_VERSION = "matchlock-relay 2";
+/** Bytes of a client's WRITE_FILE data in flight to the VM before we stop reading its socket. */
+const WRITE_HIGH_WATER = 1024 * 1024;
+const ECANCELED = 125;
 
 export interface RelayTarget {
   exec(opts: ExecOptions, io: ExecIO): ExecHandle;
   terminate(handle: ExecHandle, graceMs?: number): Promise<void>;
-  writeFile(path: string, data: Buffer, mode?: number): Promise<void>;
-  readFile(path: string): Promise<Buffer>;
+  openWrite(path: string, mode?: number): FileWriter;
+  readFileStream(path: string, sink: OutputSink): Promise<void>;
   listFiles(path: string): Promise<DirEntry[]>;
   tcpConnect(port: number, io: TcpIO): Promise<TcpStream>;
+}
+
+/**
+ * Bytes sent to the client on one stream and not yet acknowledged by it: each send waits until the
+ * client's ACKs cover it. `release` (client gone, stream over) lets every wait through.
+ */
+class AckQueue {
+  private credit = 0;
+  private readonly waiting: Array<{ n: number; resolve: () => void; reject: (e: Error) => void }> = [];
+  private released = false;
+  private failure: Error | undefined;
+
+  wait(n: number): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.released) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ n, resolve, reject });
+      this.settle();
+    });
+  }
+
+  ack(n: number): void {
+    this.credit += n;
+    this.settle();
+  }
+
+  get cancelled(): boolean {
+    return this.failure !== undefined;
+  }
+
+  release(): void {
+    this.released = true;
+    for (const w of this.waiting.splice(0)) w.resolve();
+  }
+
+  /** Every pending and later wait rejects (the client cancelled the operation). */
+  fail(e: Error): void {
+    this.failure = e;
+    for (const w of this.waiting.splice(0)) w.reject(e);
+  }
+
+  private settle(): void {
+    while (this.waiting.length > 0 && (this.waiting[0] as { n: number }).n <= this.credit) {
+      const w = this.waiting.shift() as { n: number; resolve: () => void };
+      this.credit -= w.n;
+      w.resolve();
+    }
+  }
 }
 
 export class RelayServer {
@@ -96,10 +150,15 @@ class RelayConnection {
   private readonly stdinChains = new Map<number, Promise<void>>();
   /** Client TCP streams: each resolves to the guest stream once connected (frames queue behind it). */
   private readonly tcp = new Map<number, Promise<TcpStream | undefined>>();
+  /** Client WRITE_FILEs: each streams into the VM; `chain` orders its pieces and the end. */
   private readonly writes = new Map<
     number,
-    { path: string; mode: number; chunks: Buffer[]; bytes: number }
+    { writer: FileWriter | undefined; error?: string; chain: Promise<void> }
   >();
+  /** Bytes of WRITE_FILE data received and not yet taken by the VM (we pause the socket above a bound). */
+  private writeBacklog = 0;
+  /** Guest→client data (exec output, file content) waiting for the client's ACKs, per stream. */
+  private readonly acks = new Map<number, AckQueue>();
   private closed = false;
 
   constructor(sock: Socket, target: RelayTarget) {
@@ -172,46 +231,14 @@ class RelayConnection {
       case HostMsg.PING:
         this.send(GuestMsg.PONG, f.stream, f.payload);
         return;
-      case HostMsg.WRITE_FILE: {
-        if (f.payload.length < 5) throw new Error("WRITE_FILE payload too short");
-        const end = f.payload.indexOf(0, 4);
-        const path = f.payload.subarray(4, end < 0 ? undefined : end).toString("utf8");
-        this.writes.set(f.stream, { path, mode: f.payload.readUInt32LE(0), chunks: [], bytes: 0 });
+      case HostMsg.WRITE_FILE:
+        this.startWrite(f);
         return;
-      }
-      case HostMsg.FILE_DATA: {
-        const w = this.writes.get(f.stream);
-        if (!w) return;
-        if (f.payload.length > 0) {
-          w.bytes += f.payload.length;
-          if (w.bytes > MAX_RELAY_WRITE) {
-            this.writes.delete(f.stream);
-            this.send(
-              GuestMsg.RESULT,
-              f.stream,
-              encodeResult(27, `write ${w.path}: larger than the relay accepts`),
-            );
-            return;
-          }
-          w.chunks.push(Buffer.from(f.payload));
-          return;
-        }
-        this.writes.delete(f.stream);
-        this.target.writeFile(w.path, Buffer.concat(w.chunks), w.mode).then(
-          () => this.send(GuestMsg.RESULT, f.stream, encodeResult(0, "")),
-          (e: unknown) => this.send(GuestMsg.RESULT, f.stream, encodeResult(5, messageOf(e))),
-        );
+      case HostMsg.FILE_DATA:
+        this.writeData(f.stream, Buffer.from(f.payload));
         return;
-      }
       case HostMsg.READ_FILE:
-        this.target.readFile(cstring(f.payload)).then(
-          (data) => {
-            for (let off = 0; off < data.length; off += CHUNK)
-              this.send(GuestMsg.DATA, f.stream, data.subarray(off, off + CHUNK));
-            this.send(GuestMsg.RESULT, f.stream, encodeResult(0, ""));
-          },
-          (e: unknown) => this.send(GuestMsg.RESULT, f.stream, encodeResult(2, messageOf(e))),
-        );
+        this.startRead(f.stream, cstring(f.payload));
         return;
       case HostMsg.LIST_DIR:
         this.target.listFiles(cstring(f.payload)).then(
@@ -239,14 +266,19 @@ class RelayConnection {
         });
         return;
       }
-      case HostMsg.TCP_ACK: {
-        const n = readU32(f.payload, "TCP_ACK");
-        this.withTcp(f.stream, (t) => t.ack(n));
+      case HostMsg.ACK: {
+        const n = readU32(f.payload, "ACK");
+        const q = this.acks.get(f.stream);
+        if (q) q.ack(n);
+        else this.withTcp(f.stream, (t) => t.ack(n));
         return;
       }
-      case HostMsg.TCP_CLOSE:
-        this.withTcp(f.stream, (t) => t.abort());
+      case HostMsg.CLOSE: {
+        const q = this.acks.get(f.stream);
+        if (q && !this.execs.has(f.stream)) q.fail(new Error("read cancelled by the client"));
+        else this.withTcp(f.stream, (t) => t.abort());
         return;
+      }
       default:
         // SHUTDOWN and anything else are the owner's business, not a client's.
         this.send(GuestMsg.LOG, 0, Buffer.from(`relay: frame 0x${f.type.toString(16)} is not allowed`));
@@ -275,8 +307,8 @@ class RelayConnection {
           ...(req.cols ? { cols: req.cols } : {}),
         },
         {
-          onStdout: (d) => this.send(GuestMsg.STDOUT, f.stream, d),
-          onStderr: (d) => this.send(GuestMsg.STDERR, f.stream, d),
+          onStdout: this.sinkTo(f.stream, GuestMsg.STDOUT),
+          onStderr: this.sinkTo(f.stream, GuestMsg.STDERR),
           onStarted: (pid) => this.send(GuestMsg.STARTED, f.stream, encodeU32(pid)),
         },
       );
@@ -290,16 +322,110 @@ class RelayConnection {
       (r) => {
         this.execs.delete(f.stream);
         this.stdinChains.delete(f.stream);
+        this.endAcks(f.stream);
         if (r.startError !== undefined) this.send(GuestMsg.ERROR, f.stream, Buffer.from(r.startError));
         this.send(GuestMsg.EXIT, f.stream, encodeExit(r.exitCode, r.signal));
       },
       (e: unknown) => {
         this.execs.delete(f.stream);
         this.stdinChains.delete(f.stream);
+        this.endAcks(f.stream);
         this.send(GuestMsg.ERROR, f.stream, Buffer.from(messageOf(e)));
         this.send(GuestMsg.EXIT, f.stream, encodeExit(1, 0));
       },
     );
+  }
+
+  /** A sink sending guest data to the client as `type` frames, settling as the client ACKs them. */
+  private sinkTo(stream: number, type: number): OutputSink {
+    return (d) => {
+      if (this.closed) {
+        // Nobody reads any more: output is dropped, a file read is cancelled.
+        if (type === GuestMsg.DATA) throw new Error("the client went away");
+        return;
+      }
+      let q = this.acks.get(stream);
+      if (!q) {
+        q = new AckQueue();
+        this.acks.set(stream, q);
+      }
+      this.send(type, stream, d);
+      return q.wait(d.length);
+    };
+  }
+
+  private endAcks(stream: number): void {
+    this.acks.get(stream)?.release();
+    this.acks.delete(stream);
+  }
+
+  private startRead(stream: number, path: string): void {
+    if (this.acks.has(stream) || this.execs.has(stream))
+      throw new Error(`stream ${stream} is already in use`);
+    this.acks.set(stream, new AckQueue());
+    this.target.readFileStream(path, this.sinkTo(stream, GuestMsg.DATA)).then(
+      () => {
+        this.endAcks(stream);
+        this.send(GuestMsg.RESULT, stream, encodeResult(0, ""));
+      },
+      (e: unknown) => {
+        const cancelled = this.acks.get(stream)?.cancelled ?? false;
+        this.endAcks(stream);
+        this.send(GuestMsg.RESULT, stream, encodeResult(cancelled ? ECANCELED : 2, messageOf(e)));
+      },
+    );
+  }
+
+  private startWrite(f: Frame): void {
+    if (this.writes.has(f.stream)) throw new Error(`stream ${f.stream} is already in use`);
+    const end = f.payload.indexOf(0, 4);
+    if (f.payload.length < 5 || end < 0) {
+      this.writes.set(f.stream, {
+        writer: undefined,
+        error: "write_file: malformed payload",
+        chain: Promise.resolve(),
+      });
+      return;
+    }
+    const path = f.payload.subarray(4, end).toString("utf8");
+    try {
+      const writer = this.target.openWrite(path, f.payload.readUInt32LE(0));
+      this.writes.set(f.stream, { writer, chain: Promise.resolve() });
+    } catch (e) {
+      this.writes.set(f.stream, { writer: undefined, error: messageOf(e), chain: Promise.resolve() });
+    }
+  }
+
+  /** A piece of a client's WRITE_FILE (empty: the end). Its socket pauses while the VM lags behind. */
+  private writeData(stream: number, data: Buffer): void {
+    const w = this.writes.get(stream);
+    if (!w) return;
+    if (data.length === 0) {
+      this.writes.delete(stream);
+      w.chain
+        .then(() => {
+          if (w.error !== undefined) throw new Error(w.error);
+          return w.writer?.end();
+        })
+        .then(
+          () => this.send(GuestMsg.RESULT, stream, encodeResult(0, "")),
+          (e: unknown) => this.send(GuestMsg.RESULT, stream, encodeResult(5, messageOf(e))),
+        );
+      return;
+    }
+    if (!w.writer || w.error !== undefined) return; // already failed: the end reports it
+    const writer = w.writer;
+    this.writeBacklog += data.length;
+    if (this.writeBacklog > WRITE_HIGH_WATER) this.sock.pause();
+    w.chain = w.chain
+      .then(() => writer.write(data))
+      .catch((e: unknown) => {
+        w.error ??= messageOf(e);
+      })
+      .finally(() => {
+        this.writeBacklog -= data.length;
+        if (this.writeBacklog <= WRITE_HIGH_WATER && !this.closed) this.sock.resume();
+      });
   }
 
   /**
@@ -356,7 +482,14 @@ class RelayConnection {
     this.execs.clear();
     for (const t of this.tcp.values()) t.then((s) => s?.abort()).catch(() => {});
     this.tcp.clear();
+    for (const w of this.writes.values()) w.writer?.abort();
     this.writes.clear();
+    // Nobody will ACK any more: the cancelled commands' output drains so they can end; reads stop.
+    for (const [stream, q] of this.acks) {
+      if (this.execs.has(stream)) q.release();
+      else q.fail(new Error("the client went away"));
+    }
+    this.acks.clear();
   }
 }
 

@@ -9,6 +9,8 @@ import {
   AgentClient,
   type ExecHandle,
   type ExecIO,
+  type FileWriter,
+  type OutputSink,
   type TcpIO,
   type TcpStream,
   terminateExec,
@@ -248,8 +250,18 @@ export class Sandbox {
     return this.agent.writeFile(path, data, mode);
   }
 
-  readFile(path: string): Promise<Buffer> {
-    return this.agent.readFile(path);
+  /** A guest file in memory; one larger than `limit` (default 64 MiB) is refused. */
+  readFile(path: string, limit?: number): Promise<Buffer> {
+    return this.agent.readFile(path, limit);
+  }
+
+  /** A guest file of any size, streamed to `sink` under flow control. */
+  readFileStream(path: string, sink: OutputSink): Promise<void> {
+    return this.agent.readFileStream(path, sink);
+  }
+
+  openWrite(path: string, mode?: number): FileWriter {
+    return this.agent.openWrite(path, mode);
   }
 
   listFiles(path: string): Promise<DirEntry[]> {

@@ -133,11 +133,6 @@ function toBuffer(c: BinaryLike): Buffer {
   return typeof c === "string" ? Buffer.from(c, "utf8") : Buffer.isBuffer(c) ? c : Buffer.from(c);
 }
 
-function write(w: StreamWriter | undefined, chunk: Buffer): void {
-  if (!w) return;
-  if (typeof w === "function") w(chunk);
-  else w.write(chunk);
-}
 
 /** An iterator over stdin or resize sources: streams, (async) iterables, or one buffer/string. */
 function sourceIterator<T>(src: AsyncIterable<T> | Iterable<T> | T): AsyncIterator<T> {
@@ -167,6 +162,8 @@ export class Client {
   private readonly pending = new Map<number, Pending>();
   private nextId = 0;
   private stderrTail = "";
+  /** Writers of streamed output that asked us to wait (write() returned false). */
+  private slowWriters = 0;
   private writeChain: Promise<void> = Promise.resolve();
   private closed = false;
   private vmIdValue = "";
@@ -211,7 +208,7 @@ export class Client {
   async execStream(command: string, opts: ExecStreamOptions = {}): Promise<StreamResult> {
     const r = await this.call("exec_stream", execParams(command, opts), opts, (method, p) => {
       const data = Buffer.from(String(p.data ?? ""), "base64");
-      write(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data);
+      this.deliver(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data);
     });
     return { exitCode: Number(r.exit_code), durationMs: Number(r.duration_ms) };
   }
@@ -224,7 +221,7 @@ export class Client {
       opts,
       opts.stdin,
       undefined,
-      (method, data) => write(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data),
+      (method, data) => this.deliver(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data),
     );
   }
 
@@ -232,7 +229,7 @@ export class Client {
   async execInteractive(command: string, opts: ExecInteractiveOptions = {}): Promise<StreamResult> {
     const params = { ...execParams(command, opts), rows: opts.rows ?? 24, cols: opts.cols ?? 80 };
     return this.execWithInput("exec_tty", params, opts, opts.stdin, opts.resize, (_m, data) =>
-      write(opts.stdout, data),
+      this.deliver(opts.stdout, data),
     );
   }
 
@@ -441,6 +438,31 @@ export class Client {
       );
     });
     return child;
+  }
+
+  /**
+   * Hands streamed output to the caller's writer. A writer that is full (write() returned false)
+   * pauses our reading of the server until it drains: the server then stops acknowledging output
+   * to the guest, and the command in the sandbox waits, instead of output piling up in memory.
+   */
+  private deliver(w: StreamWriter | undefined, chunk: Buffer): void {
+    if (!w) return;
+    if (typeof w === "function") {
+      w(chunk);
+      return;
+    }
+    if (w.write(chunk)) return;
+    this.slowWriters++;
+    this.child?.stdout.pause();
+    const resume = () => {
+      w.off("drain", resume);
+      w.off("close", resume);
+      w.off("error", resume);
+      if (--this.slowWriters === 0) this.child?.stdout.resume();
+    };
+    w.on("drain", resume);
+    w.on("close", resume);
+    w.on("error", resume);
   }
 
   private onLine(line: Buffer): void {

@@ -17,7 +17,14 @@ async function sh(script: string, opts: { user?: string } = {}) {
   let err = "";
   const handle = sb.exec(
     { argv: ["sh", "-c", script], ...opts },
-    { onStdout: (d) => (out += d.toString()), onStderr: (d) => (err += d.toString()) },
+    {
+      onStdout: (d) => {
+        out += d.toString();
+      },
+      onStderr: (d) => {
+        err += d.toString();
+      },
+    },
   );
   const r = await handle.done;
   return { ...r, out, err };
@@ -103,7 +110,11 @@ describe("one VM, many commands", () => {
     let out = "";
     const hd = sb.exec(
       { argv: ["sh", "-c", "sleep 1; sha256sum | cut -d' ' -f1"], stdin: true },
-      { onStdout: (d) => (out += d.toString()) },
+      {
+        onStdout: (d) => {
+          out += d.toString();
+        },
+      },
     );
     await hd.writeStdin(data);
     hd.endStdin();

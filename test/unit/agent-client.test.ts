@@ -10,7 +10,7 @@ import { after, before, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
 import { agentBinaryPath } from "../../src/guest/agent-build.ts";
 import { AgentClient } from "../../src/guest/agent-client.ts";
-import { GuestMsg, HEADER_SIZE } from "../../src/guest/protocol.ts";
+import { FrameDecoder, GuestMsg, HEADER_SIZE, HostMsg } from "../../src/guest/protocol.ts";
 
 /**
  * The host side of the agent protocol against the real agent binary (built by `matchlock setup`) in
@@ -51,7 +51,14 @@ describe("agent client ↔ real agent (--stdio)", () => {
         stdin: opts.stdin !== undefined,
         mkdirCwd: false,
       },
-      { onStdout: (d) => out.push(d), onStderr: (d) => err.push(d) },
+      {
+        onStdout: (d) => {
+          out.push(d);
+        },
+        onStderr: (d) => {
+          err.push(d);
+        },
+      },
     );
     if (opts.stdin) {
       await h.writeStdin(opts.stdin);
@@ -195,27 +202,55 @@ describe("hostile guest frames", () => {
     g.close();
   });
 
-  test("guest attack: a flood of output is delivered chunk by chunk, never buffered whole", async () => {
+  test("guest attack: output beyond the flow-control window cuts the guest off instead of being buffered", async () => {
     const g = await hostileGuest(frame(GuestMsg.READY, 0, Buffer.alloc(0)));
     let bytes = 0;
-    let biggest = 0;
     const h = g.client.exec(
       { argv: ["x"], env: [], cwd: "", user: "", tty: false, stdin: false, mkdirCwd: false },
       {
+        // A reader that never finishes: nothing is acknowledged, so the guest may send one window.
         onStdout: (d) => {
           bytes += d.length;
-          biggest = Math.max(biggest, d.length);
+          return new Promise<void>(() => {});
         },
       },
     );
-    const chunk = frame(GuestMsg.STDOUT, h.stream, Buffer.alloc(1024 * 1024, 0x41));
-    for (let i = 0; i < 64; i++) {
-      if (!g.guest.write(chunk)) await new Promise((r) => g.guest.once("drain", r));
+    const chunk = frame(GuestMsg.STDOUT, h.stream, Buffer.alloc(64 * 1024, 0x41));
+    for (let i = 0; i < 64 && !g.client.failed; i++) {
+      // The client may cut us off mid-write: never wait for a drain that cannot come.
+      if (!g.guest.write(chunk)) await new Promise((r) => setTimeout(r, 20));
     }
+    await assert.rejects(h.done, /without acknowledgement/);
+    assert.ok(bytes <= 256 * 1024, `${bytes} bytes delivered past the window`);
+    g.client.close();
+    g.close();
+  });
+
+  test("output is acknowledged to the guest only once the reader is done with it", async () => {
+    const g = await hostileGuest(frame(GuestMsg.READY, 0, Buffer.alloc(0)));
+    let release!: () => void;
+    const h = g.client.exec(
+      { argv: ["x"], env: [], cwd: "", user: "", tty: false, stdin: false, mkdirCwd: false },
+      {
+        onStdout: () =>
+          new Promise<void>((r) => {
+            release = r;
+          }),
+      },
+    );
+    const acks: number[] = [];
+    const decoder = new FrameDecoder("host");
+    g.guest.on("data", (d: Buffer) => {
+      for (const f of decoder.push(d)) if (f.type === HostMsg.ACK) acks.push(f.payload.readUInt32LE(0));
+    });
+    g.guest.write(frame(GuestMsg.STDOUT, h.stream, Buffer.alloc(1000, 0x41)));
+    await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(acks, [], "acknowledged before the reader took it");
+    release();
+    await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(acks, [1000]);
     g.guest.write(frame(GuestMsg.EXIT, h.stream, Buffer.alloc(8)));
     await h.done;
-    assert.equal(bytes, 64 * 1024 * 1024);
-    assert.ok(biggest <= 1024 * 1024);
     g.client.close();
     g.close();
   });
