@@ -74,9 +74,34 @@ export async function connectRelay(id: string): Promise<AgentClient> {
     );
   });
   const client = new AgentClient(sock, (line) => process.stderr.write(`matchlock: ${line}\n`));
-  await client.ready;
+  // A stopped (SIGSTOP) or wedged owner still accepts the connection but never answers.
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([
+      client.ready,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () =>
+            reject(
+              new MatchlockError("VM_FAILED", `VM ${id} did not answer within ${RELAY_READY_MS / 1000} s`, {
+                hint: "its owning process may be stopped or hung: see `matchlock list`, `matchlock kill`",
+              }),
+            ),
+          RELAY_READY_MS,
+        );
+      }),
+    ]);
+  } catch (e) {
+    client.close("no answer");
+    throw e;
+  } finally {
+    clearTimeout(timer);
+  }
   return client;
 }
+
+/** How long the VM's owner has to greet an exec client. */
+const RELAY_READY_MS = 10_000;
 
 async function execInVm(id: string, command: string[], flags: ExecFlags): Promise<number> {
   const tty = flags.tty === true;
