@@ -133,7 +133,6 @@ function toBuffer(c: BinaryLike): Buffer {
   return typeof c === "string" ? Buffer.from(c, "utf8") : Buffer.isBuffer(c) ? c : Buffer.from(c);
 }
 
-
 /** An iterator over stdin or resize sources: streams, (async) iterables, or one buffer/string. */
 function sourceIterator<T>(src: AsyncIterable<T> | Iterable<T> | T): AsyncIterator<T> {
   if (src !== null && typeof src === "object" && Symbol.asyncIterator in src) {
