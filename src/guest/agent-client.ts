@@ -1,5 +1,6 @@
 import type { Duplex } from "node:stream";
 import { AgentProtocolError, MatchlockError, messageOf } from "../api/errors.ts";
+import { whenWritable } from "../host/drain.ts";
 import {
   type DirEntry,
   type ExecRequest,
@@ -48,17 +49,7 @@ export interface ExecIO {
 export function writeSink(out: NodeJS.WritableStream & { destroyed?: boolean }): OutputSink {
   return (data) => {
     if (out.destroyed || out.write(data)) return;
-    return new Promise<void>((resolve) => {
-      const done = () => {
-        out.off("drain", done);
-        out.off("close", done);
-        out.off("error", done);
-        resolve();
-      };
-      out.on("drain", done);
-      out.on("close", done);
-      out.on("error", done);
-    });
+    return whenWritable(out);
   };
 }
 

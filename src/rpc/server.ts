@@ -16,6 +16,7 @@ import {
   rpcCodeFor,
 } from "../api/rpc.ts";
 import { type ExecHandle, MAX_READ_FILE, type OutputSink } from "../guest/agent-client.ts";
+import { whenWritable } from "../host/drain.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
 import { LineSplitter } from "./lines.ts";
 
@@ -544,17 +545,7 @@ export class RpcServer {
    */
   private sendPaced(msg: unknown): Promise<void> | undefined {
     if (this.write(msg)) return;
-    return new Promise<void>((resolve) => {
-      const done = () => {
-        this.output.off("drain", done);
-        this.output.off("close", done);
-        this.output.off("error", done);
-        resolve();
-      };
-      this.output.on("drain", done);
-      this.output.on("close", done);
-      this.output.on("error", done);
-    });
+    return whenWritable(this.output);
   }
 
   /** True if stdout has room for more (or is gone: nothing waits for a broken stdout). */

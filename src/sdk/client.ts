@@ -3,6 +3,7 @@ import { fileURLToPath } from "node:url";
 import type { SandboxConfigInput } from "../api/config.ts";
 import { RpcCode } from "../api/rpc.ts";
 import { parsePortSpec } from "../api/specs.ts";
+import { whenWritable } from "../host/drain.ts";
 import { LineSplitter } from "../rpc/lines.ts";
 import { Sandbox } from "./sandbox.ts";
 
@@ -453,15 +454,9 @@ export class Client {
     if (w.write(chunk)) return;
     this.slowWriters++;
     this.child?.stdout.pause();
-    const resume = () => {
-      w.off("drain", resume);
-      w.off("close", resume);
-      w.off("error", resume);
+    void whenWritable(w).then(() => {
       if (--this.slowWriters === 0) this.child?.stdout.resume();
-    };
-    w.on("drain", resume);
-    w.on("close", resume);
-    w.on("error", resume);
+    });
   }
 
   private onLine(line: Buffer): void {
