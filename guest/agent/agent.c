@@ -272,7 +272,7 @@ struct wfile {
 	int err;             /* first error, reported in RESULT */
 	char *path;
 	mode_t mode;
-	int opened;          /* we created or truncated path: on failure it is removed, never left half-written */
+	int opened;          /* we created or truncated a regular file: on failure it is removed, never left half-written */
 	char msg[1024];
 };
 
@@ -935,6 +935,13 @@ static void wfile_error(struct wfile *w, const char *op, const char *path, int e
 	}
 }
 
+/* Only a regular file is removed after a failed write: never a device, FIFO or socket. */
+static int is_regular(int fd)
+{
+	struct stat st;
+	return fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+}
+
 static void do_write_file(uint32_t stream, const unsigned char *p, uint32_t len)
 {
 	struct wfile *w = xrealloc(NULL, sizeof *w);
@@ -959,7 +966,7 @@ static void do_write_file(uint32_t stream, const unsigned char *p, uint32_t len)
 	w->fd = open(w->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
 	if (w->fd < 0)
 		wfile_error(w, "open", w->path, errno);
-	else if ((w->opened = 1) && fchmod(w->fd, mode) < 0)  /* exactly this mode, whatever the umask or an old file's mode */
+	else if ((w->opened = is_regular(w->fd)) >= 0 && fchmod(w->fd, mode) < 0)  /* exactly this mode, whatever the umask or an old file's mode */
 		wfile_error(w, "chmod", w->path, errno);
 }
 

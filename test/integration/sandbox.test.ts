@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { connect } from "node:net";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { parseSandboxConfig } from "../../src/api/config.ts";
 import { paths } from "../../src/api/paths.ts";
-import type { ExecHandle } from "../../src/guest/agent-client.ts";
+import { AgentClient, type ExecHandle } from "../../src/guest/agent-client.ts";
 import { Sandbox } from "../../src/sandbox/sandbox.ts";
 import { tempHome } from "../helpers/cli.ts";
 
@@ -127,6 +129,82 @@ describe("one VM, many commands", () => {
   test("the VM is still healthy after all of the above", async () => {
     await sb.ping();
     assert.equal((await sh("echo ok")).out, "ok\n");
+  });
+});
+
+/** A client of the VM's exec relay, as `matchlock exec` is. */
+async function relayClient(): Promise<AgentClient> {
+  const sock = connect(join(sb.dir, "relay.sock"));
+  await new Promise((r) => sock.once("connect", r));
+  const client = new AgentClient(sock);
+  await client.ready;
+  return client;
+}
+
+describe("exec relay clients", () => {
+  test("files stream through the relay both ways; a write that fails (ENOSPC) leaves no file", async () => {
+    const c = await relayClient();
+    try {
+      const data = randomBytes(8 * 1024 * 1024);
+      await c.writeFile("/tmp/relay/big.bin", data, 0o600);
+      assert.ok((await c.readFile("/tmp/relay/big.bin")).equals(data));
+      assert.equal(
+        (await sh("mkdir -p /mnt/tiny && mount -t tmpfs -o size=1m tmpfs /mnt/tiny && echo ok")).out,
+        "ok\n",
+      );
+      await assert.rejects(c.writeFile("/mnt/tiny/f", data), /No space left/);
+      assert.equal((await sh("test -e /mnt/tiny/f && echo left || echo gone")).out, "gone\n");
+      // A failed write to a device never removes the device.
+      await assert.rejects(c.writeFile("/dev/full", data), /No space left/);
+      assert.equal((await sh("test -c /dev/full && echo dev")).out, "dev\n");
+    } finally {
+      c.close();
+    }
+  });
+
+  test("guest attack: an endless file read through the relay is cut at the client's limit and cancelled in the guest", async () => {
+    const c = await relayClient();
+    try {
+      await assert.rejects(c.readFile("/dev/zero", 4 * 1024 * 1024), /larger than 4194304 bytes/);
+      assert.equal((await c.readFile("/etc/hostname")).toString(), `${sb.hostname}\n`);
+      // The agent (PID 1) closed the file: nothing keeps reading /dev/zero.
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal((await sh("ls -l /proc/1/fd | grep -c /dev/zero")).out, "0\n");
+    } finally {
+      c.close();
+    }
+  });
+
+  test("slow reader: a relay client that never takes output holds the guest at the window", async () => {
+    const c = await relayClient();
+    let delivered = 0;
+    const h = c.exec(
+      {
+        argv: ["head", "-c", "67108864", "/dev/zero"],
+        env: [],
+        cwd: "",
+        user: "",
+        tty: false,
+        stdin: false,
+        mkdirCwd: false,
+      },
+      {
+        onStdout: (d) => {
+          delivered += d.length;
+          return new Promise<void>(() => {}); // never done with it: never acknowledged
+        },
+      },
+    );
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.ok(delivered > 0 && delivered <= 256 * 1024, `${delivered} bytes delivered unacknowledged`);
+    const running = "ps -o args | grep -c '^head -c 67108864'";
+    assert.equal((await sh(running)).out, "1\n", "the writer should be blocked, not finished");
+    c.close(); // the client goes away: its command is cancelled
+    await h.done.catch(() => {});
+    for (let i = 0; i < 50 && (await sh(running)).out !== "0\n"; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal((await sh(running)).out, "0\n");
   });
 });
 
