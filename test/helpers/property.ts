@@ -6,13 +6,15 @@ import fc from "fast-check";
 /**
  * Shared pieces of the property tests (test/unit/property-*.test.ts). Run counts are bounded so the
  * unit suite stays quick; fast-check prints the seed and the shrunk counterexample of a failure, and
- * `FC_SEED=<seed>` replays it.
+ * `FC_SEED=<seed>` replays it. `FC_SCALE=50` multiplies every run count, for a deeper search by hand.
  */
 
 const seed = process.env.FC_SEED === undefined ? undefined : Number(process.env.FC_SEED);
+const scale = Number(process.env.FC_SCALE ?? 1) || 1;
 
 export function runs(numRuns: number): fc.Parameters<unknown> {
-  return seed === undefined ? { numRuns } : { numRuns, seed };
+  const n = Math.ceil(numRuns * scale);
+  return seed === undefined ? { numRuns: n } : { numRuns: n, seed };
 }
 
 type ErrorClass = abstract new (...args: never[]) => Error;

@@ -111,7 +111,9 @@ describe("-e KEY[=VALUE] and --env-file: property tests", () => {
   const inherited = fc.constantFrom(...Object.getOwnPropertyNames(Object.prototype));
   const value = fc.string({ unit: "binary", maxLength: 24 });
   // Null-prototype host envs here: the inherited-name bug has its own (todo) test below.
-  const hostEnv = fc.dictionary(name, fc.string({ maxLength: 8 }), { maxKeys: 4 });
+  const hostEnv = fc
+    .dictionary(name, fc.string({ maxLength: 8 }), { maxKeys: 4 })
+    .map((d): NodeJS.ProcessEnv => Object.assign(Object.create(null) as NodeJS.ProcessEnv, d));
   const envChars = [..."AZaz_09", "=", "=", " ", "\t", "-", ".", "$", "\n", "é"];
 
   test("KEY=VALUE round-trips for every valid name and any value (with =, newlines, any Unicode)", () => {
