@@ -7,7 +7,7 @@ import { promisify } from "node:util";
 import { createGunzip, createZstdDecompress } from "node:zlib";
 import * as tar from "tar-stream";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
-import { PaxXattrScanner, type RawXattr } from "./pax.ts";
+import { MalformedTarError, PaxXattrScanner, type RawXattr } from "./pax.ts";
 
 /**
  * The hardened layer applier: OCI/Docker layer tars → a root filesystem directory for `mkfs.ext4 -d`.
@@ -100,8 +100,8 @@ export class RootfsBuilder {
   private readonly tree: Node = { kind: "dir", layer: 0, children: new Map() };
   private layers = 0;
   private busy = false;
-  /** Raw pax xattrs of the layer being applied, by entry ordinal. */
-  private rawXattrs = new Map<number, RawXattr[]>();
+  /** The raw view of the layer being applied (pax xattr bytes, entry offsets), by entry ordinal. */
+  private scanner = new PaxXattrScanner();
   private ordinal = 0;
 
   constructor(stagingDir: string, limits?: Partial<ApplyLimits>) {
@@ -132,7 +132,7 @@ export class RootfsBuilder {
     const src = input as Readable;
     // The scanner sees the raw bytes first and keeps binary xattr values tar-stream would mangle.
     const scanner = new PaxXattrScanner();
-    this.rawXattrs = scanner.xattrs;
+    this.scanner = scanner;
     this.ordinal = 0;
     src.on("error", (e) => ex.destroy(e));
     scanner.on("error", (e) => ex.destroy(e));
@@ -152,6 +152,8 @@ export class RootfsBuilder {
       }
     } catch (e) {
       // Our rules and host fs errors (ENOSPC…) pass through; anything else came from the tar parser or zlib.
+      if (e instanceof MalformedTarError)
+        throw new ImageRejectedError(layerName, undefined, `malformed layer: ${e.message}`);
       if (e instanceof MatchlockError || (e as { syscall?: unknown }).syscall !== undefined) throw e;
       throw new ImageRejectedError(layerName, undefined, `malformed layer: ${messageOf(e)}`);
     } finally {
@@ -162,8 +164,12 @@ export class RootfsBuilder {
 
   private async applyEntry(entry: Entry, layerName: string, layer: number, dirTimes: Map<string, Date>) {
     const h = entry.header;
-    const ordinal = this.ordinal++;
     const fail: Fail = (rule) => new ImageRejectedError(layerName, h.name, rule);
+    const raw = this.scanner.scanned(this.ordinal++);
+    // tar-stream sets byteOffset (not in its types). Both readers must find this entry's data at the
+    // same byte, or the headers can be read two ways and the xattrs we kept may belong to another entry.
+    if (raw === undefined || raw.offset !== (h as tar.Header & { byteOffset?: number }).byteOffset)
+      throw fail("malformed layer: its tar headers can be read two ways");
     if (++this.stats.entries > this.limits.maxEntries) {
       throw fail(`too many entries (limit maxEntries = ${this.limits.maxEntries})`);
     }
@@ -186,7 +192,7 @@ export class RootfsBuilder {
       return this.drain(entry, fail);
     }
     const meta = this.meta(h, fail);
-    const xattrs = this.xattrsOf(h, layerName, comps, this.rawXattrs.get(ordinal));
+    const xattrs = this.xattrsOf(h, layerName, comps, raw.xattrs);
 
     if (name === undefined) {
       // "./": the root itself. Only its metadata can change.
@@ -388,6 +394,9 @@ export class RootfsBuilder {
 
   /** Reads an entry's data to the end, counting it against maxBytes, into `fh` if given. */
   private async drain(entry: Entry, fail: Fail, fh?: FileHandle) {
+    // tar-stream gives a directory no data, but its stream only ends if the header says size 0: a
+    // hostile "dir/" claiming bytes would make us wait forever.
+    if (entry.header.type === "directory") return;
     for await (const chunk of entry) {
       const buf = chunk as Buffer;
       this.stats.bytes += buf.byteLength;
@@ -413,12 +422,12 @@ export class RootfsBuilder {
     return { mode: (h.mode ?? 0o644) & 0o7777, uid, gid, mtime };
   }
 
-  private xattrsOf(h: tar.Header, layerName: string, comps: string[], raw: RawXattr[] | undefined) {
+  private xattrsOf(h: tar.Header, layerName: string, comps: string[], raw: RawXattr[]) {
     const out: Array<{ name: string; value: Buffer }> = [];
     for (const [k, v] of Object.entries((h.pax ?? {}) as Record<string, string>)) {
       if (k.startsWith("SCHILY.xattr.")) {
         const name = k.slice("SCHILY.xattr.".length);
-        const exact = raw?.find((x) => x.name === name);
+        const exact = raw.find((x) => x.name === name);
         if (exact) {
           out.push({ name, value: exact.value });
           continue;
