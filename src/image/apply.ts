@@ -86,6 +86,12 @@ const OPAQUE = ".wh..wh..opq";
 const MAX_ID = 2 ** 32 - 2; // (uid_t)-1 means "leave unchanged" to chown
 // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
 const CONTROL = /[\u0000-\u001f\u007f]/;
+/**
+ * Xattr names reach setfattr's line-based dump format (xattrs.ts): a newline in a name could forge a
+ * `# file: /host/path` line and set attributes (file capabilities!) on host files. Real names are
+ * printable ASCII (`user.x`, `security.capability`); anything else is dropped with a note.
+ */
+const XATTR_NAME = /^[!-<>-~]{1,255}$/;
 const KNOWN_TYPES = new Set(
   "file contiguous-file directory symlink link fifo character-device block-device".split(" "),
 );
@@ -424,26 +430,34 @@ export class RootfsBuilder {
 
   private xattrsOf(h: tar.Header, layerName: string, comps: string[], raw: RawXattr[]) {
     const out: Array<{ name: string; value: Buffer }> = [];
+    const path = comps.join("/") || ".";
+    const skip = (reason: string) => this.skipped.push({ layer: layerName, path, reason });
+    const keep = (name: string, value: Buffer) => {
+      if (XATTR_NAME.test(name)) out.push({ name, value });
+      else
+        skip(
+          `xattr name ${JSON.stringify(name)} refused (printable ASCII without spaces or '=', at most 255)`,
+        );
+    };
     for (const [k, v] of Object.entries((h.pax ?? {}) as Record<string, string>)) {
       if (k.startsWith("SCHILY.xattr.")) {
         const name = k.slice("SCHILY.xattr.".length);
         const exact = raw.find((x) => x.name === name);
-        if (exact) {
-          out.push({ name, value: exact.value });
-          continue;
-        }
         // tar-stream decodes pax values as UTF-8: non-UTF-8 bytes (binary capabilities) are lost to U+FFFD.
-        if (v.includes("\uFFFD")) {
-          const reason = `xattr ${name}: binary value lost by the tar parser`;
-          this.skipped.push({ layer: layerName, path: comps.join("/") || ".", reason });
-        } else out.push({ name, value: Buffer.from(v, "utf8") });
+        if (exact) keep(name, exact.value);
+        else if (v.includes("\uFFFD"))
+          skip(`xattr ${JSON.stringify(name)}: binary value lost by the tar parser`);
+        else keep(name, Buffer.from(v, "utf8"));
       } else if (k.startsWith("LIBARCHIVE.xattr.")) {
         // libarchive writes the name URL-encoded and the value base64: lossless.
+        let name: string;
         try {
-          out.push({ name: decodeURIComponent(k.slice(17)), value: Buffer.from(v, "base64") });
+          name = decodeURIComponent(k.slice(17));
         } catch {
-          this.skipped.push({ layer: layerName, path: comps.join("/") || ".", reason: `bad xattr key ${k}` });
+          skip(`bad xattr key ${JSON.stringify(k)}`);
+          continue;
         }
+        keep(name, Buffer.from(v, "base64"));
       }
     }
     return out.length > 0 ? out : undefined;

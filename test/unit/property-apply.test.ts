@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import {
   lstatSync,
   mkdtempSync,
@@ -15,6 +16,7 @@ import { after, describe, test } from "node:test";
 import fc from "fast-check";
 import { MatchlockError } from "../../src/api/errors.ts";
 import { ImageRejectedError, RootfsBuilder } from "../../src/image/apply.ts";
+import { applyXattrs } from "../../src/image/xattrs.ts";
 import { onlyRejects, runs } from "../helpers/property.ts";
 import { END, member, paxRecords } from "../helpers/rawtar.ts";
 
@@ -201,6 +203,77 @@ describe("layer names: property tests", () => {
         rmSync(dir, { recursive: true, force: true });
       }),
       runs(100),
+    );
+  });
+});
+
+describe("layer xattr names: property tests", () => {
+  const hasSetfattr = spawnSync("setfattr", ["--version"]).status === 0;
+  const victim = join(outside, "secret");
+
+  /** A layer of one file whose pax header carries `key`=`value`. */
+  const xattrLayer = (records: Array<[string, string]>) =>
+    Buffer.concat([
+      member({ name: "pax", flag: "x", size: 0 }, paxRecords(records)),
+      member({ name: "f", flag: "0", size: 1 }, Buffer.from("x")),
+      END,
+    ]);
+
+  test("layer attack: an xattr name with a newline cannot forge a setfattr line that reaches a host file", {
+    skip: hasSetfattr ? false : "setfattr (Debian package attr) is not installed",
+    timeout: 30_000,
+  }, async () => {
+    // The blank line ends the staged file's block; the next names a host path. (A pax key ends at
+    // its first '=', so the SCHILY route cannot carry one; libarchive's URL-encoded names can.)
+    const routes: Array<[string, string]> = [
+      [`SCHILY.xattr.user.a\n\n# file: ${victim}\nuser.pwned`, "1"],
+      [`LIBARCHIVE.xattr.${encodeURIComponent(`user.a=0x31\n\n# file: ${victim}\nuser.pwned`)}`, "MQ=="],
+    ];
+    for (const record of routes) {
+      const dir = mkdtempSync(join(scratch, `x${n++}-`));
+      const b = new RootfsBuilder(dir);
+      await b.applyLayer(Readable.from([xattrLayer([record])]), "layer");
+      await applyXattrs(dir, b.xattrs);
+      const onVictim = spawnSync("getfattr", ["-d", "--absolute-names", victim]).stdout.toString();
+      assert.doesNotMatch(onVictim, /pwned/, `${record[0].slice(0, 20)}… reached the host file`);
+      assert.ok(b.skipped.some((s) => /xattr name .* refused/.test(s.reason)));
+    }
+  });
+
+  test("any xattr name either is kept as printable ASCII without '=' or is dropped with a note", {
+    timeout: 30_000,
+  }, async () => {
+    const xname = fc.oneof(
+      fc.string({ minLength: 1, maxLength: 20 }).map((s) => `user.${s}`),
+      fc.string({ unit: "binary", minLength: 1, maxLength: 20 }).map((s) => `user.${s}`),
+      fc.constantFrom("security.capability", "user.a\nb", "user.a=b", "user.é", `user.${"x".repeat(260)}`),
+    );
+    await fc.assert(
+      fc.asyncProperty(
+        fc.uniqueArray(xname, { minLength: 1, maxLength: 3 }),
+        fc.boolean(),
+        async (names, libarchive) => {
+          const records = names.map((x): [string, string] =>
+            libarchive ? [`LIBARCHIVE.xattr.${encodeURIComponent(x)}`, "MQ=="] : [`SCHILY.xattr.${x}`, "1"],
+          );
+          const dir = mkdtempSync(join(scratch, `xn${n++}-`));
+          const b = new RootfsBuilder(dir);
+          const r = await onlyRejects(MatchlockError, () =>
+            b.applyLayer(Readable.from([xattrLayer(records)]), "layer"),
+          );
+          if (!r.ok) return; // a name tar-stream cannot even read as a record key
+          for (const x of b.xattrs) assert.match(x.name, /^[!-<>-~]{1,255}$/);
+          // A SCHILY key ends at its first '=': that is the name the layer gives.
+          const given = names.map((x) => (libarchive ? x : (x.split("=")[0] as string)));
+          const kept = new Set(b.xattrs.map((x) => x.name));
+          assert.ok(
+            given.every((x) => kept.has(x)) || b.skipped.length > 0,
+            "an xattr vanished without a note",
+          );
+          rmSync(dir, { recursive: true, force: true });
+        },
+      ),
+      runs(150),
     );
   });
 });
