@@ -67,20 +67,20 @@ const throughLink: fc.Arbitrary<Item[]> = fc
   .record({
     link: fc.constantFrom("lnk", "a/lnk", "/lnk"),
     to: fc.constantFrom(outside, "../../..", "/", `${outside}/../${posix.basename(outside)}`),
-    then: fc.constantFrom("file", "dir", "link", "symlink"),
+    next: fc.constantFrom("file", "dir", "link", "symlink"),
     leaf: fc.constantFrom("secret", "pwned", "x/y"),
   })
-  .map(({ link, to, then, leaf }): Item[] => {
+  .map(({ link, to, next, leaf }): Item[] => {
     const under = `${link}/${leaf}`;
     const second: Item =
-      then === "file"
+      next === "file"
         ? { type: "file", name: under, body: "pwned" }
-        : then === "dir"
+        : next === "dir"
           ? { type: "dir", name: under }
           : {
-              type: then as "link" | "symlink",
-              name: then === "link" ? "h" : under,
-              target: then === "link" ? under : "/etc",
+              type: next as "link" | "symlink",
+              name: next === "link" ? "h" : under,
+              target: next === "link" ? under : "/etc",
             };
     return [{ type: "symlink", name: link, target: to }, second];
   });
