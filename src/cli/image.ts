@@ -49,7 +49,8 @@ export function registerImage(program: Command): void {
     .command("import")
     .summary("import a docker-save or OCI-layout tar archive under TAG")
     .description(
-      "Import an image archive — `docker save` output or an OCI image layout, as a tar — from stdin or -i FILE.\n" +
+      "Import an image archive — `docker save` output or an OCI image layout —\n" +
+        "as a tar (plain, gzip or zstd) from stdin or -i FILE.\n" +
         "Layers are stored by digest (shared between images), applied with OCI whiteouts into a read-only\n" +
         "base disk, and checked: entries escaping the root, writes through symlinks, hardlinks out of the\n" +
         "tree, unencodable names and oversized archives are refused with the entry and the rule named;\n" +
