@@ -1,7 +1,7 @@
-import { createReadStream, existsSync } from "node:fs";
+import { closeSync, createReadStream, fstatSync, openSync } from "node:fs";
 import type { Readable } from "node:stream";
 import type { Command } from "commander";
-import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
 import { paths } from "../api/paths.ts";
 import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
 import type { ImageStore } from "../image/store.ts";
@@ -20,6 +20,24 @@ async function withStore<T>(fn: (s: ImageStore) => Promise<T> | T): Promise<T> {
   }
 }
 
+/** `-i FILE`, opened now: a missing, unreadable or directory path is the user's error, not ours. */
+function openArchive(file: string): Readable {
+  let fd: number;
+  try {
+    fd = openSync(file, "r");
+    if (fstatSync(fd).isDirectory()) {
+      closeSync(fd);
+      throw new InvalidArgumentError(`${file}: is a directory, not an image archive`);
+    }
+  } catch (e) {
+    if (e instanceof InvalidArgumentError) throw e;
+    throw new InvalidArgumentError(
+      `${file}: ${(e as { code?: string }).code === "ENOENT" ? "no such file" : messageOf(e)}`,
+    );
+  }
+  return createReadStream(file, { fd });
+}
+
 function mb(bytes: number): string {
   return bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(1)} MB`;
 }
@@ -31,7 +49,8 @@ export function registerImage(program: Command): void {
     .command("import")
     .summary("import a docker-save or OCI-layout tar archive under TAG")
     .description(
-      "Import an image archive — `docker save` output or an OCI image layout, as a tar — from stdin or -i FILE.\n" +
+      "Import an image archive — `docker save` output or an OCI image layout —\n" +
+        "as a tar (plain, gzip or zstd) from stdin or -i FILE.\n" +
         "Layers are stored by digest (shared between images), applied with OCI whiteouts into a read-only\n" +
         "base disk, and checked: entries escaping the root, writes through symlinks, hardlinks out of the\n" +
         "tree, unencodable names and oversized archives are refused with the entry and the rule named;\n" +
@@ -47,10 +66,8 @@ export function registerImage(program: Command): void {
     .action((tag: string, flags: { input?: string }) =>
       withStore(async (s) => {
         let input: Readable;
-        if (flags.input) {
-          if (!existsSync(flags.input)) throw new InvalidArgumentError(`${flags.input}: no such file`);
-          input = createReadStream(flags.input);
-        } else {
+        if (flags.input) input = openArchive(flags.input);
+        else {
           if (process.stdin.isTTY)
             throw new InvalidArgumentError("no archive: pipe one to stdin or use -i FILE");
           input = process.stdin;

@@ -7,7 +7,7 @@ import { promisify } from "node:util";
 import { createGunzip, createZstdDecompress } from "node:zlib";
 import * as tar from "tar-stream";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
-import { PaxXattrScanner, type RawXattr } from "./pax.ts";
+import { MalformedTarError, PaxXattrScanner, type RawXattr } from "./pax.ts";
 
 /**
  * The hardened layer applier: OCI/Docker layer tars → a root filesystem directory for `mkfs.ext4 -d`.
@@ -86,6 +86,12 @@ const OPAQUE = ".wh..wh..opq";
 const MAX_ID = 2 ** 32 - 2; // (uid_t)-1 means "leave unchanged" to chown
 // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
 const CONTROL = /[\u0000-\u001f\u007f]/;
+/**
+ * Xattr names reach setfattr's line-based dump format (xattrs.ts): a newline in a name could forge a
+ * `# file: /host/path` line and set attributes (file capabilities!) on host files. Real names are
+ * printable ASCII (`user.x`, `security.capability`); anything else is dropped with a note.
+ */
+const XATTR_NAME = /^[!-<>-~]{1,255}$/;
 const KNOWN_TYPES = new Set(
   "file contiguous-file directory symlink link fifo character-device block-device".split(" "),
 );
@@ -100,8 +106,8 @@ export class RootfsBuilder {
   private readonly tree: Node = { kind: "dir", layer: 0, children: new Map() };
   private layers = 0;
   private busy = false;
-  /** Raw pax xattrs of the layer being applied, by entry ordinal. */
-  private rawXattrs = new Map<number, RawXattr[]>();
+  /** The raw view of the layer being applied (pax xattr bytes, entry offsets), by entry ordinal. */
+  private scanner = new PaxXattrScanner();
   private ordinal = 0;
 
   constructor(stagingDir: string, limits?: Partial<ApplyLimits>) {
@@ -132,7 +138,7 @@ export class RootfsBuilder {
     const src = input as Readable;
     // The scanner sees the raw bytes first and keeps binary xattr values tar-stream would mangle.
     const scanner = new PaxXattrScanner();
-    this.rawXattrs = scanner.xattrs;
+    this.scanner = scanner;
     this.ordinal = 0;
     src.on("error", (e) => ex.destroy(e));
     scanner.on("error", (e) => ex.destroy(e));
@@ -152,6 +158,8 @@ export class RootfsBuilder {
       }
     } catch (e) {
       // Our rules and host fs errors (ENOSPC…) pass through; anything else came from the tar parser or zlib.
+      if (e instanceof MalformedTarError)
+        throw new ImageRejectedError(layerName, undefined, `malformed layer: ${e.message}`);
       if (e instanceof MatchlockError || (e as { syscall?: unknown }).syscall !== undefined) throw e;
       throw new ImageRejectedError(layerName, undefined, `malformed layer: ${messageOf(e)}`);
     } finally {
@@ -162,8 +170,12 @@ export class RootfsBuilder {
 
   private async applyEntry(entry: Entry, layerName: string, layer: number, dirTimes: Map<string, Date>) {
     const h = entry.header;
-    const ordinal = this.ordinal++;
     const fail: Fail = (rule) => new ImageRejectedError(layerName, h.name, rule);
+    const raw = this.scanner.scanned(this.ordinal++);
+    // tar-stream sets byteOffset (not in its types). Both readers must find this entry's data at the
+    // same byte, or the headers can be read two ways and the xattrs we kept may belong to another entry.
+    if (raw === undefined || raw.offset !== (h as tar.Header & { byteOffset?: number }).byteOffset)
+      throw fail("malformed layer: its tar headers can be read two ways");
     if (++this.stats.entries > this.limits.maxEntries) {
       throw fail(`too many entries (limit maxEntries = ${this.limits.maxEntries})`);
     }
@@ -186,7 +198,7 @@ export class RootfsBuilder {
       return this.drain(entry, fail);
     }
     const meta = this.meta(h, fail);
-    const xattrs = this.xattrsOf(h, layerName, comps, this.rawXattrs.get(ordinal));
+    const xattrs = this.xattrsOf(h, layerName, comps, raw.xattrs);
 
     if (name === undefined) {
       // "./": the root itself. Only its metadata can change.
@@ -388,6 +400,9 @@ export class RootfsBuilder {
 
   /** Reads an entry's data to the end, counting it against maxBytes, into `fh` if given. */
   private async drain(entry: Entry, fail: Fail, fh?: FileHandle) {
+    // tar-stream gives a directory no data, but its stream only ends if the header says size 0: a
+    // hostile "dir/" claiming bytes would make us wait forever.
+    if (entry.header.type === "directory") return;
     for await (const chunk of entry) {
       const buf = chunk as Buffer;
       this.stats.bytes += buf.byteLength;
@@ -413,28 +428,36 @@ export class RootfsBuilder {
     return { mode: (h.mode ?? 0o644) & 0o7777, uid, gid, mtime };
   }
 
-  private xattrsOf(h: tar.Header, layerName: string, comps: string[], raw: RawXattr[] | undefined) {
+  private xattrsOf(h: tar.Header, layerName: string, comps: string[], raw: RawXattr[]) {
     const out: Array<{ name: string; value: Buffer }> = [];
+    const path = comps.join("/") || ".";
+    const skip = (reason: string) => this.skipped.push({ layer: layerName, path, reason });
+    const keep = (name: string, value: Buffer) => {
+      if (XATTR_NAME.test(name)) out.push({ name, value });
+      else
+        skip(
+          `xattr name ${JSON.stringify(name)} refused (printable ASCII without spaces or '=', at most 255)`,
+        );
+    };
     for (const [k, v] of Object.entries((h.pax ?? {}) as Record<string, string>)) {
       if (k.startsWith("SCHILY.xattr.")) {
         const name = k.slice("SCHILY.xattr.".length);
-        const exact = raw?.find((x) => x.name === name);
-        if (exact) {
-          out.push({ name, value: exact.value });
-          continue;
-        }
+        const exact = raw.find((x) => x.name === name);
         // tar-stream decodes pax values as UTF-8: non-UTF-8 bytes (binary capabilities) are lost to U+FFFD.
-        if (v.includes("\uFFFD")) {
-          const reason = `xattr ${name}: binary value lost by the tar parser`;
-          this.skipped.push({ layer: layerName, path: comps.join("/") || ".", reason });
-        } else out.push({ name, value: Buffer.from(v, "utf8") });
+        if (exact) keep(name, exact.value);
+        else if (v.includes("\uFFFD"))
+          skip(`xattr ${JSON.stringify(name)}: binary value lost by the tar parser`);
+        else keep(name, Buffer.from(v, "utf8"));
       } else if (k.startsWith("LIBARCHIVE.xattr.")) {
         // libarchive writes the name URL-encoded and the value base64: lossless.
+        let name: string;
         try {
-          out.push({ name: decodeURIComponent(k.slice(17)), value: Buffer.from(v, "base64") });
+          name = decodeURIComponent(k.slice(17));
         } catch {
-          this.skipped.push({ layer: layerName, path: comps.join("/") || ".", reason: `bad xattr key ${k}` });
+          skip(`bad xattr key ${JSON.stringify(k)}`);
+          continue;
         }
+        keep(name, Buffer.from(v, "base64"));
       }
     }
     return out.length > 0 ? out : undefined;

@@ -1,76 +1,152 @@
 import { Transform, type TransformCallback } from "node:stream";
+import { MatchlockError } from "../api/errors.ts";
 
 /**
  * Reads the raw bytes of pax extended-header xattrs (`SCHILY.xattr.NAME`) while passing the tar
  * stream through unchanged. tar-stream decodes pax values as UTF-8, which destroys binary values such
- * as `security.capability`; this scanner sees the same bytes first and keeps them, keyed by the
- * ordinal of the entry they belong to (tar-stream emits entries in the same order).
+ * as `security.capability`; this scanner sees the same bytes first and keeps them, with the byte
+ * offset of each entry's data, so the applier can check that tar-stream and the scanner read the same
+ * entry (a layer whose headers can be read two ways is refused rather than guessed at).
+ *
+ * Layers are hostile: every loop here advances by at least one byte, a pax header is held only up to
+ * MAX_PAX bytes, and a malformed one is a MalformedTarError (as Go's archive/tar, which Docker uses,
+ * refuses it).
  */
 
+export class MalformedTarError extends MatchlockError {
+  constructor(message: string) {
+    super("INVALID_ARGUMENT", message);
+    this.name = "MalformedTarError";
+  }
+}
+
 const BLOCK = 512;
-/** A pax header larger than this is passed through without collecting xattrs from it. */
-const MAX_PAX = 1024 * 1024;
+const EMPTY = Buffer.alloc(0);
+/** Larger pax headers are refused: real ones hold a path and a few xattrs (64 KiB each at most). */
+export const MAX_PAX = 1024 * 1024;
+/** A record length has at most this many digits (MAX_PAX has 7). */
+const MAX_LEN_DIGITS = 8;
+/** tar-stream's typeflags (header byte 156 minus '0'). */
+const FLAG = { DIR: 5, PAX: 72, GLOBAL: 55, GNU_LONG_LINK: 27, GNU_LONG_NAME: 28, GNU_LONG_NAME_OLD: 30 };
 
 export interface RawXattr {
   name: string;
   value: Buffer;
 }
 
+/** The records of one pax header that matter here: xattrs, and `size` (overrides the next header's). */
+export interface PaxRecords {
+  xattrs: RawXattr[];
+  size?: number;
+}
+
+/** What the scanner saw of one entry. */
+export interface ScannedEntry {
+  /** Byte offset of the entry's data in the layer (tar-stream's `header.byteOffset`). */
+  offset: number;
+  xattrs: RawXattr[];
+}
+
+/**
+ * Parses pax records as Go's archive/tar does: `<len> <key>=<value>\n`, where len counts the whole
+ * record in decimal. Anything else is a MalformedTarError, so a hostile header costs one pass.
+ */
+export function parsePaxRecords(data: Buffer): PaxRecords {
+  const xattrs = new Map<string, Buffer>();
+  let size: number | undefined;
+  for (let off = 0; off < data.length; ) {
+    const { key, value, end } = paxRecord(data, off);
+    if (key.startsWith("SCHILY.xattr.")) xattrs.set(key.slice("SCHILY.xattr.".length), Buffer.from(value));
+    else if (key === "size") size = paxSize(value);
+    off = end;
+  }
+  return {
+    xattrs: [...xattrs].map(([name, value]) => ({ name, value })),
+    ...(size === undefined ? {} : { size }),
+  };
+}
+
+function paxRecord(data: Buffer, off: number): { key: string; value: Buffer; end: number } {
+  const bad = (why: string) => new MalformedTarError(`pax header: record at byte ${off} ${why}`);
+  let sp = off;
+  while (sp < data.length && sp - off < MAX_LEN_DIGITS && isDigit(data[sp])) sp++;
+  if (sp === off || data[sp] !== 0x20) throw bad("does not start with a decimal length and a space");
+  const end = off + Number(data.toString("latin1", off, sp));
+  if (end > data.length || end < sp + 2 || data[end - 1] !== 0x0a)
+    throw bad("has a length that does not end at a newline inside the header");
+  const rec = data.subarray(sp + 1, end - 1);
+  const eq = rec.indexOf(0x3d);
+  if (eq <= 0) throw bad("has no key=value");
+  return { key: rec.toString("utf8", 0, eq), value: rec.subarray(eq + 1), end };
+}
+
+function paxSize(value: Buffer): number {
+  const s = value.toString("latin1");
+  const n = Number(s);
+  if (!/^\d{1,16}$/.test(s) || !Number.isSafeInteger(n))
+    throw new MalformedTarError(`pax header: size ${JSON.stringify(s.slice(0, 40))} is not a whole number`);
+  return n;
+}
+
+const isDigit = (b: number | undefined) => b !== undefined && b >= 0x30 && b <= 0x39;
+const pad = (n: number) => (BLOCK - (n % BLOCK)) % BLOCK;
+
+/** A numeric header field, decoded exactly as tar-stream's decodeOct does (so both see the same sizes). */
+function tarNumber(field: Buffer): number {
+  const first = field[0] ?? 0;
+  if (first & 0x80) {
+    // base-256 (GNU): 0x80 positive, 0xff two's complement negative
+    if (first !== 0x80 && first !== 0xff) return Number.NaN;
+    let n = 0;
+    for (let i = field.length - 1, m = 1; i > 0; i--, m *= 256)
+      n += (first === 0x80 ? (field[i] ?? 0) : 0xff - (field[i] ?? 0)) * m;
+    return first === 0x80 ? n : -n;
+  }
+  let start = 0;
+  while (start < field.length && field[start] === 0x20) start++;
+  let end = field.indexOf(0x20, start);
+  if (end < 0) end = field.length;
+  while (start < end && field[start] === 0) start++;
+  return start === end ? 0 : Number.parseInt(field.toString("latin1", start, end), 8);
+}
+
+/** tar-stream reads a block whose checksum would be that of an all-zero block as no header at all. */
+function isNullHeader(h: Buffer): boolean {
+  let sum = 8 * 32;
+  for (let i = 0; i < BLOCK; i++) if (i < 148 || i >= 156) sum += h[i] ?? 0;
+  return sum === 8 * 32;
+}
+
 type State =
   | { kind: "header" }
   | { kind: "skip"; left: number }
-  | { kind: "pax"; left: number; pad: number; parts: Buffer[]; size: number };
-
-function tarSize(h: Buffer): number {
-  const field = h.subarray(124, 136);
-  if ((field[0] ?? 0) & 0x80) {
-    // base-256 (GNU) for sizes over 8 GiB
-    let n = 0;
-    for (let i = 1; i < field.length; i++) n = n * 256 + (field[i] ?? 0);
-    return n;
-  }
-  const s = field.toString("latin1").replace(/\0.*$/s, "").trim();
-  return s === "" ? 0 : Number.parseInt(s, 8);
-}
-
-const pad = (n: number) => (BLOCK - (n % BLOCK)) % BLOCK;
-
-/** The xattrs of a pax header, and its `size` record (which overrides the next header's size). */
-export function parsePaxRecords(data: Buffer): RawXattr[] & { size?: number } {
-  const out: RawXattr[] & { size?: number } = [];
-  let off = 0;
-  while (off < data.length) {
-    const sp = data.indexOf(0x20, off);
-    if (sp < 0) break;
-    const len = Number.parseInt(data.subarray(off, sp).toString("latin1"), 10);
-    if (!Number.isInteger(len) || len <= 0 || off + len > data.length) break;
-    const rec = data.subarray(sp + 1, off + len - 1); // without the trailing newline
-    const eq = rec.indexOf(0x3d);
-    if (eq > 0) {
-      const key = rec.subarray(0, eq).toString("utf8");
-      if (key.startsWith("SCHILY.xattr.")) {
-        out.push({ name: key.slice("SCHILY.xattr.".length), value: Buffer.from(rec.subarray(eq + 1)) });
-      } else if (key === "size") {
-        const n = Number(rec.subarray(eq + 1).toString("latin1"));
-        if (Number.isInteger(n) && n >= 0) out.size = n;
-      }
-    }
-    off += len;
-  }
-  return out;
-}
+  | { kind: "pax"; global: boolean; left: number; pad: number; parts: Buffer[] };
 
 export class PaxXattrScanner extends Transform {
-  /** Entry ordinal (0-based, real entries only) → its raw xattrs. */
-  readonly xattrs = new Map<number, RawXattr[]>();
+  private readonly entries = new Map<number, ScannedEntry>();
   private state: State = { kind: "header" };
-  private header = Buffer.alloc(0);
-  private entries = 0;
-  private pending: RawXattr[] | undefined;
-  private sizeOverride: number | undefined;
+  private header = EMPTY;
+  /** Bytes scanned so far. */
+  private pos = 0;
+  private count = 0;
+  /** As tar-stream: the last global header's records apply under every later local pax header. */
+  private global: PaxRecords | undefined;
+  private local: PaxRecords | undefined;
+
+  /** What the scanner saw of entry `ordinal` (0-based, real entries only), handed out once. */
+  scanned(ordinal: number): ScannedEntry | undefined {
+    const e = this.entries.get(ordinal);
+    this.entries.delete(ordinal);
+    return e;
+  }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.scan(chunk);
+    try {
+      this.scan(chunk);
+    } catch (e) {
+      cb(e as Error); // before passing the chunk on: tar-stream never sees a header we refused
+      return;
+    }
     cb(null, chunk);
   }
 
@@ -78,53 +154,83 @@ export class PaxXattrScanner extends Transform {
     let off = 0;
     while (off < chunk.length) {
       const st = this.state;
-      if (st.kind === "skip") {
-        const n = Math.min(st.left, chunk.length - off);
-        st.left -= n;
-        off += n;
-        if (st.left === 0) this.state = { kind: "header" };
+      if (st.kind === "header") {
+        off += this.fillHeader(chunk.subarray(off));
         continue;
       }
+      const n = Math.min(st.left, chunk.length - off);
+      if (st.kind === "pax") st.parts.push(chunk.subarray(off, off + n));
+      st.left -= n;
+      off += n;
+      this.pos += n;
+      if (st.left > 0) continue;
+      this.state = { kind: "header" };
       if (st.kind === "pax") {
-        const n = Math.min(st.left, chunk.length - off);
-        if (st.size <= MAX_PAX) st.parts.push(chunk.subarray(off, off + n));
-        st.left -= n;
-        off += n;
-        if (st.left === 0) {
-          if (st.size <= MAX_PAX) {
-            const found = parsePaxRecords(Buffer.concat(st.parts));
-            if (found.length > 0) this.pending = [...found];
-            if (found.size !== undefined) this.sizeOverride = found.size;
-          }
-          this.state = st.pad > 0 ? { kind: "skip", left: st.pad } : { kind: "header" };
-        }
-        continue;
+        this.skip(st.pad);
+        this.onPax(st.global, Buffer.concat(st.parts));
       }
-      const need = BLOCK - this.header.length;
-      const take = chunk.subarray(off, off + need);
-      this.header = this.header.length === 0 ? Buffer.from(take) : Buffer.concat([this.header, take]);
-      off += take.length;
-      if (this.header.length < BLOCK) continue;
-      const h = this.header;
-      this.header = Buffer.alloc(0);
-      if (h.every((b) => b === 0)) continue; // end-of-archive blocks
-      let size = tarSize(h);
-      const type = String.fromCharCode(h[156] ?? 0);
-      if (type === "x") {
-        this.state =
-          size > 0 ? { kind: "pax", left: size, pad: pad(size), parts: [], size } : { kind: "header" };
-        continue;
-      }
-      if (type !== "g" && type !== "L" && type !== "K") {
-        if (this.pending) this.xattrs.set(this.entries, this.pending);
-        if (this.sizeOverride !== undefined) size = this.sizeOverride;
-        this.pending = undefined;
-        this.sizeOverride = undefined;
-        this.entries++;
-      }
-      const skip = size + pad(size);
-      // As tar-stream does: every entry but a directory is followed by `size` bytes of data.
-      this.state = type !== "5" && skip > 0 ? { kind: "skip", left: skip } : { kind: "header" };
     }
+  }
+
+  /** Adds bytes to the header being read (it may span chunks); returns how many it took. */
+  private fillHeader(bytes: Buffer): number {
+    const n = Math.min(BLOCK - this.header.length, bytes.length);
+    this.header = Buffer.concat([this.header, bytes.subarray(0, n)]);
+    this.pos += n;
+    if (this.header.length === BLOCK) {
+      const h = this.header;
+      this.header = EMPTY;
+      this.onHeader(h);
+    }
+    return n;
+  }
+
+  private onHeader(h: Buffer): void {
+    if (isNullHeader(h)) return;
+    const flag = h[156] === 0 ? 0 : (h[156] as number) - 0x30;
+    const size = tarNumber(h.subarray(124, 136));
+    if (flag === FLAG.PAX || flag === FLAG.GLOBAL) {
+      if (!(size >= 0) || size > MAX_PAX)
+        throw new MalformedTarError(`pax header of ${size} bytes (limit ${MAX_PAX})`);
+      // tar-stream ignores an empty pax header entirely.
+      if (size > 0)
+        this.state = { kind: "pax", global: flag === FLAG.GLOBAL, left: size, pad: pad(size), parts: [] };
+      return;
+    }
+    if (flag === FLAG.GNU_LONG_LINK || flag === FLAG.GNU_LONG_NAME || flag === FLAG.GNU_LONG_NAME_OLD) {
+      if (!(size >= 0)) throw new MalformedTarError("GNU long-name header with an invalid size");
+      this.skip(size + pad(size)); // tar-stream reads the name; it does not change any size
+      return;
+    }
+    this.onEntry(flag, this.local?.size ?? size);
+  }
+
+  private onEntry(flag: number, size: number): void {
+    if (!(size >= 0) || !Number.isSafeInteger(size))
+      throw new MalformedTarError(`entry ${this.count} has an invalid size`);
+    this.entries.set(this.count++, { offset: this.pos, xattrs: this.local?.xattrs ?? [] });
+    this.local = undefined;
+    // tar-stream gives a directory (typeflag 5 only: it reads an old-style "name/" file as a file) no
+    // data, whatever size its header claims.
+    if (flag !== FLAG.DIR) this.skip(size + pad(size));
+  }
+
+  private onPax(global: boolean, data: Buffer): void {
+    const recs = parsePaxRecords(data);
+    if (global) {
+      this.global = recs;
+      return;
+    }
+    const merged = new Map((this.global?.xattrs ?? []).map((x) => [x.name, x.value]));
+    for (const x of recs.xattrs) merged.set(x.name, x.value);
+    const size = recs.size ?? this.global?.size;
+    this.local = {
+      xattrs: [...merged].map(([name, value]) => ({ name, value })),
+      ...(size === undefined ? {} : { size }),
+    };
+  }
+
+  private skip(n: number): void {
+    if (n > 0) this.state = { kind: "skip", left: n };
   }
 }

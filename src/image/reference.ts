@@ -17,15 +17,34 @@ export interface ImageRef {
 const COMPONENT = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$/;
 const TAG = /^[\w][\w.-]{0,127}$/;
 const DIGEST = /^sha256:[a-f0-9]{64}$/;
+/** Docker's, but a port has at most five digits: a longer one cannot be a TCP port. */
 const DOMAIN =
   /^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::\d{1,5})?$|^\[[0-9a-fA-F:]+\](?::\d{1,5})?$/;
+/** Docker refuses a bare image ID where a name is expected. */
+const IMAGE_ID = /^[a-f0-9]{64}$/;
+/** Docker's NameTotalLengthMax: `domain/path` of the normalised name. */
+const MAX_NAME = 255;
+/** Longer input cannot be a reference (255 + `:` + 128 + `@sha256:` + 64 < 512): refused before the regexes run. */
+const MAX_INPUT = 512;
 
 export const DEFAULT_DOMAIN = "docker.io";
 
+/**
+ * Docker's splitDockerDomain: the first component names a registry if it has a `.` or a `:`, is
+ * `localhost`, or has an uppercase letter (a repository path never does).
+ */
+function isRegistry(first: string): boolean {
+  return first.includes(".") || first.includes(":") || first === "localhost" || first !== first.toLowerCase();
+}
+
 export function parseReference(input: string): ImageRef {
   const ref = input.trim();
-  const bad = (why: string) => new InvalidArgumentError(`invalid image reference "${input}": ${why}`);
-  if (ref === "" || ref.length > 512) throw bad("empty or too long");
+  const bad = (why: string) =>
+    new InvalidArgumentError(
+      `invalid image reference "${ref.slice(0, 80)}${ref.length > 80 ? "…" : ""}": ${why}`,
+    );
+  if (ref === "" || ref.length > MAX_INPUT) throw bad("empty or too long");
+  if (IMAGE_ID.test(ref)) throw bad("a 64-hex-digit image ID is not a name");
   let rest = ref;
   let digest: string | undefined;
   const at = rest.indexOf("@");
@@ -45,10 +64,7 @@ export function parseReference(input: string): ImageRef {
   const parts = rest.split("/");
   let domain = DEFAULT_DOMAIN;
   const first = parts[0] ?? "";
-  if (
-    parts.length > 1 &&
-    (first.includes(".") || first.includes(":") || first === "localhost" || first.startsWith("["))
-  ) {
+  if (parts.length > 1 && isRegistry(first)) {
     domain = first;
     parts.shift();
     if (!DOMAIN.test(domain)) throw bad(`invalid registry "${domain}"`);
@@ -57,10 +73,14 @@ export function parseReference(input: string): ImageRef {
   if (domain === DEFAULT_DOMAIN && parts.length === 1) parts.unshift("library");
   for (const c of parts)
     if (!COMPONENT.test(c)) throw bad(`invalid name component "${c}" (lowercase letters, digits, . _ -)`);
+  const path = parts.join("/");
+  // Checked on the normalised name, as Docker does: what we accept must parse again once written out.
+  if (domain.length + 1 + path.length > MAX_NAME)
+    throw bad(`the name is longer than ${MAX_NAME} characters once normalised`);
   if (tag === undefined && digest === undefined) tag = "latest";
   return {
     domain,
-    path: parts.join("/"),
+    path,
     ...(tag === undefined ? {} : { tag }),
     ...(digest === undefined ? {} : { digest }),
   };

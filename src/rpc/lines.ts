@@ -5,8 +5,15 @@
 
 export type LineEvent = { kind: "line"; line: Buffer } | { kind: "too_long"; bytes: number };
 
+const EMPTY = Buffer.alloc(0);
+
 export class LineSplitter {
-  private parts: Buffer[] = [];
+  /**
+   * The partial line, copied into one growing buffer (capacity doubles, capped at maxLine). One
+   * buffer rather than a list of the chunks: a peer trickling a byte per write would otherwise cost
+   * a Buffer object (~100 bytes of heap) per byte it sends.
+   */
+  private acc: Buffer = EMPTY;
   private size = 0;
   private discarding = false;
   private discarded = 0;
@@ -26,29 +33,11 @@ export class LineSplitter {
       else if (this.size + piece.length > this.maxLine) {
         this.discarding = true;
         this.discarded = this.size + piece.length;
-        this.parts = [];
-        this.size = 0;
-      } else if (piece.length > 0) {
-        this.parts.push(piece);
-        this.size += piece.length;
-      }
+        this.reset();
+      } else if (nl < 0) this.append(piece); // our own copy: the caller may reuse its buffer
       if (nl < 0) break;
-      if (this.discarding) out.push({ kind: "too_long", bytes: this.discarded });
-      else
-        out.push({
-          kind: "line",
-          line: this.parts.length === 1 ? (this.parts[0] as Buffer) : Buffer.concat(this.parts),
-        });
-      this.parts = [];
-      this.size = 0;
-      this.discarding = false;
-      this.discarded = 0;
+      out.push(this.complete(piece));
       start = nl + 1;
-    }
-    // Keep our own copy of a partial line: the caller may reuse its buffer.
-    if (!this.discarding && this.parts.length > 0 && start < chunk.length) {
-      const last = this.parts.length - 1;
-      this.parts[last] = Buffer.from(this.parts[last] as Buffer);
     }
     return out;
   }
@@ -57,6 +46,41 @@ export class LineSplitter {
   end(): LineEvent[] {
     if (this.discarding) return [{ kind: "too_long", bytes: this.discarded }];
     if (this.size === 0) return [];
-    return [{ kind: "line", line: Buffer.concat(this.parts) }];
+    const line = this.acc.subarray(0, this.size);
+    this.reset();
+    return [{ kind: "line", line }];
+  }
+
+  /** The event for a line whose newline just arrived; `piece` is its part in the current chunk. */
+  private complete(piece: Buffer): LineEvent {
+    let ev: LineEvent;
+    if (this.discarding) ev = { kind: "too_long", bytes: this.discarded };
+    else if (this.size === 0)
+      ev = { kind: "line", line: piece }; // the common case: no copy
+    else {
+      this.append(piece);
+      ev = { kind: "line", line: this.acc.subarray(0, this.size) };
+    }
+    this.discarding = false;
+    this.discarded = 0;
+    this.reset(); // the emitted line may be a view of acc: never write to it again
+    return ev;
+  }
+
+  private append(piece: Buffer): void {
+    if (piece.length === 0) return;
+    const need = this.size + piece.length;
+    if (need > this.acc.length) {
+      const grown = Buffer.allocUnsafe(Math.min(this.maxLine, Math.max(need, 2 * this.acc.length, 256)));
+      this.acc.copy(grown, 0, 0, this.size);
+      this.acc = grown;
+    }
+    piece.copy(this.acc, this.size);
+    this.size = need;
+  }
+
+  private reset(): void {
+    this.acc = EMPTY;
+    this.size = 0;
   }
 }
