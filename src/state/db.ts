@@ -12,6 +12,7 @@ import {
 import { dirname } from "node:path";
 import Database from "better-sqlite3";
 import { MatchlockError, messageOf } from "../api/errors.ts";
+import { lockHolders } from "./locks.ts";
 
 /**
  * Opening a matchlock SQLite database (state.db, metadata.db): the pragmas of PROTOCOLS.md §4 and a
@@ -107,6 +108,8 @@ export function openDb(path: string, modules: ModuleMigrations[], opts: OpenOpti
  * file next to them was truncated after the fact.
  */
 export function fileProblem(path: string): string | undefined {
+  const orphaned = orphanedLogs(path);
+  if (orphaned) return orphaned;
   let size: number;
   try {
     const st = statSync(path);
@@ -123,6 +126,26 @@ export function fileProblem(path: string): string | undefined {
   if (readHead(path, SQLITE_MAGIC.length) !== SQLITE_MAGIC)
     return "it is not an SQLite database (no SQLite header: the file was overwritten)";
   return undefined;
+}
+
+/**
+ * A -shm in use by processes that do not have the database file itself open: the file was deleted
+ * or replaced under them. A newcomer would share their WAL index while writing another file's log,
+ * which fails later ("disk I/O error") or worse; SQLite cannot tell, the locks can (locks.ts).
+ */
+function orphanedLogs(path: string): string | undefined {
+  // /proc/locks is not read atomically and processes open and close all the time: only a process
+  // seen holding the -shm but not the file in several snapshots is a real stranger.
+  let strangers: number[] = [];
+  for (let look = 0; look < 3; look++) {
+    if (look > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
+    const dbHolders = lockHolders(path);
+    const seen = [...lockHolders(`${path}-shm`)].filter((pid) => !dbHolders.has(pid));
+    strangers = look === 0 ? seen : strangers.filter((pid) => seen.includes(pid));
+    if (strangers.length === 0) return undefined;
+  }
+  const what = existsSync(path) ? "it was replaced" : "it was deleted";
+  return `${what} while process ${strangers.join(", ")} still had it open: its -wal/-shm belong to the old file`;
 }
 
 function readHead(path: string, n: number): string {
