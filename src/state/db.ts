@@ -121,7 +121,8 @@ export function fileProblem(path: string): string | undefined {
   if (size === 0) {
     const logs = ["-wal", "-shm"].filter((x) => existsSync(`${path}${x}`));
     if (logs.length === 0) return undefined; // created, header not written yet: a new database
-    return `it is empty (0 bytes) but its ${logs.join(" and ")} file is still there: it was truncated, probably while a matchlock process had it open`;
+    const still = logs.length > 1 ? "files are still there" : "file is still there";
+    return `it is empty (0 bytes) but its ${logs.join(" and ")} ${still}: it was truncated, probably while a matchlock process had it open`;
   }
   if (readHead(path, SQLITE_MAGIC.length) !== SQLITE_MAGIC)
     return "it is not an SQLite database (no SQLite header: the file was overwritten)";
