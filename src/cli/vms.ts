@@ -223,7 +223,8 @@ function repairStateDb(): void {
     process.stdout.write(`${stateDbPath(p)} was unusable: ${r.health.problem}\n`);
     process.stdout.write(`moved it aside to ${r.movedTo}; starting a fresh state.db\n`);
   } else {
-    process.stdout.write(`${stateDbPath(p)} is healthy: nothing to repair\n`);
+    const what = r.health.status === "missing" ? "does not exist yet" : "is healthy";
+    process.stdout.write(`${stateDbPath(p)} ${what}: nothing to repair\n`);
   }
 }
 

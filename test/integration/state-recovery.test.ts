@@ -61,7 +61,8 @@ describe("state.db emptied under a running VM", () => {
     assert.ok(qemuProcessesMentioning(dir).length > 0);
 
     truncateSync(db, 0);
-    for (const args of [["list"], ["kill", id], ["gc"], ["inspect", id]]) assertCorruptAnswer(args, await cli(args));
+    for (const args of [["list"], ["kill", id], ["gc"], ["inspect", id]])
+      assertCorruptAnswer(args, await cli(args));
     assert.ok(qemuProcessesMentioning(dir).length > 0, "a refused command touched the VM");
 
     const repair = await cli(["gc", "--repair"]);
@@ -70,7 +71,10 @@ describe("state.db emptied under a running VM", () => {
     const aside = /moved it aside to (\S+);/.exec(out)?.[1] as string;
     assert.ok(aside && existsSync(aside), out);
     assert.equal(readFileSync(aside).length, 0, "the user's (emptied) file is kept as it was");
-    assert.match(out, new RegExp(`${id}\\s+skipped\\s+running \\(owner pid \\d+ is alive\\); record rebuilt from its VM dir`));
+    assert.match(
+      out,
+      new RegExp(`${id}\\s+skipped\\s+running \\(owner pid \\d+ is alive\\); record rebuilt from its VM dir`),
+    );
 
     // The VM is known again, and still works: exec goes through its relay.
     assert.equal(listRows((await cli(["list"])).stdout.toString()).get(id), "running");

@@ -42,6 +42,7 @@ async function holdOpen(p: Paths): Promise<ChildProcess & { stop(): void }> {
     const { openState } = await import(${JSON.stringify(storeUrl)});
     const { paths } = await import(${JSON.stringify(pathsUrl)});
     const s = openState(paths());
+    s.subnets.allocate("vm-0000ffff"); // a write: its WAL now holds frames the file does not
     s.vms.list();
     process.stdout.write("ready\\n");
     process.stdin.resume();
@@ -259,6 +260,40 @@ describe("matchlock on a corrupt state.db", () => {
       assert.ok(existsSync(join(dir, "upper.ext4")), "a running VM's disk is left alone");
     } finally {
       owner.stop();
+    }
+  });
+
+  test("a VM dir with no record and no runtime.json: gc finds its QEMU through /proc, rebuilds the record and reclaims it", async () => {
+    const h = freshHome();
+    const dir = join(h.p.vms, "vm-0dd0c0de");
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "upper.ext4"), "");
+    writeFileSync(join(dir, "console.log"), "booted\n");
+    // A real QEMU whose command line names the dir, as ours do; its parent (this test) is no matchlock owner.
+    const qemu = spawn(
+      "qemu-system-x86_64",
+      ["-machine", "none", "-S", "-nodefaults", "-display", "none", "-pidfile", join(dir, "qemu.pid")],
+      { stdio: "ignore" },
+    );
+    const exited = new Promise((resolve) => qemu.on("exit", resolve));
+    try {
+      for (let i = 0; i < 100 && !existsSync(join(dir, "qemu.pid")); i++)
+        await new Promise((r) => setTimeout(r, 50));
+      const gc = await runCli(["gc"], { env: h.env });
+      assert.equal(gc.code, 0, gc.stdout.toString() + gc.stderr);
+      assert.match(
+        gc.stdout.toString(),
+        /vm-0dd0c0de\s+cleaned\s+was running; record rebuilt from its VM dir/,
+      );
+      await exited;
+      assert.equal(qemu.signalCode, "SIGKILL");
+      assert.equal(existsSync(join(dir, "upper.ext4")), false);
+      assert.ok(existsSync(join(dir, "console.log")), "gc keeps the logs");
+      const rm = await runCli(["rm", "vm-0dd0c0de"], { env: h.env });
+      assert.equal(rm.code, 0, rm.stderr);
+      assert.equal(existsSync(dir), false);
+    } finally {
+      qemu.kill("SIGKILL");
     }
   });
 });
