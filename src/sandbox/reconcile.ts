@@ -1,4 +1,4 @@
-import { existsSync, readdirSync, statSync } from "node:fs";
+import { existsSync, lstatSync, readdirSync, statSync } from "node:fs";
 import { basename, join } from "node:path";
 import { messageOf } from "../api/errors.ts";
 import { isVmId } from "../api/ids.ts";
@@ -202,7 +202,9 @@ function matchlockParent(pid: number): ProcIdentity | undefined {
  */
 export function adoptVmDir(state: StateStore, p: Paths, id: string): boolean {
   const dir = vmDir(id, p);
-  if (!existsSync(dir) || state.vms.get(id) || state.lifecycle.current(id)) return false;
+  // A real directory only: cleanup removes files in it, so a symlink must not lead elsewhere.
+  if (!lstatSync(dir, { throwIfNoEntry: false })?.isDirectory()) return false;
+  if (state.vms.get(id) || state.lifecycle.current(id)) return false;
   const resources = resourcesOnHost(dir);
   const ownerLive = isAlive(resources.owner);
   const running = ownerLive || resources.qemu?.pid !== undefined;

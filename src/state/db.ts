@@ -65,7 +65,9 @@ const BUSY_TIMEOUT_MS = 10_000;
 const SQLITE_MAGIC = "SQLite format 3\0";
 
 export function openDb(path: string, modules: ModuleMigrations[], opts: OpenOptions = {}): Db {
-  const hint = opts.recoverHint ?? `move it aside (mv ${path} ${path}.corrupt) and retry: it is created anew`;
+  const hint =
+    opts.recoverHint ??
+    `move it aside with its -wal and -shm files (mv ${path} ${path}.corrupt; same for ${path}-wal, -shm) and retry: it is created anew`;
   mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
   // Before SQLite touches it: an emptied file would otherwise wait out busy_timeout (see fileProblem).
   const problem = fileProblem(path);
@@ -77,8 +79,7 @@ export function openDb(path: string, modules: ModuleMigrations[], opts: OpenOpti
     throw new MatchlockError("INTERNAL", `cannot open ${path}: ${messageOf(e)}`, { cause: e });
   }
   try {
-    db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
-    db.pragma("journal_mode = WAL");
+    setJournalMode(db, path, hint);
     db.pragma("synchronous = NORMAL");
     db.pragma("foreign_keys = ON");
     db.exec(`CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -93,6 +94,29 @@ export function openDb(path: string, modules: ModuleMigrations[], opts: OpenOpti
   } catch (e) {
     if (db.open) db.close();
     throw asDbError(e, path, hint);
+  }
+}
+
+/** Creation races end in milliseconds; an emptied file held open by others never ends. */
+const NEW_FILE_BUSY_MS = 2000;
+
+/**
+ * WAL mode. On a 0-byte file (new, or emptied with its -wal/-shm deleted too) this writes the header
+ * under an EXCLUSIVE lock: another process creating the file at the same time holds it for a moment,
+ * an owner of the emptied file holds its SHARED lock forever. So wait briefly, and if the file is
+ * still empty when the wait runs out, say what it is instead of "database is locked".
+ */
+function setJournalMode(db: Db, path: string, hint: string): void {
+  const empty = statSync(path).size === 0;
+  db.pragma(`busy_timeout = ${empty ? NEW_FILE_BUSY_MS : BUSY_TIMEOUT_MS}`);
+  try {
+    db.pragma("journal_mode = WAL");
+  } catch (e) {
+    const busy = ((e as { code?: string }).code ?? "").startsWith("SQLITE_BUSY");
+    if (busy && empty && statSync(path).size === 0) throw new DbCorruptError(path, EMPTY_HELD, hint, e);
+    throw e;
+  } finally {
+    db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   }
 }
 
@@ -191,7 +215,7 @@ export type DbHealth =
  */
 export function checkDb(path: string): DbHealth {
   if (!existsSync(path)) return { status: "missing" };
-  const problem = fileProblem(path);
+  const problem = fileProblem(path) ?? emptyButHeld(path);
   if (problem) return { status: "corrupt", problem };
   let db: Db | undefined;
   try {
@@ -206,6 +230,22 @@ export function checkDb(path: string): DbHealth {
     throw e;
   } finally {
     db?.close();
+  }
+}
+
+const EMPTY_HELD = "it is empty (0 bytes) but other processes hold it open: it was truncated under them";
+
+/**
+ * What setJournalMode finds on open, found without opening: a 0-byte file that other processes
+ * still hold after the time a creator needs to write the header (quick_check calls an empty file fine).
+ */
+function emptyButHeld(path: string): string | undefined {
+  const deadline = Date.now() + NEW_FILE_BUSY_MS;
+  for (;;) {
+    if (statSync(path).size > 0) return undefined;
+    if ([...lockHolders(path)].every((pid) => pid === process.pid)) return undefined;
+    if (Date.now() >= deadline) return EMPTY_HELD;
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
   }
 }
 

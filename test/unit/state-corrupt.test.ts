@@ -93,6 +93,25 @@ describe("a corrupt state.db is a typed error with a way out", () => {
     }
   });
 
+  test("emptied state.db with its -wal and -shm deleted too, under a live connection: DB_CORRUPT within 2 s, not 'database is locked' after 10", async () => {
+    const { p } = freshHome();
+    seed(p);
+    const holder = await holdOpen(p);
+    try {
+      rmSync(`${stateDbPath(p)}-wal`);
+      rmSync(`${stateDbPath(p)}-shm`);
+      truncateSync(stateDbPath(p), 0);
+      const t0 = Date.now();
+      const e = corruptError(() => openState(p));
+      assert.ok(Date.now() - t0 < 4000, `took ${Date.now() - t0} ms`);
+      assert.match(e.message, /it is empty \(0 bytes\) but other processes hold it open/);
+      assert.match(e.hint ?? "", /matchlock gc --repair/);
+      assert.equal(checkState(p).status, "corrupt", "diagnose and gc --repair see it too");
+    } finally {
+      holder.stop();
+    }
+  });
+
   test("state.db deleted or replaced under a live connection (its -wal/-shm still in use): DB_CORRUPT at once", async () => {
     const { p } = freshHome();
     seed(p);
