@@ -148,6 +148,9 @@ export function fileProblem(path: string): string | undefined {
     const still = logs.length > 1 ? "files are still there" : "file is still there";
     return `it is empty (0 bytes) but its ${logs.join(" and ")} ${still}: it was truncated, probably while a matchlock process had it open`;
   }
+  // Closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's
+  // included: so read the header ourselves only when no connection of ours holds a lock on it.
+  if (lockHolders(path).has(process.pid)) return undefined;
   if (readHead(path, SQLITE_MAGIC.length) !== SQLITE_MAGIC)
     return "it is not an SQLite database (no SQLite header: the file was overwritten)";
   return undefined;

@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { type Paths, paths } from "../../src/api/paths.ts";
 import { DbCorruptError } from "../../src/state/db.ts";
+import { lockHolders } from "../../src/state/locks.ts";
 import { checkState, openState, repairState, stateDbPath } from "../../src/state/store.ts";
 import { runCli, tempHome } from "../helpers/cli.ts";
 
@@ -157,6 +158,21 @@ describe("a corrupt state.db is a typed error with a way out", () => {
     } finally {
       holder.stop();
     }
+  });
+
+  test("the checks never cost an open connection of this process its locks (POSIX drops them on any close)", () => {
+    const { p } = freshHome();
+    seed(p);
+    const first = openState(p);
+    first.vms.list();
+    assert.ok(lockHolders(stateDbPath(p)).has(process.pid));
+    for (let i = 0; i < 5; i++) {
+      openState(p).close();
+      assert.equal(checkState(p).status, "ok");
+    }
+    assert.ok(lockHolders(stateDbPath(p)).has(process.pid), "the first connection lost its SHARED lock");
+    assert.ok(lockHolders(`${stateDbPath(p)}-shm`).has(process.pid));
+    first.close();
   });
 
   test("state.db overwritten with random bytes or text: DB_CORRUPT naming the file", () => {
