@@ -198,13 +198,15 @@ export function registerVmCommands(program: Command): void {
     .command("gc")
     .summary("reclaim what crashed VMs left behind: processes, disks, sockets, subnets")
     .description(
-      "For each VM whose owning process is gone (or the one given): kill its QEMU (verified by process start\n" +
-        "time), remove its disks and sockets and release its subnet, recording each step. Then sweep the host\n" +
-        "for QEMU processes of ours with no live owner. Logs and records stay for `matchlock log` and `rm`.\n" +
-        "A VM dir with no record (state.db lost or replaced) gets its record rebuilt from the dir and /proc.\n\n" +
-        "--repair: if state.db is unusable (truncated, overwritten, cut off from its -wal/-shm), rename it and\n" +
-        "its -wal/-shm to state.db.corrupt-<time> (nothing is deleted), start a fresh state.db, and rebuild\n" +
-        "the records of every VM dir, running VMs included; a healthy state.db is left alone.",
+      [
+        "For each VM whose owning process is gone (or the one given): kill its QEMU (verified by process " +
+          "start time), remove its disks and sockets and release its subnet, recording each step. Then sweep " +
+          "the host for QEMU processes of ours with no live owner. Logs and records stay for `matchlock log` and `rm`.",
+        "A VM dir with no record (state.db lost or replaced) gets its record rebuilt from the dir and /proc.",
+        "--repair: if state.db is unusable (truncated, overwritten, cut off from its -wal/-shm), rename it and " +
+          "its -wal/-shm to state.db.corrupt-<time> (nothing is deleted), start a fresh state.db, and rebuild " +
+          "the records of every VM dir, running VMs included. A healthy state.db is left alone.",
+      ].join("\n\n"),
     )
     .argument("[id]")
     .option("--force-running", "also reclaim VMs whose owner is alive (it is stopped first)")
@@ -259,7 +261,9 @@ async function gc(s: StateStore, p: Paths, id: string | undefined, forceRunning:
 
 /** SIGTERM to a VM's owner, which stops the command and the VM; waits up to 30 s. */
 async function stopOwner(vm: string, owner: { pid: number; start_time: number }): Promise<boolean> {
-  process.kill(owner.pid, "SIGTERM");
+  try {
+    process.kill(owner.pid, "SIGTERM");
+  } catch {} // it exited since we looked (a concurrent kill): the wait below sees it gone
   const deadline = Date.now() + 30_000;
   while (isAlive(owner) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
   if (isAlive(owner)) {
