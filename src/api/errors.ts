@@ -8,6 +8,8 @@ export type ErrorCode =
   | "NOT_SET_UP" // a prerequisite `matchlock setup` provides is missing
   | "SETUP_FAILED" // a setup step failed
   | "IMAGE_NOT_FOUND"
+  | "VM_NOT_FOUND" // no VM with this id is recorded (never was, or already removed)
+  | "DB_CORRUPT" // state.db (or metadata.db) is not a usable SQLite database; the hint says how to recover
   | "VM_BOOT_FAILED" // QEMU exited or the agent never said READY before the deadline
   | "VM_FAILED" // the VM died or misbehaved after boot
   | "AGENT_PROTOCOL" // the guest sent bytes that break the agent protocol

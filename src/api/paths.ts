@@ -1,5 +1,6 @@
 import { homedir } from "node:os";
 import { join } from "node:path";
+import { parseVmId } from "./ids.ts";
 
 /**
  * Where matchlock keeps things (PROTOCOLS.md "Paths"). `MATCHLOCK_HOME` and `MATCHLOCK_CACHE`
@@ -31,6 +32,7 @@ export function paths(env: NodeJS.ProcessEnv = process.env): Paths {
   };
 }
 
+/** A VM's dir. The id is checked here too, as the last line of defence: it becomes a path. */
 export function vmDir(id: string, p: Paths = paths()): string {
-  return join(p.vms, id);
+  return join(p.vms, parseVmId(id));
 }

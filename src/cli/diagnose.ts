@@ -12,6 +12,7 @@ import { hasCommand, runCommand } from "../host/command.ts";
 import { readJson } from "../host/fsutil.ts";
 import { HOST_PACKAGES, missingPackages } from "../host/packages.ts";
 import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
+import { checkState, STATE_RECOVER_HINT, stateDbPath } from "../state/store.ts";
 import { kvmUsable } from "../vm/qemu/accel.ts";
 
 /** `matchlock diagnose`: every prerequisite with ✓/⚠/✗ and a fix line; exit 1 if any is ✗. */
@@ -59,6 +60,21 @@ async function safe(name: string, fn: () => Promise<Check>): Promise<Check> {
 }
 
 const SETUP_FIX = "matchlock setup";
+
+/** state.db: the file checks and SQLite's quick_check, without changing the database. */
+function stateDbCheck(p: Paths): Check {
+  const path = stateDbPath(p);
+  const health = checkState(p);
+  if (health.status === "missing")
+    return { name: "state db", status: "ok", detail: `${path} not created yet` };
+  if (health.status === "ok") return { name: "state db", status: "ok", detail: `${path}: ${health.detail}` };
+  return {
+    name: "state db",
+    status: "fail",
+    detail: `${path} is unusable: ${health.problem}`,
+    fix: STATE_RECOVER_HINT.replace(/\s*\n\s*/g, " "),
+  };
+}
 
 export async function runChecks(p: Paths): Promise<Check[]> {
   const checks: Array<Promise<Check>> = [
@@ -172,6 +188,7 @@ export async function runChecks(p: Paths): Promise<Check[]> {
       await access(p.home, constants.W_OK);
       return { name: "state dir", status: "ok", detail: `${p.home} writable` };
     }),
+    safe("state db", async () => stateDbCheck(p)),
     safe("disk space", async () => {
       await mkdir(p.cache, { recursive: true });
       const s = await statfs(p.cache);

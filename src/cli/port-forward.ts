@@ -1,5 +1,6 @@
 import type { Command } from "commander";
 import { InvalidArgumentError } from "../api/errors.ts";
+import { parseVmId } from "../api/ids.ts";
 import { parsePortSpec, validateAddress } from "../api/specs.ts";
 import { PortForwarder } from "../sandbox/port-forward.ts";
 import { connectRelay } from "./exec.ts";
@@ -18,6 +19,7 @@ export function registerPortForward(program: Command): void {
     .argument("<specs...>", "[LOCAL:]REMOTE ports")
     .option("--address <ip>", "host address to listen on (repeatable)", collect, [])
     .action(async (id: string, specs: string[], flags: { address: string[] }) => {
+      parseVmId(id); // before it names a socket path
       const forwards = specs.map(parsePortSpec);
       if (forwards.length === 0) throw new InvalidArgumentError("give at least one [LOCAL:]REMOTE port");
       const addresses = flags.address.length > 0 ? flags.address.map(validateAddress) : ["127.0.0.1"];

@@ -2,8 +2,10 @@ import { createReadStream, existsSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
-import { paths } from "../api/paths.ts";
+import { parseVmId } from "../api/ids.ts";
+import { type Paths, paths, vmDir } from "../api/paths.ts";
 import {
+  adoptVmDir,
   effectiveStatus,
   ownerOf,
   type ReconcileResult,
@@ -13,24 +15,35 @@ import {
   unrecordedVmDirs,
 } from "../sandbox/reconcile.ts";
 import { isAlive } from "../state/procs.ts";
-import { openState, type StateStore } from "../state/store.ts";
-import type { VmRow } from "../state/vms.ts";
+import { openState, repairState, type StateStore, stateDbPath, stateError } from "../state/store.ts";
+import { VmNotFoundError, type VmRow } from "../state/vms.ts";
 import { table } from "./table.ts";
 
 /** list, get, inspect, log, kill, rm, prune, gc: the VMs recorded in state.db. */
 
-function withState<T>(fn: (s: StateStore) => Promise<T> | T): Promise<T> {
-  const s = openState(paths());
-  return Promise.resolve()
-    .then(() => fn(s))
-    .finally(() => s.close());
+/** Runs `fn` on state.db; SQLite finding the file corrupt on the way becomes one line and a hint. */
+async function withState<T>(fn: (s: StateStore, p: Paths) => Promise<T> | T): Promise<T> {
+  const p = paths();
+  const s = openState(p);
+  try {
+    return await fn(s, p);
+  } catch (e) {
+    throw stateError(e, p);
+  } finally {
+    s.close();
+  }
 }
 
 function mustGet(s: StateStore, id: string): VmRow {
   const row = s.vms.get(id);
-  if (!row)
-    throw new MatchlockError("INVALID_ARGUMENT", `no VM ${id}`, { hint: "`matchlock list` shows the VMs" });
+  if (!row) throw new VmNotFoundError(id);
   return row;
+}
+
+/** An error that ends one VM of many, printed as the CLI edge prints errors; the rest go on. */
+function printError(e: MatchlockError): void {
+  process.stderr.write(`matchlock: ${e.message}\n`);
+  if (e.hint) process.stderr.write(`${e.hint.replace(/^/gm, "  ")}\n`);
 }
 
 /** A VM as `get` and `inspect` show it: the row, its effective status, and the config parsed. */
@@ -51,10 +64,12 @@ function parseConfig(row: VmRow): unknown {
   }
 }
 
-function printResult(r: ReconcileResult): void {
-  process.stdout.write(`${r.id}  ${r.outcome}  ${r.detail}\n`);
+function printResult(r: ReconcileResult, note = ""): void {
+  process.stdout.write(`${r.id}  ${r.outcome}  ${r.detail}${note}\n`);
   for (const f of r.failedSteps) process.stdout.write(`    failed step ${f}\n`);
 }
+
+const isStopped = (s: StateStore, r: VmRow) => effectiveStatus(r, s.lifecycle.current(r.id)) !== "running";
 
 export function registerVmCommands(program: Command): void {
   program
@@ -78,26 +93,28 @@ export function registerVmCommands(program: Command): void {
     .command("get")
     .summary("print a VM's record as JSON (secret values are never stored)")
     .argument("<id>")
-    .action((id: string) =>
-      withState((s) => {
+    .action((id: string) => {
+      parseVmId(id);
+      return withState((s) => {
         process.stdout.write(`${JSON.stringify(vmView(s, mustGet(s, id)), null, 2)}\n`);
-      }),
-    );
+      });
+    });
 
   program
     .command("inspect")
     .alias("stat")
     .summary("print a VM's record, current lifecycle phase and phase history as JSON")
     .argument("<id>")
-    .action((id: string) =>
-      withState((s) => {
+    .action((id: string) => {
+      parseVmId(id);
+      return withState((s) => {
         const vm = vmView(s, mustGet(s, id));
         const lc = s.lifecycle.current(id);
         process.stdout.write(
           `${JSON.stringify({ vm, lifecycle: lc ?? null, history: s.lifecycle.history(id) }, null, 2)}\n`,
         );
-      }),
-    );
+      });
+    });
 
   program
     .command("log")
@@ -105,10 +122,11 @@ export function registerVmCommands(program: Command): void {
     .argument("<id>")
     .option("-f, --follow", "keep printing as the logs grow, until the VM stops")
     .action(async (id: string, flags: { follow?: boolean }) => {
-      const { dir, owner } = await withState((s) => {
-        mustGet(s, id);
+      parseVmId(id);
+      const { dir, owner } = await withState((s, p) => {
+        const row = mustGet(s, id);
         const lc = s.lifecycle.current(id);
-        return { dir: lc?.resources.vm_dir ?? join(paths().vms, id), owner: ownerOf(s.vms.get(id), lc) };
+        return { dir: lc?.resources.vm_dir ?? vmDir(id, p), owner: ownerOf(row, lc) };
       });
       const files = ["console.log", "run.log"].map((f) => join(dir, f));
       if (!files.some((f) => existsSync(f)))
@@ -121,30 +139,25 @@ export function registerVmCommands(program: Command): void {
     .summary("stop a VM: SIGTERM to its owning process, which stops the command and the VM")
     .argument("[id]")
     .option("--all", "every running VM")
-    .action((id: string | undefined, flags: { all?: boolean }) =>
-      withState(async (s) => {
-        if (!id && !flags.all) throw new InvalidArgumentError("give a VM id or --all");
-        const ids = flags.all ? s.vms.list().map((r) => r.id) : [id as string];
+    .action((id: string | undefined, flags: { all?: boolean }) => {
+      if (!id && !flags.all) throw new InvalidArgumentError("give a VM id or --all");
+      if (id !== undefined) parseVmId(id);
+      return withState(async (s) => {
+        // --all takes the rows as listed: one removed meanwhile by another process is simply gone.
+        const rows = flags.all ? s.vms.list() : [mustGet(s, id as string)];
         let failures = 0;
-        for (const vm of ids) {
-          const row = mustGet(s, vm);
-          const owner = ownerOf(row, s.lifecycle.current(vm));
+        for (const row of rows) {
+          const owner = ownerOf(row, s.lifecycle.current(row.id));
           if (!isAlive(owner)) {
-            if (!flags.all) process.stderr.write(`matchlock: ${vm} is not running\n`);
+            if (!flags.all) process.stderr.write(`matchlock: ${row.id} is not running\n`);
             if (!flags.all) failures++;
             continue;
           }
-          process.kill((owner as { pid: number }).pid, "SIGTERM");
-          const deadline = Date.now() + 30_000;
-          while (isAlive(owner) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-          if (isAlive(owner)) {
-            process.stderr.write(`matchlock: ${vm}: owner ${owner?.pid} did not stop within 30 s\n`);
-            failures++;
-          } else process.stdout.write(`${vm}\n`);
+          if (!(await stopOwner(row.id, owner as { pid: number; start_time: number }))) failures++;
         }
         if (failures > 0) process.exitCode = 1;
-      }),
-    );
+      });
+    });
 
   program
     .command("rm")
@@ -152,30 +165,20 @@ export function registerVmCommands(program: Command): void {
     .summary("remove stopped VMs: reclaim what they hold, then delete their records and logs")
     .argument("[id...]")
     .option("--stopped", "every stopped or crashed VM")
-    .action((ids: string[], flags: { stopped?: boolean }) =>
-      withState(async (s) => {
-        if (ids.length === 0 && !flags.stopped) throw new InvalidArgumentError("give VM ids or --stopped");
-        const targets = flags.stopped
-          ? s.vms
-              .list()
-              .filter((r) => effectiveStatus(r, s.lifecycle.current(r.id)) !== "running")
-              .map((r) => r.id)
-          : ids;
+    .action((ids: string[], flags: { stopped?: boolean }) => {
+      if (ids.length === 0 && !flags.stopped) throw new InvalidArgumentError("give VM ids or --stopped");
+      // Every id is checked before anything is removed.
+      for (const id of ids) parseVmId(id);
+      return withState(async (s) => {
         let failures = 0;
-        for (const id of targets) {
-          const row = mustGet(s, id);
-          if (effectiveStatus(row, s.lifecycle.current(id)) === "running") {
-            process.stderr.write(
-              `matchlock: ${id} is running; stop it first with \`matchlock kill ${id}\`\n`,
-            );
-            failures++;
-            continue;
-          }
-          if (!(await removeVm(s, id))) failures++;
+        if (flags.stopped) {
+          for (const r of s.vms.list())
+            if (isStopped(s, r) && (await removeVm(s, r.id)) === "failed") failures++;
         }
+        for (const id of ids) if (!(await removeNamed(s, id))) failures++;
         if (failures > 0) process.exitCode = 1;
-      }),
-    );
+      });
+    });
 
   program
     .command("prune")
@@ -184,8 +187,7 @@ export function registerVmCommands(program: Command): void {
       withState(async (s) => {
         let failures = 0;
         for (const r of s.vms.list()) {
-          if (effectiveStatus(r, s.lifecycle.current(r.id)) === "running") continue;
-          if (!(await removeVm(s, r.id))) failures++;
+          if (isStopped(s, r) && (await removeVm(s, r.id)) === "failed") failures++;
         }
         for (const v of releaseOrphanSubnets(s)) process.stdout.write(`released subnet of ${v}\n`);
         if (failures > 0) process.exitCode = 1;
@@ -196,49 +198,123 @@ export function registerVmCommands(program: Command): void {
     .command("gc")
     .summary("reclaim what crashed VMs left behind: processes, disks, sockets, subnets")
     .description(
-      "For each VM whose owning process is gone (or the one given): kill its QEMU (verified by process start\n" +
-        "time), remove its disks and sockets and release its subnet, recording each step. Then sweep the host\n" +
-        "for QEMU processes of ours with no live owner. Logs and records stay for `matchlock log` and `rm`.",
+      [
+        "For each VM whose owning process is gone (or the one given): kill its QEMU (verified by process " +
+          "start time), remove its disks and sockets and release its subnet, recording each step. Then sweep " +
+          "the host for QEMU processes of ours with no live owner. Logs and records stay for `matchlock log` and `rm`.",
+        "A VM dir with no record (state.db lost or replaced) gets its record rebuilt from the dir and /proc.",
+        "--repair: if state.db is unusable (truncated, overwritten, cut off from its -wal/-shm), rename it and " +
+          "its -wal/-shm to state.db.corrupt-<time> (nothing is deleted), start a fresh state.db, and rebuild " +
+          "the records of every VM dir, running VMs included. A healthy state.db is left alone.",
+      ].join("\n\n"),
     )
     .argument("[id]")
     .option("--force-running", "also reclaim VMs whose owner is alive (it is stopped first)")
-    .action((id: string | undefined, flags: { forceRunning?: boolean }) =>
-      withState(async (s) => {
-        const p = paths();
-        const ids = id ? [mustGet(s, id).id] : s.vms.list().map((r) => r.id);
-        let failures = 0;
-        for (const vm of ids) {
-          const r = await reconcileVm(s, vm, { forceRunning: flags.forceRunning === true });
-          printResult(r);
-          if (r.outcome === "failed") failures++;
-        }
-        if (!id) {
-          for (const k of await sweepOrphanProcesses(s, p))
-            process.stdout.write(`${k.id}  cleaned  killed orphan QEMU pid ${k.pid}\n`);
-          for (const v of releaseOrphanSubnets(s))
-            process.stdout.write(`${v}  cleaned  released orphan subnet\n`);
-          for (const d of unrecordedVmDirs(s, p))
-            process.stdout.write(`${d}  skipped  VM dir with no record (remove it by hand)\n`);
-        }
-        if (failures > 0) process.exitCode = 1;
-      }),
-    );
+    .option("--repair", "move an unusable state.db aside and rebuild the VM records from the host")
+    .action((id: string | undefined, flags: { forceRunning?: boolean; repair?: boolean }) => {
+      if (id !== undefined) parseVmId(id);
+      if (flags.repair) repairStateDb();
+      return withState((s, p) => gc(s, p, id, flags.forceRunning === true));
+    });
 }
 
-/** rm semantics: reconcile first; keep the metadata if reconcile fails. */
-async function removeVm(s: StateStore, id: string): Promise<boolean> {
-  const r = await reconcileVm(s, id, { removeDir: true });
+function repairStateDb(): void {
+  const p = paths();
+  const r = repairState(p);
+  if (r.health.status === "corrupt" && r.movedTo !== undefined) {
+    process.stdout.write(`${stateDbPath(p)} was unusable: ${r.health.problem}\n`);
+    process.stdout.write(`moved it aside to ${r.movedTo}; starting a fresh state.db\n`);
+  } else {
+    const what = r.health.status === "missing" ? "does not exist yet" : "is healthy";
+    process.stdout.write(`${stateDbPath(p)} ${what}: nothing to repair\n`);
+  }
+}
+
+async function gc(s: StateStore, p: Paths, id: string | undefined, forceRunning: boolean): Promise<void> {
+  // VM dirs with no record first: their QEMU and disks are reclaimed like any other VM's.
+  const adopted = new Set<string>();
+  const dirs = id ? [vmDir(id, p)] : unrecordedVmDirs(s, p);
+  for (const d of dirs) {
+    const vm = d.slice(p.vms.length + 1);
+    if (adoptVmDir(s, p, vm)) adopted.add(vm);
+  }
+  const ids = id ? [mustGet(s, id).id] : s.vms.list().map((r) => r.id);
+  let failures = 0;
+  for (const vm of ids) {
+    let r: ReconcileResult;
+    try {
+      r = await reconcileVm(s, vm, { forceRunning });
+    } catch (e) {
+      if (e instanceof VmNotFoundError && !id) continue; // removed meanwhile by a concurrent rm/prune
+      throw e;
+    }
+    printResult(r, adopted.has(vm) ? "; record rebuilt from its VM dir" : "");
+    if (r.outcome === "failed") failures++;
+  }
+  if (!id) {
+    for (const k of await sweepOrphanProcesses(s, p))
+      process.stdout.write(`${k.id}  cleaned  killed orphan QEMU pid ${k.pid}\n`);
+    for (const v of releaseOrphanSubnets(s)) process.stdout.write(`${v}  cleaned  released orphan subnet\n`);
+  }
+  if (failures > 0) process.exitCode = 1;
+}
+
+/** SIGTERM to a VM's owner, which stops the command and the VM; waits up to 30 s. */
+async function stopOwner(vm: string, owner: { pid: number; start_time: number }): Promise<boolean> {
+  try {
+    process.kill(owner.pid, "SIGTERM");
+  } catch {} // it exited since we looked (a concurrent kill): the wait below sees it gone
+  const deadline = Date.now() + 30_000;
+  while (isAlive(owner) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  if (isAlive(owner)) {
+    process.stderr.write(`matchlock: ${vm}: owner ${owner.pid} did not stop within 30 s\n`);
+    return false;
+  }
+  process.stdout.write(`${vm}\n`);
+  return true;
+}
+
+/** `rm ID`: the user named it, so a VM that is not there, or is running, is an error they hear about. */
+async function removeNamed(s: StateStore, id: string): Promise<boolean> {
+  const row = s.vms.get(id);
+  if (!row) {
+    printError(new VmNotFoundError(id));
+    return false;
+  }
+  if (!isStopped(s, row)) {
+    process.stderr.write(`matchlock: ${id} is running; stop it first with \`matchlock kill ${id}\`\n`);
+    return false;
+  }
+  const outcome = await removeVm(s, id);
+  if (outcome === "gone") process.stderr.write(`matchlock: ${id} was removed meanwhile by another process\n`);
+  return outcome === "removed";
+}
+
+/**
+ * rm semantics: reconcile first; keep the metadata if reconcile fails. "gone" when another process
+ * (a concurrent rm or prune) removed the VM first: for bulk removal that is not an error, the VM is
+ * gone as asked; only the process that deleted the record prints the id.
+ */
+async function removeVm(s: StateStore, id: string): Promise<"removed" | "gone" | "failed"> {
+  let r: ReconcileResult;
+  try {
+    r = await reconcileVm(s, id, { removeDir: true });
+  } catch (e) {
+    if (e instanceof VmNotFoundError) return "gone";
+    throw e;
+  }
   if (r.outcome === "failed") {
     process.stderr.write(
       `matchlock: ${id}: could not reclaim its resources, keeping its record: ${r.detail}\n`,
     );
     for (const f of r.failedSteps) process.stderr.write(`    failed step ${f}\n`);
-    return false;
+    return "failed";
   }
-  s.vms.remove(id);
+  const removedRow = s.vms.remove(id);
   s.lifecycle.remove(id);
+  if (!removedRow) return "gone";
   process.stdout.write(`${id}\n`);
-  return true;
+  return "removed";
 }
 
 /** Prints files in order; with `follow`, keeps printing what is appended while `alive()` holds. */

@@ -1,7 +1,13 @@
 import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { MatchlockError, messageOf } from "../api/errors.ts";
-import type { Cleanup, CleanupStep, Resources } from "../state/lifecycle.ts";
+import {
+  type Cleanup,
+  type CleanupStep,
+  InvalidTransitionError,
+  type Phase,
+  type Resources,
+} from "../state/lifecycle.ts";
 import { findProcesses, isAlive, type ProcIdentity, procStartTime } from "../state/procs.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
 import type { StateStore } from "../state/store.ts";
@@ -56,6 +62,18 @@ async function killAndWait(procs: ProcIdentity[]): Promise<string[]> {
   return errors;
 }
 
+/**
+ * `rm -rf`, tolerating another process removing the same tree at the same moment (concurrent
+ * `prune`s): what matters is that it is gone.
+ */
+export function removeTree(path: string): void {
+  try {
+    rmSync(path, { recursive: true, force: true });
+  } catch (e) {
+    if (existsSync(path)) throw e;
+  }
+}
+
 export interface CleanupOptions {
   /** Remove the VM dir itself (logs included). Without it, logs stay for `matchlock log`. */
   removeDir: boolean;
@@ -106,7 +124,7 @@ export async function cleanupResources(
   if (opts.removeDir) {
     await run("vm_dir", async () => {
       if (!resources.vm_dir || !existsSync(resources.vm_dir)) return "skipped";
-      rmSync(resources.vm_dir, { recursive: true, force: true });
+      removeTree(resources.vm_dir);
       return "ok";
     });
   }
@@ -114,9 +132,30 @@ export async function cleanupResources(
 }
 
 /**
+ * Moves the VM to `phase`; false if another process (a concurrent `prune`, `rm` or `gc`) has meanwhile
+ * finished cleaning it or removed its records: then there is nothing left for us to do.
+ */
+function advance(
+  state: StateStore,
+  vmId: string,
+  phase: Phase,
+  patch: { error?: string; cleanup?: Cleanup } = {},
+) {
+  try {
+    state.lifecycle.transition(vmId, phase, patch);
+    return true;
+  } catch (e) {
+    const now = e instanceof InvalidTransitionError ? state.lifecycle.current(vmId) : undefined;
+    if (e instanceof InvalidTransitionError && (now === undefined || now.phase === "cleaned")) return false;
+    throw e;
+  }
+}
+
+/**
  * Moves a VM through cleaning → cleaned (or cleanup_failed, with every failed step named), then
  * drops its records if asked. The resources come from the lifecycle record, so this works for a VM
- * whose owner died as well as for our own.
+ * whose owner died as well as for our own. Another process cleaning the same VM at the same time is
+ * fine: every step is idempotent, and whoever finishes second finds the work done.
  */
 export async function finishCleanup(
   state: StateStore,
@@ -126,19 +165,17 @@ export async function finishCleanup(
   const cur = state.lifecycle.current(vmId);
   let result: CleanupResult = { cleanup: {}, errors: [] };
   if (cur && cur.phase !== "cleaned") {
-    state.lifecycle.transition(vmId, "cleaning");
+    if (!advance(state, vmId, "cleaning")) return result;
     crashPoint("cleaning");
     result = await cleanupResources(state, vmId, cur.resources, { removeDir: opts.removeDir });
     if (result.errors.length > 0) {
-      state.lifecycle.transition(vmId, "cleanup_failed", {
-        error: result.errors.join("; "),
-        cleanup: result.cleanup,
-      });
-      throw new MatchlockError("VM_FAILED", `cleaning up ${vmId} failed: ${result.errors.join("; ")}`);
+      const message = result.errors.join("; ");
+      if (!advance(state, vmId, "cleanup_failed", { error: message, cleanup: result.cleanup })) return result;
+      throw new MatchlockError("VM_FAILED", `cleaning up ${vmId} failed: ${message}`);
     }
-    state.lifecycle.transition(vmId, "cleaned", { cleanup: result.cleanup });
+    if (!advance(state, vmId, "cleaned", { cleanup: result.cleanup })) return result;
   } else if (cur && opts.removeDir && cur.resources.vm_dir) {
-    rmSync(cur.resources.vm_dir, { recursive: true, force: true });
+    removeTree(cur.resources.vm_dir);
   }
   if (opts.removeRecords) {
     state.vms.remove(vmId);

@@ -1,13 +1,22 @@
-import { existsSync, readdirSync, rmSync } from "node:fs";
-import { join } from "node:path";
-import { MatchlockError, messageOf } from "../api/errors.ts";
+import { existsSync, lstatSync, readdirSync, statSync } from "node:fs";
+import { basename, join } from "node:path";
+import { messageOf } from "../api/errors.ts";
 import { isVmId } from "../api/ids.ts";
-import type { Paths } from "../api/paths.ts";
-import type { LifecycleRecord } from "../state/lifecycle.ts";
-import { cmdline, findProcesses, isAlive, type ProcIdentity, procStartTime } from "../state/procs.ts";
+import { type Paths, vmDir } from "../api/paths.ts";
+import { writeTx } from "../state/db.ts";
+import type { LifecycleRecord, Resources } from "../state/lifecycle.ts";
+import {
+  cmdline,
+  findProcesses,
+  isAlive,
+  type ProcIdentity,
+  parentPid,
+  procStartTime,
+} from "../state/procs.ts";
+import { readRuntimeFile } from "../state/runtime-file.ts";
 import type { StateStore } from "../state/store.ts";
-import type { VmRow, VmStatus } from "../state/vms.ts";
-import { finishCleanup, QEMU_EXE, vmProcesses } from "./cleanup.ts";
+import { VmNotFoundError, type VmRow, type VmStatus } from "../state/vms.ts";
+import { finishCleanup, QEMU_EXE, removeTree, vmProcesses } from "./cleanup.ts";
 
 /**
  * Reconcile: make the host match the records after a crash. A VM whose owning process is gone is
@@ -73,7 +82,7 @@ export async function reconcileVm(
 ): Promise<ReconcileResult> {
   const row = state.vms.get(id);
   const lc = state.lifecycle.current(id);
-  if (!row && !lc) throw new MatchlockError("INVALID_ARGUMENT", `no VM ${id}`);
+  if (!row && !lc) throw new VmNotFoundError(id);
   const owner = ownerOf(row, lc);
   if (isAlive(owner)) {
     if (!opts.forceRunning) {
@@ -95,8 +104,7 @@ export async function reconcileVm(
   try {
     if (lc?.phase === "cleaned") {
       for (const p of leftovers) if (isAlive(p)) process.kill(p.pid, "SIGKILL");
-      if (opts.removeDir && lc.resources.vm_dir)
-        rmSync(lc.resources.vm_dir, { recursive: true, force: true });
+      if (opts.removeDir && lc.resources.vm_dir) removeTree(lc.resources.vm_dir);
     } else {
       await finishCleanup(state, id, { removeDir: opts.removeDir ?? false, removeRecords: false });
     }
@@ -149,12 +157,71 @@ export function releaseOrphanSubnets(state: StateStore): string[] {
   return released;
 }
 
-/** VM dirs on disk with no record at all (a crash before the first write, or a deleted database). */
+/** VM dirs on disk with no record at all (a crash before the first write, or a lost database). */
 export function unrecordedVmDirs(state: StateStore, p: Paths): string[] {
   if (!existsSync(p.vms)) return [];
-  return readdirSync(p.vms)
-    .filter((d) => isVmId(d) && !state.vms.get(d) && !state.lifecycle.current(d))
-    .map((d) => join(p.vms, d));
+  return readdirSync(p.vms, { withFileTypes: true })
+    .filter((d) => d.isDirectory() && isVmId(d.name))
+    .filter((d) => !state.vms.get(d.name) && !state.lifecycle.current(d.name))
+    .map((d) => join(p.vms, d.name));
+}
+
+/**
+ * What the host itself says a VM holds, for a VM dir with no record: the owner and QEMU from
+ * runtime.json, else from /proc (QEMU's command line names the dir; its parent is the owner if that
+ * is a matchlock process), and the disks and sockets in the dir.
+ */
+export function resourcesOnHost(dir: string): Resources {
+  const runtime = readRuntimeFile(dir);
+  const qemu = [runtime?.qemu].find((q) => q && isAlive(q)) ?? findProcesses(`${dir}/`, QEMU_EXE)[0];
+  const owner = runtime?.owner ?? (qemu ? matchlockParent(qemu.pid) : undefined);
+  const files = readdirSync(dir);
+  const named = (ext: string) => files.filter((f) => f.endsWith(ext)).map((f) => join(dir, f));
+  return {
+    vm_dir: dir,
+    disks: named(".ext4"),
+    sockets: [...new Set([...named(".sock"), ...(runtime?.relay_socket ? [runtime.relay_socket] : [])])],
+    qemu: { ...(qemu ?? {}), cmdline_marker: `${dir}/` },
+    ...(owner ? { owner } : {}),
+  };
+}
+
+/** The parent of a QEMU, if it is a matchlock process (`matchlock …` or node running our CLI). */
+function matchlockParent(pid: number): ProcIdentity | undefined {
+  const ppid = parentPid(pid);
+  if (ppid === undefined || ppid === 1) return undefined;
+  const ours = cmdline(ppid).some((a) => basename(a) === "matchlock" || /\/cli\/main\.[jt]s$/.test(a));
+  const start = procStartTime(ppid);
+  return ours && start !== undefined ? { pid: ppid, start_time: start } : undefined;
+}
+
+/**
+ * Rebuilds the records of a VM found on disk with no record (state.db lost, emptied or moved aside
+ * by `gc --repair`), so that list, kill, gc and rm know it again and nothing it holds is forgotten.
+ * Returns false if there is no such dir or another process recorded it meanwhile.
+ */
+export function adoptVmDir(state: StateStore, p: Paths, id: string): boolean {
+  const dir = vmDir(id, p);
+  // A real directory only: cleanup removes files in it, so a symlink must not lead elsewhere.
+  if (!lstatSync(dir, { throwIfNoEntry: false })?.isDirectory()) return false;
+  if (state.vms.get(id) || state.lifecycle.current(id)) return false;
+  const resources = resourcesOnHost(dir);
+  const ownerLive = isAlive(resources.owner);
+  const running = ownerLive || resources.qemu?.pid !== undefined;
+  const st = statSync(dir);
+  const created = new Date(st.birthtimeMs > 0 ? st.birthtimeMs : st.ctimeMs).toISOString();
+  // One transaction: a crash in between must not leave a lifecycle record that `gc` never lists.
+  return writeTx(state.db, () => {
+    const adopted = state.lifecycle.adopt(id, running ? "running" : "stopped", {
+      backend: "qemu",
+      error: `record rebuilt by gc from ${dir} and /proc: state.db had no record of this VM`,
+      resources,
+    });
+    return (
+      adopted !== undefined &&
+      state.vms.adopt(id, resources.owner?.pid ?? 0, ownerLive ? "running" : "crashed", created)
+    );
+  });
 }
 
 function escapeRe(s: string): string {

@@ -201,10 +201,51 @@ export class LifecycleStore {
     ).map(fromRow);
   }
 
-  remove(vmId: string): void {
-    writeTx(this.db, () => {
-      stmt(this.db, "DELETE FROM vm_lifecycle WHERE vm_id = ?").run(vmId);
-      stmt(this.db, "DELETE FROM vm_lifecycle_head WHERE vm_id = ?").run(vmId);
+  /**
+   * The first record of a VM found on disk with no record at all (gc, after state.db was lost):
+   * one version at the phase the host shows, with what the VM dir and /proc say it holds, and
+   * `error` saying where it came from. Returns undefined if a record appeared meanwhile.
+   */
+  adopt(
+    vmId: string,
+    phase: Phase,
+    patch: { backend: string; error: string; resources: Resources },
+  ): LifecycleRecord | undefined {
+    return writeTx(this.db, () => {
+      if (this.current(vmId)) return undefined;
+      const version = (
+        stmt(
+          this.db,
+          `INSERT INTO vm_lifecycle_head(vm_id, last_version)
+             VALUES (?, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?), 0) + 1)
+             ON CONFLICT(vm_id) DO UPDATE SET last_version = excluded.last_version
+             RETURNING last_version`,
+        ).get(vmId, vmId) as { last_version: number }
+      ).last_version;
+      const rec: LifecycleRecord = {
+        vm_id: vmId,
+        version,
+        backend: patch.backend,
+        phase,
+        updated_at: nowIso(),
+        last_error: patch.error,
+        resources: patch.resources,
+        cleanup: {},
+      };
+      stmt(
+        this.db,
+        `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
+           VALUES (?, ?, ?, ?, ?, ?, ?, '{}')`,
+      ).run(vmId, version, rec.backend, phase, rec.updated_at, rec.last_error, JSON.stringify(rec.resources));
+      return rec;
+    });
+  }
+
+  /** Returns whether there was anything to remove. */
+  remove(vmId: string): boolean {
+    return writeTx(this.db, () => {
+      const n = stmt(this.db, "DELETE FROM vm_lifecycle WHERE vm_id = ?").run(vmId).changes;
+      return stmt(this.db, "DELETE FROM vm_lifecycle_head WHERE vm_id = ?").run(vmId).changes + n > 0;
     });
   }
 }

@@ -11,8 +11,8 @@ export interface ProcIdentity {
   start_time: number;
 }
 
-/** The start time of `pid`, or undefined if there is no such process (or it is a zombie). */
-export function procStartTime(pid: number): number | undefined {
+/** Fields 3… of /proc/PID/stat (state, ppid, …), or undefined if there is no such process (or a zombie). */
+function statFields(pid: number): string[] | undefined {
   if (!Number.isInteger(pid) || pid <= 0) return undefined;
   let stat: string;
   try {
@@ -22,9 +22,19 @@ export function procStartTime(pid: number): number | undefined {
   }
   // comm (field 2) may contain spaces and parentheses: split after the last ')'.
   const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  if (rest[0] === "Z" || rest[0] === "X") return undefined;
-  const start = Number(rest[19]); // field 22 overall = index 19 after pid and comm
+  return rest[0] === "Z" || rest[0] === "X" ? undefined : rest;
+}
+
+/** The start time of `pid`, or undefined if there is no such process (or it is a zombie). */
+export function procStartTime(pid: number): number | undefined {
+  const start = Number(statFields(pid)?.[19]); // field 22 overall = index 19 after pid and comm
   return Number.isFinite(start) ? start : undefined;
+}
+
+/** The parent of `pid` (field 4), or undefined if there is no such process. */
+export function parentPid(pid: number): number | undefined {
+  const ppid = Number(statFields(pid)?.[1]);
+  return Number.isInteger(ppid) && ppid > 0 ? ppid : undefined;
 }
 
 export function selfIdentity(): ProcIdentity {
@@ -33,7 +43,7 @@ export function selfIdentity(): ProcIdentity {
 
 /** True only if the process with this pid is the same one we recorded. */
 export function isAlive(id: ProcIdentity | undefined): boolean {
-  if (!id || !id.pid) return false;
+  if (!id?.pid) return false;
   const start = procStartTime(id.pid);
   return start !== undefined && start === id.start_time;
 }

@@ -1,4 +1,5 @@
 import type { SandboxConfig } from "../api/config.ts";
+import { MatchlockError } from "../api/errors.ts";
 import { type Db, nowIso, stmt, writeTx } from "./db.ts";
 
 /** The `vms` table: one row per VM, `pid` being the owning matchlock process. */
@@ -28,6 +29,16 @@ export function redactConfig(config: SandboxConfig): SandboxConfig {
     };
   }
   return { ...config, network: { ...config.network, secrets } };
+}
+
+/** No VM with this id is recorded: it never existed, or it was removed (perhaps by another process). */
+export class VmNotFoundError extends MatchlockError {
+  readonly vmId: string;
+  constructor(vmId: string) {
+    super("VM_NOT_FOUND", `no VM ${vmId}`, { hint: "`matchlock list` shows the VMs" });
+    this.name = "VmNotFoundError";
+    this.vmId = vmId;
+  }
 }
 
 export class VmStore {
@@ -67,7 +78,23 @@ export class VmStore {
     ).all() as VmRow[];
   }
 
-  remove(id: string): void {
-    writeTx(this.db, () => stmt(this.db, "DELETE FROM vms WHERE id = ?").run(id));
+  /**
+   * A row rebuilt by gc for a VM found on disk with no record (state.db lost or replaced). The image
+   * and config are not known any more. Returns false if a row appeared meanwhile (another gc).
+   */
+  adopt(id: string, ownerPid: number, status: VmStatus, createdAt: string): boolean {
+    return writeTx(
+      this.db,
+      () =>
+        stmt(
+          this.db,
+          "INSERT OR IGNORE INTO vms(id, pid, status, image, config_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ).run(id, ownerPid, status, "unknown", "{}", createdAt, nowIso()).changes > 0,
+    );
+  }
+
+  /** Returns whether this call removed the row (false: it was already gone). */
+  remove(id: string): boolean {
+    return writeTx(this.db, () => stmt(this.db, "DELETE FROM vms WHERE id = ?").run(id).changes > 0);
   }
 }
