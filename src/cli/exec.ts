@@ -3,7 +3,7 @@ import { connect } from "node:net";
 import { join } from "node:path";
 import { type Command, Option } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
-import { paths } from "../api/paths.ts";
+import { vmDir } from "../api/paths.ts";
 import { AgentClient, type ExecHandle, terminateExec } from "../guest/agent-client.ts";
 import { parseEnvSpec, validateUser } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS } from "../sandbox/sandbox.ts";
@@ -55,7 +55,7 @@ export function registerExec(program: Command): void {
 }
 
 export async function connectRelay(id: string): Promise<AgentClient> {
-  const dir = join(paths().vms, id);
+  const dir = vmDir(id); // refuses anything but a VM id: ids become paths
   const socket = readRuntimeFile(dir)?.relay_socket ?? join(dir, "relay.sock");
   if (!existsSync(socket)) {
     throw new MatchlockError("INVALID_ARGUMENT", `VM ${id} is not running (no exec relay at ${socket})`, {
