@@ -178,8 +178,9 @@ export function encodeResult(errno: number, message: string): Buffer {
   return Buffer.concat([b, Buffer.from(message, "utf8")]);
 }
 
+/** A terminal dimension the guest can use: 1–65535 (NaN, which no size is, becomes 1). */
 export function clampU16(n: number): number {
-  return Math.max(1, Math.min(0xffff, Math.trunc(n)));
+  return Number.isNaN(n) ? 1 : Math.max(1, Math.min(0xffff, Math.trunc(n)));
 }
 
 export function encodeResize(rows: number, cols: number): Buffer {
@@ -278,8 +279,12 @@ export function readDirEntries(buf: Buffer): DirEntry[] {
  * guest sends; `from: "host"` reads what a host sends (the exec relay serves host-side clients).
  */
 export class FrameDecoder {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  /** The frame being assembled, allocated at its exact size once its header is known. */
+  private partial: Buffer | undefined;
+  private filled = 0;
+  /** A header split across reads. */
+  private readonly head = Buffer.alloc(HEADER_SIZE);
+  private headFilled = 0;
   private readonly allowed: Set<number>;
   private readonly peer: string;
 
@@ -288,45 +293,76 @@ export class FrameDecoder {
     this.peer = from === "guest" ? "guest" : "client";
   }
 
+  /** Bytes received and held for a frame not yet complete (at most one frame's worth). */
+  get buffered(): number {
+    return this.partial ? this.filled : this.headFilled;
+  }
+
+  /**
+   * Whole frames in `data` are returned as views of it (no copy); a frame split across reads is
+   * copied into one buffer of its size, so a frame trickled byte by byte costs its size, no more.
+   */
   push(data: Buffer): Frame[] {
-    this.chunks.push(data);
-    this.buffered += data.length;
     const frames: Frame[] = [];
-    while (this.buffered >= HEADER_SIZE) {
-      const head = this.peek(HEADER_SIZE);
-      const len = head.readUInt32LE(0);
-      const type = head.readUInt8(4);
-      if (len > MAX_PAYLOAD) {
-        throw new AgentProtocolError(`${this.peer} sent a frame of ${len} bytes (limit ${MAX_PAYLOAD})`);
+    let off = 0;
+    while (off < data.length) {
+      if (this.partial) {
+        const n = Math.min(this.partial.length - this.filled, data.length - off);
+        data.copy(this.partial, this.filled, off, off + n);
+        this.filled += n;
+        off += n;
+        if (this.filled === this.partial.length) {
+          frames.push(frameOf(this.partial));
+          this.partial = undefined;
+        }
+      } else if (this.headFilled > 0 || data.length - off < HEADER_SIZE) {
+        const n = Math.min(HEADER_SIZE - this.headFilled, data.length - off);
+        data.copy(this.head, this.headFilled, off, off + n);
+        this.headFilled += n;
+        off += n;
+        if (this.headFilled < HEADER_SIZE) break;
+        this.headFilled = 0;
+        this.startPartial(this.head, this.check(this.head), HEADER_SIZE, frames);
+      } else {
+        const len = this.check(data.subarray(off, off + HEADER_SIZE));
+        const end = off + HEADER_SIZE + len;
+        if (end <= data.length) {
+          frames.push(frameOf(data.subarray(off, end)));
+          off = end;
+        } else {
+          this.startPartial(data.subarray(off), len, data.length - off, frames);
+          off = data.length;
+        }
       }
-      if (!this.allowed.has(type)) {
-        throw new AgentProtocolError(`${this.peer} sent unknown frame type 0x${type.toString(16)}`);
-      }
-      if (this.buffered < HEADER_SIZE + len) break;
-      const whole = this.take(HEADER_SIZE + len);
-      frames.push({ type, stream: whole.readUInt32LE(5), payload: whole.subarray(HEADER_SIZE) });
     }
     return frames;
   }
 
-  private peek(n: number): Buffer {
-    if ((this.chunks[0]?.length ?? 0) < n) this.chunks = [Buffer.concat(this.chunks)];
-    return (this.chunks[0] as Buffer).subarray(0, n);
+  /** Validates a header; returns the payload length. The guest is untrusted: violations throw. */
+  private check(head: Buffer): number {
+    const len = head.readUInt32LE(0);
+    const type = head.readUInt8(4);
+    if (len > MAX_PAYLOAD) {
+      throw new AgentProtocolError(`${this.peer} sent a frame of ${len} bytes (limit ${MAX_PAYLOAD})`);
+    }
+    if (!this.allowed.has(type)) {
+      throw new AgentProtocolError(`${this.peer} sent unknown frame type 0x${type.toString(16)}`);
+    }
+    return len;
   }
 
-  private take(n: number): Buffer {
-    const first = this.chunks[0] as Buffer;
-    let out: Buffer;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-    } else {
-      const all = Buffer.concat(this.chunks);
-      out = all.subarray(0, n);
-      this.chunks = all.length > n ? [all.subarray(n)] : [];
+  /** Begins assembling a frame of `len` payload bytes from its first `have` bytes in `start`. */
+  private startPartial(start: Buffer, len: number, have: number, frames: Frame[]): void {
+    const frame = Buffer.allocUnsafe(HEADER_SIZE + len);
+    start.copy(frame, 0, 0, have);
+    if (have === frame.length) frames.push(frameOf(frame));
+    else {
+      this.partial = frame;
+      this.filled = have;
     }
-    this.buffered -= n;
-    return out;
   }
+}
+
+function frameOf(whole: Buffer): Frame {
+  return { type: whole.readUInt8(4), stream: whole.readUInt32LE(5), payload: whole.subarray(HEADER_SIZE) };
 }
