@@ -6,6 +6,7 @@ import { createGunzip, createZstdDecompress } from "node:zlib";
 import * as tar from "tar-stream";
 import * as v from "valibot";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
+import { OciConfigSchema } from "./oci-config.ts";
 
 /**
  * Image archives: `docker save` output (manifest.json + config + layer tars) and OCI image layouts
@@ -223,20 +224,6 @@ const OciIndex = v.looseObject({ manifests: v.array(Descriptor) });
 const OciManifest = v.looseObject({ config: Descriptor, layers: v.array(Descriptor) });
 /** A blob a descriptor points to is an index (nested, multi-arch) when it has `manifests`. */
 const ManifestsKey = v.looseObject({ manifests: v.optional(v.unknown()) });
-/** The fields of the image config that matchlock reads (store.ts), with the types it expects. */
-const ImageConfig = v.looseObject({
-  os: v.optional(v.string()),
-  architecture: v.optional(v.string()),
-  config: v.nullish(
-    v.looseObject({
-      Env: v.nullish(strings),
-      Entrypoint: v.nullish(strings),
-      Cmd: v.nullish(strings),
-      User: v.optional(v.string()),
-      WorkingDir: v.optional(v.string()),
-    }),
-  ),
-});
 
 function blobPath(dir: string, aliases: Map<string, string>, digest: string, what: string): string {
   if (!/^sha256:[a-f0-9]{64}$/.test(digest)) {
@@ -250,7 +237,7 @@ export function readArchive(dir: string, aliases: Map<string, string>, arch = "a
   const image = existsSync(join(dir, "manifest.json"))
     ? readDockerSave(dir, aliases)
     : readOciLayout(dir, aliases, arch);
-  readJson(image.configPath, "the image config", ImageConfig);
+  readJson(image.configPath, "the image config", OciConfigSchema);
   return image;
 }
 

@@ -8,6 +8,7 @@ import { pipeline } from "node:stream/promises";
 import type { ReadableStream as WebStream } from "node:stream/web";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type ErrorCode, InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
+import { readOciConfig } from "./oci-config.ts";
 import { formatReference, type ImageRef } from "./reference.ts";
 
 /**
@@ -539,12 +540,7 @@ async function pull(ref: ImageRef, opts: PullOptions): Promise<PulledImage> {
   const stop = new AbortController();
   const signal = opts.signal ? AbortSignal.any([opts.signal, stop.signal]) : stop.signal;
   let downloaded = await fetchBlob(repo, config, opts, signal);
-  let oci: { os?: string; architecture?: string };
-  try {
-    oci = JSON.parse(readFileSync(opts.blobPath(config.digest), "utf8"));
-  } catch {
-    throw internal(`the config of ${repo.name} is not valid JSON`);
-  }
+  const oci = readOciConfig(opts.blobPath(config.digest), repo.name);
   if ((oci.os && oci.os !== "linux") || (oci.architecture && oci.architecture !== arch)) {
     const msg = `${repo.name} is a ${oci.os}/${oci.architecture} image, not linux/${arch}`;
     throw new RegistryError("INVALID_ARGUMENT", msg);

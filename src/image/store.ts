@@ -12,6 +12,7 @@ import { readArchive, unpackArchive } from "./archive.ts";
 import { isDefaultRef, type ResolvedImage, requireDefaultImage } from "./default-image.ts";
 import { makeExt4FromDir } from "./ext4.ts";
 import { type BlobRef, ImageMetadata, type ImageRow } from "./metadata.ts";
+import { type OciConfig, readOciConfig } from "./oci-config.ts";
 import { normalizeReference, parseReference } from "./reference.ts";
 import { type PullProgress, pullImage } from "./registry.ts";
 import { applyXattrs } from "./xattrs.ts";
@@ -41,18 +42,6 @@ export interface ImageListing {
   digest: string;
   size: number;
   created_at: string;
-}
-
-interface OciConfig {
-  architecture?: string;
-  os?: string;
-  config?: {
-    Env?: string[];
-    Entrypoint?: string[] | null;
-    Cmd?: string[] | null;
-    User?: string;
-    WorkingDir?: string;
-  };
 }
 
 async function sha256File(path: string): Promise<string> {
@@ -118,12 +107,7 @@ export class ImageStore {
       const aliases = await unpackArchive(input, dir);
       const img = readArchive(dir, aliases);
       const configDigest = await sha256File(img.configPath);
-      let oci: OciConfig;
-      try {
-        oci = JSON.parse(readFileSync(img.configPath, "utf8")) as OciConfig;
-      } catch {
-        throw new InvalidArgumentError("the image config is not valid JSON");
-      }
+      const oci = readOciConfig(img.configPath, "the archive");
       if (oci.os && oci.os !== "linux")
         throw new InvalidArgumentError(`the image is for ${oci.os}, not linux`);
       if (oci.architecture && oci.architecture !== "amd64") {
@@ -204,12 +188,7 @@ export class ImageStore {
         ...(opts.signal ? { signal: opts.signal } : {}),
       });
       const configPath = this.blobPath(pulled.configDigest);
-      let oci: OciConfig;
-      try {
-        oci = JSON.parse(readFileSync(configPath, "utf8")) as OciConfig;
-      } catch {
-        throw new InvalidArgumentError(`${name}: the image config is not valid JSON`);
-      }
+      const oci = readOciConfig(configPath, name);
       const blobs: BlobRef[] = [
         {
           digest: pulled.configDigest,
