@@ -85,8 +85,7 @@ export class Sandbox {
    * without being asked to stop. The reason says which; the owner then stops the work and closes.
    */
   readonly deadline: AbortSignal;
-  /** Why the VM died on its own (QEMU killed, guest kernel panic…); undefined while it lives or after close. */
-  died: string | undefined;
+  private deathCause: string | undefined;
   private readonly vm: RunningVm;
   private readonly agent: AgentClient;
   private readonly cancelDeadline: () => void;
@@ -137,7 +136,7 @@ export class Sandbox {
       if (this.closing) return undefined; // we asked it to stop
       this.exitedOnItsOwn = true;
       const why = await describeDeath(exit, this.vm.consoleLog);
-      this.died = why;
+      this.deathCause = why;
       ctl.abort(this.deathError(why));
       return why;
     });
@@ -265,6 +264,11 @@ export class Sandbox {
     };
   }
 
+  /** Why the VM died on its own (QEMU killed, guest kernel panic…); undefined while it lives or if we stopped it. */
+  get died(): string | undefined {
+    return this.deathCause;
+  }
+
   /** The error for a VM that died under its work: one line saying how. */
   deathError(why: string, cause?: unknown): MatchlockError {
     return new MatchlockError(
@@ -279,7 +283,7 @@ export class Sandbox {
    * a moment before QEMU's exit is reported, so this waits briefly for the exit.
    */
   async deathReason(waitMs = 2000): Promise<string | undefined> {
-    if (this.died !== undefined || this.closing) return this.died;
+    if (this.deathCause !== undefined || this.closing) return this.deathCause;
     let timer: NodeJS.Timeout | undefined;
     const r = await Promise.race([
       this.exitChecked,
