@@ -245,10 +245,17 @@ export class Sandbox {
   /**
    * Starts a command. Its env, cwd and user default from the image config, as in Docker. A bad
    * command (relative working directory, too large, NUL bytes) throws InvalidArgumentError here.
-   * If the VM dies under the command, `done` rejects saying how it died.
+   * If the VM dies under (or before) the command, `done` rejects saying how it died.
    */
   exec(opts: ExecOptions, io: ExecIO = {}): ExecHandle {
-    const handle = this.agent.exec(execRequest(opts, this), io);
+    const req = execRequest(opts, this);
+    let handle: ExecHandle;
+    try {
+      handle = this.agent.exec(req, io);
+    } catch (e) {
+      if (!this.agent.failed) throw e;
+      handle = goneHandle(e); // the VM went away before the command could start: say how, below
+    }
     const done = handle.done.catch(async (e: unknown): Promise<never> => {
       const why = this.agent.failed ? await this.deathReason() : undefined;
       throw why === undefined ? e : this.deathError(why, e);
@@ -379,6 +386,20 @@ export class Sandbox {
     }
     await this.agent.writeFile("/etc/hostname", Buffer.from(`${this.hostname}\n`), 0o644);
   }
+}
+
+/** The handle of a command that never started because the agent channel was already gone. */
+function goneHandle(e: unknown): ExecHandle {
+  const done = Promise.reject(e instanceof Error ? e : new Error(String(e)));
+  done.catch(() => {});
+  return {
+    stream: 0,
+    writeStdin: () => Promise.resolve(),
+    endStdin: () => {},
+    resize: () => {},
+    signal: () => {},
+    done,
+  };
 }
 
 /** What a command needs from its sandbox to become an EXEC request. */
