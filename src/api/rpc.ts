@@ -49,7 +49,17 @@ export function rpcCodeFor(code: ErrorCode): number {
 
 const ExecParams = strictObject({
   command: v.pipe(v.string(), v.minLength(1, "command must not be empty")),
-  working_dir: v.optional(v.string()),
+  // "" means the image's default, as Matchlock's SDKs send it; anything else must be absolute.
+  working_dir: v.optional(
+    v.pipe(
+      v.string(),
+      v.check(
+        (d) => d === "" || d.startsWith("/"),
+        (issue) =>
+          `the working directory ${JSON.stringify(issue.input)} is invalid: it must be an absolute path`,
+      ),
+    ),
+  ),
   user: v.optional(v.string()),
 });
 

@@ -253,7 +253,7 @@ class Wire {
   }
 }
 
-describe("rpc refuses what it would otherwise ignore", () => {
+describe("rpc and exec refuse what they would otherwise ignore", () => {
   test("create with unknown keys (secrets, mounts, resources.memory) is -32602 naming each; nothing boots", async () => {
     const w = new Wire();
     try {
@@ -286,22 +286,35 @@ describe("rpc refuses what it would otherwise ignore", () => {
     assert.deepEqual(h.vmDirs(), []);
   });
 
-  test("exec with a relative working_dir is refused naming it (Sandbox.exec, the edge every exec passes)", async () => {
+  test("exec with a relative working_dir is -32602 naming it, not run in /rel", async () => {
     const w = new Wire();
-    after(() => w.child.kill("SIGKILL")); // if an assertion below fails, the session must not outlive the file
-    w.request(1, "create", { resources: { memory_mb: 256 } });
-    const created = await w.response(1);
-    assert.match(String((created.result as { id?: string } | undefined)?.id), /^vm-/, created.message);
-    w.request(2, "exec", { command: "pwd", working_dir: "rel" });
-    const bad = await w.response(2);
-    assert.equal(bad.code, RPC_CODES.INVALID_PARAMS);
-    assert.match(bad.message ?? "", /"rel" is invalid: it must be an absolute path/);
-    w.request(3, "exec", { command: "pwd", working_dir: "/tmp" });
-    const ok = (await w.response(3)).result as { stdout: string };
-    assert.equal(Buffer.from(ok.stdout, "base64").toString(), "/tmp\n");
-    w.request(4, "close", { timeout_seconds: 5 });
-    await w.response(4);
-    assert.equal(await w.end(), 0);
+    try {
+      for (const [id, method] of ["exec", "exec_stream", "exec_pipe", "exec_tty"].entries()) {
+        w.request(id + 1, method, { command: "pwd", working_dir: "rel" });
+        const r = await w.response(id + 1);
+        assert.equal(r.code, RPC_CODES.INVALID_PARAMS, method);
+        assert.match(r.message ?? "", /"rel" is invalid: it must be an absolute path/);
+      }
+    } finally {
+      assert.equal(await w.end(), 0);
+    }
+  });
+
+  test("matchlock exec -w relative on a running VM is refused naming it (Sandbox.exec, the edge every exec passes)", async () => {
+    const started = await runProgram(BIN, ["run", "-d"]);
+    assert.equal(started.code, 0, started.stderr);
+    const id = started.stdout.trim();
+    try {
+      const bad = await runProgram(BIN, ["exec", "-w", "rel", id, "--", "pwd"]);
+      assert.equal(bad.code, 1);
+      assert.equal(bad.stdout, "");
+      assert.match(bad.stderr, /the working directory "rel" is invalid: it must be an absolute path/);
+      const ok = await runProgram(BIN, ["exec", "-w", "/tmp", id, "--", "pwd"]);
+      assert.equal(ok.stdout, "/tmp\n", ok.stderr);
+    } finally {
+      await runCli(["kill", id], { env: h.env });
+      await runCli(["rm", id], { env: h.env });
+    }
   });
 });
 

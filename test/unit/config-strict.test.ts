@@ -136,6 +136,15 @@ describe("RPC params refuse keys they do not know", () => {
     );
   });
 
+  test("a relative working_dir is refused by every exec method's schema", () => {
+    for (const method of ["exec", "exec_stream", "exec_pipe", "exec_tty"] as const) {
+      assert.match(
+        messageFor(method, { command: "pwd", working_dir: "rel" }),
+        /working_dir: the working directory "rel" is invalid: it must be an absolute path/,
+      );
+    }
+  });
+
   test("create's nested unknown key is named with its path and a suggestion", () => {
     assert.equal(
       messageFor("create", { resources: { memory: 4096 } }),
