@@ -11,22 +11,92 @@ export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 const positiveInt = v.pipe(v.number(), v.integer(), v.minValue(1));
 
-export const ResourcesSchema = v.object({
+/** Levenshtein distance, for "did you mean". */
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) {
+      cur[j] = Math.min(
+        (prev[j] ?? 0) + 1,
+        (cur[j - 1] ?? 0) + 1,
+        (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    }
+    prev = cur;
+  }
+  return prev[b.length] ?? 0;
+}
+
+/**
+ * The known key an unknown one most likely meant: `memory` → `memory_mb`, `secrets` →
+ * `network.secrets`. A candidate may be a dotted path; its last part is what is compared.
+ */
+export function suggestKey(key: string, candidates: readonly string[]): string | undefined {
+  const k = key.toLowerCase();
+  let best: { name: string; score: number } | undefined;
+  for (const name of candidates) {
+    const leaf = (name.split(".").pop() ?? name).toLowerCase();
+    const d = editDistance(k, leaf);
+    const prefix = k.length >= 3 && (leaf.startsWith(k) || k.startsWith(leaf));
+    const score = d === 0 ? 0 : prefix ? 1 : d <= 2 ? d + 1 : Number.POSITIVE_INFINITY;
+    if (score < (best?.score ?? Number.POSITIVE_INFINITY)) best = { name, score };
+  }
+  return best?.name;
+}
+
+/** An issue valibot raises for a key the schema does not declare. */
+export function isUnknownKeyIssue(issue: v.BaseIssue<unknown>): boolean {
+  return issue.type === "strict_object" && issue.expected === "never";
+}
+
+/**
+ * An object schema that refuses keys it does not declare: a misspelt or unimplemented field
+ * (`resources.memory`, top-level `secrets`) must fail naming it, never boot on defaults.
+ * `extraCandidates` adds dotted paths elsewhere in the config worth suggesting.
+ */
+export function strictObject<const E extends v.ObjectEntries>(
+  entries: E,
+  extraCandidates: readonly string[] = [],
+) {
+  const candidates = [...Object.keys(entries), ...extraCandidates];
+  return v.strictObject(entries, (issue) => {
+    if (issue.expected !== "never" || typeof issue.input !== "string") return issue.message;
+    const guess = suggestKey(issue.input, candidates);
+    return guess === undefined ? "unknown key" : `unknown key (did you mean ${guess}?)`;
+  });
+}
+
+/**
+ * One line for the first issue, naming where it is: `unknown key resources.memory (did you mean
+ * memory_mb?)` or `resources.cpus: Invalid value…`. Shared by the config parser and the RPC edge.
+ */
+export function describeIssue(issue: v.BaseIssue<unknown> | undefined, root = "params"): string {
+  if (!issue) return `${root}: invalid`;
+  const where = issue.path?.map((p) => String(p.key)).join(".") || root;
+  if (isUnknownKeyIssue(issue)) return issue.message.replace(/^unknown key/, `unknown key ${where}`);
+  return `${where}: ${issue.message}`;
+}
+
+export const ResourcesSchema = strictObject({
   cpus: v.optional(v.pipe(v.number(), v.minValue(0.01), v.maxValue(64)), 1),
   memory_mb: v.optional(v.pipe(positiveInt, v.minValue(64), v.maxValue(262144)), 512),
   disk_size_mb: v.optional(v.pipe(positiveInt, v.minValue(16), v.maxValue(4194304)), 5120),
   timeout_seconds: v.optional(v.pipe(v.number(), v.minValue(0))),
 });
 
-export const SecretSchema = v.object({
+/** Go's encoding/json writes a nil slice as `null`: Matchlock's Go SDK sends `allowed_hosts: null`. */
+const stringList = v.nullish(v.array(v.string()), []);
+
+export const SecretSchema = strictObject({
   value: v.optional(v.string()),
   placeholder: v.optional(v.string()),
-  hosts: v.optional(v.array(v.string()), []),
+  hosts: stringList,
 });
 
-export const NetworkSchema = v.object({
-  allowed_hosts: v.optional(v.array(v.string()), []),
-  add_hosts: v.optional(v.array(v.object({ host: v.string(), ip: v.string() })), []),
+export const NetworkSchema = strictObject({
+  allowed_hosts: stringList,
+  add_hosts: v.optional(v.array(strictObject({ host: v.string(), ip: v.string() })), []),
   block_private_ips: v.optional(v.boolean(), true),
   no_network: v.optional(v.boolean(), false),
   intercept: v.optional(v.boolean(), false),
@@ -37,41 +107,63 @@ export const NetworkSchema = v.object({
   mtu: v.optional(v.pipe(positiveInt, v.minValue(576), v.maxValue(65535)), 1500),
 });
 
-export const MountSchema = v.object({
+export const MountSchema = strictObject({
   type: v.picklist(["memory", "host_fs", "overlay"]),
   host_path: v.optional(v.string()),
   readonly: v.optional(v.boolean(), false),
 });
 
-export const VfsSchema = v.object({
+export const VfsSchema = strictObject({
   workspace: v.optional(v.string()),
   mounts: v.optional(v.record(v.string(), MountSchema), {}),
   interception: v.optional(v.unknown()),
 });
 
 /** The OCI image config fields that shape how a command runs (Docker semantics). */
-export const ImageConfigSchema = v.object({
+export const ImageConfigSchema = strictObject({
   user: v.optional(v.string()),
-  working_dir: v.optional(v.string()),
+  working_dir: v.optional(
+    v.pipe(
+      v.string(),
+      v.check((d) => d === "" || d.startsWith("/"), "the working directory must be an absolute path"),
+    ),
+  ),
   entrypoint: v.optional(v.array(v.string())),
   cmd: v.optional(v.array(v.string())),
   env: v.optional(v.record(v.string(), v.string())),
 });
 
-export const SandboxConfigSchema = v.object({
-  image: v.optional(v.string()),
-  privileged: v.optional(v.boolean(), false),
-  launch_entrypoint: v.optional(v.boolean(), false),
-  resources: v.optional(ResourcesSchema, {}),
-  network: v.optional(NetworkSchema, {}),
-  vfs: v.optional(VfsSchema, {}),
-  env: v.optional(v.record(v.string(), v.string()), {}),
-  extra_disks: v.optional(
-    v.array(v.object({ host_path: v.string(), guest_mount: v.string(), readonly: v.optional(v.boolean()) })),
-    [],
-  ),
-  image_config: v.optional(ImageConfigSchema),
-});
+/** Keys of the sections, so a key given at the wrong level gets a pointer to the right one. */
+const SECTION_KEYS = [
+  ...Object.keys(ResourcesSchema.entries).map((k) => `resources.${k}`),
+  ...Object.keys(NetworkSchema.entries).map((k) => `network.${k}`),
+  ...Object.keys(VfsSchema.entries).map((k) => `vfs.${k}`),
+];
+
+export const SandboxConfigSchema = strictObject(
+  {
+    image: v.optional(
+      v.pipe(
+        v.string(),
+        v.check((s) => s.trim() !== "", "the image reference is empty (omit image for the default image)"),
+      ),
+    ),
+    privileged: v.optional(v.boolean(), false),
+    launch_entrypoint: v.optional(v.boolean(), false),
+    resources: v.optional(ResourcesSchema, {}),
+    network: v.optional(NetworkSchema, {}),
+    vfs: v.optional(VfsSchema, {}),
+    env: v.optional(v.record(v.string(), v.string()), {}),
+    extra_disks: v.optional(
+      v.array(
+        strictObject({ host_path: v.string(), guest_mount: v.string(), readonly: v.optional(v.boolean()) }),
+      ),
+      [],
+    ),
+    image_config: v.optional(ImageConfigSchema),
+  },
+  SECTION_KEYS,
+);
 
 export type SandboxConfigInput = v.InferInput<typeof SandboxConfigSchema>;
 export type SandboxConfig = v.InferOutput<typeof SandboxConfigSchema>;
@@ -81,9 +173,7 @@ export type ImageConfig = v.InferOutput<typeof ImageConfigSchema>;
 export function parseSandboxConfig(input: unknown): SandboxConfig {
   const result = v.safeParse(SandboxConfigSchema, input);
   if (result.success) return result.output;
-  const issue = result.issues[0];
-  const where = issue?.path?.map((p) => String(p.key)).join(".") || "config";
-  throw new InvalidArgumentError(`invalid sandbox config at ${where}: ${issue?.message ?? "invalid"}`);
+  throw new InvalidArgumentError(`invalid sandbox config: ${describeIssue(result.issues[0], "config")}`);
 }
 
 /**
@@ -104,5 +194,6 @@ export function unsupportedFeatures(config: SandboxConfig): string[] {
   if (config.vfs.interception !== undefined) out.push("vfs interception");
   if (config.extra_disks.length > 0) out.push("extra_disks");
   if (config.privileged) out.push("privileged");
+  if (config.launch_entrypoint) out.push("launch_entrypoint");
   return out;
 }

@@ -1,5 +1,5 @@
 import * as v from "valibot";
-import { SandboxConfigSchema } from "./config.ts";
+import { describeIssue, SandboxConfigSchema, strictObject } from "./config.ts";
 import type { ErrorCode } from "./errors.ts";
 
 /**
@@ -39,9 +39,27 @@ export function rpcCodeFor(code: ErrorCode): number {
   }
 }
 
-const ExecParams = v.object({
+/*
+ * Every params object is strict: a key we do not know is refused with -32602 naming it, never
+ * dropped. The keys are those Matchlock's TypeScript, Go and Python SDKs send (exec: command,
+ * working_dir, user; exec_tty adds rows, cols; close: timeout_seconds; …), so their programs run
+ * unchanged. Client notifications stay lenient: they have no reply to carry an error, and dropping
+ * stdin over an extra key would be worse than ignoring the key.
+ */
+
+const ExecParams = strictObject({
   command: v.pipe(v.string(), v.minLength(1, "command must not be empty")),
-  working_dir: v.optional(v.string()),
+  // "" means the image's default, as Matchlock's SDKs send it; anything else must be absolute.
+  working_dir: v.optional(
+    v.pipe(
+      v.string(),
+      v.check(
+        (d) => d === "" || d.startsWith("/"),
+        (issue) =>
+          `the working directory ${JSON.stringify(issue.input)} is invalid: it must be an absolute path`,
+      ),
+    ),
+  ),
   user: v.optional(v.string()),
 });
 
@@ -57,30 +75,38 @@ export const RpcMethods = {
   exec: ExecParams,
   exec_stream: ExecParams,
   exec_pipe: ExecParams,
-  exec_tty: v.object({ ...ExecParams.entries, ...Dims }),
-  write_file: v.object({
+  exec_tty: strictObject({ ...ExecParams.entries, ...Dims }),
+  write_file: strictObject({
     path: v.pipe(v.string(), v.minLength(1)),
     content: v.optional(v.string(), ""),
     mode: v.optional(v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(0o7777))),
   }),
-  read_file: v.object({ path: v.pipe(v.string(), v.minLength(1)) }),
-  list_files: v.object({ path: v.pipe(v.string(), v.minLength(1)) }),
-  log: v.optional(v.object({}), {}),
-  log_stream: v.optional(v.object({}), {}),
-  allow_list_add: v.object({ hosts: v.array(v.string()) }),
-  allow_list_delete: v.object({ hosts: v.array(v.string()) }),
-  port_forward: v.object({
+  read_file: strictObject({ path: v.pipe(v.string(), v.minLength(1)) }),
+  list_files: strictObject({ path: v.pipe(v.string(), v.minLength(1)) }),
+  log: v.optional(strictObject({}), {}),
+  log_stream: v.optional(strictObject({}), {}),
+  allow_list_add: strictObject({ hosts: v.array(v.string()) }),
+  allow_list_delete: strictObject({ hosts: v.array(v.string()) }),
+  port_forward: strictObject({
     forwards: v.pipe(
-      v.array(v.object({ local_port: Port, remote_port: v.pipe(Port, v.minValue(1)) })),
+      v.array(strictObject({ local_port: Port, remote_port: v.pipe(Port, v.minValue(1)) })),
       v.minLength(1),
     ),
     addresses: v.optional(v.array(v.string())),
   }),
-  cancel: v.object({ id: v.union([v.number(), v.string()]) }),
-  close: v.optional(v.object({ timeout_seconds: v.optional(v.number()) }), {}),
+  cancel: strictObject({ id: v.union([v.number(), v.string()]) }),
+  close: v.optional(strictObject({ timeout_seconds: v.optional(v.number()) }), {}),
 } as const;
 
 export type RpcMethod = keyof typeof RpcMethods;
+
+/**
+ * The -32602 message for params that fail their schema, naming the field:
+ * `invalid params for create: unknown key resources.memory (did you mean resources.memory_mb?)`.
+ */
+export function invalidParamsMessage(method: string, issues: readonly v.BaseIssue<unknown>[]): string {
+  return `invalid params for ${method}: ${describeIssue(issues[0])}`;
+}
 export type RpcParams<M extends RpcMethod> = v.InferOutput<(typeof RpcMethods)[M]>;
 
 /** Notifications the client sends to feed a running exec_pipe / exec_tty request. */

@@ -1,9 +1,10 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --
 import { Command, CommanderError } from "commander";
 import { isMatchlockError } from "../api/errors.ts";
 import { registerDiagnose } from "./diagnose.ts";
 import { registerExec } from "./exec.ts";
 import { registerImage } from "./image.ts";
+import { escapeControls } from "./parse.ts";
 import { registerPortForward } from "./port-forward.ts";
 import { registerPull } from "./pull.ts";
 import { registerRpc } from "./rpc.ts";
@@ -12,13 +13,21 @@ import { registerSetup } from "./setup.ts";
 import { registerVersion, VERSION } from "./version.ts";
 import { registerVmCommands } from "./vms.ts";
 
-/** The CLI edge: every command registers itself; every error becomes one clear line and exit 1. */
+/**
+ * The CLI edge: every command registers itself; every error becomes one clear line and exit 1,
+ * with control characters escaped (errors echo user input: it must not drive the terminal).
+ *
+ * The shebang's `--` keeps Node from reading `--env-file` out of our arguments (it scans all of
+ * argv, even after the script name) and loading it into this process; bin/matchlock does the same.
+ */
 
 const program = new Command("matchlock")
   .description("Run untrusted code in disposable micro-VMs")
   .version(VERSION, "-V, --version", "print the version")
   .enablePositionalOptions()
   .showHelpAfterError("(run with --help for usage)")
+  // Set before the subcommands register: they inherit it.
+  .configureOutput({ outputError: (text, write) => write(escapeControls(text, { keepNewlines: true })) })
   .exitOverride();
 
 registerRun(program);
@@ -34,15 +43,17 @@ registerVersion(program);
 
 export function reportError(e: unknown): number {
   if (e instanceof CommanderError) return e.exitCode; // commander already printed it
+  const multiline = (t: string) => escapeControls(t, { keepNewlines: true });
   if (isMatchlockError(e)) {
-    process.stderr.write(`matchlock: ${e.message}\n`);
-    if (e.hint) process.stderr.write(`${e.hint.replace(/^/gm, "  ")}\n`);
-    if (process.env.MATCHLOCK_DEBUG && e.cause) process.stderr.write(`cause: ${String(e.cause)}\n`);
+    process.stderr.write(`matchlock: ${escapeControls(e.message)}\n`);
+    if (e.hint) process.stderr.write(`${multiline(e.hint).replace(/^/gm, "  ")}\n`);
+    if (process.env.MATCHLOCK_DEBUG && e.cause)
+      process.stderr.write(`cause: ${multiline(String(e.cause))}\n`);
     return 1;
   }
   // Not ours: a bug. Show the stack so it can be reported.
   process.stderr.write(
-    `matchlock: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`,
+    `matchlock: internal error: ${multiline(e instanceof Error ? (e.stack ?? e.message) : String(e))}\n`,
   );
   return 1;
 }

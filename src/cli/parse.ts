@@ -42,3 +42,23 @@ export function durationMs(value: string): number {
   if (v.length === 0) throw new CommanderArgError("expected a duration such as 500ms, 3s or 1m");
   return total;
 }
+
+/**
+ * Terminal-safe text: C0 and C1 control characters (ESC above all), DEL and the Unicode
+ * bidirectional and line-separator controls are shown as `\xNN` / `\uNNNN`, so user input echoed
+ * into an error (a hostile VM name, a guest's console line) cannot move the cursor, retitle the
+ * window or disguise itself. Tab stays; newlines stay only where a multi-line text is expected.
+ */
+export function escapeControls(text: string, opts: { keepNewlines?: boolean } = {}): string {
+  return text.replace(
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: matching control characters is the point
+    /[\u0000-\u0008\u000a-\u001f\u007f-\u009f\u200e\u200f\u2028-\u202e\u2066-\u2069]/g,
+    (c) => {
+      if (c === "\n" && opts.keepNewlines) return c;
+      const code = c.charCodeAt(0);
+      return code < 0x80
+        ? `\\x${code.toString(16).padStart(2, "0")}`
+        : `\\u${code.toString(16).padStart(4, "0")}`;
+    },
+  );
+}

@@ -1,14 +1,21 @@
 import { spawn } from "node:child_process";
 import { closeSync, createWriteStream, writeSync } from "node:fs";
-import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { type Command, Option } from "commander";
-import { parseSandboxConfig, type SandboxConfigInput } from "../api/config.ts";
+import { type ImageConfig, parseSandboxConfig, type SandboxConfigInput } from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { parsePortSpec, validateAddress } from "../api/specs.ts";
 import { writeSink } from "../guest/agent-client.ts";
-import { parseEnvFile, parseEnvSpec, resolveArgv, validateUser } from "../sandbox/command.ts";
-import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
+import {
+  parseEnvFile,
+  parseEnvSpec,
+  readEnvFile,
+  resolveArgv,
+  validateCommand,
+  validateUser,
+  validateWorkdir,
+} from "../sandbox/command.ts";
+import { DEFAULT_GRACE_MS, type ExecOptions, execRequest, Sandbox } from "../sandbox/sandbox.ts";
 import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
 import { boolValue, collect, durationMs, positiveInt, positiveNumber } from "./parse.ts";
 import { pullProgress } from "./progress.ts";
@@ -111,15 +118,7 @@ export function registerRun(program: Command): void {
 async function buildEnv(flags: RunFlags): Promise<Record<string, string>> {
   const env: Record<string, string> = {};
   for (const file of flags.envFile) {
-    let text: string;
-    try {
-      text = await readFile(file, "utf8");
-    } catch (e) {
-      throw new InvalidArgumentError(
-        `--env-file ${file}: ${(e as NodeJS.ErrnoException).code ?? "unreadable"}`,
-      );
-    }
-    for (const [k, v] of parseEnvFile(text, file)) env[k] = v;
+    for (const [k, v] of parseEnvFile(await readEnvFile(file), file)) env[k] = v;
   }
   for (const spec of flags.env) {
     const [k, v] = parseEnvSpec(spec);
@@ -154,6 +153,13 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
     throw new InvalidArgumentError("the input device is not a TTY", "drop -t, or run from a terminal");
   }
   if (flags.user !== undefined) validateUser(flags.user);
+  if (flags.workdir) validateWorkdir(flags.workdir);
+  if (flags.image !== undefined && flags.image.trim() === "") {
+    throw new InvalidArgumentError(
+      "--image: the image reference is empty",
+      "omit --image for the default image",
+    );
+  }
   const input: SandboxConfigInput = {
     resources: {
       cpus: flags.cpus,
@@ -170,6 +176,21 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
     flags.entrypoint === undefined ? undefined : flags.entrypoint === "" ? [] : [flags.entrypoint];
   const forwards = flags.publish.map(parsePortSpec);
   const addresses = flags.address.length > 0 ? flags.address.map(validateAddress) : ["127.0.0.1"];
+  const runsCommand = command.length > 0 || entrypoint !== undefined || !keep;
+  /** The first exec's options once the image is known: checked before boot, used after it. */
+  const firstExec = (image: ImageConfig): ExecOptions => ({
+    argv: resolveArgv(image, command, entrypoint),
+    ...(flags.workdir ? { cwd: flags.workdir } : {}),
+    ...(flags.user ? { user: flags.user } : {}),
+    tty,
+    stdin: interactive,
+  });
+  // What the flags alone make of the command is checked now, before any pull or boot: too large a
+  // command stays too large whatever the image adds (Sandbox.create checks the final one).
+  if (command.length > 0 || entrypoint !== undefined) {
+    const hostname = config.network.hostname || "vm-00000000"; // the id is not drawn yet; same length
+    validateCommand(execRequest(firstExec({}), { hostname, imageConfig: {}, config }));
+  }
   if (flags.detach && !detachedChild) return startDetached();
 
   // Signals that arrive while booting end the boot; afterwards they cancel the command gracefully.
@@ -185,6 +206,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
             ...(flags.accel ? { accel: flags.accel } : {}),
             ...(flags.pull ? { pull: true } : {}),
             onPullProgress: progress.onProgress,
+            ...(runsCommand ? { firstCommand: firstExec } : {}),
           }),
           (sb) => sb.close(),
         )
@@ -208,7 +230,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       if (detachedChild) announce(`ok ${sandbox.id}`);
       let status = 0;
       // With --rm=false and no command, the VM just stays up to be used with `matchlock exec`.
-      if (command.length > 0 || entrypoint !== undefined || !keep) {
+      if (runsCommand) {
         const argv = resolveArgv(sandbox.imageConfig, command, entrypoint);
         const terminate = (h: Parameters<typeof sandbox.terminate>[0]) =>
           sandbox.terminate(h, flags.gracefulShutdown);
@@ -249,6 +271,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
           new Promise((r) => sandbox.deadline.addEventListener("abort", r, { once: true })),
         ]);
       }
+      if (sandbox.died !== undefined) throw sandbox.deathError(sandbox.died);
       return status;
     } finally {
       await sandbox.close({ remove: !keep });
@@ -277,9 +300,16 @@ async function runToLog(
   signals.onSignal = () => {
     sandbox.terminate(handle, flags.gracefulShutdown).catch(() => {});
   };
-  const r = await handle.done.finally(() => {
-    signals.onSignal = undefined;
-  });
+  const r = await handle.done
+    .catch(async (e: unknown): Promise<never> => {
+      // The VM died under the command, say: the log is where a detached run's user looks.
+      log.write(`matchlock: ${(e as Error).message}\n`);
+      await new Promise((resolve) => log.end(resolve));
+      throw e;
+    })
+    .finally(() => {
+      signals.onSignal = undefined;
+    });
   if (r.startError) log.write(`matchlock: ${r.startError}\n`);
   log.write(`matchlock: command exited with ${r.exitCode}\n`);
   await new Promise((resolve) => log.end(resolve));
@@ -302,7 +332,9 @@ async function startDetached(): Promise<number> {
   const sep = argv.indexOf("--");
   const before = (sep < 0 ? argv : argv.slice(0, sep)).filter((a) => a !== "-d" && a !== "--detach");
   const args = [...before, ...(sep < 0 ? [] : argv.slice(sep))];
-  const child = spawn(process.execPath, [process.argv[1] as string, ...args], {
+  // `--` before the script: Node scans its whole argv for --env-file (even after the script name)
+  // and would load the user's env file into this host process (NODE_OPTIONS=--require=… runs code).
+  const child = spawn(process.execPath, ["--", process.argv[1] as string, ...args], {
     detached: true,
     stdio: ["ignore", "ignore", "ignore", "pipe"],
     env: { ...process.env, [DETACHED_CHILD]: "1" },

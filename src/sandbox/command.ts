@@ -1,5 +1,7 @@
+import { open } from "node:fs/promises";
 import { DEFAULT_PATH, type ImageConfig } from "../api/config.ts";
 import { InvalidArgumentError } from "../api/errors.ts";
+import { type ExecRequest, encodeExec } from "../guest/protocol.ts";
 
 /** How a run's argv, env, workdir and user come from the image config and the flags (Docker's rules). */
 
@@ -60,6 +62,82 @@ export function parseEnvFile(
     }
   });
   return out;
+}
+
+/** The most an env file may hold: far more than any real one, and a bound on `--env-file /dev/zero`. */
+export const MAX_ENV_FILE_BYTES = 1024 * 1024;
+
+/** Why a file could not be read, in words (the errno code alone means little to most users). */
+function describeFsError(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  switch (code) {
+    case "ENOENT":
+      return "no such file";
+    case "EACCES":
+    case "EPERM":
+      return "permission denied";
+    case "EISDIR":
+      return "is a directory";
+    case "ENOTDIR":
+      return "a part of the path is not a directory";
+    default:
+      return code ?? (e as Error).message;
+  }
+}
+
+/**
+ * Reads an env file, at most `limit` bytes. Any readable file works (a pipe from `<(…)` too), but
+ * one that holds more than the limit is refused rather than read into memory without end.
+ */
+export async function readEnvFile(file: string, limit = MAX_ENV_FILE_BYTES): Promise<string> {
+  let fh: Awaited<ReturnType<typeof open>>;
+  try {
+    fh = await open(file, "r");
+  } catch (e) {
+    throw new InvalidArgumentError(`--env-file ${file}: ${describeFsError(e)}`);
+  }
+  try {
+    const buf = Buffer.alloc(limit + 1);
+    let n = 0;
+    while (n < buf.length) {
+      const { bytesRead } = await fh.read(buf, n, buf.length - n, null);
+      if (bytesRead === 0) break;
+      n += bytesRead;
+    }
+    if (n > limit) {
+      throw new InvalidArgumentError(`--env-file ${file}: larger than ${limit / 1024 / 1024} MiB; refused`);
+    }
+    return buf.subarray(0, n).toString("utf8");
+  } catch (e) {
+    if (e instanceof InvalidArgumentError) throw e;
+    throw new InvalidArgumentError(`--env-file ${file}: ${describeFsError(e)}`);
+  } finally {
+    await fh.close().catch(() => {});
+  }
+}
+
+/**
+ * A working directory must be absolute, as in Docker: a relative one has no base to resolve
+ * against in a fresh VM, and silently running in `/relative` would surprise. Shared by run, exec,
+ * RPC `working_dir` and Sandbox.exec.
+ */
+export function validateWorkdir(dir: string): string {
+  if (!dir.startsWith("/")) {
+    throw new InvalidArgumentError(
+      `the working directory ${JSON.stringify(dir)} is invalid: it must be an absolute path`,
+    );
+  }
+  return dir;
+}
+
+/**
+ * Checks a command exactly as it will be sent to the guest: the EXEC encoder is the one definition
+ * of the limits (argument and variable counts, total size, NUL bytes), so a front end calls this
+ * before booting and an oversized command fails in milliseconds with one line, not after a boot.
+ */
+export function validateCommand(req: ExecRequest): void {
+  validateWorkdir(req.cwd);
+  encodeExec(req);
 }
 
 /** `-u` values the agent understands: uid, uid:gid, name, name:group. */

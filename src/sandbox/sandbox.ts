@@ -1,5 +1,5 @@
 import { appendFileSync } from "node:fs";
-import { mkdir } from "node:fs/promises";
+import { mkdir, open } from "node:fs/promises";
 import { join } from "node:path";
 import type { ImageConfig, SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf, VmBootError } from "../api/errors.ts";
@@ -17,7 +17,7 @@ import {
 } from "../guest/agent-client.ts";
 import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
-import type { DirEntry } from "../guest/protocol.ts";
+import type { DirEntry, ExecRequest } from "../guest/protocol.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
 import type { PullProgress } from "../image/registry.ts";
 import { type ResolvedImage, resolveImage } from "../image/resolve.ts";
@@ -25,11 +25,11 @@ import type { Resources } from "../state/lifecycle.ts";
 import { procStartTime, selfIdentity } from "../state/procs.ts";
 import { writeRuntimeFile } from "../state/runtime-file.ts";
 import { openState, type StateStore } from "../state/store.ts";
-import type { Accel, RunningVm, VmBackend } from "../vm/backend.ts";
+import type { Accel, RunningVm, VmBackend, VmExit } from "../vm/backend.ts";
 import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
 import { finishCleanup } from "./cleanup.ts";
-import { mergeEnv } from "./command.ts";
+import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
 import { crashPoint } from "./faults.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
@@ -50,6 +50,11 @@ export interface CreateOptions {
   /** Pull the image again even if it is in the store (`--pull`). */
   pull?: boolean;
   onPullProgress?: (p: PullProgress) => void;
+  /**
+   * The command the caller will run first, given the image's config. It is checked (size, NUL
+   * bytes, working directory) as soon as the image is known, before anything is created or booted.
+   */
+  firstCommand?: (image: ImageConfig) => ExecOptions | undefined;
 }
 
 export interface ExecOptions {
@@ -77,11 +82,19 @@ export class Sandbox {
   readonly imageConfig: ImageConfig;
   readonly accel: Accel;
   readonly hostname: string;
-  /** Aborted when `resources.timeout_seconds` runs out (the owner then stops the work and closes). */
+  /**
+   * Aborted when the sandbox ends on its own: `resources.timeout_seconds` ran out, or the VM died
+   * without being asked to stop. The reason says which; the owner then stops the work and closes.
+   */
   readonly deadline: AbortSignal;
+  private deathCause: string | undefined;
   private readonly vm: RunningVm;
   private readonly agent: AgentClient;
-  private readonly deadlineTimer: NodeJS.Timeout | undefined;
+  private readonly cancelDeadline: () => void;
+  /** Settles once we know whether the VM's exit was its own doing (the `died` reason) or ours. */
+  private readonly exitChecked: Promise<string | undefined>;
+  /** QEMU exited while nobody was closing the sandbox (set at once; `died` follows). */
+  private exitedOnItsOwn = false;
   private readonly state: StateStore;
   private readonly ownsState: boolean;
   private relay: RelayServer | undefined;
@@ -114,13 +127,21 @@ export class Sandbox {
     const ctl = new AbortController();
     this.deadline = ctl.signal;
     const t = init.config.resources.timeout_seconds;
-    if (t !== undefined && t > 0) {
-      this.deadlineTimer = setTimeout(
-        () => ctl.abort(new MatchlockError("CANCELLED", `timeout: the ${t} s limit (--timeout) ran out`)),
-        t * 1000,
-      );
-      this.deadlineTimer.unref();
-    }
+    this.cancelDeadline =
+      t !== undefined && t > 0
+        ? longTimeout(
+            () => ctl.abort(new MatchlockError("CANCELLED", `timeout: the ${t} s limit (--timeout) ran out`)),
+            t * 1000,
+          )
+        : () => {};
+    this.exitChecked = this.vm.exited.then(async (exit) => {
+      if (this.closing) return undefined; // we asked it to stop
+      this.exitedOnItsOwn = true;
+      const why = await describeDeath(exit, this.vm.consoleLog);
+      this.deathCause = why;
+      ctl.abort(this.deathError(why));
+      return why;
+    });
   }
 
   static async create(opts: CreateOptions): Promise<Sandbox> {
@@ -131,6 +152,11 @@ export class Sandbox {
       ...(opts.pull ? { pull: true } : {}),
       ...(opts.onPullProgress ? { onProgress: opts.onPullProgress } : {}),
     });
+    const id = newVmId();
+    const hostname = config.network.hostname || id;
+    const imageConfig = { ...image.config, ...(config.image_config ?? {}) };
+    const first = opts.firstCommand?.(imageConfig);
+    if (first) validateCommand(execRequest(first, { hostname, imageConfig, config }));
     const kernel = await loadKernel(p);
     const initramfs = await loadInitramfs(p);
     const { accel } = await chooseAccel(
@@ -141,8 +167,6 @@ export class Sandbox {
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
     const ownsState = opts.state === undefined;
-    const id = newVmId();
-    const hostname = config.network.hostname || id;
     const dir = vmDir(id, p);
     const upper = join(dir, "upper.ext4");
     const qp = qemuPaths(dir);
@@ -220,24 +244,64 @@ export class Sandbox {
     }
   }
 
-  /** Starts a command. Its env, cwd and user default from the image config, as in Docker. */
+  /**
+   * Starts a command. Its env, cwd and user default from the image config, as in Docker. A bad
+   * command (relative working directory, too large, NUL bytes) throws InvalidArgumentError here.
+   * If the VM dies under (or before) the command, `done` rejects saying how it died.
+   */
   exec(opts: ExecOptions, io: ExecIO = {}): ExecHandle {
-    const env = { ...(opts.env ?? {}) };
-    if (opts.tty && env.TERM === undefined && this.config.env.TERM === undefined) env.TERM = "xterm";
-    return this.agent.exec(
-      {
-        argv: opts.argv,
-        env: mergeEnv({ HOSTNAME: this.hostname }, this.imageConfig.env, this.config.env, env),
-        cwd: opts.cwd ?? (this.imageConfig.working_dir || "/"),
-        user: opts.user ?? this.imageConfig.user ?? "",
-        tty: opts.tty ?? false,
-        stdin: opts.stdin ?? false,
-        mkdirCwd: true,
-        ...(opts.rows === undefined ? {} : { rows: opts.rows }),
-        ...(opts.cols === undefined ? {} : { cols: opts.cols }),
-      },
-      io,
+    const req = execRequest(opts, this);
+    let handle: ExecHandle;
+    try {
+      handle = this.agent.exec(req, io);
+    } catch (e) {
+      if (!this.agent.failed) throw e;
+      handle = goneHandle(e); // the VM went away before the command could start: say how, below
+    }
+    const done = handle.done.catch(async (e: unknown): Promise<never> => {
+      const why = this.agent.failed ? await this.deathReason() : undefined;
+      throw why === undefined ? e : this.deathError(why, e);
+    });
+    done.catch(() => {}); // observed by whoever awaits it; never an unhandled rejection
+    return {
+      stream: handle.stream,
+      writeStdin: (d) => handle.writeStdin(d),
+      endStdin: () => handle.endStdin(),
+      resize: (rows, cols) => handle.resize(rows, cols),
+      signal: (signo) => handle.signal(signo),
+      done,
+    };
+  }
+
+  /** Why the VM died on its own (QEMU killed, guest kernel panic…); undefined while it lives or if we stopped it. */
+  get died(): string | undefined {
+    return this.deathCause;
+  }
+
+  /** The error for a VM that died under its work: one line saying how. */
+  deathError(why: string, cause?: unknown): MatchlockError {
+    return new MatchlockError(
+      "VM_FAILED",
+      `VM ${this.id} died: ${why}`,
+      cause === undefined ? {} : { cause },
     );
+  }
+
+  /**
+   * Why the VM died on its own, or undefined if it lives or we stopped it. The agent channel closes
+   * a moment before QEMU's exit is reported, so this waits briefly for the exit.
+   */
+  async deathReason(waitMs = 2000): Promise<string | undefined> {
+    if (this.deathCause !== undefined || this.closing) return this.deathCause;
+    let timer: NodeJS.Timeout | undefined;
+    const r = await Promise.race([
+      this.exitChecked,
+      new Promise<undefined>((resolve) => {
+        timer = setTimeout(() => resolve(undefined), waitMs);
+      }),
+    ]);
+    clearTimeout(timer);
+    return r;
   }
 
   /** SIGTERM to the command's process group, then SIGKILL if it is still running after `graceMs`. */
@@ -295,19 +359,23 @@ export class Sandbox {
   close(opts: { remove?: boolean } = {}): Promise<void> {
     this.closing ??= (async () => {
       const remove = opts.remove ?? true;
-      clearTimeout(this.deadlineTimer);
+      this.cancelDeadline();
       this.relay?.close();
       this.forwarder?.close();
       this.state.lifecycle.transition(this.id, "stopping");
       crashPoint("stopping");
       this.agent.close();
+      // A VM that died on its own is recorded as a failure with its cause, and listed as crashed:
+      // a SIGKILLed QEMU or a kernel panic must not look like a normal stop.
+      const died = this.exitedOnItsOwn ? await this.exitChecked : undefined;
       try {
         await this.vm.stop();
-        this.state.lifecycle.transition(this.id, "stopped");
+        if (died === undefined) this.state.lifecycle.transition(this.id, "stopped");
+        else this.state.lifecycle.transition(this.id, "stop_failed", { error: `the VM died: ${died}` });
       } catch (e) {
         this.state.lifecycle.transition(this.id, "stop_failed", { error: messageOf(e) });
       }
-      this.state.vms.setStatus(this.id, "stopped");
+      this.state.vms.setStatus(this.id, died === undefined ? "stopped" : "crashed");
       try {
         await finishCleanup(this.state, this.id, { removeDir: remove, removeRecords: remove });
       } finally {
@@ -330,6 +398,106 @@ export class Sandbox {
     }
     await this.agent.writeFile("/etc/hostname", Buffer.from(`${this.hostname}\n`), 0o644);
   }
+}
+
+/** The handle of a command that never started because the agent channel was already gone. */
+function goneHandle(e: unknown): ExecHandle {
+  const done = Promise.reject(e instanceof Error ? e : new Error(String(e)));
+  done.catch(() => {});
+  return {
+    stream: 0,
+    writeStdin: () => Promise.resolve(),
+    endStdin: () => {},
+    resize: () => {},
+    signal: () => {},
+    done,
+  };
+}
+
+/** What a command needs from its sandbox to become an EXEC request. */
+interface ExecContext {
+  hostname: string;
+  imageConfig: ImageConfig;
+  config: SandboxConfig;
+}
+
+/** The EXEC request for a command: env, cwd and user default from the image config, as in Docker. */
+export function execRequest(opts: ExecOptions, ctx: ExecContext): ExecRequest {
+  const env = { ...(opts.env ?? {}) };
+  if (opts.tty && env.TERM === undefined && ctx.config.env.TERM === undefined) env.TERM = "xterm";
+  return {
+    argv: opts.argv,
+    env: mergeEnv({ HOSTNAME: ctx.hostname }, ctx.imageConfig.env, ctx.config.env, env),
+    cwd: opts.cwd ? validateWorkdir(opts.cwd) : ctx.imageConfig.working_dir || "/",
+    user: opts.user ?? ctx.imageConfig.user ?? "",
+    tty: opts.tty ?? false,
+    stdin: opts.stdin ?? false,
+    mkdirCwd: true,
+    ...(opts.rows === undefined ? {} : { rows: opts.rows }),
+    ...(opts.cols === undefined ? {} : { cols: opts.cols }),
+  };
+}
+
+/** The longest delay a Node timer takes; past it, setTimeout fires after 1 ms instead. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * setTimeout for any delay: a `--timeout` of 25 days or more would overflow one timer and fire at
+ * once, so shorter timers are chained until the due time (measured on the monotonic clock).
+ * Returns a cancel function. The timers are unref'd: they never keep the process alive.
+ */
+export function longTimeout(fn: () => void, ms: number, maxChunk = MAX_TIMER_MS): () => void {
+  if (Number.isNaN(ms)) throw new RangeError("longTimeout: the delay is NaN");
+  const due = performance.now() + ms;
+  let timer: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    const left = due - performance.now();
+    if (left <= 0) {
+      timer = undefined;
+      fn();
+      return;
+    }
+    timer = setTimeout(arm, Math.min(Math.ceil(left), maxChunk));
+    timer.unref();
+  };
+  arm();
+  return () => clearTimeout(timer);
+}
+
+/** How much of the console log's end is searched for a kernel panic. */
+const CONSOLE_TAIL_BYTES = 64 * 1024;
+
+/** The end of the console log, read without loading it all (the guest decides how big it is). */
+async function consoleTail(path: string): Promise<string> {
+  try {
+    const fh = await open(path, "r");
+    try {
+      const { size } = await fh.stat();
+      const len = Math.min(size, CONSOLE_TAIL_BYTES);
+      const buf = Buffer.alloc(len);
+      const { bytesRead } = await fh.read(buf, 0, len, size - len);
+      return buf.subarray(0, bytesRead).toString("utf8");
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * Why a VM that nobody asked to stop is gone, in one phrase. The guest reboots on a panic
+ * (`panic=-1`) and `-no-reboot` turns that into a clean QEMU exit, so the console log tells a panic
+ * from a shutdown.
+ */
+export async function describeDeath(exit: VmExit, consoleLog: string): Promise<string> {
+  if (exit.signal) return `QEMU was killed by ${exit.signal}`;
+  const panic = /Kernel panic - not syncing: ?([^\r\n]*)/g;
+  let last: string | undefined;
+  for (const m of (await consoleTail(consoleLog)).matchAll(panic)) last = m[1];
+  if (last !== undefined) return `the guest kernel panicked${last ? ` (${last.trim().slice(0, 200)})` : ""}`;
+  if (exit.code === 0) return "the guest powered off or rebooted on its own";
+  return `QEMU exited with code ${exit.code}`;
 }
 
 function envBootTimeout(): number | undefined {
