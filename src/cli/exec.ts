@@ -5,7 +5,7 @@ import { type Command, Option } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { vmDir } from "../api/paths.ts";
 import { AgentClient, type ExecHandle, terminateExec } from "../guest/agent-client.ts";
-import { parseEnvSpec, validateUser } from "../sandbox/command.ts";
+import { parseEnvSpec, validateUser, validateWorkdir } from "../sandbox/command.ts";
 import { DEFAULT_GRACE_MS } from "../sandbox/sandbox.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
 import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
@@ -110,6 +110,7 @@ async function execInVm(id: string, command: string[], flags: ExecFlags): Promis
     throw new InvalidArgumentError("the input device is not a TTY", "drop -t, or run from a terminal");
   }
   if (flags.user !== undefined) validateUser(flags.user);
+  if (flags.workdir !== undefined) validateWorkdir(flags.workdir);
   const env = flags.env.map((spec) => parseEnvSpec(spec).join("="));
   const client = await connectRelay(id);
   const signals = new SignalRelay();

@@ -40,8 +40,12 @@ export function durationMs(value: string): number {
     rest = rest.slice(m[0].length);
   }
   if (v.length === 0) throw new CommanderArgError("expected a duration such as 500ms, 3s or 1m");
+  if (total > MAX_DURATION_MS) throw new CommanderArgError("at most 24 days");
   return total;
 }
+
+/** Past this a Node timer fires at once (it holds a signed 32-bit count of milliseconds). */
+const MAX_DURATION_MS = 2 ** 31 - 1;
 
 /**
  * Terminal-safe text: C0 and C1 control characters (ESC above all), DEL and the Unicode

@@ -6,6 +6,7 @@ import * as v from "valibot";
 import { parseSandboxConfig, unsupportedFeatures } from "../api/config.ts";
 import { isMatchlockError, MatchlockError, messageOf } from "../api/errors.ts";
 import {
+  invalidParamsMessage,
   isClientNotification,
   isRpcMethod,
   RpcClientNotifications,
@@ -177,13 +178,7 @@ export class RpcServer {
     }
     const parsed = v.safeParse(RpcMethods[method], m.params ?? undefined);
     if (!parsed.success) {
-      const issue = parsed.issues[0];
-      const where = issue?.path?.map((p) => String(p.key)).join(".") || "params";
-      this.sendError(
-        id,
-        RpcCode.INVALID_PARAMS,
-        `invalid params for ${method}: ${where}: ${issue?.message ?? "invalid"}`,
-      );
+      this.sendError(id, RpcCode.INVALID_PARAMS, invalidParamsMessage(method, parsed.issues));
       return;
     }
     const req: Inflight = { id, method, cancelled: false };

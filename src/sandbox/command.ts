@@ -40,8 +40,9 @@ export function parseEnvSpec(spec: string, hostEnv: NodeJS.ProcessEnv = process.
     throw new InvalidArgumentError(`invalid environment variable name "${key}" in "${spec}"`);
   }
   if (eq >= 0) return [key, spec.slice(eq + 1)];
-  const host = hostEnv[key];
-  if (host === undefined) throw new InvalidArgumentError(`-e ${key}: ${key} is not set on the host`);
+  // Own properties only: "constructor" or "toString" must not find Object.prototype's.
+  const host = Object.hasOwn(hostEnv, key) ? hostEnv[key] : undefined;
+  if (typeof host !== "string") throw new InvalidArgumentError(`-e ${key}: ${key} is not set on the host`);
   return [key, host];
 }
 

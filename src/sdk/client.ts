@@ -122,12 +122,13 @@ const STDERR_TAIL = 8192;
 function commandFor(binaryPath: string | undefined): { cmd: string; args: string[] } {
   const bin = binaryPath ?? process.env.MATCHLOCK_BIN;
   if (bin)
-    return /\.(c?m?js|ts)$/.test(bin) ? { cmd: process.execPath, args: [bin] } : { cmd: bin, args: [] };
+    // `--` ends Node's own options: nothing after it (an --env-file…) is ever read by Node itself.
+    return /\.(c?m?js|ts)$/.test(bin) ? { cmd: process.execPath, args: ["--", bin] } : { cmd: bin, args: [] };
   // This package's own CLI, run by the same Node (works without a global install).
   const own = fileURLToPath(
     new URL(import.meta.url.endsWith(".ts") ? "../cli/main.ts" : "../cli/main.js", import.meta.url),
   );
-  return { cmd: process.execPath, args: [own] };
+  return { cmd: process.execPath, args: ["--", own] };
 }
 
 function toBuffer(c: BinaryLike): Buffer {

@@ -12,6 +12,11 @@ describe("flag values", () => {
     for (const bad of ["", "3x", "s", "-1s"]) assert.throws(() => durationMs(bad));
   });
 
+  test("a duration a Node timer cannot hold (--graceful-shutdown 600h) is refused, not fired at once", () => {
+    assert.equal(durationMs("500h"), 500 * 3_600_000);
+    assert.throws(() => durationMs("600h"), /at most 24 days/);
+  });
+
   test("numbers", () => {
     assert.equal(positiveNumber("0.5"), 0.5);
     assert.equal(positiveInt("512"), 512);
