@@ -168,7 +168,9 @@ export class LifecycleStore {
         backend: patch.backend ?? cur?.backend ?? "",
         phase,
         updated_at: nowIso(),
-        last_error: patch.error ?? "",
+        // Cleaning up after a failure keeps the failure in view (inspect, list): it is why the VM ended.
+        last_error:
+          patch.error ?? (phase === "cleaning" || phase === "cleaned" ? (cur?.last_error ?? "") : ""),
         resources: { ...(cur?.resources ?? {}), ...(patch.resources ?? {}) },
         cleanup: { ...(cur?.cleanup ?? {}), ...(patch.cleanup ?? {}) },
       };

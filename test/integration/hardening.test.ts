@@ -324,7 +324,7 @@ describe("a VM that dies on its own is not a normal stop", () => {
     assert.equal(r.code, 0, r.stderr);
     return JSON.parse(r.stdout.toString()) as {
       vm: { status: string };
-      lifecycle: { phase: string; resources: { qemu?: { pid?: number } } };
+      lifecycle: { phase: string; last_error: string; resources: { qemu?: { pid?: number } } };
       history: Array<{ phase: string; last_error: string }>;
     };
   };
@@ -348,6 +348,8 @@ describe("a VM that dies on its own is not a normal stop", () => {
       const failed = v.history.find((e) => e.phase === "stop_failed");
       assert.ok(failed, `no stop_failed in ${JSON.stringify(v.history.map((e) => e.phase))}`);
       assert.equal(failed.last_error, "the VM died: QEMU was killed by SIGKILL");
+      // Cleaned up, and the cause stays on the current record.
+      assert.equal(v.lifecycle.last_error, "the VM died: QEMU was killed by SIGKILL");
       assert.equal(
         v.history.some((e) => e.phase === "stopped"),
         false,

@@ -123,6 +123,21 @@ describe("state.db", () => {
     s.close();
   });
 
+  test("the error that ended a VM stays on its current record through clean-up; a new phase clears it otherwise", () => {
+    const s = openState(freshPaths());
+    const id = "vm-00000003";
+    for (const phase of ["creating", "created", "starting", "running", "stopping"] as const)
+      s.lifecycle.transition(id, phase);
+    s.lifecycle.transition(id, "stop_failed", { error: "the VM died: QEMU was killed by SIGKILL" });
+    s.lifecycle.transition(id, "cleaning");
+    assert.equal(s.lifecycle.transition(id, "cleaned").last_error, "the VM died: QEMU was killed by SIGKILL");
+    assert.equal(s.lifecycle.current(id)?.last_error, "the VM died: QEMU was killed by SIGKILL");
+    const ok = "vm-00000004";
+    for (const phase of ["creating", "created", "starting"] as const) s.lifecycle.transition(ok, phase);
+    assert.equal(s.lifecycle.transition(ok, "running").last_error, "");
+    s.close();
+  });
+
   test("secret values are never written to state.db", () => {
     const p = freshPaths();
     const s = openState(p);
