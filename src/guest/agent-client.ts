@@ -26,6 +26,8 @@ import {
 /** Host side of the agent protocol over one byte stream (the `agent` virtio-serial port). */
 
 const CHUNK = 64 * 1024;
+/** Delivered guest bytes acknowledged in one ACK (see `deliver`). */
+const ACK_BATCH = WINDOW / 4;
 /** readFile() collects at most this much by default; streamed reads (readFileStream) have no limit. */
 export const MAX_READ_FILE = 64 * 1024 * 1024;
 /** A LIST_DIR answer larger than this fails that listing (about 1.3 million entries). */
@@ -77,6 +79,8 @@ interface ExecState {
   unacked: number;
   /** Output bytes the guest sent that we have not acknowledged yet. */
   guestUnacked: number;
+  /** Of those, the bytes already delivered (acknowledged in batches). */
+  delivered: number;
   /** Stdin writes and the EOF go out in call order, whatever the window makes each wait for. */
   stdinChain: Promise<void>;
   windowWaiters: Array<() => void>;
@@ -90,6 +94,7 @@ interface FileState {
   /** READ_FILE: content flows to the sink under flow control. LIST_DIR: collected up to the limit. */
   sink: OutputSink | undefined;
   guestUnacked: number;
+  delivered: number;
   chunks: Buffer[];
   bytes: number;
   limit: number;
@@ -194,6 +199,7 @@ export class AgentClient {
       io,
       unacked: 0,
       guestUnacked: 0,
+      delivered: 0,
       stdinChain: Promise.resolve(),
       windowWaiters: [],
       resolve,
@@ -376,6 +382,7 @@ export class AgentClient {
         kind: "file",
         sink,
         guestUnacked: 0,
+        delivered: 0,
         chunks: [],
         bytes: 0,
         limit,
@@ -391,7 +398,7 @@ export class AgentClient {
    */
   private deliver(
     stream: number,
-    s: { guestUnacked: number },
+    s: { guestUnacked: number; delivered: number },
     sink: OutputSink | undefined,
     data: Buffer,
     onSinkError?: (e: unknown) => void,
@@ -403,8 +410,14 @@ export class AgentClient {
       );
     }
     const ack = () => {
-      s.guestUnacked -= data.length;
-      this.sendIfOpen(stream, HostMsg.ACK, encodeU32(data.length));
+      // Batched: one ACK per quarter window, not per frame (output often comes in 4 KiB pieces, and
+      // every frame costs the emulated guest). The guest stalls only with a full window unacknowledged,
+      // and by then at least a quarter of it is delivered, so the credit always goes out.
+      s.delivered += data.length;
+      if (s.delivered < ACK_BATCH) return;
+      s.guestUnacked -= s.delivered;
+      this.sendIfOpen(stream, HostMsg.ACK, encodeU32(s.delivered));
+      s.delivered = 0;
     };
     let pending: void | Promise<void>;
     try {

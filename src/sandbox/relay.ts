@@ -42,8 +42,8 @@ import type { ExecOptions } from "./sandbox.ts";
  */
 
 export const RELAY_VERSION = "matchlock-relay 2";
-/** Bytes of a client's WRITE_FILE data in flight to the VM before we stop reading its socket. */
-const WRITE_HIGH_WATER = 1024 * 1024;
+/** Bytes of a client's data (stdin, TCP, file writes) in flight to the VM before we stop reading its socket. */
+const INBOUND_HIGH_WATER = 1024 * 1024;
 const ECANCELED = 125;
 
 export interface RelayTarget {
@@ -155,8 +155,8 @@ class RelayConnection {
     number,
     { writer: FileWriter | undefined; error?: string; chain: Promise<void> }
   >();
-  /** Bytes of WRITE_FILE data received and not yet taken by the VM (we pause the socket above a bound). */
-  private writeBacklog = 0;
+  /** Bytes of client data received and not yet taken by the VM (we pause the socket above a bound). */
+  private inbound = 0;
   /** Guest→client data (exec output, file content) waiting for the client's ACKs, per stream. */
   private readonly acks = new Map<number, AckQueue>();
   private closed = false;
@@ -215,9 +215,10 @@ class RelayConnection {
           await h.writeStdin(data);
           this.send(GuestMsg.STDIN_ACK, f.stream, encodeU32(data.length));
         });
+        // Counted from arrival: chunks queued behind a slow one are in flight too.
         this.stdinChains.set(
           f.stream,
-          next.catch(() => {}),
+          this.holdInbound(data.length, next).catch(() => {}),
         );
         return;
       }
@@ -256,14 +257,17 @@ class RelayConnection {
         return;
       case HostMsg.TCP_DATA: {
         const data = Buffer.from(f.payload);
-        this.withTcp(f.stream, (t) => {
+        const connecting = this.tcp.get(f.stream);
+        if (!connecting) return;
+        const written = connecting.then(async (t) => {
+          if (!t) return;
           if (data.length === 0) t.end();
-          else
-            t.write(data).then(
-              () => this.send(GuestMsg.STDIN_ACK, f.stream, encodeU32(data.length)),
-              () => {},
-            );
+          else {
+            await t.write(data);
+            this.send(GuestMsg.STDIN_ACK, f.stream, encodeU32(data.length));
+          }
         });
+        this.holdInbound(data.length, written).catch(() => {});
         return;
       }
       case HostMsg.ACK: {
@@ -415,17 +419,25 @@ class RelayConnection {
     }
     if (!w.writer || w.error !== undefined) return; // already failed: the end reports it
     const writer = w.writer;
-    this.writeBacklog += data.length;
-    if (this.writeBacklog > WRITE_HIGH_WATER) this.sock.pause();
-    w.chain = w.chain
-      .then(() => writer.write(data))
-      .catch((e: unknown) => {
-        w.error ??= messageOf(e);
-      })
-      .finally(() => {
-        this.writeBacklog -= data.length;
-        if (this.writeBacklog <= WRITE_HIGH_WATER && !this.closed) this.sock.resume();
-      });
+    w.chain = this.holdInbound(
+      data.length,
+      w.chain.then(() => writer.write(data)),
+    ).catch((e: unknown) => {
+      w.error ??= messageOf(e);
+    });
+  }
+
+  /**
+   * Counts `n` client bytes as in flight until `taken` settles; above the bound we stop reading the
+   * client's socket, so a client that sends faster than the VM takes is held back by its own socket.
+   */
+  private holdInbound<T>(n: number, taken: Promise<T>): Promise<T> {
+    this.inbound += n;
+    if (this.inbound > INBOUND_HIGH_WATER) this.sock.pause();
+    return taken.finally(() => {
+      this.inbound -= n;
+      if (this.inbound <= INBOUND_HIGH_WATER && !this.closed) this.sock.resume();
+    });
   }
 
   /**

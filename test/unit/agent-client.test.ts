@@ -243,12 +243,12 @@ describe("hostile guest frames", () => {
     g.guest.on("data", (d: Buffer) => {
       for (const f of decoder.push(d)) if (f.type === HostMsg.ACK) acks.push(f.payload.readUInt32LE(0));
     });
-    g.guest.write(frame(GuestMsg.STDOUT, h.stream, Buffer.alloc(1000, 0x41)));
+    g.guest.write(frame(GuestMsg.STDOUT, h.stream, Buffer.alloc(64 * 1024, 0x41)));
     await new Promise((r) => setTimeout(r, 100));
     assert.deepEqual(acks, [], "acknowledged before the reader took it");
     release();
     await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(acks, [1000]);
+    assert.deepEqual(acks, [64 * 1024]);
     g.guest.write(frame(GuestMsg.EXIT, h.stream, Buffer.alloc(8)));
     await h.done;
     g.client.close();
