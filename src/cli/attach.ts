@@ -57,7 +57,7 @@ export class TerminalOutput {
 }
 
 /** A closed stdout or stderr must never crash us with EPIPE: errors on them are handled, not thrown. */
-function guardStdio(): void {
+export function guardStdio(): void {
   for (const s of [process.stdout, process.stderr])
     if (s.listenerCount("error") === 0) s.on("error", () => {});
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env -S node --
 import { Command, CommanderError } from "commander";
 import { isMatchlockError } from "../api/errors.ts";
+import { guardStdio } from "./attach.ts";
 import { registerDiagnose } from "./diagnose.ts";
 import { registerExec } from "./exec.ts";
 import { registerImage } from "./image.ts";
@@ -29,6 +30,9 @@ const program = new Command("matchlock")
   // Set before the subcommands register: they inherit it.
   .configureOutput({ outputError: (text, write) => write(escapeControls(text, { keepNewlines: true })) })
   .exitOverride();
+
+// `matchlock list | head -1`: a reader that goes away is no crash (run and exec also stop the command).
+guardStdio();
 
 registerRun(program);
 registerExec(program);

@@ -1,5 +1,6 @@
 import { createReadStream, existsSync, statSync } from "node:fs";
 import { join } from "node:path";
+import { pipeline } from "node:stream/promises";
 import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { parseVmId } from "../api/ids.ts";
@@ -326,19 +327,20 @@ async function followLogs(files: string[], alive: () => boolean): Promise<void> 
       const size = statSync(f).size;
       const from = offsets.get(f) ?? 0;
       if (size <= from) continue;
-      await new Promise<void>((resolve, reject) => {
-        const rs = createReadStream(f, { start: from, end: size - 1 });
-        rs.on("data", (d) => process.stdout.write(d));
-        rs.on("end", () => resolve());
-        rs.on("error", reject);
-      });
+      // Piped, not written as read: a large log to a slow reader must not pile up in memory.
+      await pipeline(createReadStream(f, { start: from, end: size - 1 }), process.stdout, { end: false });
       offsets.set(f, size);
     }
   };
-  await pump();
-  while (alive()) {
-    await new Promise((r) => setTimeout(r, 250));
+  try {
     await pump();
+    while (alive()) {
+      await new Promise((r) => setTimeout(r, 250));
+      await pump();
+    }
+    await pump();
+  } catch (e) {
+    // The reader went away (`log -f ID | head`): stop following, quietly, as a pipeline would.
+    if ((e as NodeJS.ErrnoException).code !== "EPIPE") throw e;
   }
-  await pump();
 }
