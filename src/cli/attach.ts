@@ -15,7 +15,7 @@ export interface AttachOptions {
   signals: SignalRelay;
   /** Aborts the command (--timeout). */
   deadline?: AbortSignal;
-  /** The command's output, as made by `terminalOutput()` and given to exec. */
+  /** The command's output: the TerminalOutput whose `io` was given to exec. */
   output: TerminalOutput;
 }
 
