@@ -964,9 +964,12 @@ static void do_write_file(uint32_t stream, const unsigned char *p, uint32_t len)
 	if (w->err)
 		return;
 	w->fd = open(w->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-	if (w->fd < 0)
+	if (w->fd < 0) {
 		wfile_error(w, "open", w->path, errno);
-	else if ((w->opened = is_regular(w->fd)) >= 0 && fchmod(w->fd, mode) < 0)  /* exactly this mode, whatever the umask or an old file's mode */
+		return;
+	}
+	w->opened = is_regular(w->fd);
+	if (fchmod(w->fd, mode) < 0)  /* exactly this mode, whatever the umask or an old file's mode */
 		wfile_error(w, "chmod", w->path, errno);
 }
 
