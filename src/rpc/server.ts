@@ -158,8 +158,8 @@ export class RpcServer {
     }
     const method = m.method;
     if (isClientNotification(method)) {
+      // Never answered, even when sent with an id: Matchlock does not, and its SDKs do not read one.
       this.onClientNotification(method, m.params);
-      if (id !== null) this.send({ jsonrpc: "2.0", id, result: {} });
       return;
     }
     if (id === null) return; // an unknown notification: JSON-RPC says never answer one

@@ -115,6 +115,21 @@ describe("rpc protocol robustness (raw wire)", () => {
     await w.closed();
   });
 
+  test("client notifications (exec_pipe.stdin, exec_tty.resize…) are never answered, even sent with an id, as in Matchlock", async () => {
+    const w = new Wire();
+    w.request(5, "exec_pipe.stdin", { id: 1, data: "eA==" });
+    w.request(6, "exec_tty.resize", { id: 1, rows: 10, cols: 20 });
+    w.request(7, "exec_pipe.stdin_eof", { id: 1 });
+    w.request(8, "no_such_method");
+    const after = await w.response(8);
+    assert.equal(errCode(after), RPC_CODES.METHOD_NOT_FOUND);
+    for (const id of [5, 6, 7]) {
+      await assert.rejects(w.response(id, 300), /no response/, `notification ${id} was answered`);
+    }
+    w.child.stdin.end();
+    await w.closed();
+  });
+
   test("EOF on stdin cancels a running command and closes the VM", async () => {
     const w = new Wire();
     w.request(1, "create", {});
