@@ -638,6 +638,19 @@ def t_files(a):
     assert err == 2 and msg, msg
 
 
+def assert_stalled(a, s, unacked):
+    """Stream `s` is at its window: nothing more comes, the agent does not spin, others are served."""
+    cpu0 = agent_cpu(a)
+    t0 = time.time()
+    ok(a.run(["echo", "hi"]), b"hi\n")
+    t_ping(a)
+    dt = time.time() - t0
+    time.sleep(1)
+    assert a.q(s).empty(), "data beyond the window"
+    assert agent_cpu(a) - cpu0 < 0.3, "the agent spins while a stream is stalled"
+    print(f"    stalled at {unacked} bytes; exec meanwhile in {dt * 1000:.0f} ms")
+
+
 def t_output_backpressure(a):
     # the host does not ACK: the agent stops reading the pipe at the window, the writer blocks
     s = a.start(["sh", "-c", "head -c 8000000 /dev/zero; echo done >&2"])
@@ -650,15 +663,7 @@ def t_output_backpressure(a):
         got.append(p)
         unacked += len(p)
         assert unacked <= WINDOW, f"{unacked} bytes unacknowledged"
-    cpu0 = agent_cpu(a)
-    t0 = time.time()
-    ok(a.run(["echo", "hi"]), b"hi\n")  # other streams are served meanwhile
-    t_ping(a)
-    dt = time.time() - t0
-    time.sleep(1)
-    assert a.q(s).empty(), "output beyond the window"
-    assert agent_cpu(a) - cpu0 < 0.3, "the agent spins while an exec is stalled"
-    print(f"    stalled at {unacked} bytes; exec meanwhile in {dt * 1000:.0f} ms")
+    assert_stalled(a, s, unacked)
     a.send(ACK, s, struct.pack("<I", unacked))
     r = a.collect(s, timeout=60)
     ok(r)
@@ -981,16 +986,7 @@ def t_tcp_backpressure(a):
     # no ACK: the agent stops at the window
     while unacked < WINDOW:
         take(10)
-    cpu0 = agent_cpu(a)
-    # meanwhile the other streams are served
-    t0 = time.time()
-    ok(a.run(["echo", "hi"]), b"hi\n")
-    t_ping(a)
-    dt = time.time() - t0
-    time.sleep(1)
-    assert a.q(s).empty(), "data beyond the window"
-    assert agent_cpu(a) - cpu0 < 0.3, "the agent spins while a stream is stalled"
-    print(f"    stalled at {unacked} bytes; exec meanwhile in {dt * 1000:.0f} ms")
+    assert_stalled(a, s, unacked)
     # ack everything: the rest flows, each frame acked as it comes
     a.send(ACK, s, struct.pack("<I", unacked))
     unacked = 0

@@ -1,5 +1,6 @@
 import { MatchlockError } from "../api/errors.ts";
 import { type ExecHandle, type ExecIO, type ExecResult, writeSink } from "../guest/agent-client.ts";
+import { whenWritable } from "../host/drain.ts";
 
 /**
  * Wiring a running command to this terminal: stdout/stderr, stdin with flow control, raw mode and
@@ -117,7 +118,8 @@ export async function attach(handle: ExecHandle, opts: AttachOptions): Promise<n
     stdout.off("resize", onResize);
     pump?.stop();
   }
-  await drain(stdout);
+  // Everything the command wrote is out before we return (and the VM goes).
+  if (stdout.writableNeedDrain && !stdout.destroyed) await whenWritable(stdout);
   if (result.startError !== undefined) process.stderr.write(`matchlock: ${result.startError}\n`);
   if (opts.deadline?.aborted && cancelledBy && !cancelledBy.startsWith("SIG")) {
     process.stderr.write(`matchlock: command stopped: ${cancelledBy}\n`);
@@ -153,16 +155,6 @@ function pumpStdin(handle: ExecHandle): { stop(): void } {
       stdin.unref?.();
     },
   };
-}
-
-function drain(stream: NodeJS.WriteStream): Promise<void> {
-  return new Promise((resolve) => {
-    if (!stream.writableNeedDrain || stream.destroyed) resolve();
-    else {
-      stream.once("drain", () => resolve());
-      stream.once("close", () => resolve());
-    }
-  });
 }
 
 /**

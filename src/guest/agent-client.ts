@@ -310,7 +310,7 @@ export class AgentClient {
         chain = chain.then(async () => {
           for (let off = 0; off < data.length; off += CHUNK) {
             this.send(HostMsg.FILE_DATA, stream, data.subarray(off, off + CHUNK));
-            if (this.sock.writableNeedDrain) await this.drain();
+            if (this.sock.writableNeedDrain) await whenWritable(this.sock);
           }
         });
         return chain;
@@ -461,18 +461,6 @@ export class AgentClient {
   private send(type: number, stream: number, payload?: Buffer): void {
     if (this.failure) throw this.failure;
     this.sock.write(encodeFrame(type, stream, payload));
-  }
-
-  private drain(): Promise<void> {
-    return new Promise((resolve) => {
-      const done = () => {
-        this.sock.off("drain", done);
-        this.sock.off("close", done);
-        resolve();
-      };
-      this.sock.once("drain", done);
-      this.sock.once("close", done);
-    });
   }
 
   private allocStream(): number {

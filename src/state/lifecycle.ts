@@ -153,18 +153,9 @@ export class LifecycleStore {
       const cur = this.current(vmId);
       if (cur && !canTransition(cur.phase, phase)) throw new InvalidTransitionError(vmId, cur.phase, phase);
       if (!cur && phase !== "creating") throw new InvalidTransitionError(vmId, "creating", phase);
-      const version = (
-        stmt(
-          this.db,
-          `INSERT INTO vm_lifecycle_head(vm_id, last_version)
-             VALUES (?, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?), 0) + 1)
-             ON CONFLICT(vm_id) DO UPDATE SET last_version = vm_lifecycle_head.last_version + 1
-             RETURNING last_version`,
-        ).get(vmId, vmId) as { last_version: number }
-      ).last_version;
       const rec: LifecycleRecord = {
         vm_id: vmId,
-        version,
+        version: this.nextVersion(vmId, "next"),
         backend: patch.backend ?? cur?.backend ?? "",
         phase,
         updated_at: nowIso(),
@@ -174,22 +165,43 @@ export class LifecycleStore {
         resources: { ...(cur?.resources ?? {}), ...(patch.resources ?? {}) },
         cleanup: { ...(cur?.cleanup ?? {}), ...(patch.cleanup ?? {}) },
       };
-      stmt(
-        this.db,
-        `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-      ).run(
-        vmId,
-        version,
-        rec.backend,
-        phase,
-        rec.updated_at,
-        rec.last_error,
-        JSON.stringify(rec.resources),
-        JSON.stringify(rec.cleanup),
-      );
+      this.insert(rec);
       return rec;
     });
+  }
+
+  /**
+   * Allocates the next version in the head table. "next" follows the head; "after-rows" starts
+   * after the highest version on record, whatever the head says (adopting a VM whose head is stale).
+   */
+  private nextVersion(vmId: string, from: "next" | "after-rows"): number {
+    const onConflict = from === "next" ? "vm_lifecycle_head.last_version + 1" : "excluded.last_version";
+    return (
+      stmt(
+        this.db,
+        `INSERT INTO vm_lifecycle_head(vm_id, last_version)
+           VALUES (?, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?), 0) + 1)
+           ON CONFLICT(vm_id) DO UPDATE SET last_version = ${onConflict}
+           RETURNING last_version`,
+      ).get(vmId, vmId) as { last_version: number }
+    ).last_version;
+  }
+
+  private insert(rec: LifecycleRecord): void {
+    stmt(
+      this.db,
+      `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+    ).run(
+      rec.vm_id,
+      rec.version,
+      rec.backend,
+      rec.phase,
+      rec.updated_at,
+      rec.last_error,
+      JSON.stringify(rec.resources),
+      JSON.stringify(rec.cleanup),
+    );
   }
 
   /** VMs whose latest phase is not `cleaned`: candidates for reconcile. */
@@ -215,18 +227,9 @@ export class LifecycleStore {
   ): LifecycleRecord | undefined {
     return writeTx(this.db, () => {
       if (this.current(vmId)) return undefined;
-      const version = (
-        stmt(
-          this.db,
-          `INSERT INTO vm_lifecycle_head(vm_id, last_version)
-             VALUES (?, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?), 0) + 1)
-             ON CONFLICT(vm_id) DO UPDATE SET last_version = excluded.last_version
-             RETURNING last_version`,
-        ).get(vmId, vmId) as { last_version: number }
-      ).last_version;
       const rec: LifecycleRecord = {
         vm_id: vmId,
-        version,
+        version: this.nextVersion(vmId, "after-rows"),
         backend: patch.backend,
         phase,
         updated_at: nowIso(),
@@ -234,11 +237,7 @@ export class LifecycleStore {
         resources: patch.resources,
         cleanup: {},
       };
-      stmt(
-        this.db,
-        `INSERT INTO vm_lifecycle(vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json)
-           VALUES (?, ?, ?, ?, ?, ?, ?, '{}')`,
-      ).run(vmId, version, rec.backend, phase, rec.updated_at, rec.last_error, JSON.stringify(rec.resources));
+      this.insert(rec);
       return rec;
     });
   }

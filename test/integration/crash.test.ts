@@ -1,11 +1,12 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, readdirSync, writeFileSync } from "node:fs";
+import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
 import { openState, stateDbPath } from "../../src/state/store.ts";
 import { CLI, qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
+import { leftovers, listRows } from "../helpers/vms.ts";
 
 /**
  * Crash safety: the owner is SIGKILLed at each lifecycle phase (MATCHLOCK_TEST_CRASH_AT), with the
@@ -20,29 +21,6 @@ after(async () => {
 });
 const cli = (args: string[], extra: NodeJS.ProcessEnv = {}, input?: Buffer | string) =>
   runCli(args, { env: { ...h.env, ...extra }, ...(input === undefined ? {} : { input }) });
-
-function listRows(out: string): Map<string, string> {
-  const rows = new Map<string, string>();
-  for (const line of out.trim().split("\n").slice(1)) {
-    const [id, status] = line.split(/\s+/);
-    if (id && status) rows.set(id, status);
-  }
-  return rows;
-}
-
-/** What of a VM's is left on the host: QEMU processes, disk and socket files, subnet rows. */
-function leftovers(id: string): string[] {
-  const out: string[] = [];
-  const dir = join(h.home, "vms", id);
-  if (qemuProcessesMentioning(dir).length > 0) out.push("qemu process");
-  if (existsSync(dir)) {
-    for (const f of readdirSync(dir)) if (/\.(ext4|sock)$/.test(f)) out.push(f);
-  }
-  const s = openState(paths(h.env));
-  if (s.subnets.get(id)) out.push("subnet row");
-  s.close();
-  return out;
-}
 
 describe("SIGKILL of the owner at each phase, then gc", () => {
   const cases: Array<[string, string[]]> = [
@@ -72,7 +50,7 @@ describe("SIGKILL of the owner at each phase, then gc", () => {
       const gc = await cli(["gc"]);
       assert.equal(gc.code, 0, gc.stdout.toString() + gc.stderr);
       assert.match(gc.stdout.toString(), new RegExp(`${id}\\s+(cleaned|skipped)`));
-      assert.deepEqual(leftovers(id), []);
+      assert.deepEqual(leftovers(h.env, id), []);
       const lc = spawnSync(
         "sqlite3",
         [
@@ -111,7 +89,7 @@ describe("SIGKILL of the owner at each phase, then gc", () => {
     assert.ok(qemuProcessesMentioning(dir).length > 0);
     const gc = await cli(["gc", id]);
     assert.equal(gc.code, 0, gc.stdout.toString());
-    assert.deepEqual(leftovers(id), []);
+    assert.deepEqual(leftovers(h.env, id), []);
     await cli(["rm", id]);
   });
 });
@@ -158,7 +136,7 @@ describe("long-lived VMs", () => {
     const k = await cli(["kill", id]);
     assert.equal(k.code, 0, k.stderr);
     assert.equal(listRows((await cli(["list"])).stdout.toString()).get(id), "stopped");
-    assert.deepEqual(leftovers(id), []);
+    assert.deepEqual(leftovers(h.env, id), []);
     const rm = await cli(["rm", id]);
     assert.equal(rm.code, 0, rm.stderr);
     assert.equal(listRows((await cli(["list"])).stdout.toString()).has(id), false);
@@ -229,7 +207,7 @@ describe("long-lived VMs", () => {
     const forced = await cli(["gc", "--force-running", id]);
     assert.equal(forced.code, 0, forced.stdout.toString());
     assert.notEqual(listRows((await cli(["list"])).stdout.toString()).get(id), "running");
-    assert.deepEqual(leftovers(id), []);
+    assert.deepEqual(leftovers(h.env, id), []);
     assert.equal((await cli(["rm", id])).code, 0);
   });
 

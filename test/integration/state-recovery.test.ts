@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
-import { existsSync, readdirSync, readFileSync, truncateSync } from "node:fs";
+import { existsSync, readFileSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
-import { openState, stateDbPath } from "../../src/state/store.ts";
+import { stateDbPath } from "../../src/state/store.ts";
 import { qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
+import { leftovers, listRows } from "../helpers/vms.ts";
 
 /**
  * state.db emptied under a running VM (issue #8): every command answers at once with the way out
@@ -20,27 +21,6 @@ after(async () => {
 });
 const cli = (args: string[]) => runCli(args, { env: h.env });
 const db = stateDbPath(paths(h.env));
-
-function listRows(out: string): Map<string, string> {
-  const rows = new Map<string, string>();
-  for (const line of out.trim().split("\n").slice(1)) {
-    const [id, status] = line.split(/\s+/);
-    if (id && status) rows.set(id, status);
-  }
-  return rows;
-}
-
-/** What of a VM's is left on the host: QEMU processes, disk and socket files, subnet rows. */
-function leftovers(id: string): string[] {
-  const out: string[] = [];
-  const dir = join(h.home, "vms", id);
-  if (qemuProcessesMentioning(dir).length > 0) out.push("qemu process");
-  if (existsSync(dir)) for (const f of readdirSync(dir)) if (/\.(ext4|sock)$/.test(f)) out.push(f);
-  const s = openState(paths(h.env));
-  if (s.subnets.get(id)) out.push("subnet row");
-  s.close();
-  return out;
-}
 
 /** One line and the hint, at once: no stack trace, no 10 s wait on a lock. */
 function assertCorruptAnswer(args: string[], r: { code: number | null; stderr: string; ms: number }): void {
@@ -89,7 +69,7 @@ describe("state.db emptied under a running VM", () => {
     assert.equal(k.code, 0, k.stderr);
     const gc = await cli(["gc"]);
     assert.equal(gc.code, 0, gc.stdout.toString() + gc.stderr);
-    assert.deepEqual(leftovers(id), []);
+    assert.deepEqual(leftovers(h.env, id), []);
     const rm = await cli(["rm", id]);
     assert.equal(rm.code, 0, rm.stderr);
     assert.equal(existsSync(dir), false);

@@ -68,7 +68,7 @@ describe("sandbox config refuses keys it does not know", () => {
         allowed_hosts: null,
         block_private_ips: true,
         add_hosts: [{ host: "db", ip: "10.0.0.2" }],
-        dns_servers: ["1.1.1.1"],
+        dns_servers: ["198.51.100.53"],
         hostname: "h",
         mtu: 1400,
         no_network: false,
