@@ -18,6 +18,8 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <net/if.h>
+#include <arpa/inet.h>
+#include <net/route.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -1502,6 +1504,7 @@ static void serve(int sigfd)
 /* ---------- init (PID 1) ---------- */
 
 static char cmd_hostname[256], cmd_time[64], cmd_rootfstype[64] = "ext4";
+static char cmd_net[96]; /* matchlock.net=GUEST/PREFIX,GATEWAY,MTU: the host's choice for eth0 */
 static int cmd_probe; /* matchlock.probe=1: the host's accelerator test; say so and power off */
 
 static void parse_cmdline(void)
@@ -1521,6 +1524,8 @@ static void parse_cmdline(void)
 			snprintf(cmd_time, sizeof cmd_time, "%s", tok + 15);
 		else if (!strncmp(tok, "matchlock.rootfstype=", 21))
 			snprintf(cmd_rootfstype, sizeof cmd_rootfstype, "%s", tok + 21);
+		else if (!strncmp(tok, "matchlock.net=", 14))
+			snprintf(cmd_net, sizeof cmd_net, "%s", tok + 14);
 		else if (!strcmp(tok, "matchlock.probe=1"))
 			cmd_probe = 1;
 	}
@@ -1581,6 +1586,64 @@ static void wait_for(const char *path, int ms)
 	for (long long end = now_ms() + ms; access(path, F_OK) < 0; usleep(5000))
 		if (now_ms() >= end)
 			fatal("%s did not appear within %d ms", path, ms);
+}
+
+static int set_addr(int s, unsigned long req, const char *ifname, in_addr_t a)
+{
+	struct ifreq ifr = { 0 };
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = a;
+	return ioctl(s, req, &ifr);
+}
+
+/*
+ * eth0 as the host chose it (the kernel has no ip= autoconfig): IPv6 off, MTU, address, link up,
+ * default route. Failures are logged, not fatal: the VM stays usable without its network.
+ */
+static void configure_eth0(void)
+{
+	char ip[32] = "", gw[32] = "";
+	int prefix = 0, mtu = 0;
+	if (!*cmd_net)
+		return;
+	if (sscanf(cmd_net, "%31[0-9.]/%d,%31[0-9.],%d", ip, &prefix, gw, &mtu) != 4 || prefix < 1 || prefix > 32) {
+		console("matchlock.net=%s: not GUEST/PREFIX,GATEWAY,MTU", cmd_net);
+		return;
+	}
+	for (long long end = now_ms() + 5000; access("/sys/class/net/eth0", F_OK) < 0; usleep(5000))
+		if (now_ms() >= end) {
+			console("eth0 did not appear within 5 s");
+			return;
+		}
+	int fd = open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || write(fd, "1\n", 2) != 2)
+		console("disable IPv6 on eth0: %s", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { 0 };
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "eth0");
+	ifr.ifr_mtu = mtu;
+	in_addr_t addr = inet_addr(ip), gwa = inet_addr(gw), mask = htonl(~0u << (32 - prefix));
+	if (s < 0 || ioctl(s, SIOCSIFMTU, &ifr) < 0 || set_addr(s, SIOCSIFADDR, "eth0", addr) < 0 ||
+	    set_addr(s, SIOCSIFNETMASK, "eth0", mask) < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0 ||
+	    (ifr.ifr_flags |= IFF_UP | IFF_RUNNING, ioctl(s, SIOCSIFFLAGS, &ifr) < 0)) {
+		console("configure eth0: %s", strerror(errno));
+	} else {
+		struct rtentry rt = { 0 };
+		struct sockaddr_in *dst = (struct sockaddr_in *)&rt.rt_dst, *g = (struct sockaddr_in *)&rt.rt_gateway,
+				   *m = (struct sockaddr_in *)&rt.rt_genmask;
+		dst->sin_family = g->sin_family = m->sin_family = AF_INET;
+		g->sin_addr.s_addr = gwa;
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		rt.rt_dev = "eth0";
+		if (ioctl(s, SIOCADDRT, &rt) < 0)
+			console("default route via %s: %s", gw, strerror(errno));
+	}
+	if (s >= 0)
+		close(s);
 }
 
 static void set_console(void)
@@ -1672,6 +1735,8 @@ static void init_system(void)
 		console("bring up lo: %s", strerror(errno));
 	if (s >= 0)
 		close(s);
+
+	configure_eth0();
 
 	if (*cmd_hostname && sethostname(cmd_hostname, strlen(cmd_hostname)) < 0)
 		console("sethostname: %s", strerror(errno));

@@ -1,3 +1,4 @@
+import { isIP } from "node:net";
 import * as v from "valibot";
 import { InvalidArgumentError } from "./errors.ts";
 
@@ -85,6 +86,23 @@ export const ResourcesSchema = strictObject({
   timeout_seconds: v.optional(v.pipe(v.number(), v.minValue(0))),
 });
 
+const HOSTNAME =
+  /^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
+
+/** An RFC 1123 host name: it lands in the guest's /etc/hosts and /etc/hostname, so nothing else may. */
+export function isValidHostname(h: string): boolean {
+  return h.length <= 253 && HOSTNAME.test(h);
+}
+
+const hostname = v.pipe(
+  v.string(),
+  v.check(isValidHostname, "not a valid host name (letters, digits, '-' and '.', at most 253 characters)"),
+);
+const ipAddress = v.pipe(
+  v.string(),
+  v.check((s) => isIP(s) !== 0, "not an IP address"),
+);
+
 /** Go's encoding/json writes a nil slice as `null`: Matchlock's Go SDK sends `allowed_hosts: null`. */
 const stringList = v.nullish(v.array(v.string()), []);
 
@@ -96,14 +114,16 @@ export const SecretSchema = strictObject({
 
 export const NetworkSchema = strictObject({
   allowed_hosts: stringList,
-  add_hosts: v.optional(v.array(strictObject({ host: v.string(), ip: v.string() })), []),
+  add_hosts: v.nullish(v.array(strictObject({ host: hostname, ip: ipAddress })), []),
   block_private_ips: v.optional(v.boolean(), true),
   no_network: v.optional(v.boolean(), false),
   intercept: v.optional(v.boolean(), false),
   interception: v.optional(v.unknown()),
   secrets: v.optional(v.record(v.string(), SecretSchema), {}),
-  dns_servers: v.optional(v.array(v.string()), []),
-  hostname: v.optional(v.string()),
+  dns_servers: v.nullish(v.array(ipAddress), []),
+  hostname: v.optional(v.union([v.literal(""), hostname])),
+  /** Ours: exact addresses the private floor lets the guest reach (`--allow-private-host`). */
+  allow_private_hosts: v.nullish(v.array(ipAddress), []),
   mtu: v.optional(v.pipe(positiveInt, v.minValue(576), v.maxValue(65535)), 1500),
 });
 
@@ -179,16 +199,14 @@ export function parseSandboxConfig(input: unknown): SandboxConfig {
 /**
  * Features of the config that this build cannot honour yet. A config that asks for one is refused
  * with a message naming it: silently ignoring a field (say, an allowlist) would be a security bug.
- * A config that merely leaves networking at its default gets a VM without a NIC (no network is
- * the safe side of "default"); asking for anything network-specific is refused.
+ * Networking's open mode (the default) and its options are built; intercept mode (allow-lists,
+ * secrets, interception) is not yet, so asking for it is refused rather than run unfiltered.
  */
 export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
   const n = config.network;
   if (n.allowed_hosts.length > 0) out.push("network.allowed_hosts (allowlist)");
   if (Object.keys(n.secrets).length > 0) out.push("network.secrets");
-  if (n.add_hosts.length > 0) out.push("network.add_hosts");
-  if (n.dns_servers.length > 0) out.push("network.dns_servers");
   if (n.intercept || n.interception !== undefined) out.push("network interception");
   if (config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0) out.push("vfs mounts");
   if (config.vfs.interception !== undefined) out.push("vfs interception");

@@ -15,6 +15,7 @@ export type ErrorCode =
   | "AGENT_PROTOCOL" // the guest sent bytes that break the agent protocol
   | "EXEC_FAILED" // the guest could not start the command
   | "FILE_FAILED" // a guest file operation failed
+  | "NETWORK_FAILED" // the host side of a VM's network could not be set up or torn down
   | "CANCELLED"
   | "INTERNAL";
 

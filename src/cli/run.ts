@@ -2,9 +2,20 @@ import { spawn } from "node:child_process";
 import { closeSync, createWriteStream, writeSync } from "node:fs";
 import { join } from "node:path";
 import { type Command, Option } from "commander";
-import { type ImageConfig, parseSandboxConfig, type SandboxConfigInput } from "../api/config.ts";
+import {
+  type ImageConfig,
+  isValidHostname,
+  parseSandboxConfig,
+  type SandboxConfigInput,
+} from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
-import { parsePortSpec, validateAddress } from "../api/specs.ts";
+import {
+  parseAddHost,
+  parseDnsServers,
+  parsePortSpec,
+  parsePrivateHost,
+  validateAddress,
+} from "../api/specs.ts";
 import { writeSink } from "../guest/agent-client.ts";
 import {
   parseEnvFile,
@@ -37,6 +48,10 @@ interface RunFlags {
   timeout?: number;
   hostname?: string;
   network: boolean;
+  addHost: string[];
+  dnsServers: string[];
+  mtu?: number;
+  allowPrivateHost: string[];
   accel?: string;
   gracefulShutdown: number;
   publish: string[];
@@ -54,7 +69,11 @@ export function registerRun(program: Command): void {
         "the grace period (--graceful-shutdown), and stops the VM.\n\n" +
         "With --rm=false or -d the VM stays up after the command (reach it with `matchlock exec ID`) until\n" +
         "Ctrl-C, SIGTERM or `matchlock kill ID`; then it is listed as stopped until `matchlock rm ID`.\n\n" +
-        "Networking is not built yet: every VM has no network interface (as with --no-network).",
+        "Network (the default): the guest reaches every public TCP destination; DNS goes through matchlock's\n" +
+        "resolver on the gateway. Every flow ends in this process on the host; nothing is forwarded, so\n" +
+        "loopback, private (RFC 1918, CGNAT, link-local, ULA), metadata and the host's own addresses stay\n" +
+        "unreachable unless --allow-private-host names them. UDP other than DNS, ICMP (ping) and IPv6 are\n" +
+        "not carried. Networking needs root (CAP_NET_ADMIN) and nftables; --no-network needs neither.",
     )
     .usage("[options] [--] [command...]")
     .argument("[command...]", "command and arguments (default: the image's Entrypoint + Cmd)")
@@ -86,7 +105,21 @@ export function registerRun(program: Command): void {
     .option("--disk-size <MB>", "size of the VM's writable disk in MB (sparse)", positiveInt, 5120)
     .option("--timeout <seconds>", "stop the command and the VM after this many seconds", positiveNumber)
     .option("--hostname <name>", "guest hostname (default: the VM id)")
-    .option("--no-network", "no network interface (currently always the case)")
+    .option("--no-network", "no network interface: loopback only")
+    .option("--add-host <host:ip>", "add a name to the guest's /etc/hosts and DNS (repeatable)", collect, [])
+    .option(
+      "--dns-servers <a,b>",
+      "upstream resolvers for the guest's DNS (default: the host's /etc/resolv.conf)",
+      collect,
+      [],
+    )
+    .option("--mtu <bytes>", "MTU of the guest's network interface", positiveInt)
+    .option(
+      "--allow-private-host <ip>",
+      "let the guest reach this private, loopback or host address (repeatable)",
+      collect,
+      [],
+    )
     .option(
       "-p, --publish <[LOCAL:]REMOTE>",
       "forward a host port to a guest port (over the agent channel)",
@@ -128,14 +161,7 @@ async function buildEnv(flags: RunFlags): Promise<Record<string, string>> {
 }
 
 function validateHostname(h: string): string {
-  if (
-    !/^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/.test(
-      h,
-    ) ||
-    h.length > 253
-  ) {
-    throw new InvalidArgumentError(`invalid hostname "${h}"`);
-  }
+  if (!isValidHostname(h)) throw new InvalidArgumentError(`invalid --hostname "${h}"`);
   return h;
 }
 
@@ -167,7 +193,14 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       disk_size_mb: flags.diskSize,
       ...(flags.timeout === undefined ? {} : { timeout_seconds: flags.timeout }),
     },
-    network: { no_network: true, ...(flags.hostname ? { hostname: validateHostname(flags.hostname) } : {}) },
+    network: {
+      no_network: !flags.network,
+      add_hosts: flags.addHost.map(parseAddHost),
+      dns_servers: parseDnsServers(flags.dnsServers),
+      allow_private_hosts: flags.allowPrivateHost.map(parsePrivateHost),
+      ...(flags.mtu === undefined ? {} : { mtu: flags.mtu }),
+      ...(flags.hostname ? { hostname: validateHostname(flags.hostname) } : {}),
+    },
     env: await buildEnv(flags),
   };
   if (flags.image !== undefined) input.image = flags.image;

@@ -12,6 +12,7 @@ import {
   type ReconcileResult,
   reconcileVm,
   releaseOrphanSubnets,
+  sweepOrphanNetworks,
   sweepOrphanProcesses,
   unrecordedVmDirs,
 } from "../sandbox/reconcile.ts";
@@ -197,12 +198,14 @@ export function registerVmCommands(program: Command): void {
 
   program
     .command("gc")
-    .summary("reclaim what crashed VMs left behind: processes, disks, sockets, subnets")
+    .summary("reclaim what crashed VMs left behind: processes, disks, sockets, TAPs, firewall tables, subnets")
     .description(
       [
         "For each VM whose owning process is gone (or the one given): kill its QEMU (verified by process " +
-          "start time), remove its disks and sockets and release its subnet, recording each step. Then sweep " +
-          "the host for QEMU processes of ours with no live owner. Logs and records stay for `matchlock log` and `rm`.",
+          "start time), remove its disks and sockets, delete its TAP and nftables table and release its subnet, " +
+          "recording each step. Then sweep the host for QEMU processes of ours with no live owner, and this " +
+          "network namespace for fc-* TAPs and matchlock_* tables whose owner is gone (by name, even with no " +
+          "record). Logs and records stay for `matchlock log` and `rm`.",
         "A VM dir with no record (state.db lost or replaced) gets its record rebuilt from the dir and /proc.",
         "--repair: if state.db is unusable (truncated, overwritten, cut off from its -wal/-shm), rename it and " +
           "its -wal/-shm to state.db.corrupt-<time> (nothing is deleted), start a fresh state.db, and rebuild " +
@@ -256,6 +259,8 @@ async function gc(s: StateStore, p: Paths, id: string | undefined, forceRunning:
     for (const k of await sweepOrphanProcesses(s, p))
       process.stdout.write(`${k.id}  cleaned  killed orphan QEMU pid ${k.pid}\n`);
     for (const v of releaseOrphanSubnets(s)) process.stdout.write(`${v}  cleaned  released orphan subnet\n`);
+    for (const n of await sweepOrphanNetworks(s))
+      process.stdout.write(`${n.id}  cleaned  deleted orphan ${n.what}\n`);
   }
   if (failures > 0) process.exitCode = 1;
 }

@@ -8,6 +8,7 @@ import {
   type Phase,
   type Resources,
 } from "../state/lifecycle.ts";
+import { deleteTable, deleteTap } from "../net/host-net.ts";
 import { findProcesses, isAlive, type ProcIdentity, procStartTime } from "../state/procs.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
 import type { StateStore } from "../state/store.ts";
@@ -114,6 +115,16 @@ export async function cleanupResources(
     const disks = resources.disks ?? [];
     for (const d of disks) rmSync(d, { force: true });
     return disks.length > 0 ? "ok" : "skipped";
+  });
+  // The table before the TAP (the reverse of creation): a table never outlives its TAP's owner
+  // unnoticed, and `gc` treats a table without a TAP as an orphan.
+  await run("firewall_table", async () => {
+    if (!resources.firewall_table) return "skipped";
+    return (await deleteTable(resources.firewall_table)) ? "ok" : "skipped";
+  });
+  await run("tap", async () => {
+    if (!resources.tap_name) return "skipped";
+    return (await deleteTap(resources.tap_name)) ? "ok" : "skipped";
   });
   await run("subnet", async () => (state.subnets.release(vmId) ? "ok" : "skipped"));
   await run("runtime_file", async () => {

@@ -3,6 +3,8 @@ import { basename, join } from "node:path";
 import { messageOf } from "../api/errors.ts";
 import { isVmId } from "../api/ids.ts";
 import { type Paths, vmDir } from "../api/paths.ts";
+import { deleteTable, deleteTap, listTables, listTaps, tapOfTable } from "../net/host-net.ts";
+import { TAP_PREFIX } from "../net/names.ts";
 import { writeTx } from "../state/db.ts";
 import type { LifecycleRecord, Resources } from "../state/lifecycle.ts";
 import {
@@ -155,6 +157,39 @@ export function releaseOrphanSubnets(state: StateStore): string[] {
     }
   }
   return released;
+}
+
+/**
+ * Sweeps this network namespace for VM networks with no live owner: `fc-*` TAPs and `matchlock_*`
+ * tables (any family, Matchlock's NAT tables too), by name, even when no record names them. A TAP's
+ * owner is in its alias; a TAP without one (made by Matchlock itself) counts as live while a QEMU
+ * holds it or its record's owner lives. A table goes with its TAP, and a table without a TAP is an
+ * orphan (tables are created after their TAP and deleted before it). Returns what it deleted.
+ */
+export async function sweepOrphanNetworks(state: StateStore): Promise<Array<{ id: string; what: string }>> {
+  const idOf = (tap: string) => `vm-${tap.slice(TAP_PREFIX.length)}`;
+  const taps = await listTaps();
+  const live = new Set<string>();
+  for (const t of taps) {
+    const id = idOf(t.name);
+    const alive = t.owner
+      ? isAlive(t.owner)
+      : (isVmId(id) && ownerAlive(state.vms.get(id), state.lifecycle.current(id))) ||
+        findProcesses(`ifname=${t.name},`, QEMU_EXE).length > 0;
+    if (alive) live.add(t.name);
+  }
+  const removed: Array<{ id: string; what: string }> = [];
+  for (const table of await listTables()) {
+    const tap = tapOfTable(table.name);
+    if (tap === undefined || live.has(tap)) continue;
+    if (await deleteTable(table.name))
+      removed.push({ id: idOf(tap), what: `nftables table ${table.family} ${table.name}` });
+  }
+  for (const t of taps) {
+    if (live.has(t.name)) continue;
+    if (await deleteTap(t.name)) removed.push({ id: idOf(t.name), what: `TAP ${t.name}` });
+  }
+  return removed;
 }
 
 /** VM dirs on disk with no record at all (a crash before the first write, or a lost database). */

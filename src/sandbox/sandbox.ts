@@ -19,10 +19,12 @@ import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
 import type { DirEntry, ExecRequest } from "../guest/protocol.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
+import { routedSubnets } from "../net/host-net.ts";
+import { guestKernelArg, type NetworkPlan, planNetwork, VmNetwork } from "../net/vm-network.ts";
 import type { PullProgress } from "../image/registry.ts";
 import { type ResolvedImage, resolveImage } from "../image/resolve.ts";
 import type { Resources } from "../state/lifecycle.ts";
-import { procStartTime, selfIdentity } from "../state/procs.ts";
+import { type ProcIdentity, procStartTime, selfIdentity } from "../state/procs.ts";
 import { writeRuntimeFile } from "../state/runtime-file.ts";
 import { openState, type StateStore } from "../state/store.ts";
 import type { Accel, RunningVm, VmBackend, VmExit } from "../vm/backend.ts";
@@ -98,6 +100,8 @@ export class Sandbox {
   private readonly state: StateStore;
   private readonly ownsState: boolean;
   private relay: RelayServer | undefined;
+  /** Undefined with no network (`no_network`). */
+  private readonly network: VmNetwork | undefined;
   private forwarder: PortForwarder | undefined;
   private closing: Promise<void> | undefined;
 
@@ -112,6 +116,7 @@ export class Sandbox {
     agent: AgentClient;
     state: StateStore;
     ownsState: boolean;
+    network: VmNetwork | undefined;
   }) {
     this.id = init.id;
     this.dir = init.dir;
@@ -124,6 +129,7 @@ export class Sandbox {
     this.agent = init.agent;
     this.state = init.state;
     this.ownsState = init.ownsState;
+    this.network = init.network;
     const ctl = new AbortController();
     this.deadline = ctl.signal;
     const t = init.config.resources.timeout_seconds;
@@ -171,6 +177,12 @@ export class Sandbox {
     const upper = join(dir, "upper.ext4");
     const qp = qemuPaths(dir);
     const relaySocket = join(dir, "relay.sock");
+    state.vms.insert(id, process.pid, image.ref, config);
+    let plan: NetworkPlan | undefined;
+    if (!config.network.no_network) {
+      const routed = await routedSubnets();
+      plan = planNetwork(id, state.subnets.allocate(id, routed), config.network.mtu);
+    }
     // Every resource is named in the record before it exists; a crash from here on is reclaimable.
     const resources: Resources = {
       vm_dir: dir,
@@ -178,16 +190,33 @@ export class Sandbox {
       sockets: [qp.agentSocket, qp.qmpSocket, relaySocket],
       qemu: { cmdline_marker: `${dir}/` },
       owner: selfIdentity(),
+      ...(plan
+        ? {
+            tap_name: plan.tap,
+            firewall_table: plan.table,
+            gateway_ip: plan.gateway,
+            guest_ip: plan.guest,
+            subnet_cidr: plan.subnet,
+          }
+        : {}),
     };
-    state.vms.insert(id, process.pid, image.ref, config);
     state.lifecycle.transition(id, "creating", { backend: "qemu", resources });
     crashPoint("creating");
 
     let vm: RunningVm | undefined;
+    let network: VmNetwork | undefined;
     let phase: "create" | "start" = "create";
     try {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       await makeEmptyExt4(upper, config.resources.disk_size_mb);
+      if (plan) {
+        progress(`network ${plan.subnet} on ${plan.tap}`);
+        network = await VmNetwork.start(plan, {
+          config: config.network,
+          owner: resources.owner as ProcIdentity,
+          logFile: join(dir, "net.log"),
+        });
+      }
       state.lifecycle.transition(id, "created");
       crashPoint("created");
 
@@ -203,6 +232,7 @@ export class Sandbox {
           `matchlock.hostname=${hostname}`,
           `matchlock.time=${Math.floor(Date.now() / 1000)}`,
           `matchlock.rootfstype=${image.fstype}`,
+          ...(plan ? [guestKernelArg(plan)] : []),
         ],
         cpus: config.resources.cpus,
         memoryMb: config.resources.memory_mb,
@@ -211,6 +241,7 @@ export class Sandbox {
           { path: upper, readonly: false },
         ],
         accel,
+        ...(network ? { nic: network.nic } : {}),
       });
       const qemu = { pid: vm.pid, start_time: procStartTime(vm.pid) ?? 0 };
       writeRuntimeFile(dir, { owner: resources.owner, qemu, relay_socket: relaySocket });
@@ -226,8 +257,20 @@ export class Sandbox {
         } catch {}
       });
       await waitReady(agent, vm, bootTimeoutMs);
-      const sandbox = new Sandbox({ id, dir, config, image, accel, hostname, vm, agent, state, ownsState });
-      await sandbox.writeHostsFile();
+      const sandbox = new Sandbox({
+        id,
+        dir,
+        config,
+        image,
+        accel,
+        hostname,
+        vm,
+        agent,
+        state,
+        ownsState,
+        network,
+      });
+      await sandbox.writeNetworkFiles();
       sandbox.relay = await RelayServer.listen(relaySocket, sandbox);
       state.lifecycle.transition(id, "running");
       crashPoint("running");
@@ -238,6 +281,7 @@ export class Sandbox {
         error: messageOf(e),
       });
       await vm?.stop(0).catch(() => {});
+      await network?.close().catch(() => {});
       await finishCleanup(state, id, { removeDir: true, removeRecords: true }).catch(() => {});
       if (ownsState) state.close();
       throw e;
@@ -362,6 +406,7 @@ export class Sandbox {
       this.cancelDeadline();
       this.relay?.close();
       this.forwarder?.close();
+      await this.network?.close().catch(() => {});
       this.state.lifecycle.transition(this.id, "stopping");
       crashPoint("stopping");
       this.agent.close();
@@ -385,19 +430,30 @@ export class Sandbox {
     return this.closing;
   }
 
-  private async writeHostsFile(): Promise<void> {
-    let hosts = "";
-    try {
-      hosts = (await this.agent.readFile("/etc/hosts")).toString("utf8");
-    } catch {}
-    if (!new RegExp(`\\s${this.hostname.replaceAll(".", "\\.")}(\\s|$)`, "m").test(hosts)) {
-      if (hosts.length > 0 && !hosts.endsWith("\n")) hosts += "\n";
-      if (!/^127\.0\.0\.1\s/m.test(hosts)) hosts += "127.0.0.1\tlocalhost\n";
-      hosts += `127.0.1.1\t${this.hostname}\n`;
-      await this.agent.writeFile("/etc/hosts", Buffer.from(hosts), 0o644);
-    }
-    await this.agent.writeFile("/etc/hostname", Buffer.from(`${this.hostname}\n`), 0o644);
+  /**
+   * The guest's name and resolver files, in Matchlock's layout: /etc/hostname, /etc/hosts (localhost
+   * with the hostname, one line per add-host, the IPv6 lines) and /etc/resolv.conf naming the
+   * gateway (every port-53 packet lands on our DNS anyway). With no network, resolv.conf is the
+   * image's.
+   */
+  private async writeNetworkFiles(): Promise<void> {
+    const write = (path: string, text: string) => this.agent.writeFile(path, Buffer.from(text), 0o644);
+    await write("/etc/hostname", `${this.hostname}\n`);
+    await write("/etc/hosts", hostsFile(this.hostname, this.config.network.add_hosts));
+    if (this.network) await write("/etc/resolv.conf", `nameserver ${this.network.plan.gateway}\n`);
   }
+}
+
+/** /etc/hosts as Matchlock's guest init writes it. */
+export function hostsFile(hostname: string, addHosts: ReadonlyArray<{ host: string; ip: string }>): string {
+  return [
+    `127.0.0.1\tlocalhost localhost.localdomain ${hostname}`,
+    ...addHosts.map((h) => `${h.ip}\t${h.host}`),
+    "::1\tlocalhost ip6-localhost ip6-loopback",
+    "ff02::1\tip6-allnodes",
+    "ff02::2\tip6-allrouters",
+    "",
+  ].join("\n");
 }
 
 /** The handle of a command that never started because the agent channel was already gone. */

@@ -56,9 +56,13 @@ export interface Resources {
   qemu?: { pid?: number; start_time?: number; cmdline_marker: string };
   /** The owning matchlock process; the VM is orphaned when it is gone. */
   owner?: ProcIdentity;
-  subnet?: { octet: number; subnet: string };
-  tap?: string;
-  nft_tables?: string[];
+  /** The network, under Matchlock's keys (its diagnostics read them); absent with no network. */
+  tap_name?: string;
+  /** The VM's nftables table (family inet). Matchlock also names a `nat_table`; we create none. */
+  firewall_table?: string;
+  gateway_ip?: string;
+  guest_ip?: string;
+  subnet_cidr?: string;
 }
 
 export interface CleanupStep {

@@ -26,7 +26,8 @@ export class SubnetStore {
     this.db = db;
   }
 
-  allocate(vmId: string): SubnetAllocation {
+  /** The lowest free octet, passing over those `inUse` says the host already routes. */
+  allocate(vmId: string, inUse: (subnet: string) => boolean = () => false): SubnetAllocation {
     return writeTx(this.db, () => {
       const existing = this.get(vmId);
       if (existing) return existing;
@@ -36,10 +37,10 @@ export class SubnetStore {
         ),
       );
       let octet = MIN_OCTET;
-      while (used.has(octet) && octet <= MAX_OCTET) octet++;
+      while ((used.has(octet) || inUse(`${SUBNET_PREFIX}.${octet}.0/24`)) && octet <= MAX_OCTET) octet++;
       if (octet > MAX_OCTET) {
-        throw new MatchlockError("VM_FAILED", `no free subnet: all ${MAX_OCTET} are allocated`, {
-          hint: "run `matchlock gc` to release subnets of dead VMs",
+        throw new MatchlockError("NETWORK_FAILED", `no free subnet: all of ${SUBNET_PREFIX}.1-${MAX_OCTET}.0/24 are allocated or routed`, {
+          hint: "run `matchlock gc` to release subnets of dead VMs, or use --no-network",
         });
       }
       const row: SubnetAllocation = {

@@ -22,6 +22,8 @@ export interface VmSpec {
   /** In order: vda, vdb, … */
   disks: DiskSpec[];
   accel: Accel;
+  /** A virtio-net NIC on an existing TAP; none means the guest has only loopback. */
+  nic?: { tap: string; mac: string };
   /** Extra arguments for the hypervisor (tests and experiments; not part of any user interface). */
   extraArgs?: string[];
 }

@@ -79,6 +79,15 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
     args.push("-drive", `id=${id},file=${optValue(d.path)},format=raw,if=none,cache=unsafe${ro}`);
     args.push("-device", `virtio-blk-device,drive=${id}`);
   });
+  if (spec.nic) {
+    // No vhost: /dev/vhost-net is absent on these hosts, and QEMU's own virtio-net is enough.
+    args.push(
+      "-netdev",
+      `tap,id=net0,ifname=${optValue(spec.nic.tap)},script=no,downscript=no`,
+      "-device",
+      `virtio-net-device,netdev=net0,mac=${spec.nic.mac}`,
+    );
+  }
   args.push(
     "-device",
     "virtio-rng-device",

@@ -1,0 +1,158 @@
+import { appendFileSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import { isIPv4 } from "node:net";
+import type { SandboxConfig } from "../api/config.ts";
+import type { ProcIdentity } from "../state/procs.ts";
+import type { SubnetAllocation } from "../state/subnets.ts";
+import { DnsServer, upstreamsFromResolvConf } from "./dns.ts";
+import { PrivateFloor } from "./floor.ts";
+import { applyTable, createTap, type HostNetSpec } from "./host-net.ts";
+import { macAddress, tableName, tapName } from "./names.ts";
+import { originalDestination } from "./original-dst.ts";
+import { TcpRelay } from "./tcp-relay.ts";
+
+/**
+ * A VM's network in open mode, from the owner's side: the TAP and table (host-net.ts), and the DNS
+ * server and TCP relay listening on the gateway. The host objects are removed by the cleanup steps
+ * (they must go even when the owner is dead); `close` stops the listeners.
+ */
+
+export type NetworkConfig = SandboxConfig["network"];
+
+export interface NetworkPlan {
+  tap: string;
+  table: string;
+  mac: string;
+  gateway: string;
+  guest: string;
+  subnet: string;
+  prefixLength: number;
+  mtu: number;
+}
+
+export function planNetwork(vmId: string, alloc: SubnetAllocation, mtu: number): NetworkPlan {
+  const tap = tapName(vmId);
+  return {
+    tap,
+    table: tableName(tap),
+    mac: macAddress(vmId),
+    gateway: alloc.gateway_ip,
+    guest: alloc.guest_ip,
+    subnet: alloc.subnet,
+    prefixLength: Number(alloc.subnet.split("/")[1] ?? 24),
+    mtu,
+  };
+}
+
+/** What the guest's agent needs to configure eth0 (the kernel has no `ip=` autoconfig). */
+export function guestKernelArg(plan: NetworkPlan): string {
+  return `matchlock.net=${plan.guest}/${plan.prefixLength},${plan.gateway},${plan.mtu}`;
+}
+
+/** The resolvers DNS forwards to: `dns_servers`, else the host's /etc/resolv.conf. */
+export async function upstreamResolvers(config: NetworkConfig): Promise<string[]> {
+  if (config.dns_servers.length > 0) return [...config.dns_servers];
+  try {
+    return upstreamsFromResolvConf(await readFile("/etc/resolv.conf", "utf8"));
+  } catch {
+    return [];
+  }
+}
+
+/** `add_hosts` as DNS answers: name → its IPv4 addresses. */
+export function localHostsOf(config: NetworkConfig): Map<string, string[]> {
+  const out = new Map<string, string[]>();
+  for (const { host, ip } of config.add_hosts) {
+    if (!isIPv4(ip)) continue; // the guest has no IPv6; /etc/hosts still lists it
+    const name = host.toLowerCase().replace(/\.$/, "");
+    out.set(name, [...(out.get(name) ?? []), ip]);
+  }
+  return out;
+}
+
+/** At most this many lines of refused flows per VM in net.log: a guest cannot fill the disk. */
+const LOG_LINES = 10_000;
+
+export class VmNetwork {
+  readonly plan: NetworkPlan;
+  readonly floor: PrivateFloor;
+  private readonly dns: DnsServer;
+  private readonly tcp: TcpRelay;
+
+  private constructor(plan: NetworkPlan, floor: PrivateFloor, dns: DnsServer, tcp: TcpRelay) {
+    this.plan = plan;
+    this.floor = floor;
+    this.dns = dns;
+    this.tcp = tcp;
+  }
+
+  /**
+   * TAP, then listeners on its gateway address, then the table that routes the guest to them: in
+   * this order no guest packet ever meets an unfiltered interface (the TAP has no carrier until QEMU
+   * starts). On failure, the listeners are closed; the TAP and table are the cleanup steps' job.
+   */
+  static async start(
+    plan: NetworkPlan,
+    opts: { config: NetworkConfig; owner: ProcIdentity; logFile?: string },
+  ): Promise<VmNetwork> {
+    const spec: HostNetSpec = {
+      tap: plan.tap,
+      gateway: plan.gateway,
+      guest: plan.guest,
+      prefixLength: plan.prefixLength,
+      mtu: plan.mtu,
+      owner: opts.owner,
+    };
+    let lines = 0;
+    const log = (line: string) => {
+      if (!opts.logFile || lines > LOG_LINES) return;
+      lines++;
+      const text = lines > LOG_LINES ? "(more refused flows: not logged)" : line;
+      try {
+        appendFileSync(opts.logFile, `${new Date().toISOString()} ${text}\n`);
+      } catch {}
+    };
+    await createTap(spec);
+    const floor = new PrivateFloor({
+      allowed: opts.config.allow_private_hosts,
+      blockPrivate: opts.config.block_private_ips,
+    });
+    const refuses = (ip: string) => floor.refuses(ip);
+    const dns = await DnsServer.listen({
+      address: plan.gateway,
+      localHosts: localHostsOf(opts.config),
+      upstreams: await upstreamResolvers(opts.config),
+      refuses,
+      onBlocked: (e) => log(`dns ${e.name}: ${e.reason}`),
+    });
+    let tcp: TcpRelay | undefined;
+    try {
+      tcp = await TcpRelay.listen({
+        address: plan.gateway,
+        originalDestination,
+        refuses,
+        onFlow: (e) => {
+          if (e.refused === undefined) return;
+          const to = e.destination ? `${e.destination.address}:${e.destination.port}` : "?";
+          log(`tcp ${to} refused: ${e.refused}`);
+        },
+      });
+      await applyTable(spec, { dnsUdp: dns.udpPort, dnsTcp: dns.tcpPort, tcp: tcp.port });
+    } catch (e) {
+      tcp?.close();
+      await dns.close();
+      throw e;
+    }
+    return new VmNetwork(plan, floor, dns, tcp);
+  }
+
+  /** QEMU's NIC: virtio-net on the TAP, with Matchlock's MAC. */
+  get nic(): { tap: string; mac: string } {
+    return { tap: this.plan.tap, mac: this.plan.mac };
+  }
+
+  async close(): Promise<void> {
+    this.tcp.close();
+    await this.dns.close();
+  }
+}
