@@ -18,6 +18,8 @@ export const HOST_PACKAGES: HostPackage[] = [
   { name: "libc6-dev", why: "static C library for the guest agent" },
   { name: "util-linux", why: "setpriv: QEMU dies with its owning process" },
   { name: "attr", why: "setfattr: images keep their file capabilities and xattrs" },
+  { name: "iproute2", why: "ip: creates each VM's TAP device" },
+  { name: "nftables", why: "nft: each VM's firewall table, which routes its traffic to matchlock" },
 ];
 
 /** dpkg-query's own placeholder syntax (not a JS template). */

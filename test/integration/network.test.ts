@@ -1,0 +1,267 @@
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { paths } from "../../src/api/paths.ts";
+import { openState } from "../../src/state/store.ts";
+import { CLI, type CliResult, tempHome } from "../helpers/cli.ts";
+import { createTopology, FAKE, FAKE_PORTS, fakeBytes, type Topology } from "../helpers/netns.ts";
+import { leftovers, listRows, networkLeftovers } from "../helpers/vms.ts";
+
+/**
+ * Networking from inside real VMs. Every matchlock process here runs in a test namespace whose only
+ * link leads to the fake internet (test/helpers/netns.ts): nothing reaches the machine's uplink.
+ */
+
+const h = tempHome();
+let t: Topology;
+
+/** The CLI run inside the test's host namespace, as a user would run it there. */
+async function ml(args: string[], extra: NodeJS.ProcessEnv = {}, timeoutMs = 180_000): Promise<CliResult> {
+  const started = Date.now();
+  const r = await t.execInHost(process.execPath, [CLI, ...args], { env: { ...h.env, ...extra }, timeoutMs });
+  return { ...r, ms: Date.now() - started };
+}
+
+/** Runs a shell script in a running VM; its stdout (stderr appended, for messages). */
+async function sh(id: string, script: string): Promise<string> {
+  const r = await ml(["exec", id, "--", "sh", "-c", script]);
+  return r.stdout.toString() + r.stderr;
+}
+
+async function startVm(flags: string[]): Promise<string> {
+  const r = await ml(["run", "-d", ...flags, "--", "sleep", "3600"]);
+  assert.equal(r.code, 0, r.stderr);
+  return r.stdout.toString().trim();
+}
+
+function resources(id: string): Record<string, unknown> {
+  const s = openState(paths(h.env));
+  try {
+    return s.lifecycle.current(id)?.resources as Record<string, unknown>;
+  } finally {
+    s.close();
+  }
+}
+
+const sha256 = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+
+before(async () => {
+  t = await createTopology();
+});
+after(async () => {
+  await ml(["kill", "--all"]).catch(() => {});
+  await ml(["gc"]).catch(() => {});
+  await t?.close();
+  h.cleanup();
+});
+
+describe("open mode (the default)", () => {
+  let a: string;
+  let b: string;
+  before(async () => {
+    // Two VMs at once: the default one, and one with every network option.
+    [a, b] = await Promise.all([
+      startVm([]),
+      startVm([
+        "--add-host",
+        `db.internal:${FAKE.private}`,
+        "--allow-private-host",
+        FAKE.private,
+        "--dns-servers",
+        FAKE.resolver2,
+        "--mtu",
+        "1200",
+        "--hostname",
+        "box",
+      ]),
+    ]);
+  });
+  after(async () => {
+    await ml(["kill", a, b]);
+  });
+
+  test("HTTP to a fake-internet host by name and by address", async () => {
+    const out = await sh(a, `wget -qO- http://example.test/ && wget -qO- http://${FAKE.web}/`);
+    assert.equal(out, `hello from ${FAKE.web}\nhello from ${FAKE.web}\n`);
+    await t.waitHit((x) => x.kind === "dns" && x.name === "example.test" && x.server === FAKE.resolver);
+  });
+
+  test("DNS goes through the gateway; a query to any other resolver lands on ours", async () => {
+    const conf = await sh(a, "cat /etc/resolv.conf");
+    const gw = resources(a).gateway_ip as string;
+    assert.equal(conf, `nameserver ${gw}\n`);
+    const out = await sh(a, "nslookup other.test; nslookup www.example.test 192.0.2.53");
+    assert.match(out, new RegExp(`Address: ${FAKE.other.replaceAll(".", "\\.")}`));
+    assert.match(out, new RegExp(`Address: ${FAKE.web.replaceAll(".", "\\.")}`));
+    // 192.0.2.53 does not exist in the fake internet: the answer came from our resolver, which asked
+    // the configured upstream.
+    await t.waitHit((x) => x.kind === "dns" && x.name === "www.example.test" && x.server === FAKE.resolver);
+  });
+
+  test("AAAA is answered empty; a name answered with a private address is refused (rebinding)", async () => {
+    const out = await sh(a, "nslookup -type=AAAA example.test; echo; nslookup rebind.test; echo rc=$?");
+    assert.doesNotMatch(out, /has AAAA address|Address: [0-9a-f:]*:/i);
+    assert.match(out, /rc=1/);
+    assert.doesNotMatch(out, new RegExp(FAKE.private.replaceAll(".", "\\.")));
+  });
+
+  test("--add-host, --allow-private-host, --dns-servers, --mtu and --hostname", async () => {
+    const out = await sh(
+      b,
+      "cat /etc/hosts; echo \"host=$(hostname)\"; cat /etc/hostname; ip link show eth0; " +
+        "wget -qO- http://db.internal/; nslookup other.test",
+    );
+    assert.match(out, /^127\.0\.0\.1\tlocalhost localhost\.localdomain box$/m);
+    assert.match(out, /^10\.1\.2\.3\tdb\.internal$/m);
+    assert.match(out, /^::1\tlocalhost ip6-localhost ip6-loopback$/m);
+    assert.match(out, /^host=box$/m);
+    assert.match(out, /^box$/m);
+    assert.match(out, /eth0: .* mtu 1200 /);
+    assert.match(out, /^private$/m, "the allowed private address is reachable");
+    await t.waitHit((x) => x.kind === "http" && x.server === FAKE.private);
+    await t.waitHit((x) => x.kind === "dns" && x.name === "other.test" && x.server === FAKE.resolver2);
+  });
+
+  test("every private-floor range is refused, and nothing reaches the private server", async () => {
+    const targets = [
+      FAKE.private,
+      "172.16.0.1",
+      "192.168.1.1",
+      "100.64.0.1",
+      "169.254.169.254",
+      "169.254.1.1",
+      "198.18.0.1",
+      "192.0.0.1",
+    ];
+    const before = t.hits().filter((x) => x.kind === "http" && x.server === FAKE.private).length;
+    const out = await sh(
+      a,
+      targets.map((ip) => `nc -w 5 ${ip} 80 </dev/null; echo "${ip} rc=$?"`).join("; "),
+    );
+    for (const ip of targets) assert.match(out, new RegExp(`^${ip.replaceAll(".", "\\.")} rc=1$`, "m"), out);
+    const log = readFileSync(join(h.home, "vms", a, "net.log"), "utf8");
+    for (const ip of targets) assert.match(log, new RegExp(`tcp ${ip.replaceAll(".", "\\.")}:80 refused: `), log);
+    assert.match(log, /tcp 10\.1\.2\.3:80 refused: private \(RFC 1918\)/);
+    assert.match(log, /tcp 169\.254\.169\.254:80 refused: the cloud metadata address/);
+    const afterHits = t.hits().filter((x) => x.kind === "http" && x.server === FAKE.private).length;
+    assert.equal(afterHits, before, "the private server saw no request");
+  });
+
+  test("host services are refused through the gateway and through the host's own addresses", async () => {
+    const gw = resources(a).gateway_ip as string;
+    const out = await sh(
+      a,
+      `for ip in ${gw} ${FAKE.hostUplink}; do nc -w 5 $ip ${FAKE_PORTS.hostService} </dev/null; echo "$ip rc=$?"; done`,
+    );
+    assert.match(out, new RegExp(`^${gw.replaceAll(".", "\\.")} rc=1$`, "m"), out);
+    assert.match(out, new RegExp(`^${FAKE.hostUplink.replaceAll(".", "\\.")} rc=1$`, "m"), out);
+    assert.doesNotMatch(out, /host-service/);
+    assert.equal(t.hits().filter((x) => x.kind === "host-service").length, 0);
+  });
+
+  test("ICMP, non-DNS UDP and IPv6 carry nothing", async () => {
+    const out = await sh(
+      a,
+      `ping -c 1 -W 2 ${FAKE.web} >/dev/null 2>&1; echo "ping rc=$?"; ` +
+        `echo x > /tmp/x; tftp -p -l /tmp/x -r x ${FAKE.web} ${FAKE_PORTS.udpEcho} 2>/dev/null & sleep 3; kill $! 2>/dev/null; ` +
+        `ip -6 addr show dev eth0 | grep -c inet6; wget -T 3 -qO- "http://[2001:db8::1]/" >/dev/null 2>&1; echo "v6 rc=$?"`,
+    );
+    assert.match(out, /^ping rc=1$/m);
+    assert.match(out, /^0$/m, "eth0 has no IPv6 address");
+    assert.match(out, /^v6 rc=1$/m);
+    assert.equal(t.hits().filter((x) => x.kind === "udp").length, 0, "the UDP echo server saw nothing");
+  });
+
+  test("16 MiB down and 16 MiB up arrive intact", async () => {
+    const n = 16 * 1024 * 1024;
+    const out = await sh(
+      a,
+      `wget -qO- http://${FAKE.web}/bytes/${n} | sha256sum; ` +
+        `head -c ${n} /dev/urandom > /tmp/up; sha256sum /tmp/up; wget -qO- --post-file /tmp/up http://${FAKE.web}/sha256`,
+    );
+    const lines = out.trim().split("\n");
+    assert.equal(lines[0]?.split(/\s+/)[0], sha256(fakeBytes(n)), out);
+    const sent = lines[1]?.split(/\s+/)[0];
+    assert.equal(lines[2], `${sent} ${n}`, out);
+  });
+
+  test("a half-closed TCP flow is echoed to its end", async () => {
+    const out = await sh(a, `printf 'one\\ntwo\\n' | nc ${FAKE.web} ${FAKE_PORTS.echo}`);
+    assert.equal(out, "one\ntwo\n");
+  });
+
+  test("two VMs get different subnets and cannot reach each other", async () => {
+    const ra = resources(a);
+    const rb = resources(b);
+    assert.notEqual(ra.subnet_cidr, rb.subnet_cidr);
+    assert.match(ra.tap_name as string, /^fc-[0-9a-f]{8}$/);
+    assert.equal(ra.firewall_table, `matchlock_${ra.tap_name}`);
+    const out = await sh(
+      a,
+      `nc -w 5 ${rb.guest_ip} 80 </dev/null; echo "guest rc=$?"; nc -w 5 ${rb.gateway_ip} 80 </dev/null; echo "gw rc=$?"`,
+    );
+    assert.match(out, /^guest rc=1$/m);
+    assert.match(out, /^gw rc=1$/m);
+  });
+});
+
+test("--no-network: loopback only, and no TAP, subnet row or table", async () => {
+  const r = await ml(["run", "--no-network", "--", "sh", "-c", "ip -o link; cat /etc/resolv.conf 2>&1; true"]);
+  assert.equal(r.code, 0, r.stderr);
+  const links = r.stdout
+    .toString()
+    .split("\n")
+    .filter((l) => /^\d+: /.test(l));
+  assert.equal(links.length, 1, r.stdout.toString());
+  assert.match(links[0] as string, /^1: lo: /);
+  const s = openState(paths(h.env));
+  assert.equal(s.subnets.list().length, 2, "only the two running VMs hold subnets");
+  s.close();
+});
+
+describe("crash safety with networking on", () => {
+  const cases: Array<[string, string[]]> = [
+    ["creating", ["sleep", "600"]],
+    ["created", ["sleep", "600"]],
+    ["starting", ["sleep", "600"]],
+    ["running", ["sleep", "600"]],
+    ["stopping", ["true"]],
+    ["cleaning", ["true"]],
+  ];
+  for (const [phase, cmd] of cases) {
+    test(`SIGKILL at ${phase}: gc leaves no TAP, table, listener or subnet row`, async () => {
+      const env = { MATCHLOCK_TEST_CRASH_AT: phase, MATCHLOCK_TEST_NO_PDEATHSIG: "1" };
+      const known = new Set(listRows((await ml(["list"])).stdout.toString()).keys());
+      const r = await ml(["run", "--", ...cmd], env);
+      assert.equal(r.signal, "SIGKILL", `the owner should have died at ${phase}: ${r.stderr}`);
+      const id = [...listRows((await ml(["list"])).stdout.toString()).keys()].find((k) => !known.has(k));
+      assert.ok(id, "the VM is recorded");
+      const gc = await ml(["gc"]);
+      assert.equal(gc.code, 0, gc.stdout.toString() + gc.stderr);
+      assert.deepEqual(leftovers(h.env, id, t.hostNs), []);
+      const listeners = await t.execInHost("ss", ["-Hltun"]);
+      assert.doesNotMatch(listeners.stdout.toString(), /10\.99\./);
+    });
+  }
+
+  test("run -d, SIGKILL of the owner, gc: everything goes, even with no record naming it", async () => {
+    const id = (await ml(["run", "-d", "--", "sleep", "600"], { MATCHLOCK_TEST_NO_PDEATHSIG: "1" })).stdout
+      .toString()
+      .trim();
+    const owner = openState(paths(h.env));
+    const pid = owner.vms.get(id)?.pid as number;
+    // The record goes too: the sweep finds the TAP and table by name and the dead owner in its alias.
+    owner.lifecycle.remove(id);
+    owner.vms.remove(id);
+    owner.close();
+    assert.deepEqual(networkLeftovers(id, t.hostNs).length, 2);
+    process.kill(pid, "SIGKILL");
+    await new Promise((r) => setTimeout(r, 200));
+    const gc = await ml(["gc"]);
+    assert.equal(gc.code, 0, gc.stderr);
+    assert.match(gc.stdout.toString(), new RegExp(`${id}\\s+cleaned\\s+deleted orphan TAP fc-`));
+    assert.deepEqual(networkLeftovers(id, t.hostNs), []);
+  });
+});
