@@ -15,6 +15,7 @@ export type ErrorCode =
   | "AGENT_PROTOCOL" // the guest sent bytes that break the agent protocol
   | "EXEC_FAILED" // the guest could not start the command
   | "FILE_FAILED" // a guest file operation failed
+  | "DNS_FAILED" // no upstream DNS server answered a lookup the host itself made
   | "CANCELLED"
   | "INTERNAL";
 
