@@ -123,7 +123,9 @@ export function exchangeUdp(
 
 /**
  * Splits a TCP byte stream into DNS messages (RFC 1035 §4.2.2: a two-byte length, then the
- * message). A declared length over `maxBytes`, or zero, is an error: the caller closes.
+ * message). Messages are taken one at a time, so a reader that stops taking them (and pauses its
+ * socket) holds at most what has already arrived. A declared length over `maxBytes`, or zero, is
+ * an error: the caller closes.
  */
 export class FrameReader {
   private pending: Buffer = Buffer.alloc(0);
@@ -133,18 +135,19 @@ export class FrameReader {
     this.maxBytes = maxBytes;
   }
 
-  /** The messages completed by `chunk`; throws FrameError on a length out of bounds. */
-  push(chunk: Buffer): Buffer[] {
+  push(chunk: Buffer): void {
     this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
-    const out: Buffer[] = [];
-    while (this.pending.length >= 2) {
-      const len = this.pending.readUInt16BE(0);
-      if (len === 0 || len > this.maxBytes) throw new FrameError(len);
-      if (this.pending.length < 2 + len) break;
-      out.push(this.pending.subarray(2, 2 + len));
-      this.pending = this.pending.subarray(2 + len);
-    }
-    return out;
+  }
+
+  /** The next complete message, or undefined until more bytes arrive; throws FrameError on a bad length. */
+  next(): Buffer | undefined {
+    if (this.pending.length < 2) return undefined;
+    const len = this.pending.readUInt16BE(0);
+    if (len === 0 || len > this.maxBytes) throw new FrameError(len);
+    if (this.pending.length < 2 + len) return undefined;
+    const msg = this.pending.subarray(2, 2 + len);
+    this.pending = this.pending.subarray(2 + len);
+    return msg;
   }
 }
 
@@ -183,8 +186,9 @@ export function exchangeTcp(
     sock.on("error", (e) => finish(e));
     sock.on("close", () => finish(new Error(`DNS server ${up.host}:${up.port} closed the connection`)));
     sock.on("data", (chunk: Buffer) => {
+      reader.push(chunk);
       try {
-        for (const msg of reader.push(chunk)) {
+        for (let msg = reader.next(); msg !== undefined; msg = reader.next()) {
           const reply = decode(msg);
           if (matches(reply)) return finish(undefined, reply);
         }

@@ -291,15 +291,20 @@ export class DnsServer {
   private onConnection(sock: Socket): void {
     this.connections.add(sock);
     const reader = new FrameReader(MAX_QUERY_BYTES);
-    const queue: Buffer[] = [];
     let pending = 0;
     const pump = () => {
-      while (queue.length > 0 && pending < MAX_PENDING_PER_TCP) {
-        const msg = queue.shift() as Buffer;
+      while (pending < MAX_PENDING_PER_TCP && !sock.destroyed) {
+        let msg: Buffer | undefined;
+        try {
+          msg = reader.next();
+        } catch {
+          return sock.destroy(); // a declared length over the cap: not a DNS client
+        }
+        if (msg === undefined) break;
         pending++;
         this.answer(msg, "tcp")
           .then((reply) => {
-            if (!reply) return sock.destroy(); // undecodable: this is not a DNS client
+            if (!reply) return sock.destroy(); // undecodable: not a DNS client
             if (!sock.destroyed) sock.write(reply);
           })
           .catch(() => sock.destroy())
@@ -308,16 +313,11 @@ export class DnsServer {
             pump();
           });
       }
-      const busy = queue.length > 0 || pending >= MAX_PENDING_PER_TCP;
-      if (busy || sock.writableLength > MAX_TCP_UNREAD_REPLIES) sock.pause();
+      if (pending >= MAX_PENDING_PER_TCP || sock.writableLength > MAX_TCP_UNREAD_REPLIES) sock.pause();
       else sock.resume();
     };
     sock.on("data", (chunk: Buffer) => {
-      try {
-        queue.push(...reader.push(chunk));
-      } catch {
-        return sock.destroy(); // a length over the cap
-      }
+      reader.push(chunk);
       pump();
     });
     sock.on("drain", pump);

@@ -15,7 +15,12 @@ import {
 } from "dns-packet";
 import fc from "fast-check";
 import { InvalidArgumentError } from "../../src/api/errors.ts";
-import { DnsLookupError, DnsServer, type DnsServerOptions, upstreamsFromResolvConf } from "../../src/net/dns.ts";
+import {
+  DnsLookupError,
+  DnsServer,
+  type DnsServerOptions,
+  upstreamsFromResolvConf,
+} from "../../src/net/dns.ts";
 import { runs } from "../helpers/property.ts";
 
 /**
@@ -309,7 +314,9 @@ describe("dns: forwarding", () => {
 
   test("concurrent guests asking one name share one upstream query", async () => {
     const { server, ups } = await setup();
-    const replies = await Promise.all([1, 2, 3, 4, 5].map((id) => askUdp(server, query("example.test", "A", id))));
+    const replies = await Promise.all(
+      [1, 2, 3, 4, 5].map((id) => askUdp(server, query("example.test", "A", id))),
+    );
     assert.deepEqual(
       replies.map((r) => r.id),
       [1, 2, 3, 4, 5],
@@ -336,6 +343,18 @@ describe("dns: forwarding", () => {
     mock.timers.tick(61_000);
     await askUdp(server, query("example.test"));
     assert.equal(ups[0]?.log.length, 2);
+  });
+
+  test("a type dns-packet has no name for (HTTPS, 65) is forwarded and answered as asked", async () => {
+    const { server, ups } = await setup();
+    const reply = await askUdp(server, query("svc.test", "UNKNOWN_65" as RecordType, 65));
+    assert.equal(reply.id, 65);
+    assert.equal(rcodeOf(reply), RCODE.NXDOMAIN);
+    assert.deepEqual(reply.questions, [{ name: "svc.test", type: "UNKNOWN_65", class: "IN" }]);
+    assert.deepEqual(
+      ups[0]?.log.map((l) => l.type),
+      ["UNKNOWN_65"],
+    );
   });
 
   test("a silent first upstream is skipped after its timeout; the second answers", async () => {
@@ -491,7 +510,10 @@ describe("dns: pins and resolve4", () => {
 
   test("resolve4 rejects with DnsLookupError when no upstream answers", async () => {
     const { server } = await setup([silent]);
-    await assert.rejects(server.resolve4("example.test"), (e) => e instanceof DnsLookupError && e.code === "DNS_FAILED");
+    await assert.rejects(
+      server.resolve4("example.test"),
+      (e) => e instanceof DnsLookupError && e.code === "DNS_FAILED",
+    );
   });
 });
 
@@ -511,6 +533,21 @@ describe("dns: TCP", () => {
     const byId = new Map(replies.map((r) => [r.id, r]));
     assert.deepEqual(addresses(byId.get(1) as DecodedPacket), ["203.0.113.10"]);
     assert.deepEqual(addresses(byId.get(2) as DecodedPacket), ["203.0.113.7", "203.0.113.9"]);
+  });
+
+  test("forty queries pipelined in one write (past the per-connection limit) are all answered", async () => {
+    const { server, ups } = await setup();
+    const ids = Array.from({ length: 40 }, (_, i) => i + 100);
+    const frames = ids.map((id) => streamEncode(query(id % 2 ? "example.test" : `n${id}.test`, "A", id)));
+    const { replies } = await askTcp(server.tcpPort, frames, ids.length);
+    assert.deepEqual(
+      replies.map((r) => r.id).sort((x = 0, y = 0) => x - y),
+      ids,
+    );
+    for (const r of replies) {
+      assert.equal(rcodeOf(r), (r.id ?? 0) % 2 ? RCODE.NOERROR : RCODE.NXDOMAIN);
+    }
+    assert.equal(ups[0]?.log.length, 21, "example.test once, each n<id>.test once");
   });
 
   test("an undecodable message closes the connection", async () => {
@@ -604,16 +641,26 @@ describe("dns: configuration", () => {
   });
 
   test("listen refuses an upstream that is not an IP literal, with or without a port", async () => {
-    for (const bad of ["dns.example.com", "1.2.3.4:0", "1.2.3.4:99999", "1.2.3.4:", "::1:53x", "[::1]"]) {
-      const isBad = bad !== "[::1]";
-      const p = DnsServer.listen({ address: "127.0.0.1", localHosts: new Map(), upstreams: [bad], refuses: floor });
-      if (isBad) await assert.rejects(p, InvalidArgumentError, bad);
-      else await (await p).close();
+    for (const bad of [
+      "dns.example.com",
+      "1.2.3.4:0",
+      "1.2.3.4:99999",
+      "1.2.3.4:",
+      "::1:53x",
+      "[1.2.3]:53",
+    ]) {
+      const p = DnsServer.listen({
+        address: "127.0.0.1",
+        localHosts: new Map(),
+        upstreams: [bad],
+        refuses: floor,
+      });
+      await assert.rejects(p, InvalidArgumentError, bad);
     }
     const ok = await DnsServer.listen({
       address: "127.0.0.1",
       localHosts: new Map(),
-      upstreams: ["127.0.0.1", "127.0.0.1:5353", "::1", "[::1]:5353"],
+      upstreams: ["127.0.0.1", "127.0.0.1:5353", "::1", "[::1]", "[::1]:5353"],
       refuses: floor,
     });
     assert.ok(ok.udpPort > 0 && ok.tcpPort > 0);
