@@ -228,7 +228,11 @@ export class DnsServer {
         });
       });
     } catch (e) {
-      udp.close();
+      try {
+        udp.close();
+      } catch {
+        // never bound
+      }
       tcp.close();
       throw new MatchlockError("VM_FAILED", `cannot listen for DNS on ${opts.address}: ${messageOf(e)}`, {
         cause: e,
