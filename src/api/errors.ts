@@ -16,6 +16,7 @@ export type ErrorCode =
   | "EXEC_FAILED" // the guest could not start the command
   | "FILE_FAILED" // a guest file operation failed
   | "NETWORK_FAILED" // the host side of a VM's network could not be set up or torn down
+  | "DNS_FAILED" // no upstream DNS server answered a lookup the host itself made
   | "CANCELLED"
   | "INTERNAL";
 
