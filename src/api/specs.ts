@@ -50,7 +50,10 @@ export function parseAddHost(spec: string): { host: string; ip: string } {
 
 /** `--dns-servers a,b` (repeatable): IP addresses. */
 export function parseDnsServers(specs: readonly string[]): string[] {
-  const out = specs.flatMap((s) => s.split(",")).map((s) => s.trim()).filter((s) => s !== "");
+  const out = specs
+    .flatMap((s) => s.split(","))
+    .map((s) => s.trim())
+    .filter((s) => s !== "");
   for (const s of out) {
     if (isIP(s) === 0) throw new InvalidArgumentError(`invalid --dns-servers entry "${s}": an IP address`);
   }

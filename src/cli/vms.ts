@@ -198,7 +198,9 @@ export function registerVmCommands(program: Command): void {
 
   program
     .command("gc")
-    .summary("reclaim what crashed VMs left behind: processes, disks, sockets, TAPs, firewall tables, subnets")
+    .summary(
+      "reclaim what crashed VMs left behind: processes, disks, sockets, TAPs, firewall tables, subnets",
+    )
     .description(
       [
         "For each VM whose owning process is gone (or the one given): kill its QEMU (verified by process " +

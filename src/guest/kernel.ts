@@ -16,7 +16,14 @@ import { readJson, scratchDir } from "../host/fsutil.ts";
 export const KERNEL_PACKAGE = "linux-image-cloud-amd64";
 
 /** Modules the guest loads (their dependencies are added). Built-in drivers need no entry. */
-export const GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio-rng", "virtio_net"];
+export const GUEST_MODULES = [
+  "virtio_mmio",
+  "virtio_blk",
+  "virtio_console",
+  "overlay",
+  "virtio-rng",
+  "virtio_net",
+];
 
 export interface KernelInfo {
   version: string;

@@ -52,9 +52,11 @@ export async function createTap(spec: HostNetSpec): Promise<void> {
   ];
   try {
     await runCommand("ip", ["-batch", "-"], { input: `${batch.join("\n")}\n`, errorCode: "NETWORK_FAILED" });
-    await writeFile(`/proc/sys/net/ipv6/conf/${spec.tap}/disable_ipv6`, "1\n").catch((e: NodeJS.ErrnoException) => {
-      if (e.code !== "ENOENT") throw e; // no IPv6 in this kernel at all: nothing to turn off
-    });
+    await writeFile(`/proc/sys/net/ipv6/conf/${spec.tap}/disable_ipv6`, "1\n").catch(
+      (e: NodeJS.ErrnoException) => {
+        if (e.code !== "ENOENT") throw e; // no IPv6 in this kernel at all: nothing to turn off
+      },
+    );
   } catch (e) {
     throw netError(`creating the TAP ${spec.tap}`, e);
   }

@@ -68,8 +68,7 @@ export class TcpRelay {
     }
     guest.pause();
     const dst = await opts.originalDestination(guest);
-    const refused =
-      dst === undefined ? "its original destination is unknown" : opts.refuses(dst.address);
+    const refused = dst === undefined ? "its original destination is unknown" : opts.refuses(dst.address);
     if (refused !== undefined || dst === undefined) {
       opts.onFlow?.({ destination: dst, refused });
       guest.resetAndDestroy();

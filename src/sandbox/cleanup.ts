@@ -1,6 +1,7 @@
 import { existsSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { MatchlockError, messageOf } from "../api/errors.ts";
+import { deleteTable, deleteTap } from "../net/host-net.ts";
 import {
   type Cleanup,
   type CleanupStep,
@@ -8,7 +9,6 @@ import {
   type Phase,
   type Resources,
 } from "../state/lifecycle.ts";
-import { deleteTable, deleteTap } from "../net/host-net.ts";
 import { findProcesses, isAlive, type ProcIdentity, procStartTime } from "../state/procs.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
 import type { StateStore } from "../state/store.ts";

@@ -39,9 +39,13 @@ export class SubnetStore {
       let octet = MIN_OCTET;
       while ((used.has(octet) || inUse(`${SUBNET_PREFIX}.${octet}.0/24`)) && octet <= MAX_OCTET) octet++;
       if (octet > MAX_OCTET) {
-        throw new MatchlockError("NETWORK_FAILED", `no free subnet: all of ${SUBNET_PREFIX}.1-${MAX_OCTET}.0/24 are allocated or routed`, {
-          hint: "run `matchlock gc` to release subnets of dead VMs, or use --no-network",
-        });
+        throw new MatchlockError(
+          "NETWORK_FAILED",
+          `no free subnet: all of ${SUBNET_PREFIX}.1-${MAX_OCTET}.0/24 are allocated or routed`,
+          {
+            hint: "run `matchlock gc` to release subnets of dead VMs, or use --no-network",
+          },
+        );
       }
       const row: SubnetAllocation = {
         vm_id: vmId,

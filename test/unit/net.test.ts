@@ -50,7 +50,17 @@ describe("private floor", () => {
   });
 
   test("lets public addresses and the TEST-NET ranges through", () => {
-    for (const ip of ["203.0.113.10", "198.51.100.2", "192.0.2.1", "8.8.8.8", "1.1.1.1", "2001:db8::1", "172.32.0.1", "100.128.0.1", "::ffff:203.0.113.10"]) {
+    for (const ip of [
+      "203.0.113.10",
+      "198.51.100.2",
+      "192.0.2.1",
+      "8.8.8.8",
+      "1.1.1.1",
+      "2001:db8::1",
+      "172.32.0.1",
+      "100.128.0.1",
+      "::ffff:203.0.113.10",
+    ]) {
       assert.equal(floor.refuses(ip), undefined, ip);
     }
   });
@@ -200,7 +210,11 @@ describe("network flags and config", () => {
       accel: "tcg" as const,
     };
     const paths = { agentSocket: "a", qmpSocket: "q", consoleLog: "c" };
-    const withNic = qemuArgv({ ...spec, nic: { tap: "fc-0a1b2c3d", mac: "AA:FC:00:00:00:01" } }, paths, undefined);
+    const withNic = qemuArgv(
+      { ...spec, nic: { tap: "fc-0a1b2c3d", mac: "AA:FC:00:00:00:01" } },
+      paths,
+      undefined,
+    );
     assert.ok(withNic.includes("tap,id=net0,ifname=fc-0a1b2c3d,script=no,downscript=no"));
     assert.ok(withNic.includes("virtio-net-device,netdev=net0,mac=AA:FC:00:00:00:01"));
     assert.ok(!qemuArgv(spec, paths, undefined).includes("-netdev"));
