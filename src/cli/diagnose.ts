@@ -13,6 +13,8 @@ import { readJson } from "../host/fsutil.ts";
 import { HOST_PACKAGES, missingPackages } from "../host/packages.ts";
 import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
 import { checkState, STATE_RECOVER_HINT, stateDbPath } from "../state/store.ts";
+import { randomBytes } from "node:crypto";
+import { droppingInputChains, ruleset } from "../net/host-net.ts";
 import { kvmUsable } from "../vm/qemu/accel.ts";
 
 /** `matchlock diagnose`: every prerequisite with ✓/⚠/✗ and a fix line; exit 1 if any is ✗. */
@@ -181,6 +183,48 @@ export async function runChecks(p: Paths): Promise<Check[]> {
         status: img ? "ok" : "fail",
         detail: img ? DEFAULT_IMAGE : `${DEFAULT_IMAGE} is not built`,
         fix: SETUP_FIX,
+      };
+    }),
+    safe("network: TAP", async () => {
+      const tap = `fc-diag${randomBytes(2).toString("hex")}`;
+      const r = await runCommand("ip", ["tuntap", "add", "dev", tap, "mode", "tap"], { allowFailure: true });
+      if (r.code === 0) await runCommand("ip", ["link", "delete", "dev", tap], { allowFailure: true });
+      return {
+        name: "network: TAP",
+        status: r.code === 0 ? "ok" : "fail",
+        detail: r.code === 0 ? "a TAP device can be created" : `ip tuntap add failed: ${r.stderr.trim()}`,
+        fix: "run as root (CAP_NET_ADMIN) with /dev/net/tun present (modprobe tun), or use --no-network",
+      };
+    }),
+    safe("network: nftables", async () => {
+      const spec = {
+        tap: "fc-diag0000",
+        gateway: "10.99.255.1",
+        guest: "10.99.255.2",
+        prefixLength: 24,
+        mtu: 1500,
+        owner: { pid: process.pid, start_time: 0 },
+      };
+      // -c: the kernel checks the transaction without applying it.
+      const text = ruleset(spec, { dnsUdp: 1, dnsTcp: 2, tcp: 3 });
+      const r = await runCommand("nft", ["-c", "-f", "-"], { input: text, allowFailure: true });
+      return {
+        name: "network: nftables",
+        status: r.code === 0 ? "ok" : "fail",
+        detail: r.code === 0 ? "a VM's table is accepted (inet family, nat and filter hooks)" : r.stderr.trim(),
+        fix: "apt-get install nftables, run as root, and load nf_tables/nft_nat (modprobe nft_nat)",
+      };
+    }),
+    safe("network: host firewall", async () => {
+      const chains = await droppingInputChains();
+      const c = chains[0];
+      return {
+        name: "network: host firewall",
+        status: c ? "warn" : "ok",
+        detail: c
+          ? `input chain ${c.family} ${c.table} ${c.name} drops by default: guest traffic sent to matchlock on the gateway is dropped unless it accepts it`
+          : "no input chain drops by default",
+        ...(c ? { fix: `nft insert rule ${c.family} ${c.table} ${c.name} iifname "fc-*" accept` } : {}),
       };
     }),
     safe("state dir", async () => {

@@ -32,8 +32,15 @@ export interface ListenerPorts {
 
 const OWNER_ALIAS = /^matchlock owner=(\d+):(\d+)$/;
 
+/** One line: the tool's last complaint (`ioctl(TUNSETIFF): Operation not permitted`), not its whole output. */
 function netError(what: string, e: unknown): MatchlockError {
-  return new MatchlockError("NETWORK_FAILED", `${what}: ${messageOf(e)}`, {
+  const last = messageOf(e)
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean)
+    .pop();
+  return new MatchlockError("NETWORK_FAILED", `${what}: ${last ?? "failed"}`, {
+    cause: e,
     hint: "networking needs root (CAP_NET_ADMIN), iproute2 and nftables; `matchlock diagnose` checks them, or use --no-network",
   });
 }
@@ -213,4 +220,27 @@ export async function routedSubnets(): Promise<(subnet: string) => boolean> {
     mine.addSubnet(net, Number(bits ?? 32), "ipv4");
     return nets.some(([n]) => mine.check(n, "ipv4"));
   };
+}
+
+export interface BaseChain {
+  family: string;
+  table: string;
+  name: string;
+  hook: string;
+  policy: string;
+}
+
+/** The base chains of other tables that drop by default on the input hook: they drop our DNATed flows. */
+export async function droppingInputChains(): Promise<BaseChain[]> {
+  const r = await runCommand("nft", ["-j", "list", "chains"], { allowFailure: true });
+  if (r.code !== 0) return [];
+  try {
+    const doc = JSON.parse(r.stdout.toString("utf8")) as { nftables?: Array<{ chain?: Partial<BaseChain> }> };
+    return (doc.nftables ?? [])
+      .flatMap((e) => (e.chain ? [e.chain] : []))
+      .filter((c): c is BaseChain => c.hook === "input" && c.policy === "drop" && !!c.table)
+      .filter((c) => !c.table.startsWith(TABLE_PREFIX));
+  } catch {
+    return [];
+  }
 }

@@ -41,7 +41,8 @@ function fdOf(socket: Socket): number | undefined {
   return typeof fd === "number" && fd >= 0 ? fd : undefined;
 }
 
-function viaGetsockopt(socket: Socket): Destination | undefined {
+/** SO_ORIGINAL_DST through the FFI; undefined if koffi cannot load or the socket was not NATed. */
+export function viaGetsockopt(socket: Socket): Destination | undefined {
   const fn = loadGetsockopt();
   const fd = fdOf(socket);
   if (!fn || fd === undefined) return undefined;
@@ -72,7 +73,8 @@ export function findInConntrack(
   return undefined;
 }
 
-async function viaConntrack(socket: Socket): Promise<Destination | undefined> {
+/** The fallback: the conntrack table in /proc (needs CONFIG_NF_CONNTRACK_PROCFS). */
+export async function viaConntrack(socket: Socket): Promise<Destination | undefined> {
   const { remoteAddress, remotePort, localAddress, localPort } = socket;
   if (!remoteAddress || !remotePort || !localAddress || !localPort) return undefined;
   let table: string;

@@ -264,7 +264,7 @@ export class RpcServer {
         await this.vm();
         throw new RpcError(
           RpcCode.VM_FAILED,
-          `${method}: networking (the allowlist) is not available in this version`,
+          `${method}: intercept mode (the allowlist) is not available in this version`,
         );
       case "port_forward": {
         const p = params as RpcParams<"port_forward">;

@@ -24,7 +24,7 @@ import { type ResolvedImage, resolveImage } from "../image/resolve.ts";
 import { routedSubnets } from "../net/host-net.ts";
 import { guestKernelArg, type NetworkPlan, planNetwork, VmNetwork } from "../net/vm-network.ts";
 import type { Resources } from "../state/lifecycle.ts";
-import { type ProcIdentity, procStartTime, selfIdentity } from "../state/procs.ts";
+import { procStartTime, selfIdentity } from "../state/procs.ts";
 import { writeRuntimeFile } from "../state/runtime-file.ts";
 import { openState, type StateStore } from "../state/store.ts";
 import type { Accel, RunningVm, VmBackend, VmExit } from "../vm/backend.ts";
@@ -183,13 +183,14 @@ export class Sandbox {
       const routed = await routedSubnets();
       plan = planNetwork(id, state.subnets.allocate(id, routed), config.network.mtu);
     }
+    const owner = selfIdentity();
     // Every resource is named in the record before it exists; a crash from here on is reclaimable.
     const resources: Resources = {
       vm_dir: dir,
       disks: [upper],
       sockets: [qp.agentSocket, qp.qmpSocket, relaySocket],
       qemu: { cmdline_marker: `${dir}/` },
-      owner: selfIdentity(),
+      owner,
       ...(plan
         ? {
             tap_name: plan.tap,
@@ -213,7 +214,7 @@ export class Sandbox {
         progress(`network ${plan.subnet} on ${plan.tap}`);
         network = await VmNetwork.start(plan, {
           config: config.network,
-          owner: resources.owner as ProcIdentity,
+          owner,
           logFile: join(dir, "net.log"),
         });
       }
@@ -244,7 +245,7 @@ export class Sandbox {
         ...(network ? { nic: network.nic } : {}),
       });
       const qemu = { pid: vm.pid, start_time: procStartTime(vm.pid) ?? 0 };
-      writeRuntimeFile(dir, { owner: resources.owner, qemu, relay_socket: relaySocket });
+      writeRuntimeFile(dir, { owner, qemu, relay_socket: relaySocket });
       state.lifecycle.transition(id, "starting", {
         resources: { qemu: { ...qemu, cmdline_marker: `${dir}/` } },
       });

@@ -150,6 +150,13 @@ export class Sandbox {
     });
   }
 
+  /** Ours: let the guest reach these exact private, loopback or host addresses (`--allow-private-host`). */
+  allowPrivateHost(...addresses: string[]): Sandbox {
+    return this.net((n) => {
+      n.allow_private_hosts = [...(n.allow_private_hosts ?? []), ...addresses];
+    });
+  }
+
   allowHost(...hosts: string[]): Sandbox {
     return this.net((n) => {
       n.allowed_hosts = [...(n.allowed_hosts ?? []), ...hosts];

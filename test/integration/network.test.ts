@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
 import { openState } from "../../src/state/store.ts";
-import { CLI, type CliResult, tempHome } from "../helpers/cli.ts";
+import { CLI, type CliResult, REPO, tempHome } from "../helpers/cli.ts";
 import { createTopology, FAKE, FAKE_PORTS, fakeBytes, type Topology } from "../helpers/netns.ts";
 import { leftovers, listRows, networkLeftovers } from "../helpers/vms.ts";
 
@@ -179,8 +179,11 @@ describe("open mode (the default)", () => {
       `ping -c 1 -W 2 ${FAKE.web} >/dev/null 2>&1; echo "ping rc=$?"; ` +
         `echo x > /tmp/x; tftp -p -l /tmp/x -r x ${FAKE.web} ${FAKE_PORTS.udpEcho} 2>/dev/null & sleep 3; kill $! 2>/dev/null; ` +
         `echo "v6 addrs=$(ip -6 addr show dev eth0 | grep -c inet6) routes=$(ip -6 route show dev eth0 | grep -c .)"; ` +
-        `nc -w 3 2001:db8::1 80 </dev/null 2>/dev/null; echo "v6 rc=$?"`,
+        `nc -w 3 2001:db8::1 80 </dev/null 2>/dev/null; echo "v6 rc=$?"; ` +
+        // ULA and NAT64 targets (and 0/8) cannot even leave the guest: it has no route for them.
+        `for ip in fd00::1 64:ff9b::cb00:710a 0.1.2.3; do nc -w 3 $ip 80 </dev/null 2>/dev/null; echo "$ip rc=$?"; done`,
     );
+    for (const ip of ["fd00::1", "64:ff9b::cb00:710a", "0.1.2.3"]) assert.match(out, new RegExp(`^${ip} rc=1$`, "m"));
     assert.match(out, /^ping rc=1$/m);
     assert.match(out, /^v6 addrs=0 routes=0$/m, "eth0 has no IPv6");
     assert.match(out, /^v6 rc=1$/m);
@@ -229,6 +232,71 @@ describe("open mode (the default)", () => {
       log,
     );
   });
+});
+
+test("the SDK (RPC create with network fields) gets the same network", async () => {
+  const program = `
+    import { Client, Sandbox } from ${JSON.stringify(join(REPO, "dist", "sdk", "index.js"))};
+    const c = new Client();
+    await c.launch(new Sandbox().withHostname("sdkbox").withNetworkMTU(1300).withDNSServers(${JSON.stringify(FAKE.resolver2)})
+      .addHost("db.internal", ${JSON.stringify(FAKE.private)}).allowPrivateHost(${JSON.stringify(FAKE.private)}).withBlockPrivateIPs(true));
+    const r = await c.exec("hostname; ip link show eth0 | grep -o 'mtu [0-9]*'; wget -qO- http://db.internal/; wget -qO- http://example.test/");
+    process.stdout.write(r.stdout);
+    await c.close();
+  `;
+  const r = await t.execInHost(process.execPath, ["--input-type=module", "-e", program], {
+    env: h.env,
+    timeoutMs: 180_000,
+  });
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout.toString(), `sdkbox\nmtu 1300\nprivate\nhello from ${FAKE.web}\n`);
+  await t.waitHit((x) => x.kind === "dns" && x.name === "example.test" && x.server === FAKE.resolver2);
+});
+
+test("without CAP_NET_ADMIN, run fails with one line saying why, and leaves nothing behind", async () => {
+  const known = new Set(listRows((await ml(["list"])).stdout.toString()).keys());
+  const r = await t.execInHost(
+    "capsh",
+    ["--drop=cap_net_admin", "--", "-c", 'exec "$0" "$@"', process.execPath, CLI, "run", "--", "true"],
+    { env: h.env, timeoutMs: 120_000 },
+  );
+  assert.equal(r.code, 1);
+  const lines = r.stderr.trim().split("\n");
+  assert.match(lines[0] as string, /^matchlock: creating the TAP fc-[0-9a-f]{8}: .*(not permitted|Operation)/);
+  assert.match(r.stderr, /--no-network/);
+  assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+  assert.deepEqual([...listRows((await ml(["list"])).stdout.toString()).keys()].filter((k) => !known.has(k)), []);
+  const links = await t.execInHost("ip", ["-o", "link"]);
+  assert.doesNotMatch(links.stdout.toString(), / fc-/, "no TAP left");
+  const ok = await t.execInHost(
+    "capsh",
+    ["--drop=cap_net_admin", "--", "-c", 'exec "$0" "$@"', process.execPath, CLI, "run", "--no-network", "--", "echo", "offline"],
+    { env: h.env, timeoutMs: 120_000 },
+  );
+  assert.equal(ok.stdout.toString(), "offline\n", ok.stderr);
+});
+
+test("original destination: getsockopt through koffi and the conntrack fallback agree", async () => {
+  const program = `
+    import { createServer, connect } from "node:net";
+    import { execFileSync } from "node:child_process";
+    import { viaConntrack, viaGetsockopt } from ${JSON.stringify(join(REPO, "src", "net", "original-dst.ts"))};
+    const server = createServer(async (sock) => {
+      const out = { ffi: viaGetsockopt(sock), ct: await viaConntrack(sock) };
+      process.stdout.write(JSON.stringify(out));
+      sock.destroy(); server.close();
+      execFileSync("nft", ["delete", "table", "inet", "odtest"]);
+    });
+    server.listen(0, "127.0.0.1", () => {
+      const port = server.address().port;
+      execFileSync("nft", ["-f", "-"], { input: "table inet odtest { chain out { type nat hook output priority -100; ip daddr 192.0.2.77 tcp dport 7777 redirect to :" + port + "; }; }" });
+      connect({ host: "192.0.2.77", port: 7777 }).on("error", () => {});
+    });
+  `;
+  const r = await t.execInHost(process.execPath, ["--input-type=module", "-e", program], { timeoutMs: 30_000 });
+  assert.equal(r.code, 0, r.stderr);
+  const want = { address: "192.0.2.77", port: 7777 };
+  assert.deepEqual(JSON.parse(r.stdout.toString()), { ffi: want, ct: want });
 });
 
 test("--no-network: loopback only, and no TAP, subnet row or table", async () => {
@@ -291,4 +359,25 @@ describe("crash safety with networking on", () => {
     assert.match(gc.stdout.toString(), new RegExp(`${id}\\s+cleaned\\s+deleted orphan TAP fc-`));
     assert.deepEqual(networkLeftovers(id, t.hostNs), []);
   });
+});
+
+test("diagnose checks TAP creation, nftables, and an input firewall that would drop guest flows", async () => {
+  const checks = async () => {
+    const r = await ml(["diagnose", "--json"]);
+    const doc = JSON.parse(r.stdout.toString()) as { checks: Array<{ name: string; status: string; fix?: string }> };
+    return new Map(doc.checks.map((c) => [c.name, c]));
+  };
+  const ok = await checks();
+  assert.equal(ok.get("network: TAP")?.status, "ok");
+  assert.equal(ok.get("network: nftables")?.status, "ok");
+  assert.equal(ok.get("network: host firewall")?.status, "ok");
+  const rules = "table inet hostfw { chain input { type filter hook input priority 0; policy drop; } }";
+  assert.equal((await t.execInHost("nft", ["-f", "-"], { input: rules })).code, 0);
+  try {
+    const warned = (await checks()).get("network: host firewall");
+    assert.equal(warned?.status, "warn");
+    assert.equal(warned?.fix, 'nft insert rule inet hostfw input iifname "fc-*" accept');
+  } finally {
+    await t.execInHost("nft", ["delete", "table", "inet", "hostfw"]);
+  }
 });
