@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { constants, existsSync } from "node:fs";
 import { access, mkdir, statfs } from "node:fs/promises";
 import { arch, platform } from "node:os";
@@ -12,9 +13,8 @@ import { hasCommand, runCommand } from "../host/command.ts";
 import { readJson } from "../host/fsutil.ts";
 import { HOST_PACKAGES, missingPackages } from "../host/packages.ts";
 import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
-import { checkState, STATE_RECOVER_HINT, stateDbPath } from "../state/store.ts";
-import { randomBytes } from "node:crypto";
 import { droppingInputChains, ruleset } from "../net/host-net.ts";
+import { checkState, STATE_RECOVER_HINT, stateDbPath } from "../state/store.ts";
 import { kvmUsable } from "../vm/qemu/accel.ts";
 
 /** `matchlock diagnose`: every prerequisite with ✓/⚠/✗ and a fix line; exit 1 if any is ✗. */
@@ -211,7 +211,8 @@ export async function runChecks(p: Paths): Promise<Check[]> {
       return {
         name: "network: nftables",
         status: r.code === 0 ? "ok" : "fail",
-        detail: r.code === 0 ? "a VM's table is accepted (inet family, nat and filter hooks)" : r.stderr.trim(),
+        detail:
+          r.code === 0 ? "a VM's table is accepted (inet family, nat and filter hooks)" : r.stderr.trim(),
         fix: "apt-get install nftables, run as root, and load nf_tables/nft_nat (modprobe nft_nat)",
       };
     }),

@@ -37,7 +37,7 @@ function netError(what: string, e: unknown): MatchlockError {
   const last = messageOf(e)
     .split("\n")
     .map((l) => l.trim())
-    .filter(Boolean)
+    .filter((l) => l !== "" && !/^Command failed /.test(l)) // ip -batch's own trailer says nothing
     .pop();
   return new MatchlockError("NETWORK_FAILED", `${what}: ${last ?? "failed"}`, {
     cause: e,

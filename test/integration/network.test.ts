@@ -138,6 +138,7 @@ describe("open mode (the default)", () => {
       "169.254.1.1",
       "198.18.0.1",
       "192.0.0.1",
+      "0.1.2.3",
     ];
     const before = t.hits().filter((x) => x.kind === "http" && x.server === FAKE.private).length;
     // The relay accepts a flow before it knows where it was going, then resets it: wget sees a reset.
@@ -158,7 +159,10 @@ describe("open mode (the default)", () => {
       a,
       `for ip in ${gw} ${FAKE.hostUplink}; do nc -w 5 $ip ${FAKE_PORTS.hostService} </dev/null; echo "$ip done"; done`,
     );
-    assert.equal(out, `${gw} done\n${FAKE.hostUplink} done\n`, "no byte from the host service");
+    // A reset may come before or after nc's connect completes; either way no byte of the service arrives.
+    assert.match(out, new RegExp(`^${re(gw)} done$`, "m"));
+    assert.match(out, new RegExp(`^${re(FAKE.hostUplink)} done$`, "m"));
+    assert.doesNotMatch(out, /host-service/, "no byte from the host service");
     const log = netLog(a);
     assert.match(
       log,
@@ -180,10 +184,10 @@ describe("open mode (the default)", () => {
         `echo x > /tmp/x; tftp -p -l /tmp/x -r x ${FAKE.web} ${FAKE_PORTS.udpEcho} 2>/dev/null & sleep 3; kill $! 2>/dev/null; ` +
         `echo "v6 addrs=$(ip -6 addr show dev eth0 | grep -c inet6) routes=$(ip -6 route show dev eth0 | grep -c .)"; ` +
         `nc -w 3 2001:db8::1 80 </dev/null 2>/dev/null; echo "v6 rc=$?"; ` +
-        // ULA and NAT64 targets (and 0/8) cannot even leave the guest: it has no route for them.
-        `for ip in fd00::1 64:ff9b::cb00:710a 0.1.2.3; do nc -w 3 $ip 80 </dev/null 2>/dev/null; echo "$ip rc=$?"; done`,
+        // ULA and NAT64 targets cannot even leave the guest: it has no IPv6 route.
+        `for ip in fd00::1 64:ff9b::cb00:710a; do nc -w 3 $ip 80 </dev/null 2>/dev/null; echo "$ip rc=$?"; done`,
     );
-    for (const ip of ["fd00::1", "64:ff9b::cb00:710a", "0.1.2.3"]) assert.match(out, new RegExp(`^${ip} rc=1$`, "m"));
+    for (const ip of ["fd00::1", "64:ff9b::cb00:710a"]) assert.match(out, new RegExp(`^${ip} rc=1$`, "m"));
     assert.match(out, /^ping rc=1$/m);
     assert.match(out, /^v6 addrs=0 routes=0$/m, "eth0 has no IPv6");
     assert.match(out, /^v6 rc=1$/m);
@@ -262,15 +266,33 @@ test("without CAP_NET_ADMIN, run fails with one line saying why, and leaves noth
   );
   assert.equal(r.code, 1);
   const lines = r.stderr.trim().split("\n");
-  assert.match(lines[0] as string, /^matchlock: creating the TAP fc-[0-9a-f]{8}: .*(not permitted|Operation)/);
+  assert.match(
+    lines[0] as string,
+    /^matchlock: creating the TAP fc-[0-9a-f]{8}: .*(not permitted|Operation)/,
+  );
   assert.match(r.stderr, /--no-network/);
   assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
-  assert.deepEqual([...listRows((await ml(["list"])).stdout.toString()).keys()].filter((k) => !known.has(k)), []);
+  assert.deepEqual(
+    [...listRows((await ml(["list"])).stdout.toString()).keys()].filter((k) => !known.has(k)),
+    [],
+  );
   const links = await t.execInHost("ip", ["-o", "link"]);
   assert.doesNotMatch(links.stdout.toString(), / fc-/, "no TAP left");
   const ok = await t.execInHost(
     "capsh",
-    ["--drop=cap_net_admin", "--", "-c", 'exec "$0" "$@"', process.execPath, CLI, "run", "--no-network", "--", "echo", "offline"],
+    [
+      "--drop=cap_net_admin",
+      "--",
+      "-c",
+      'exec "$0" "$@"',
+      process.execPath,
+      CLI,
+      "run",
+      "--no-network",
+      "--",
+      "echo",
+      "offline",
+    ],
     { env: h.env, timeoutMs: 120_000 },
   );
   assert.equal(ok.stdout.toString(), "offline\n", ok.stderr);
@@ -293,7 +315,9 @@ test("original destination: getsockopt through koffi and the conntrack fallback 
       connect({ host: "192.0.2.77", port: 7777 }).on("error", () => {});
     });
   `;
-  const r = await t.execInHost(process.execPath, ["--input-type=module", "-e", program], { timeoutMs: 30_000 });
+  const r = await t.execInHost(process.execPath, ["--input-type=module", "-e", program], {
+    timeoutMs: 30_000,
+  });
   assert.equal(r.code, 0, r.stderr);
   const want = { address: "192.0.2.77", port: 7777 };
   assert.deepEqual(JSON.parse(r.stdout.toString()), { ffi: want, ct: want });
@@ -364,14 +388,16 @@ describe("crash safety with networking on", () => {
 test("diagnose checks TAP creation, nftables, and an input firewall that would drop guest flows", async () => {
   const checks = async () => {
     const r = await ml(["diagnose", "--json"]);
-    const doc = JSON.parse(r.stdout.toString()) as { checks: Array<{ name: string; status: string; fix?: string }> };
+    const doc = JSON.parse(r.stdout.toString()) as {
+      checks: Array<{ name: string; status: string; fix?: string }>;
+    };
     return new Map(doc.checks.map((c) => [c.name, c]));
   };
   const ok = await checks();
   assert.equal(ok.get("network: TAP")?.status, "ok");
   assert.equal(ok.get("network: nftables")?.status, "ok");
   assert.equal(ok.get("network: host firewall")?.status, "ok");
-  const rules = "table inet hostfw { chain input { type filter hook input priority 0; policy drop; } }";
+  const rules = "table inet hostfw { chain input { type filter hook input priority 0; policy drop; }; }";
   assert.equal((await t.execInHost("nft", ["-f", "-"], { input: rules })).code, 0);
   try {
     const warned = (await checks()).get("network: host firewall");
