@@ -180,8 +180,13 @@ export class Sandbox {
     state.vms.insert(id, process.pid, image.ref, config);
     let plan: NetworkPlan | undefined;
     if (!config.network.no_network) {
-      const routed = await routedSubnets();
-      plan = planNetwork(id, state.subnets.allocate(id, routed), config.network.mtu);
+      try {
+        plan = planNetwork(id, state.subnets.allocate(id, await routedSubnets()), config.network.mtu);
+      } catch (e) {
+        state.vms.remove(id); // no subnet free: nothing was created, so nothing stays recorded
+        if (ownsState) state.close();
+        throw e;
+      }
     }
     const owner = selfIdentity();
     // Every resource is named in the record before it exists; a crash from here on is reclaimable.

@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, test } from "node:test";
+import { paths } from "../../src/api/paths.ts";
+import { openState } from "../../src/state/store.ts";
 import { parseSandboxConfig } from "../../src/api/config.ts";
 import { parseAddHost, parseDnsServers, parsePrivateHost } from "../../src/api/specs.ts";
 import { PrivateFloor } from "../../src/net/floor.ts";
@@ -218,5 +223,24 @@ describe("network flags and config", () => {
     assert.ok(withNic.includes("tap,id=net0,ifname=fc-0a1b2c3d,script=no,downscript=no"));
     assert.ok(withNic.includes("virtio-net-device,netdev=net0,mac=AA:FC:00:00:00:01"));
     assert.ok(!qemuArgv(spec, paths, undefined).includes("-netdev"));
+  });
+});
+
+describe("subnet allocation", () => {
+  test("passes over routed subnets, and says so when none is left", () => {
+    const home = mkdtempSync(join(tmpdir(), "matchlock-subnet-"));
+    const s = openState(paths({ MATCHLOCK_HOME: home, MATCHLOCK_CACHE: join(home, "cache") }));
+    try {
+      const routed = new Set(["10.99.1.0/24", "10.99.2.0/24"]);
+      assert.equal(s.subnets.allocate("vm-00000001", (n) => routed.has(n)).subnet, "10.99.3.0/24");
+      assert.equal(s.subnets.allocate("vm-00000002").subnet, "10.99.1.0/24");
+      assert.throws(
+        () => s.subnets.allocate("vm-00000003", () => true),
+        (e: Error & { code?: string }) => e.code === "NETWORK_FAILED" && /no free subnet/.test(e.message),
+      );
+    } finally {
+      s.close();
+      rmSync(home, { recursive: true, force: true });
+    }
   });
 });
