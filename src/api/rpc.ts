@@ -127,3 +127,47 @@ export function isRpcMethod(m: string): m is RpcMethod {
 export function isClientNotification(m: string): m is RpcClientNotification {
   return Object.hasOwn(RpcClientNotifications, m);
 }
+
+/**
+ * A Unix `st_mode` as Go's `os.FileMode`, which Matchlock's `list_files` sends: permission bits
+ * plus Go's type and special bits (a directory is 1<<31 | perm).
+ */
+export function goFileMode(stMode: number): number {
+  const perm = stMode & 0o777;
+  const GO = {
+    dir: 2 ** 31,
+    symlink: 2 ** 27,
+    device: 2 ** 26,
+    namedPipe: 2 ** 25,
+    socket: 2 ** 24,
+    setuid: 2 ** 23,
+    setgid: 2 ** 22,
+    charDevice: 2 ** 21,
+    sticky: 2 ** 20,
+  };
+  let mode = perm;
+  switch (stMode & 0o170000) {
+    case 0o040000:
+      mode += GO.dir;
+      break;
+    case 0o120000:
+      mode += GO.symlink;
+      break;
+    case 0o060000:
+      mode += GO.device;
+      break;
+    case 0o020000:
+      mode += GO.device + GO.charDevice;
+      break;
+    case 0o010000:
+      mode += GO.namedPipe;
+      break;
+    case 0o140000:
+      mode += GO.socket;
+      break;
+  }
+  if (stMode & 0o4000) mode += GO.setuid;
+  if (stMode & 0o2000) mode += GO.setgid;
+  if (stMode & 0o1000) mode += GO.sticky;
+  return mode;
+}

@@ -1,11 +1,11 @@
 import { open, stat } from "node:fs/promises";
 import { join } from "node:path";
 import type { Readable, Writable } from "node:stream";
-import { StringDecoder } from "node:string_decoder";
 import * as v from "valibot";
 import { parseSandboxConfig, unsupportedFeatures } from "../api/config.ts";
 import { isMatchlockError, MatchlockError, messageOf } from "../api/errors.ts";
 import {
+  goFileMode,
   invalidParamsMessage,
   isClientNotification,
   isRpcMethod,
@@ -249,14 +249,14 @@ export class RpcServer {
           files: files.map((f) => ({
             name: f.name,
             size: f.size,
-            mode: f.mode,
+            mode: goFileMode(f.mode),
             mod_time: new Date(f.mtimeMs).toISOString(),
             is_dir: f.isDir,
           })),
         };
       }
       case "log":
-        return { content: await this.readLog(await this.vm()) };
+        return { content: (await this.readLog(await this.vm())).toString("base64") };
       case "log_stream":
         return this.logStream(await this.vm(), req);
       case "allow_list_add":
@@ -450,7 +450,7 @@ export class RpcServer {
   }
 
   /** The VM's logs (console, then command output of a detached run); at most the last 64 MiB of each. */
-  private async readLog(sb: Sandbox): Promise<string> {
+  private async readLog(sb: Sandbox): Promise<Buffer> {
     const parts = await Promise.all(
       LOG_FILES.map(async (f) => {
         const path = join(sb.dir, f);
@@ -459,10 +459,10 @@ export class RpcServer {
           () => 0,
         );
         const start = Math.max(0, size - MAX_BUFFERED_RESULT);
-        return (await readRange(path, start, size - start)).toString("utf8");
+        return readRange(path, start, size - start);
       }),
     );
-    return parts.join("");
+    return Buffer.concat(parts);
   }
 
   /**
@@ -474,11 +474,7 @@ export class RpcServer {
     req.stop = () => {
       stopped = true;
     };
-    const files = LOG_FILES.map((f) => ({
-      path: join(sb.dir, f),
-      offset: 0,
-      decoder: new StringDecoder("utf8"),
-    }));
+    const files = LOG_FILES.map((f) => ({ path: join(sb.dir, f), offset: 0 }));
     while (!stopped && this.sandbox === sb) {
       let grew = false;
       for (const f of files) {
@@ -486,13 +482,12 @@ export class RpcServer {
         if (chunk.length === 0) continue;
         grew = true;
         f.offset += chunk.length;
-        const text = f.decoder.write(chunk);
-        if (text)
-          await this.sendPaced({
-            jsonrpc: "2.0",
-            method: "log_stream.data",
-            params: { id: req.id, data: text },
-          });
+        // Base64, as Matchlock sends it: the logs are the guest's bytes, not necessarily UTF-8.
+        await this.sendPaced({
+          jsonrpc: "2.0",
+          method: "log_stream.data",
+          params: { id: req.id, data: chunk.toString("base64") },
+        });
       }
       if (!grew) await new Promise((r) => setTimeout(r, 200));
     }

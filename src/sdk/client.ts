@@ -257,15 +257,15 @@ export class Client {
     return files.map((f) => ({
       name: String(f.name),
       size: Number(f.size),
-      mode: Number(f.mode),
+      mode: Number(f.mode), // Go's os.FileMode bits, as Matchlock sends them
       modTime: String(f.mod_time ?? ""),
       isDir: Boolean(f.is_dir),
     }));
   }
 
-  /** The VM's console log. */
+  /** The VM's console log (sent base64, as Matchlock does). */
   async log(opts: CallOptions = {}): Promise<string> {
-    return String((await this.call("log", {}, opts)).content ?? "");
+    return Buffer.from(String((await this.call("log", {}, opts)).content ?? ""), "base64").toString("utf8");
   }
 
   /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port; `"0:80"` any free port. */

@@ -95,6 +95,20 @@ describe("rpc protocol robustness (raw wire)", () => {
     assert.match((second.error as { message: string }).message, /one VM per rpc process/);
     w.request(8, "allow_list_add", { hosts: ["example.com"] });
     assert.match(((await w.response(8)).error as { message: string }).message, /allowlist/);
+    // Matchlock's wire: list_files modes are Go os.FileMode bits, logs are base64.
+    w.request(11, "list_files", { path: "/" });
+    const entries = (
+      (await w.response(11)).result as { files: Array<{ name: string; mode: number; is_dir: boolean }> }
+    ).files;
+    const etc = entries.find((f) => f.name === "etc");
+    assert.equal(etc?.is_dir, true);
+    assert.equal(etc?.mode, 2 ** 31 + 0o755, "a directory is 1<<31 | perm");
+    w.request(12, "exec", { command: "echo wire-log-marker > /dev/console" });
+    await w.response(12);
+    w.request(13, "log", {});
+    const content = ((await w.response(13)).result as { content: string }).content;
+    assert.match(content, /^[A-Za-z0-9+/]*={0,2}$/, "base64");
+    assert.match(Buffer.from(content, "base64").toString(), /wire-log-marker/);
     w.request(9, "close", { timeout_seconds: 5 });
     assert.deepEqual((await w.response(9)).result, {});
     w.request(10, "exec", { command: "true" });

@@ -3,15 +3,15 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
-import { paths } from "../../src/api/paths.ts";
-import { openState } from "../../src/state/store.ts";
 import { parseSandboxConfig } from "../../src/api/config.ts";
+import { paths } from "../../src/api/paths.ts";
 import { parseAddHost, parseDnsServers, parsePrivateHost } from "../../src/api/specs.ts";
 import { PrivateFloor } from "../../src/net/floor.ts";
 import { ruleset, tapOfTable } from "../../src/net/host-net.ts";
 import { macAddress, tableName, tapName } from "../../src/net/names.ts";
 import { findInConntrack } from "../../src/net/original-dst.ts";
 import { hostsFile } from "../../src/sandbox/sandbox.ts";
+import { openState } from "../../src/state/store.ts";
 import { qemuArgv } from "../../src/vm/qemu/argv.ts";
 
 describe("private floor", () => {

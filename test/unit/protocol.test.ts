@@ -109,3 +109,14 @@ describe("agent protocol codec", () => {
     ]);
   });
 });
+
+test("list_files modes are Go's os.FileMode bits, as Matchlock sends them", async () => {
+  const { goFileMode } = await import("../../src/api/rpc.ts");
+  assert.equal(goFileMode(0o100644), 0o644);
+  assert.equal(goFileMode(0o040755), 2 ** 31 + 0o755);
+  assert.equal(goFileMode(0o120777), 2 ** 27 + 0o777);
+  assert.equal(goFileMode(0o041777), 2 ** 31 + 2 ** 20 + 0o777); // /tmp: dir + sticky
+  assert.equal(goFileMode(0o104755), 2 ** 23 + 0o755); // setuid
+  assert.equal(goFileMode(0o020666), 2 ** 26 + 2 ** 21 + 0o666); // char device
+  assert.equal(goFileMode(0o010644), 2 ** 25 + 0o644); // fifo
+});
