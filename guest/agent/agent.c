@@ -954,8 +954,15 @@ static void do_write_file(uint32_t stream, const unsigned char *p, uint32_t len)
 		snprintf(w->msg, sizeof w->msg, "write_file: malformed payload");
 		return;
 	}
-	mode_t mode = w->mode = get_u32(p) & 07777;
+	uint32_t word = get_u32(p);
+	mode_t mode = w->mode = word & 07777;
 	w->path = xstrdup((const char *)p + 4);
+	struct stat st;
+	/* WRITE_REPLACE_LINK: a symlink here (resolv.conf → systemd's stub) is replaced, not followed */
+	if ((word & 0x10000) && lstat(w->path, &st) == 0 && S_ISLNK(st.st_mode) && unlink(w->path) < 0) {
+		wfile_error(w, "unlink", w->path, errno);
+		return;
+	}
 	char *dir = xstrdup(w->path), *slash = strrchr(dir, '/');
 	if (slash && slash != dir) {
 		*slash = 0;

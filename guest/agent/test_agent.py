@@ -586,6 +586,20 @@ def t_output_before_exit(a):
     assert len(r["out"]) == 2000000, len(r["out"])
 
 
+def t_write_file_replace_link(a):
+    base = f"/tmp/agent-test-{os.getpid()}/links"
+    os.makedirs(base, exist_ok=True)
+    link, target = base + "/resolv.conf", base + "/missing-dir/stub.conf"
+    os.symlink(target, link)
+    # without the flag, a dangling link is written through (and fails: its directory is missing)
+    err, _ = a.write_file(link, b"through\n")
+    assert err != 0 and os.path.islink(link)
+    # REPLACE_LINK (0x10000): the link itself is replaced by a regular file; its target is untouched
+    assert a.write_file(link, b"nameserver 10.99.1.1\n", 0o644 | 0x10000) == (0, "")
+    assert not os.path.islink(link) and open(link, "rb").read() == b"nameserver 10.99.1.1\n"
+    assert os.stat(link).st_mode & 0o7777 == 0o644 and not os.path.exists(target)
+
+
 def t_files(a):
     base = f"/tmp/agent-test-{os.getpid()}/files"
     data = os.urandom(3 << 20)
@@ -1135,7 +1149,7 @@ def main():
     assert typ == READY and p and b"\0" not in p, (typ, p)
     print(f"READY {p.decode()!r}")
     tests = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
-             t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files,
+             t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files, t_write_file_replace_link,
              t_output_backpressure, t_output_after_exit_waits_for_acks, t_read_file_backpressure_and_cancel,
              t_write_file_enospc_leaves_nothing,
              t_orphans, t_bad_frames, t_tcp_echo, t_tcp_half_close, t_tcp_errors, t_tcp_close, t_tcp_backpressure,

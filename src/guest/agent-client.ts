@@ -21,6 +21,7 @@ import {
   readResult,
   readU32,
   WINDOW,
+  WRITE_REPLACE_LINK,
 } from "./protocol.ts";
 
 /** Host side of the agent protocol over one byte stream (the `agent` virtio-serial port). */
@@ -286,8 +287,14 @@ export class AgentClient {
     });
   }
 
-  async writeFile(path: string, data: Buffer, mode = 0o644): Promise<void> {
-    const w = this.openWrite(path, mode);
+  /** `replaceLink`: a symlink at `path` is removed first (the file becomes a regular one). */
+  async writeFile(
+    path: string,
+    data: Buffer,
+    mode = 0o644,
+    opts: { replaceLink?: boolean } = {},
+  ): Promise<void> {
+    const w = this.openWrite(path, mode, opts.replaceLink ? WRITE_REPLACE_LINK : 0);
     await w.write(data);
     await w.end();
   }
@@ -298,8 +305,8 @@ export class AgentClient {
    * is held back by the VM instead of queueing in memory. `end` resolves when the guest has closed
    * the file; a failed write leaves no file behind (the agent removes it).
    */
-  openWrite(path: string, mode = 0o644): FileWriter {
-    const header = encodeWriteFile(path, mode); // a bad path throws before any state exists
+  openWrite(path: string, mode = 0o644, flags = 0): FileWriter {
+    const header = encodeWriteFile(path, mode, flags); // a bad path throws before any state exists
     const stream = this.allocStream();
     const result = this.fileOp(stream, 0);
     result.catch(() => {}); // observed by end(); a writer given up on must not be an unhandled rejection

@@ -208,8 +208,11 @@ export function encodeI32(n: number): Buffer {
   return b;
 }
 
-export function encodeWriteFile(path: string, mode: number): Buffer {
-  return Buffer.concat([encodeU32(mode & 0o7777), cstr(path, "path")]);
+/** WRITE_FILE flag (above the mode bits): a symlink at `path` is replaced, not written through. */
+export const WRITE_REPLACE_LINK = 0x10000;
+
+export function encodeWriteFile(path: string, mode: number, flags = 0): Buffer {
+  return Buffer.concat([encodeU32((mode & 0o7777) | flags), cstr(path, "path")]);
 }
 
 export function encodePath(path: string): Buffer {

@@ -443,7 +443,10 @@ export class Sandbox {
    * image's.
    */
   private async writeNetworkFiles(): Promise<void> {
-    const write = (path: string, text: string) => this.agent.writeFile(path, Buffer.from(text), 0o644);
+    // An image may ship these as symlinks (resolv.conf → systemd-resolved's stub, often dangling
+    // here): replaced by regular files, as Docker's bind mounts do, never written through.
+    const write = (path: string, text: string) =>
+      this.agent.writeFile(path, Buffer.from(text), 0o644, { replaceLink: true });
     await write("/etc/hostname", `${this.hostname}\n`);
     await write("/etc/hosts", hostsFile(this.hostname, this.config.network.add_hosts));
     if (this.network) await write("/etc/resolv.conf", `nameserver ${this.network.plan.gateway}\n`);

@@ -6,6 +6,7 @@ import { after, before, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
 import { openState } from "../../src/state/store.ts";
 import { CLI, type CliResult, REPO, tempHome } from "../helpers/cli.ts";
+import { busyboxLayer, dockerSave, makeTar } from "../helpers/images.ts";
 import { createTopology, FAKE, FAKE_PORTS, fakeBytes, type Topology } from "../helpers/netns.ts";
 import { leftovers, listRows, networkLeftovers } from "../helpers/vms.ts";
 
@@ -321,6 +322,21 @@ test("original destination: getsockopt through koffi and the conntrack fallback 
   assert.equal(r.code, 0, r.stderr);
   const want = { address: "192.0.2.77", port: 7777 };
   assert.deepEqual(JSON.parse(r.stdout.toString()), { ffi: want, ct: want });
+});
+
+test("an image whose resolv.conf is a dangling symlink still resolves: DNS to any address lands on ours", async () => {
+  const stub = await makeTar([
+    { name: "etc/resolv.conf", type: "symlink", linkname: "../run/systemd/resolve/stub-resolv.conf" },
+  ]);
+  const archive = await dockerSave({ layers: [await busyboxLayer(), stub] }, "test/resolved:latest");
+  const imp = await t.execInHost(process.execPath, [CLI, "image", "import", "test/resolved:latest"], {
+    env: h.env,
+    input: archive,
+  });
+  assert.equal(imp.code, 0, imp.stderr);
+  const r = await ml(["run", "--image", "test/resolved:latest", "--", "busybox", "nslookup", "example.test"]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout.toString(), new RegExp(`Address: ${FAKE.web.replaceAll(".", "\\.")}`));
 });
 
 test("--no-network: loopback only, and no TAP, subnet row or table", async () => {
