@@ -292,9 +292,6 @@ export class RpcServer {
   }
 
   private async create(input: RpcParams<"create">): Promise<unknown> {
-    if (this.sandbox || this.creating || this.gone) {
-      throw new RpcError(RpcCode.VM_FAILED, "this rpc session already has a VM (one VM per rpc process)");
-    }
     const config = parseSandboxConfig(input);
     const missing = unsupportedFeatures(config);
     if (missing.length > 0) {
@@ -303,6 +300,10 @@ export class RpcServer {
         `not supported by this version of matchlock: ${missing.join(", ")}`,
       );
     }
+    // One VM per session: a second create replaces the first, as in Matchlock (its requests end).
+    if (this.creating || this.sandbox) await this.closeSandbox("replaced by a new create");
+    if (this.shuttingDown) throw new RpcError(RpcCode.VM_FAILED, "the rpc session is shutting down");
+    this.gone = undefined;
     this.creating = this.createSandbox(config);
     try {
       const sb = await this.creating;

@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Client, MatchlockError, RPC_CODES, RPCError, Sandbox } from "../../src/sdk/index.ts";
 import { CLI, qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
@@ -89,10 +91,16 @@ describe("rpc protocol robustness (raw wire)", () => {
     w.request(6, "exec", { command: "echo alive" });
     const r6 = (await w.response(6)).result as { exit_code: number; stdout: string };
     assert.equal(Buffer.from(r6.stdout, "base64").toString(), "alive\n");
+    // A second create replaces the VM, as in Matchlock: a new id, and the first VM is closed.
     w.request(7, "create", {});
-    const second = await w.response(7);
-    assert.equal(errCode(second), RPC_CODES.VM_FAILED);
-    assert.match((second.error as { message: string }).message, /one VM per rpc process/);
+    const second = (await w.response(7)).result as { id: string };
+    const first = (created.result as { id: string }).id;
+    assert.match(second.id, /^vm-/);
+    assert.notEqual(second.id, first);
+    assert.equal(existsSync(join(h.home, "vms", first, "upper.ext4")), false, "the first VM was closed");
+    w.request(14, "exec", { command: "hostname" });
+    const r14 = (await w.response(14)).result as { stdout: string };
+    assert.equal(Buffer.from(r14.stdout, "base64").toString(), `${second.id}\n`);
     w.request(8, "allow_list_add", { hosts: ["example.com"] });
     assert.match(((await w.response(8)).error as { message: string }).message, /allowlist/);
     // Matchlock's wire: list_files modes are Go os.FileMode bits, logs are base64.
