@@ -83,7 +83,10 @@ export const ResourcesSchema = strictObject({
   cpus: v.optional(v.pipe(v.number(), v.minValue(0.01), v.maxValue(64)), 1),
   memory_mb: v.optional(v.pipe(positiveInt, v.minValue(64), v.maxValue(262144)), 512),
   disk_size_mb: v.optional(v.pipe(positiveInt, v.minValue(16), v.maxValue(4194304)), 5120),
+  /** Matchlock's field: stored with the VM, never enforced (Matchlock's SDK always sends 300). */
   timeout_seconds: v.optional(v.pipe(v.number(), v.minValue(0))),
+  /** Ours: the VM is closed when this many seconds have passed since create (`--timeout`). */
+  lifetime_seconds: v.optional(v.pipe(v.number(), v.minValue(0))),
 });
 
 const HOSTNAME =

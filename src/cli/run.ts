@@ -191,7 +191,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       cpus: flags.cpus,
       memory_mb: flags.memory,
       disk_size_mb: flags.diskSize,
-      ...(flags.timeout === undefined ? {} : { timeout_seconds: flags.timeout }),
+      ...(flags.timeout === undefined ? {} : { lifetime_seconds: flags.timeout }),
     },
     network: {
       no_network: !flags.network,

@@ -85,7 +85,7 @@ export class Sandbox {
   readonly accel: Accel;
   readonly hostname: string;
   /**
-   * Aborted when the sandbox ends on its own: `resources.timeout_seconds` ran out, or the VM died
+   * Aborted when the sandbox ends on its own: `resources.lifetime_seconds` ran out, or the VM died
    * without being asked to stop. The reason says which; the owner then stops the work and closes.
    */
   readonly deadline: AbortSignal;
@@ -132,7 +132,7 @@ export class Sandbox {
     this.network = init.network;
     const ctl = new AbortController();
     this.deadline = ctl.signal;
-    const t = init.config.resources.timeout_seconds;
+    const t = init.config.resources.lifetime_seconds;
     this.cancelDeadline =
       t !== undefined && t > 0
         ? longTimeout(

@@ -101,10 +101,20 @@ export class Sandbox {
     });
   }
 
-  /** The VM is closed when this many seconds have passed since create. */
+  /**
+   * Matchlock's `timeout_seconds`: stored with the VM and not enforced, as in Matchlock (its SDK
+   * sends 300 by default, and programs use sandboxes for longer). For a limit, use withLifetime.
+   */
   withTimeout(seconds: number): Sandbox {
     return this.with((c) => {
       c.resources = { ...c.resources, timeout_seconds: seconds };
+    });
+  }
+
+  /** Ours: the VM is closed when this many seconds have passed since create (the CLI's --timeout). */
+  withLifetime(seconds: number): Sandbox {
+    return this.with((c) => {
+      c.resources = { ...c.resources, lifetime_seconds: seconds };
     });
   }
 

@@ -284,11 +284,21 @@ describe("the SDK against real VMs", () => {
 });
 
 describe("lifetimes", () => {
-  test("resources.timeout_seconds closes the VM when it runs out", async () => {
+  test("resources.lifetime_seconds (ours) closes the VM when it runs out", async () => {
     const c = new Client({ env: h.env });
-    await c.launch(new Sandbox().withTimeout(3));
+    await c.launch(new Sandbox().withLifetime(3));
     await new Promise((r) => setTimeout(r, 4500));
     await assert.rejects(c.exec("true"), (e: Error) => e instanceof RPCError && /timeout/.test(e.message));
+    await c.close();
+  });
+
+  test("resources.timeout_seconds is stored, never enforced, as in Matchlock (its SDK always sends 300)", async () => {
+    const c = new Client({ env: h.env });
+    await c.launch(new Sandbox().withTimeout(2));
+    await new Promise((r) => setTimeout(r, 3500));
+    assert.equal((await c.exec("echo alive")).stdout, "alive\n");
+    const get = await runCli(["get", c.vmId as string], { env: h.env });
+    assert.match(get.stdout.toString(), /"timeout_seconds": ?2/);
     await c.close();
   });
 
