@@ -28,5 +28,6 @@ try {
     if (r.stderr) process.stdout.write(`[stderr] ${r.stderr}`);
   }
 } finally {
-  await client.close();
+  await client.close(); // stops the VM; it stays listed as stopped, with its logs
+  await client.remove(); // and now it is gone (`matchlock rm`), as in Matchlock's SDK
 }

@@ -27,5 +27,6 @@ try {
 } finally {
   if (stdin.isTTY) stdin.setRawMode(false);
   stdin.destroy(); // release the terminal so the program can exit
-  await client.close();
+  await client.close(); // stops the VM; it stays listed as stopped, with its logs
+  await client.remove(); // and now it is gone (`matchlock rm`), as in Matchlock's SDK
 }

@@ -32,5 +32,6 @@ try {
   console.log(`build exited with ${r.exitCode} after ${r.durationMs} ms`);
   process.exitCode = r.exitCode;
 } finally {
-  await client.close();
+  await client.close(); // stops the VM; it stays listed as stopped, with its logs
+  await client.remove(); // and now it is gone (`matchlock rm`), as in Matchlock's SDK
 }

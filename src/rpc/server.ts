@@ -208,7 +208,8 @@ export class RpcServer {
       case "create":
         return this.create(params as RpcParams<"create">);
       case "close":
-        await this.closeSandbox("closed by the client");
+        // As in Matchlock: the VM stays listed as stopped, with its logs, until `remove` (`matchlock rm`).
+        await this.closeSandbox("closed by the client", { keep: true });
         return {};
       case "cancel":
         return this.cancel(params as RpcParams<"cancel">);
@@ -301,7 +302,7 @@ export class RpcServer {
       );
     }
     // One VM per session: a second create replaces the first, as in Matchlock (its requests end).
-    if (this.creating || this.sandbox) await this.closeSandbox("replaced by a new create");
+    if (this.creating || this.sandbox) await this.closeSandbox("replaced by a new create", { keep: true });
     if (this.shuttingDown) throw new RpcError(RpcCode.VM_FAILED, "the rpc session is shutting down");
     this.gone = undefined;
     this.creating = this.createSandbox(config);
@@ -495,7 +496,11 @@ export class RpcServer {
     return {};
   }
 
-  private async closeSandbox(why: string): Promise<void> {
+  /**
+   * Stops the VM. `keep` leaves it listed as stopped with its logs (a client's `close`); otherwise
+   * its records and files go too (the client vanished, the session ends, the lifetime ran out).
+   */
+  private async closeSandbox(why: string, opts: { keep?: boolean } = {}): Promise<void> {
     const creating = this.creating;
     if (creating) await creating.catch(() => {});
     const sb = this.sandbox;
@@ -509,7 +514,7 @@ export class RpcServer {
       req.stop?.();
       if (req.handle) sb.terminate(req.handle, this.graceMs).catch(() => {});
     }
-    await sb.close();
+    await sb.close({ remove: !opts.keep });
     this.log(`${sb.id} closed (${why})`);
   }
 

@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Client, MatchlockError, RPC_CODES, RPCError, Sandbox } from "../../src/sdk/index.ts";
 import { CLI, qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
+import { listRows } from "../helpers/vms.ts";
 
 /** `matchlock rpc` through the SDK and on the raw wire, with real VMs. */
 
@@ -125,6 +126,12 @@ describe("rpc protocol robustness (raw wire)", () => {
     assert.match((afterClose.error as { message: string }).message, /gone/);
     w.child.stdin.end();
     assert.equal(await w.closed(), 0);
+    // Both VMs (the replaced one and the closed one) stay listed as stopped until removed.
+    const listed = listRows((await runCli(["list"], { env: h.env })).stdout.toString());
+    assert.equal(listed.get(first), "stopped");
+    assert.equal(listed.get(second.id), "stopped");
+    assert.equal((await runCli(["prune"], { env: h.env })).code, 0);
+    assert.deepEqual(h.vmDirs(), []);
   });
 
   test("a config asking for a feature this version lacks is refused, naming it", async () => {
@@ -290,6 +297,18 @@ describe("lifetimes", () => {
     await new Promise((r) => setTimeout(r, 4500));
     await assert.rejects(c.exec("true"), (e: Error) => e instanceof RPCError && /timeout/.test(e.message));
     await c.close();
+  });
+
+  test("close leaves the VM listed as stopped; remove then deletes it (Matchlock's clean-up)", async () => {
+    const c = new Client({ env: h.env });
+    await c.launch(new Sandbox());
+    const id = c.vmId;
+    await c.close();
+    const listed = (await runCli(["list"], { env: h.env })).stdout.toString();
+    assert.match(listed, new RegExp(`${id}\\s+stopped`));
+    await c.remove();
+    assert.doesNotMatch((await runCli(["list"], { env: h.env })).stdout.toString(), new RegExp(id));
+    assert.ok(!h.vmDirs().includes(id));
   });
 
   test("resources.timeout_seconds is stored, never enforced, as in Matchlock (its SDK always sends 300)", async () => {

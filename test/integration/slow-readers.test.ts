@@ -286,6 +286,10 @@ describe("matchlock rpc under hostile output", () => {
     w.child.stdin.end();
     const code = await new Promise((r) => w.child.on("close", r));
     assert.equal(code, 0);
+    // close leaves the VM listed as stopped (Matchlock's semantics) until rm.
+    const [id] = h.vmDirs();
+    assert.match((await runCli(["list"], { env: h.env })).stdout.toString(), new RegExp(`${id}\\s+stopped`));
+    assert.equal((await runCli(["rm", id as string], { env: h.env })).code, 0);
     assert.deepEqual(h.vmDirs(), []);
   });
 
