@@ -25,7 +25,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createTopology, execInNs, FAKE, type Topology } from "../test/helpers/netns.ts";
+import { createTopology, destroyNamespace, execInNs, FAKE, type Topology } from "../test/helpers/netns.ts";
 
 const arg = (name: string, dflt: number) => {
   const i = process.argv.indexOf(name);
@@ -64,19 +64,7 @@ async function client<T>(ns: string, args: string[]): Promise<T> {
 function makeGuestNs(hostNs: string): { ns: string; tap: string; destroy(): void } {
   const ns = `mlb-${process.pid.toString(36)}-g`;
   const tap = `fc-bench${randomBytes(2).toString("hex")}`;
-  const destroy = () => {
-    try {
-      const pids = execFileSync("ip", ["netns", "pids", ns], { encoding: "utf8", stdio: "pipe" });
-      for (const pid of pids.split("\n").filter((p) => /^\d+$/.test(p))) {
-        try {
-          process.kill(Number(pid), "SIGKILL");
-        } catch {}
-      }
-    } catch {}
-    try {
-      execFileSync("ip", ["netns", "del", ns], { stdio: "ignore" });
-    } catch {}
-  };
+  const destroy = () => destroyNamespace(ns);
   process.on("exit", destroy);
   const ip = (...a: string[]) => execFileSync("ip", a, { stdio: ["ignore", "ignore", "pipe"] });
   ip("netns", "add", ns);

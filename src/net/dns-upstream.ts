@@ -69,6 +69,39 @@ export class UpstreamTimeoutError extends Error {
 /** Largest UDP reply we accept from an upstream: a datagram cannot carry more. */
 const MAX_UDP_REPLY = 65535;
 
+type Finish = (err: Error | undefined, reply?: DecodedPacket) => void;
+
+/**
+ * One exchange with an upstream, settled once: by a matching reply, an error, the timeout or the
+ * server closing (`signal`). `start` opens the socket and returns how to release it.
+ */
+function exchange(
+  up: Upstream,
+  timeoutMs: number,
+  signal: AbortSignal,
+  start: (finish: Finish, settled: () => boolean) => () => void,
+): Promise<DecodedPacket> {
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    let release = () => {};
+    const finish: Finish = (err, reply) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
+      release();
+      if (reply) resolve(reply);
+      else reject(err ?? new UpstreamTimeoutError(up));
+    };
+    const onAbort = () => finish(new Error("DNS server closed"));
+    const timer = setTimeout(() => finish(new UpstreamTimeoutError(up)), timeoutMs);
+    if (signal.aborted) return onAbort();
+    signal.addEventListener("abort", onAbort);
+    release = start(finish, () => settled);
+    if (settled) release();
+  });
+}
+
 /**
  * Sends `query` to `up` over UDP and resolves with the first reply that matches. The socket is
  * connected, so the kernel drops datagrams from anyone else and an ICMP refusal fails fast; the
@@ -81,26 +114,8 @@ export function exchangeUdp(
   timeoutMs: number,
   signal: AbortSignal,
 ): Promise<DecodedPacket> {
-  return new Promise((resolve, reject) => {
+  return exchange(up, timeoutMs, signal, (finish, settled) => {
     const sock = createSocket(up.family === 6 ? "udp6" : "udp4");
-    let settled = false;
-    const finish = (err: Error | undefined, reply?: DecodedPacket) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      signal.removeEventListener("abort", onAbort);
-      try {
-        sock.close();
-      } catch {
-        // already closed
-      }
-      if (reply) resolve(reply);
-      else reject(err ?? new UpstreamTimeoutError(up));
-    };
-    const onAbort = () => finish(new Error("DNS server closed"));
-    const timer = setTimeout(() => finish(new UpstreamTimeoutError(up)), timeoutMs);
-    signal.addEventListener("abort", onAbort);
-    if (signal.aborted) return onAbort();
     sock.on("error", (e) => finish(e));
     sock.on("message", (msg: Buffer) => {
       if (msg.length > MAX_UDP_REPLY) return;
@@ -113,11 +128,18 @@ export function exchangeUdp(
       if (matches(reply)) finish(undefined, reply);
     });
     sock.connect(up.port, up.host, () => {
-      if (settled) return;
+      if (settled()) return;
       sock.send(query, (err) => {
         if (err) finish(err);
       });
     });
+    return () => {
+      try {
+        sock.close();
+      } catch {
+        // already closed
+      }
+    };
   });
 }
 
@@ -166,23 +188,9 @@ export function exchangeTcp(
   timeoutMs: number,
   signal: AbortSignal,
 ): Promise<DecodedPacket> {
-  return new Promise((resolve, reject) => {
+  return exchange(up, timeoutMs, signal, (finish) => {
     const sock = connect({ host: up.host, port: up.port });
     const reader = new FrameReader(65535);
-    let settled = false;
-    const finish = (err: Error | undefined, reply?: DecodedPacket) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      signal.removeEventListener("abort", onAbort);
-      sock.destroy();
-      if (reply) resolve(reply);
-      else reject(err ?? new UpstreamTimeoutError(up));
-    };
-    const onAbort = () => finish(new Error("DNS server closed"));
-    const timer = setTimeout(() => finish(new UpstreamTimeoutError(up)), timeoutMs);
-    signal.addEventListener("abort", onAbort);
-    if (signal.aborted) return onAbort();
     sock.on("error", (e) => finish(e));
     sock.on("close", () => finish(new Error(`DNS server ${up.host}:${up.port} closed the connection`)));
     sock.on("data", (chunk: Buffer) => {
@@ -197,5 +205,6 @@ export function exchangeTcp(
       }
     });
     sock.write(frame);
+    return () => sock.destroy();
   });
 }

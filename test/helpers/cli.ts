@@ -40,10 +40,14 @@ export function tempHome(): { home: string; env: NodeJS.ProcessEnv; cleanup(): v
   };
 }
 
-export function runCli(args: string[], opts: CliOptions = {}): Promise<CliResult> {
+/**
+ * Runs `cmd args`, feeding `input` to its stdin and collecting its output; SIGKILLed after
+ * `timeoutMs` (default 120 s). The one spawn-and-collect of the test helpers.
+ */
+export function spawnCollect(cmd: string, args: string[], opts: CliOptions = {}): Promise<CliResult> {
   const started = Date.now();
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
+    const child = spawn(cmd, args, {
       env: opts.env ?? process.env,
       stdio: ["pipe", "pipe", "pipe"],
     });
@@ -62,6 +66,10 @@ export function runCli(args: string[], opts: CliOptions = {}): Promise<CliResult
     child.stdin.on("error", () => {});
     child.stdin.end(opts.input);
   });
+}
+
+export function runCli(args: string[], opts: CliOptions = {}): Promise<CliResult> {
+  return spawnCollect(process.execPath, [CLI, ...args], opts);
 }
 
 /** QEMU processes whose command line mentions `needle` (a VM dir or id). */

@@ -1,6 +1,7 @@
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
+import { spawnCollect } from "./cli.ts";
 
 /**
  * The fake internet that VM network tests use (NETWORK.md §8, research/network.md §3.1 and §5.9).
@@ -88,26 +89,7 @@ export function execInNs(
   args: string[],
   opts: ExecOptions = {},
 ): Promise<ExecResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn("ip", ["netns", "exec", ns, cmd, ...args], {
-      env: opts.env ?? process.env,
-      stdio: ["pipe", "pipe", "pipe"],
-    });
-    const out: Buffer[] = [];
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => out.push(d));
-    child.stderr.on("data", (d: Buffer) => {
-      err += d.toString();
-    });
-    const timer = setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs ?? 30_000);
-    child.on("error", reject);
-    child.on("close", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout: Buffer.concat(out), stderr: err });
-    });
-    child.stdin.on("error", () => {});
-    child.stdin.end(opts.input);
-  });
+  return spawnCollect("ip", ["netns", "exec", ns, cmd, ...args], { timeoutMs: 30_000, ...opts });
 }
 
 /** `ip …` that must succeed. */
@@ -124,7 +106,7 @@ function listNamespaces(): string[] {
 }
 
 /** Best effort, synchronous (usable from an 'exit' handler): SIGKILL every process in ns, delete it. */
-function destroyNamespace(ns: string): void {
+export function destroyNamespace(ns: string): void {
   try {
     const pids = execFileSync("ip", ["netns", "pids", ns], {
       encoding: "utf8",

@@ -5,6 +5,19 @@ import { paths } from "../../src/api/paths.ts";
 import { openState } from "../../src/state/store.ts";
 import { qemuProcessesMentioning } from "./cli.ts";
 
+/**
+ * The lifecycle phases the crash tests SIGKILL the owner at (MATCHLOCK_TEST_CRASH_AT), each with a
+ * command that keeps the VM up through that phase.
+ */
+export const CRASH_PHASES: ReadonlyArray<readonly [string, string[]]> = [
+  ["creating", ["sleep", "600"]],
+  ["created", ["sleep", "600"]],
+  ["starting", ["sleep", "600"]],
+  ["running", ["sleep", "600"]],
+  ["stopping", ["true"]],
+  ["cleaning", ["true"]],
+];
+
 /** `matchlock list` output as id → status. */
 export function listRows(out: string): Map<string, string> {
   const rows = new Map<string, string>();

@@ -6,7 +6,7 @@ import { after, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
 import { openState, stateDbPath } from "../../src/state/store.ts";
 import { CLI, qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
-import { leftovers, listRows } from "../helpers/vms.ts";
+import { CRASH_PHASES, leftovers, listRows } from "../helpers/vms.ts";
 
 /**
  * Crash safety: the owner is SIGKILLed at each lifecycle phase (MATCHLOCK_TEST_CRASH_AT), with the
@@ -23,15 +23,7 @@ const cli = (args: string[], extra: NodeJS.ProcessEnv = {}, input?: Buffer | str
   runCli(args, { env: { ...h.env, ...extra }, ...(input === undefined ? {} : { input }) });
 
 describe("SIGKILL of the owner at each phase, then gc", () => {
-  const cases: Array<[string, string[]]> = [
-    ["creating", ["sleep", "600"]],
-    ["created", ["sleep", "600"]],
-    ["starting", ["sleep", "600"]],
-    ["running", ["sleep", "600"]],
-    ["stopping", ["true"]],
-    ["cleaning", ["true"]],
-  ];
-  for (const [phase, cmd] of cases) {
+  for (const [phase, cmd] of CRASH_PHASES) {
     test(`crash at ${phase}: gc reclaims everything and list tells the truth`, async () => {
       const env = { MATCHLOCK_TEST_CRASH_AT: phase, MATCHLOCK_TEST_NO_PDEATHSIG: "1" };
       const r = await cli(["run", "--", ...cmd], env);

@@ -8,7 +8,7 @@ import { openState } from "../../src/state/store.ts";
 import { CLI, type CliResult, REPO, tempHome } from "../helpers/cli.ts";
 import { busyboxLayer, dockerSave, makeTar } from "../helpers/images.ts";
 import { createTopology, FAKE, FAKE_PORTS, fakeBytes, type Topology } from "../helpers/netns.ts";
-import { leftovers, listRows, networkLeftovers } from "../helpers/vms.ts";
+import { CRASH_PHASES, leftovers, listRows, networkLeftovers } from "../helpers/vms.ts";
 
 /**
  * Networking from inside real VMs. Every matchlock process here runs in a test namespace whose only
@@ -357,15 +357,7 @@ test("--no-network: loopback only, and no TAP, subnet row or table", async () =>
 });
 
 describe("crash safety with networking on", () => {
-  const cases: Array<[string, string[]]> = [
-    ["creating", ["sleep", "600"]],
-    ["created", ["sleep", "600"]],
-    ["starting", ["sleep", "600"]],
-    ["running", ["sleep", "600"]],
-    ["stopping", ["true"]],
-    ["cleaning", ["true"]],
-  ];
-  for (const [phase, cmd] of cases) {
+  for (const [phase, cmd] of CRASH_PHASES) {
     test(`SIGKILL at ${phase}: gc leaves no TAP, table, listener or subnet row`, async () => {
       const env = { MATCHLOCK_TEST_CRASH_AT: phase, MATCHLOCK_TEST_NO_PDEATHSIG: "1" };
       const known = new Set(listRows((await ml(["list"])).stdout.toString()).keys());
