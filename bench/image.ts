@@ -2,7 +2,7 @@
  * bench/image: image import throughput (MB/s of layer data, medians of runs) and the time from
  * `run --image` to the first output line for a freshly imported image (import included) vs the same
  * image already in the store, measured alternately in one run. Uses the Debian layer that
- * test/integration/realistic-image.test.ts caches in ~/.cache/matchlock-test when present, else a
+ * test/helpers/debian.ts caches in ~/.cache/matchlock-test (the first found) when present, else a
  * synthetic layer of many small files plus busybox.
  * Usage: npm run build && node bench/image.ts [--runs N]
  */

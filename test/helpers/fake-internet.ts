@@ -1,9 +1,18 @@
 import { createHash } from "node:crypto";
 import { createSocket } from "node:dgram";
-import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from "node:http";
+import { readFileSync } from "node:fs";
+import {
+  createServer as createHttpServer,
+  type IncomingMessage,
+  type OutgoingHttpHeaders,
+  type ServerResponse,
+} from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 import { createServer as createTcpServer, type Server } from "node:net";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
+import { setTimeout as sleep } from "node:timers/promises";
+import type { TLSSocket } from "node:tls";
 import {
   type Answer,
   AUTHORITATIVE_ANSWER,
@@ -14,13 +23,16 @@ import {
   RECURSION_AVAILABLE,
   RECURSION_DESIRED,
 } from "dns-packet";
-import { FAKE, FAKE_PORTS, fakeBytes, type Hit } from "./netns.ts";
+import { FAKE, FAKE_API_KEY, FAKE_PORTS, fakeBytes, type Hit } from "./netns.ts";
 
 /**
  * The fake internet's servers, one process per namespace (started by test/helpers/netns.ts):
  *
- *   ip netns exec <netNs>  node test/helpers/fake-internet.ts net    HTTP, echo, UDP echo, DNS
- *   ip netns exec <hostNs> node test/helpers/fake-internet.ts host   the "host service" on 0.0.0.0:2223
+ *   ip netns exec <netNs>  node test/helpers/fake-internet.ts net <cert> <key>   HTTP, HTTPS, echo, UDP echo, DNS
+ *   ip netns exec <hostNs> node test/helpers/fake-internet.ts host               the "host service" on :2223
+ *
+ * (the servers, routes and zone: the header of netns.ts). <cert> and <key> are the PEM files the HTTPS
+ * servers present (netns.ts makePki).
  *
  * Prints one JSON Hit per line on stdout, and `ready` once every server listens. Exits when stdin closes,
  * so it never outlives the test process that started it.
@@ -28,6 +40,8 @@ import { FAKE, FAKE_PORTS, fakeBytes, type Hit } from "./netns.ts";
 
 const MAX_BYTES = 256 * 1024 * 1024;
 const CHUNK = 64 * 1024;
+const MAX_SSE_EVENTS = 1000;
+const MAX_SSE_GAP_MS = 10_000;
 
 function hit(h: Hit): void {
   process.stdout.write(`${JSON.stringify(h)}\n`);
@@ -40,13 +54,23 @@ function addr(a: string | undefined): string {
 
 // ---- DNS -----------------------------------------------------------------------------------------------
 
-/** example.test, www.example.test → web; other.test → other; rebind.test → private; alias.test CNAME example.test. */
+/**
+ * example.test, www.example.test, api.example.test → web; other.test → other; rebind.test → private;
+ * alias.test CNAME example.test; attacker.test and every name under it (e.g. <secret>.attacker.test) → other.
+ */
 const ZONE_A: Record<string, string> = {
   "example.test": FAKE.web,
   "www.example.test": FAKE.web,
+  "api.example.test": FAKE.web,
   "other.test": FAKE.other,
   "rebind.test": FAKE.private,
 };
+const WILDCARD_A: Array<[suffix: string, address: string]> = [["attacker.test", FAKE.other]];
+
+function zoneA(name: string): string | undefined {
+  if (Object.hasOwn(ZONE_A, name)) return ZONE_A[name];
+  return WILDCARD_A.find(([suffix]) => name === suffix || name.endsWith(`.${suffix}`))?.[1];
+}
 const ZONE_CNAME: Record<string, string> = { "alias.test": "example.test" };
 const SOA: Answer = {
   type: "SOA",
@@ -81,10 +105,10 @@ function answerDns(msg: Buffer, server: string): Buffer | null {
   hit({ kind: "dns", server, name, type: question.type });
 
   const answers: Answer[] = [];
-  const cname = ZONE_CNAME[name];
+  const cname = Object.hasOwn(ZONE_CNAME, name) ? ZONE_CNAME[name] : undefined;
   if (cname !== undefined) answers.push({ type: "CNAME", name: question.name, ttl: 60, data: cname });
   const target = cname ?? name;
-  const a = ZONE_A[target];
+  const a = zoneA(target);
   if (question.type === "A" && a !== undefined) answers.push({ type: "A", name: target, ttl: 60, data: a });
   const exists = cname !== undefined || a !== undefined;
   return encode({
@@ -138,40 +162,141 @@ function* byteChunks(n: number, sent: { bytes: number }): Generator<Buffer> {
   }
 }
 
-/** `GET /` hello; `GET /bytes/<n>` fakeBytes(n); `POST /sha256` "<hex sha256> <bytes>\n" of the body. */
+/** The request headers as received: names lower-cased, a repeated header's values joined with ", ". */
+function receivedHeaders(req: IncomingMessage): Record<string, string> {
+  const out: Record<string, string> = Object.create(null);
+  const raw = req.rawHeaders;
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = (raw[i] ?? "").toLowerCase();
+    const value = raw[i + 1] ?? "";
+    const seen = out[name];
+    out[name] = seen === undefined ? value : `${seen}, ${value}`;
+  }
+  return out;
+}
+
+/** A query parameter as a whole number ≤ max; `dflt` when absent or not a number. */
+function intParam(url: URL | null, name: string, dflt: number, max: number): number {
+  const v = url?.searchParams.get(name) ?? null;
+  return v !== null && /^\d{1,9}$/.test(v) ? Math.min(Number(v), max) : dflt;
+}
+
+/**
+ * The routes of FAKE.web and FAKE.other, over HTTP and HTTPS (listed in the header of netns.ts). Memory
+ * stays bounded whatever the client sends: bodies are streamed, hashed or counted, never kept.
+ */
 async function web(server: string, req: IncomingMessage, res: ServerResponse, log: { bytes: number }) {
-  const path = req.url ?? "/";
+  const target = req.url ?? "/";
+  const url = URL.parse(target, "http://fake.invalid"); // origin-form, or absolute-form from a proxy
+  const path = url?.pathname ?? "";
+  const method = req.method ?? "";
+  const countUp = method === "POST";
   const bytes = /^\/bytes\/(\d+)$/.exec(path);
-  if (req.method === "GET" && path === "/") {
-    const body = `hello from ${server}\n`;
-    log.bytes = body.length;
-    res.writeHead(200, { "content-type": "text/plain" }).end(body);
-  } else if (req.method === "GET" && bytes?.[1] !== undefined && Number(bytes[1]) <= MAX_BYTES) {
-    const n = Number(bytes[1]);
-    res.writeHead(200, { "content-type": "application/octet-stream", "content-length": n });
-    await pipeline(Readable.from(byteChunks(n, log)), res);
-  } else if (req.method === "POST" && path === "/sha256") {
+  const reply = (status: number, type: string, body: string, headers: OutgoingHttpHeaders = {}) => {
+    if (!countUp) log.bytes += Buffer.byteLength(body);
+    res.writeHead(status, { "content-type": type, ...headers }).end(body);
+  };
+
+  if (method === "POST" && path === "/sha256") {
     const hash = createHash("sha256");
     for await (const chunk of req) {
       hash.update(chunk as Buffer);
       log.bytes += (chunk as Buffer).length;
     }
     res.writeHead(200, { "content-type": "text/plain" }).end(`${hash.digest("hex")} ${log.bytes}\n`);
+    return;
+  }
+  // Every other route ignores the body: count it (POST) and drop it.
+  for await (const chunk of req) if (countUp) log.bytes += (chunk as Buffer).length;
+
+  if (method === "GET" && path === "/") {
+    reply(200, "text/plain", `hello from ${server}\n`);
+  } else if (method === "GET" && bytes?.[1] !== undefined && Number(bytes[1]) <= MAX_BYTES) {
+    const n = Number(bytes[1]);
+    res.writeHead(200, { "content-type": "application/octet-stream", "content-length": n });
+    await pipeline(Readable.from(byteChunks(n, log)), res);
+  } else if (method === "GET" && path === "/headers") {
+    const headers = receivedHeaders(req);
+    const auth = headers.authorization;
+    reply(
+      200,
+      "application/json",
+      `${JSON.stringify(headers)}\n`,
+      auth === undefined ? {} : { "x-echo-authorization": auth },
+    );
+  } else if ((method === "GET" || method === "POST") && path === "/model") {
+    if (receivedHeaders(req).authorization === `Bearer ${FAKE_API_KEY}`)
+      reply(200, "application/json", `${JSON.stringify({ ok: true, model: "fake" })}\n`);
+    else reply(401, "application/json", `${JSON.stringify({ error: "bad key" })}\n`);
+  } else if (method === "GET" && path === "/sse") {
+    const n = intParam(url, "n", 5, MAX_SSE_EVENTS);
+    const gapMs = intParam(url, "gapMs", 200, MAX_SSE_GAP_MS);
+    res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store" });
+    res.flushHeaders();
+    for (let i = 0; i < n; i++) {
+      await sleep(gapMs);
+      if (res.destroyed) return;
+      const event = `data: event ${i}\n\n`;
+      log.bytes += event.length;
+      res.write(event); // one chunk, sent at once (no Nagle: the server sets noDelay)
+    }
+    res.end();
+  } else if (method === "GET" && path === "/query") {
+    const q = target.indexOf("?");
+    reply(200, "application/json", `${JSON.stringify({ query: q < 0 ? "" : target.slice(q + 1) })}\n`);
   } else {
-    req.resume();
-    res.writeHead(404, { "content-type": "text/plain" }).end("not found\n");
+    reply(404, "text/plain", "not found\n");
   }
 }
 
-function httpServer(server: string, handle: typeof web): Promise<void> {
-  const srv = createHttpServer((req, res) => {
+type Handler = typeof web;
+
+/** Serves one request with `handle`, and logs it as an http hit when the exchange ends. */
+function logged(server: string, scheme: "http" | "https", handle: Handler) {
+  return (req: IncomingMessage, res: ServerResponse) => {
     const log = { bytes: 0 };
+    const headers = receivedHeaders(req);
+    const sni = scheme === "https" ? serverName(req.socket as TLSSocket) : undefined;
     res.on("close", () =>
-      hit({ kind: "http", server, method: req.method ?? "", path: req.url ?? "", bytes: log.bytes }),
+      hit({
+        kind: "http",
+        server,
+        method: req.method ?? "",
+        path: req.url ?? "",
+        bytes: log.bytes,
+        scheme,
+        host: headers.host ?? "",
+        ...(sni === undefined ? {} : { sni }),
+        headers,
+      }),
     );
     handle(server, req, res, log).catch(() => res.destroy());
+  };
+}
+
+/** The SNI a TLS client sent, if any. */
+function serverName(s: TLSSocket): string | undefined {
+  const name: unknown = s.servername;
+  return typeof name === "string" && name !== "" ? name : undefined;
+}
+
+function httpServer(server: string, handle: Handler): Promise<void> {
+  return listenTcp(createHttpServer(logged(server, "http", handle)), server, FAKE_PORTS.http);
+}
+
+/** HTTPS on :443 with the topology's server certificate; a tls hit for every handshake, done or failed. */
+function httpsServer(server: string, tls: { cert: Buffer; key: Buffer }): Promise<void> {
+  const srv = createHttpsServer(tls, logged(server, "https", web));
+  srv.on("secureConnection", (s: TLSSocket) => {
+    const sni = serverName(s);
+    hit({ kind: "tls", server, ...(sni === undefined ? {} : { sni }) });
   });
-  return listenTcp(srv, server, FAKE_PORTS.http);
+  srv.on("tlsClientError", (err: NodeJS.ErrnoException, s: TLSSocket) => {
+    const sni = serverName(s);
+    hit({ kind: "tls", server, ...(sni === undefined ? {} : { sni }), error: err.code ?? err.message });
+    s.destroy();
+  });
+  return listenTcp(srv, server, FAKE_PORTS.https);
 }
 
 async function privateWeb(
@@ -236,11 +361,14 @@ function bindUdp(sock: ReturnType<typeof createSocket>, address: string, port: n
   });
 }
 
-async function main(role: string | undefined): Promise<void> {
-  if (role === "net") {
+async function main([role, certFile, keyFile]: Array<string | undefined>): Promise<void> {
+  if (role === "net" && certFile !== undefined && keyFile !== undefined) {
+    const tls = { cert: readFileSync(certFile), key: readFileSync(keyFile) };
     await Promise.all([
       httpServer(FAKE.web, web),
       httpServer(FAKE.other, web),
+      httpsServer(FAKE.web, tls),
+      httpsServer(FAKE.other, tls),
       httpServer(FAKE.private, privateWeb),
       tcpEcho(FAKE.web),
       udpEcho(FAKE.web),
@@ -249,7 +377,7 @@ async function main(role: string | undefined): Promise<void> {
   } else if (role === "host") {
     await hostService();
   } else {
-    throw new Error("usage: fake-internet.ts net|host");
+    throw new Error("usage: fake-internet.ts net <cert.pem> <key.pem> | host");
   }
   process.stdin.on("end", () => process.exit(0));
   process.stdin.on("error", () => process.exit(0));
@@ -257,7 +385,7 @@ async function main(role: string | undefined): Promise<void> {
   process.stdout.write("ready\n");
 }
 
-main(process.argv[2]).catch((e: unknown) => {
+main(process.argv.slice(2)).catch((e: unknown) => {
   process.stderr.write(`${e instanceof Error ? e.stack : String(e)}\n`);
   process.exit(1);
 });

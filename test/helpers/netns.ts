@@ -1,5 +1,7 @@
 import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { spawnCollect } from "./cli.ts";
 
@@ -13,6 +15,31 @@ import { spawnCollect } from "./cli.ts";
  *
  * The owning matchlock process runs in hostNs (`hostPrefix`); it creates its TAPs and nft tables there.
  * The servers (test/helpers/fake-internet.ts) log every hit; tests read them with hits()/waitHit().
+ *
+ * Each topology has its own test CA (`caFile`, for NODE_EXTRA_CA_CERTS or `curl --cacert`) and one server
+ * certificate signed by it, valid for SERVER_NAMES, which the HTTPS servers on FAKE.web and FAKE.other use.
+ *
+ * Servers in netNs:
+ *   FAKE.web, FAKE.other   HTTP :80 and HTTPS :443, the same routes (fake-internet.ts `web`):
+ *                            GET /                 "hello from <server>\n"
+ *                            GET /bytes/<n>        fakeBytes(n), n ≤ 256 MiB
+ *                            POST /sha256          "<hex sha256 of the body> <bytes>\n"
+ *                            GET /headers          200 JSON of the request headers as received (names lower-
+ *                                                  cased, repeats joined with ", "); the authorization header,
+ *                                                  when sent, comes back as response header x-echo-authorization
+ *                            GET|POST /model       a fake model API: 200 {"ok":true,"model":"fake"} only with
+ *                                                  `Authorization: Bearer ${FAKE_API_KEY}`, else 401 {"error":"bad key"}
+ *                            GET /sse?n=N&gapMs=M  text/event-stream: headers at once, then N events
+ *                                                  "data: event <i>\n\n" (i = 0…N-1), each written gapMs after the
+ *                                                  previous one (defaults 5 and 200; N ≤ 1000, M ≤ 10000)
+ *                            GET /query            200 {"query":"<raw query string, without the ?>"}
+ *                            anything else         404
+ *   FAKE.private           HTTP :80, "private\n" for anything
+ *   FAKE.web               TCP echo :2222, UDP echo :9999
+ *   resolver, resolver2    DNS :53 (UDP, TCP): example.test, www.example.test, api.example.test → web;
+ *                          other.test and attacker.test and every name under it → other; rebind.test → private;
+ *                          alias.test CNAME example.test; anything else NXDOMAIN
+ * Server in hostNs: the "host service", 0.0.0.0:2223 (and [::]:2223 when there is IPv6).
  */
 
 export const FAKE = {
@@ -25,16 +52,63 @@ export const FAKE = {
 } as const;
 
 /** Ports of the fake internet's servers. */
-export const FAKE_PORTS = { http: 80, echo: 2222, udpEcho: 9999, dns: 53, hostService: 2223 } as const;
+export const FAKE_PORTS = {
+  http: 80,
+  https: 443,
+  echo: 2222,
+  udpEcho: 9999,
+  dns: 53,
+  hostService: 2223,
+} as const;
+
+/** The one key the fake model API (`/model`) accepts, as `Authorization: Bearer ${FAKE_API_KEY}`. */
+export const FAKE_API_KEY = "sk-test-REAL-0123456789";
+
+/** The names (and addresses) the fake internet's server certificate is valid for. */
+export const SERVER_NAMES = [
+  "example.test",
+  "*.example.test",
+  "api.example.test",
+  "other.test",
+  "*.other.test",
+  "attacker.test",
+  "*.attacker.test",
+  "rebind.test",
+  "alias.test",
+] as const;
+export const SERVER_IPS = [FAKE.web, FAKE.other] as const;
 
 /**
  * One thing the fake internet saw. `server` is the local address that was hit; `peer` the client's address
- * (no port). A DNS `name` is lowercased without the trailing dot. An http hit is logged when the exchange
- * ends; `bytes` is the request body read (POST) or the response body written (other methods).
+ * (no port). A DNS `name` is lowercased without the trailing dot.
+ *
+ * An http hit is one request, over HTTP (:80) or HTTPS (:443), logged when the exchange ends: `path` is the
+ * request target as sent (query included); `bytes` is the request body read (POST) or the response body
+ * written (other methods); `host` the Host header ("" when none); `sni` the TLS server name the client
+ * sent (https only; absent when none, e.g. a client dialling an IP); `headers` the request headers as
+ * received, names lower-cased, a repeated header's values joined with ", ".
+ *
+ * A tls hit is one TCP connection to an HTTPS server (:443), logged once its handshake ends, before any
+ * request on it and whether or not one follows: `sni` as above; `error` (e.g. "ECONNRESET",
+ * "ERR_SSL_TLSV1_ALERT_UNKNOWN_CA") set when the handshake failed: the client closed before it was done,
+ * or rejected the certificate. A client that connects and then neither speaks nor closes is logged when
+ * it closes (or after Node's 120 s handshake timeout). So, once the client is gone, "no tls hit on
+ * FAKE.other" proves nothing connected to its HTTPS server.
  */
 export type Hit =
   | { kind: "dns"; server: string; name: string; type: string }
-  | { kind: "http"; server: string; method: string; path: string; bytes: number }
+  | {
+      kind: "http";
+      server: string;
+      method: string;
+      path: string;
+      bytes: number;
+      scheme: "http" | "https";
+      host: string;
+      sni?: string;
+      headers: Record<string, string>;
+    }
+  | { kind: "tls"; server: string; sni?: string; error?: string }
   | { kind: "tcp-echo"; server: string; peer: string }
   | { kind: "udp"; server: string; peer: string }
   | { kind: "host-service"; peer: string };
@@ -60,17 +134,27 @@ export interface Topology {
   execInHost(cmd: string, args: string[], opts?: ExecOptions): Promise<ExecResult>;
   /** argv prefix to spawn anything in hostNs yourself: ["ip","netns","exec",hostNs]. */
   hostPrefix: string[];
+  /**
+   * PEM file of this topology's test CA, which signed the HTTPS servers' certificate: give it to the owner
+   * as NODE_EXTRA_CA_CERTS, or to curl as --cacert. Deleted by close().
+   */
+  caFile: string;
   /** Every hit the fake internet saw so far, in order (a copy). */
   hits(): Hit[];
   /** Resolves with the first hit, past or future, matching pred; rejects after timeoutMs (default 10 s). */
   waitHit(pred: (h: Hit) => boolean, timeoutMs?: number): Promise<Hit>;
-  /** Kills the servers and anything else left in the namespaces, deletes them and /etc/netns/<hostNs>. Idempotent. */
+  /**
+   * Kills the servers and anything else left in the namespaces, deletes them, /etc/netns/<hostNs> and the
+   * CA's directory. Idempotent.
+   */
   close(): Promise<void>;
 }
 
 const SERVER_SCRIPT = fileURLToPath(new URL("./fake-internet.ts", import.meta.url));
 const PREFIX = "mlt-";
 const NAME_RE = /^mlt-([0-9a-z]+)-\d+-[hn]$/;
+/** A topology's CA directory in tmpdir(): `mlt-<pid>-<n>-pki`. */
+const PKI_RE = /^mlt-([0-9a-z]+)-\d+-pki$/;
 let counter = 0;
 
 /** `GET /bytes/<n>` serves fakeBytes(n): 32-bit words (LE) h(i) = i·0x9e3779b1 mod 2³², each unique below 16 GiB. */
@@ -124,9 +208,9 @@ export function destroyNamespace(ns: string): void {
   if (ns.endsWith("-h")) rmSync(`/etc/netns/${ns}`, { recursive: true, force: true });
 }
 
-/** Whether the test process that made a namespace (pid in base 36 in its name) is still a live node. */
+/** Whether the test process that made a namespace or dir (pid in base 36 in its name) is still a live node. */
 function ownerAlive(name: string): boolean {
-  const m = NAME_RE.exec(name);
+  const m = NAME_RE.exec(name) ?? PKI_RE.exec(name);
   if (!m?.[1]) return true; // not ours: leave it
   const pid = Number.parseInt(m[1], 36);
   if (pid === process.pid) return true;
@@ -147,11 +231,15 @@ export function sweepStaleTopologies(): string[] {
     (n) => NAME_RE.test(n) && !ownerAlive(n),
   );
   for (const ns of stale) destroyNamespace(ns);
+  try {
+    for (const d of readdirSync(tmpdir()).filter((n) => PKI_RE.test(n) && !ownerAlive(n)))
+      rmSync(join(tmpdir(), d), { recursive: true, force: true });
+  } catch {}
   return stale;
 }
 
 /** Topologies not closed yet: torn down on process exit, best effort. */
-const live = new Set<{ names: string[]; pids: number[] }>();
+const live = new Set<{ names: string[]; pids: number[]; dirs: string[] }>();
 let exitHookInstalled = false;
 function installExitHook(): void {
   if (exitHookInstalled) return;
@@ -164,8 +252,69 @@ function installExitHook(): void {
         } catch {}
       }
       for (const ns of t.names) destroyNamespace(ns);
+      for (const d of t.dirs) rmSync(d, { recursive: true, force: true });
     }
   });
+}
+
+export interface Pki {
+  dir: string;
+  caFile: string;
+  caKeyFile: string;
+  certFile: string;
+  keyFile: string;
+}
+
+/**
+ * Makes a test CA (EC P-256) and a server certificate it signs, for SERVER_NAMES and SERVER_IPS, with the
+ * openssl CLI, into `dir` (created): ca.pem and ca.key (the CA, its key: a test may sign more with it),
+ * server.crt and server.key. Valid from now for 30 days.
+ */
+export function makePki(dir: string): Pki {
+  mkdirSync(dir, { recursive: true });
+  const f = (n: string) => join(dir, n);
+  const san = [...SERVER_NAMES.map((n) => `DNS:${n}`), ...SERVER_IPS.map((a) => `IP:${a}`)].join(",");
+  writeFileSync(
+    f("openssl.cnf"),
+    [
+      "[req]",
+      "distinguished_name = dn",
+      "prompt = no",
+      "[dn]",
+      "O = matchlock tests",
+      "CN = fake internet CA",
+      "[ca]",
+      "basicConstraints = critical,CA:TRUE,pathlen:0",
+      "keyUsage = critical,keyCertSign,cRLSign",
+      "subjectKeyIdentifier = hash",
+      "[server]",
+      "basicConstraints = critical,CA:FALSE",
+      "keyUsage = critical,digitalSignature",
+      "extendedKeyUsage = serverAuth",
+      `subjectAltName = ${san}`,
+      "subjectKeyIdentifier = hash",
+      "authorityKeyIdentifier = keyid",
+      "",
+    ].join("\n"),
+  );
+  // Run in dir, with file names relative to it: each argv is one line, split on spaces.
+  const openssl = (argv: string) =>
+    execFileSync("openssl", argv.split(" "), { cwd: dir, stdio: ["ignore", "ignore", "pipe"] });
+  const ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+  openssl(`req -config openssl.cnf -x509 ${ec} -keyout ca.key -out ca.pem -days 30 -extensions ca`);
+  openssl(`req -config openssl.cnf -new ${ec} -keyout server.key -out server.csr -subj /CN=example.test`);
+  openssl(
+    `x509 -req -in server.csr -CA ca.pem -CAkey ca.key -set_serial 0x${Date.now().toString(16)} -days 30 ` +
+      "-extfile openssl.cnf -extensions server -out server.crt",
+  );
+  for (const n of ["server.csr", "openssl.cnf"]) rmSync(f(n));
+  return {
+    dir,
+    caFile: f("ca.pem"),
+    caKeyFile: f("ca.key"),
+    certFile: f("server.crt"),
+    keyFile: f("server.key"),
+  };
 }
 
 function build(hostNs: string, netNs: string): void {
@@ -197,7 +346,8 @@ export async function createTopology(): Promise<Topology> {
   const id = `${PREFIX}${process.pid.toString(36)}-${counter++}`;
   const hostNs = `${id}-h`;
   const netNs = `${id}-n`;
-  const state = { names: [hostNs, netNs], pids: [] as number[] };
+  const pkiDir = join(tmpdir(), `${id}-pki`);
+  const state = { names: [hostNs, netNs], pids: [] as number[], dirs: [pkiDir] };
   live.add(state);
 
   const hits: Hit[] = [];
@@ -207,9 +357,9 @@ export async function createTopology(): Promise<Topology> {
   let closing = false;
   const children: Array<ReturnType<typeof spawn>> = [];
 
-  const startServer = (ns: string, role: "net" | "host") =>
+  const startServer = (ns: string, role: "net" | "host", args: string[] = []) =>
     new Promise<void>((resolve, reject) => {
-      const child = spawn("ip", ["netns", "exec", ns, process.execPath, SERVER_SCRIPT, role], {
+      const child = spawn("ip", ["netns", "exec", ns, process.execPath, SERVER_SCRIPT, role, ...args], {
         stdio: ["pipe", "pipe", "pipe"],
       });
       children.push(child);
@@ -252,13 +402,16 @@ export async function createTopology(): Promise<Topology> {
       ),
     );
     for (const ns of state.names) destroyNamespace(ns);
+    rmSync(pkiDir, { recursive: true, force: true });
     live.delete(state);
   });
 
+  let pki: Pki;
   try {
+    pki = makePki(pkiDir);
     build(hostNs, netNs);
     await withTimeout(
-      Promise.all([startServer(netNs, "net"), startServer(hostNs, "host")]),
+      Promise.all([startServer(netNs, "net", [pki.certFile, pki.keyFile]), startServer(hostNs, "host")]),
       15_000,
       () => `fake internet not ready: ${serverErr}`,
     );
@@ -271,6 +424,7 @@ export async function createTopology(): Promise<Topology> {
     hostNs,
     netNs,
     hostPrefix: ["ip", "netns", "exec", hostNs],
+    caFile: pki.caFile,
     execInHost: (cmd, args, opts) => execInNs(hostNs, cmd, args, opts),
     hits: () => [...hits],
     waitHit: (pred, timeoutMs = 10_000) => {

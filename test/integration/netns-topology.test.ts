@@ -1,12 +1,16 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import {
   createTopology,
   execInNs,
   FAKE,
+  FAKE_API_KEY,
+  FAKE_PORTS,
   fakeBytes,
   sweepStaleTopologies,
   type Topology,
@@ -30,6 +34,16 @@ s.on("error", (e) => { process.stdout.write("ERR " + e.code); process.exit(2); }
 setTimeout(() => { process.stdout.write("ERR timeout"); process.exit(3); }, Number(ms));
 `;
 
+/** Streams a URL with fetch; prints the content type and each chunk with its arrival time (ms from start). */
+const SSE_CLIENT = `
+const started = Date.now();
+const res = await fetch(process.argv[1]);
+const events = [];
+const dec = new TextDecoder();
+for await (const chunk of res.body) events.push([Date.now() - started, dec.decode(chunk)]);
+process.stdout.write(JSON.stringify({ type: res.headers.get("content-type"), events }));
+`;
+
 describe("netns topology (the fake internet)", () => {
   let t: Topology;
   before(async () => {
@@ -43,7 +57,21 @@ describe("netns topology (the fake internet)", () => {
     const r = await t.execInHost("curl", ["-sS", `http://${FAKE.web}/`]);
     assert.equal(r.stdout.toString(), `hello from ${FAKE.web}\n`, r.stderr);
     const h = await t.waitHit((h) => h.kind === "http" && h.path === "/");
-    assert.deepEqual(h, { kind: "http", server: FAKE.web, method: "GET", path: "/", bytes: 24 });
+    assert.deepEqual(h, {
+      kind: "http",
+      server: FAKE.web,
+      method: "GET",
+      path: "/",
+      bytes: 24,
+      scheme: "http",
+      host: FAKE.web,
+      headers: {
+        host: FAKE.web,
+        "user-agent": h.kind === "http" ? h.headers["user-agent"] : "",
+        accept: "*/*",
+      },
+    });
+    assert.match(h.kind === "http" ? (h.headers["user-agent"] ?? "") : "", /^curl\//);
     const other = await t.execInHost("curl", ["-sS", `http://${FAKE.other}/`]);
     assert.equal(other.stdout.toString(), `hello from ${FAKE.other}\n`);
     const priv = await t.execInHost("curl", ["-sS", `http://${FAKE.private}/x`]);
@@ -62,6 +90,10 @@ describe("netns topology (the fake internet)", () => {
     );
     assert.equal(await dig("alias.test"), `example.test.\n${FAKE.web}\n`); // via /etc/netns/<hostNs>/resolv.conf
     assert.equal(await dig("rebind.test"), `${FAKE.private}\n`);
+    assert.equal(await dig("api.example.test"), `${FAKE.web}\n`);
+    assert.equal(await dig("deadbeef.attacker.test"), `${FAKE.other}\n`);
+    assert.equal(await dig("a.b.attacker.test"), `${FAKE.other}\n`);
+    assert.ok(t.hits().some((h) => h.kind === "dns" && h.name === "deadbeef.attacker.test"));
     assert.equal(await dig("AAAA", "example.test"), "");
     const nx = await t.execInHost("dig", [`@${FAKE.resolver}`, "nope.test"]);
     assert.match(nx.stdout.toString(), /status: NXDOMAIN/);
@@ -100,6 +132,153 @@ describe("netns topology (the fake internet)", () => {
     assert.deepEqual(fakeBytes(10, 7), fakeBytes(17).subarray(7));
   });
 
+  test("HTTPS on both servers with the topology's CA: SNI, Host and headers in the hits", async () => {
+    const curl = (url: string, ...args: string[]) =>
+      t.execInHost("curl", ["-sS", "--cacert", t.caFile, ...args, url]);
+    const web = await curl("https://example.test/");
+    assert.equal(web.stdout.toString(), `hello from ${FAKE.web}\n`, web.stderr);
+    const tls = await t.waitHit((h) => h.kind === "tls" && h.sni === "example.test");
+    assert.deepEqual(tls, { kind: "tls", server: FAKE.web, sni: "example.test" });
+    const h = await t.waitHit((h) => h.kind === "http" && h.scheme === "https" && h.path === "/");
+    assert.ok(h.kind === "http");
+    assert.equal(h.server, FAKE.web);
+    assert.equal(h.host, "example.test");
+    assert.equal(h.sni, "example.test");
+    assert.equal(h.headers.host, "example.test");
+    assert.equal(h.bytes, `hello from ${FAKE.web}\n`.length);
+
+    // The other server, by a name under a wildcard, by its address (no SNI), and by the attacker's names.
+    // www.other.test is not in the zone: curl's --resolve pins it to FAKE.other (the cert's *.other.test).
+    const other = await curl("https://www.other.test/", "--resolve", `www.other.test:443:${FAKE.other}`);
+    assert.equal(other.stdout.toString(), `hello from ${FAKE.other}\n`, other.stderr);
+    await curl("https://x.attacker.test/");
+    await t.waitHit((h) => h.kind === "http" && h.server === FAKE.other && h.sni === "x.attacker.test");
+    const byIp = await curl(`https://${FAKE.other}:${FAKE_PORTS.https}/query?a=1&b=%20x`);
+    assert.deepEqual(JSON.parse(byIp.stdout.toString()), { query: "a=1&b=%20x" }, byIp.stderr);
+    const ipHit = await t.waitHit((h) => h.kind === "http" && h.path.startsWith("/query"));
+    assert.ok(ipHit.kind === "http" && ipHit.sni === undefined && ipHit.host === FAKE.other);
+    assert.ok(!("sni" in ipHit));
+
+    // /bytes over HTTPS, like over HTTP.
+    const n = 1024 * 1024 + 3;
+    const down = await curl(`https://api.example.test/bytes/${n}`);
+    assert.equal(sha(down.stdout), sha(fakeBytes(n)), down.stderr);
+    await t.waitHit(
+      (h) => h.kind === "http" && h.scheme === "https" && h.path === `/bytes/${n}` && h.bytes === n,
+    );
+    // And a 404 for anything else.
+    const nf = await curl("https://example.test/nope", "-w", "%{http_code}", "-o", "/dev/null");
+    assert.equal(nf.stdout.toString(), "404");
+  });
+
+  test("HTTPS without the CA fails, and the failed handshake is a tls hit", async () => {
+    const r = await t.execInHost("curl", ["-sS", "https://other.test/"]);
+    assert.equal(r.code, 60, r.stderr); // certificate problem
+    const h = await t.waitHit((h) => h.kind === "tls" && h.sni === "other.test" && h.error !== undefined);
+    assert.equal(h.kind === "tls" && h.server, FAKE.other);
+    assert.ok(!t.hits().some((h) => h.kind === "http" && h.sni === "other.test"), "no request made it");
+  });
+
+  test("a bare TLS handshake, and a bare TCP connect, are each a tls hit", async () => {
+    const before = t.hits().length;
+    const r = await t.execInHost("sh", [
+      "-c",
+      `openssl s_client -connect ${FAKE.other}:443 -servername deadbeef.attacker.test -CAfile ${t.caFile} ` +
+        "-verify_return_error </dev/null 2>&1",
+    ]);
+    assert.equal(r.code, 0, r.stdout.toString());
+    assert.match(r.stdout.toString(), /Verify return code: 0 \(ok\)/);
+    const h = await t.waitHit((h) => h.kind === "tls" && h.sni === "deadbeef.attacker.test");
+    assert.deepEqual(h, { kind: "tls", server: FAKE.other, sni: "deadbeef.attacker.test" });
+    const tcp = await t.execInHost(node, ["-e", TCP_CLIENT, FAKE.web, "443", "", "3000"]);
+    assert.equal(tcp.code, 0, tcp.stdout.toString());
+    await t.waitHit((h) => h.kind === "tls" && h.server === FAKE.web && h.error !== undefined);
+    const mine = t.hits().slice(before);
+    assert.ok(!mine.some((h) => h.kind === "http"), "no request on either connection");
+  });
+
+  test("/model accepts only the right key, GET or POST, over HTTP and HTTPS", async () => {
+    const call = async (url: string, ...args: string[]) => {
+      const r = await t.execInHost("curl", [
+        "-sS",
+        "--cacert",
+        t.caFile,
+        "-w",
+        " %{http_code}",
+        ...args,
+        url,
+      ]);
+      return r.stdout.toString();
+    };
+    const good = `Authorization: Bearer ${FAKE_API_KEY}`;
+    const ok = `${JSON.stringify({ ok: true, model: "fake" })}\n 200`;
+    const bad = `${JSON.stringify({ error: "bad key" })}\n 401`;
+    assert.equal(await call("https://api.example.test/model", "-H", good, "--data-binary", "{}"), ok);
+    assert.equal(await call("https://api.example.test/model", "-H", good), ok);
+    assert.equal(await call(`http://${FAKE.web}/model`, "-H", good), ok);
+    assert.equal(
+      await call("https://api.example.test/model", "-H", "Authorization: Bearer sk-test-FAKE"),
+      bad,
+    );
+    assert.equal(await call("https://api.example.test/model", "-H", `Authorization: ${FAKE_API_KEY}`), bad);
+    assert.equal(await call("https://api.example.test/model"), bad);
+    // The key twice is not the key.
+    assert.equal(await call("https://api.example.test/model", "-H", good, "-H", good), bad);
+    const post = await t.waitHit((h) => h.kind === "http" && h.method === "POST" && h.path === "/model");
+    assert.ok(
+      post.kind === "http" && post.bytes === 2 && post.headers.authorization === `Bearer ${FAKE_API_KEY}`,
+    );
+  });
+
+  test("/headers echoes the request headers, and the authorization header as x-echo-authorization", async () => {
+    /** curl -i: the response head, then the body. */
+    const split = (out: Buffer) => {
+      const [head = "", body = ""] = out.toString().split("\r\n\r\n");
+      return { head, body: JSON.parse(body) as Record<string, string> };
+    };
+    const r = await t.execInHost("curl", [
+      "-sSi",
+      "--cacert",
+      t.caFile,
+      "-H",
+      "Authorization: Bearer abc",
+      "-H",
+      "X-Thing: 1",
+      "-H",
+      "x-thing: 2",
+      "https://example.test/headers",
+    ]);
+    const { head, body } = split(r.stdout);
+    assert.equal(body.authorization, "Bearer abc");
+    assert.equal(body["x-thing"], "1, 2");
+    assert.equal(body.host, "example.test");
+    assert.match(head, /^x-echo-authorization: Bearer abc\r$/m);
+    const h = await t.waitHit((h) => h.kind === "http" && h.path === "/headers");
+    assert.ok(h.kind === "http");
+    assert.deepEqual(h.headers, body);
+    const plain = split((await t.execInHost("curl", ["-sSi", `http://${FAKE.other}/headers`])).stdout);
+    assert.equal(plain.body.host, FAKE.other);
+    assert.doesNotMatch(plain.head, /x-echo-authorization/i);
+  });
+
+  test("/sse flushes each event as it is written", async () => {
+    const r = await t.execInHost(node, ["-e", SSE_CLIENT, "https://api.example.test/sse?n=5&gapMs=300"], {
+      env: { ...process.env, NODE_EXTRA_CA_CERTS: t.caFile },
+    });
+    assert.equal(r.code, 0, r.stderr);
+    const got = JSON.parse(r.stdout.toString()) as { type: string; events: Array<[number, string]> };
+    assert.match(got.type, /^text\/event-stream/);
+    assert.deepEqual(
+      got.events.map(([, d]) => d).join(""),
+      [0, 1, 2, 3, 4].map((i) => `data: event ${i}\n\n`).join(""),
+    );
+    const first = got.events[0]?.[0] ?? Number.NaN;
+    const last = got.events.at(-1)?.[0] ?? Number.NaN;
+    assert.ok(last - first >= 900, `first event at ${first} ms, last at ${last} ms: not streamed`);
+    const defaults = await t.execInHost("curl", ["-sS", "-N", `http://${FAKE.web}/sse`]);
+    assert.equal(defaults.stdout.toString().split("\n\n").length, 6);
+  });
+
   test("the host service listens on every address of the host namespace", async () => {
     const fromNet = await execInNs(t.netNs, node, ["-e", TCP_CLIENT, FAKE.hostUplink, "2223", "", "3000"]);
     assert.equal(fromNet.stdout.toString(), "host-service\n", fromNet.stderr);
@@ -129,21 +308,28 @@ describe("netns topology (the fake internet)", () => {
   test("close() removes both namespaces and /etc/netns/<hostNs>; a second close() is a no-op", async () => {
     const extra = await createTopology();
     assert.ok(existsSync(`/etc/netns/${extra.hostNs}/resolv.conf`));
+    assert.ok(existsSync(extra.caFile));
+    assert.notEqual(extra.caFile, t.caFile);
     assert.match(namespaces(), new RegExp(`^${extra.hostNs}\\b`, "m"));
     await extra.close();
     await extra.close();
     assert.doesNotMatch(namespaces(), new RegExp(`${extra.hostNs}|${extra.netNs}`));
     assert.ok(!existsSync(`/etc/netns/${extra.hostNs}`));
+    assert.ok(!existsSync(dirname(extra.caFile)), "the CA's directory is gone");
   });
 
-  test("sweepStaleTopologies removes namespaces of dead test processes only", () => {
+  test("sweepStaleTopologies removes namespaces (and CA dirs) of dead test processes only", () => {
     const dead = spawnSync(node, ["-e", "process.stdout.write(String(process.pid))"], { encoding: "utf8" });
     const stale = `mlt-${Number(dead.stdout).toString(36)}-0-n`;
     spawnSync("ip", ["netns", "add", stale]);
+    const stalePki = join(tmpdir(), `mlt-${Number(dead.stdout).toString(36)}-0-pki`);
+    mkdirSync(stalePki, { recursive: true });
     const swept = sweepStaleTopologies();
     assert.ok(swept.includes(stale));
     assert.ok(!swept.includes(t.hostNs));
     assert.doesNotMatch(namespaces(), new RegExp(stale));
     assert.match(namespaces(), new RegExp(t.hostNs));
+    assert.ok(!existsSync(stalePki));
+    assert.ok(existsSync(t.caFile));
   });
 });

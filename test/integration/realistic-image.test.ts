@@ -1,63 +1,20 @@
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
-import { homedir, tmpdir } from "node:os";
-import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { runCli, tempHome } from "../helpers/cli.ts";
-import { dockerSave } from "../helpers/images.ts";
+import { importDebianImage } from "../helpers/debian.ts";
 
 /**
- * A realistic image: a Debian rootfs made with debootstrap (minbase plus curl, ca-certificates and
- * python3) and a non-root user, packed as a docker-save archive, imported, and run in a VM. The
- * rootfs tar is cached between runs (~/.cache/matchlock-test); a fresh machine builds it (~1 min).
+ * A realistic image: the shared Debian test image (test/helpers/debian.ts: debootstrap minbase plus curl,
+ * ca-certificates, python3 and python3-requests, and a non-root user), imported and run in a VM. Its
+ * rootfs tar is cached between runs (~/.cache/matchlock-test); a fresh machine builds it (~1–2 min).
  */
 
-const PACKAGES = "python3,curl,ca-certificates";
-const CACHE = join(homedir(), ".cache", "matchlock-test");
-const LAYER = join(CACHE, `debian-bookworm-minbase-${PACKAGES.replaceAll(",", "+")}.tar`);
 const TAG = `mltest-debian-${process.pid}:12`;
 const h = tempHome();
 
-function buildLayer(): void {
-  if (existsSync(LAYER)) return;
-  const root = join(tmpdir(), `matchlock-debootstrap-${process.pid}`);
-  rmSync(root, { recursive: true, force: true });
-  try {
-    execFileSync(
-      "debootstrap",
-      ["--variant=minbase", `--include=${PACKAGES}`, "bookworm", root, "http://deb.debian.org/debian"],
-      { stdio: ["ignore", "ignore", "pipe"], timeout: 15 * 60_000 },
-    );
-    execFileSync("chroot", [root, "useradd", "-m", "-u", "1001", "tester"]);
-    mkdirSync(CACHE, { recursive: true });
-    execFileSync("tar", ["--numeric-owner", "-C", root, "-cf", `${LAYER}.tmp`, "."]);
-    renameSync(`${LAYER}.tmp`, LAYER);
-  } finally {
-    rmSync(root, { recursive: true, force: true });
-  }
-}
-
 describe("a realistic Debian image", () => {
   before(async () => {
-    buildLayer();
-    const archive = await dockerSave(
-      {
-        layers: [readFileSync(LAYER)],
-        config: {
-          Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
-          Cmd: ["bash"],
-          User: "tester",
-          WorkingDir: "/home/tester",
-        },
-      },
-      "debian-test:12",
-    );
-    const file = join(h.home, "debian.tar");
-    writeFileSync(file, archive);
-    const r = await runCli(["image", "import", TAG, "-i", file], { env: h.env, timeoutMs: 300_000 });
-    assert.equal(r.code, 0, r.stderr);
-    rmSync(file);
+    await importDebianImage(h.env, TAG);
   });
   after(async () => {
     await runCli(["image", "rm", TAG], { env: h.env });
