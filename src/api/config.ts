@@ -200,17 +200,26 @@ export function parseSandboxConfig(input: unknown): SandboxConfig {
 }
 
 /**
+ * Whether `network.interception` asks for hooks: rules or a callback socket. An empty one (what an
+ * SDK sends to force intercept mode) asks only for the proxy, which is built.
+ */
+function hasNetworkHooks(interception: unknown): boolean {
+  if (interception === undefined || interception === null) return false;
+  if (typeof interception !== "object") return true;
+  const i = interception as { rules?: unknown; callback_socket?: unknown };
+  const rules = Array.isArray(i.rules) ? i.rules.length > 0 : i.rules !== undefined && i.rules !== null;
+  return rules || (i.callback_socket !== undefined && i.callback_socket !== "");
+}
+
+/**
  * Features of the config that this build cannot honour yet. A config that asks for one is refused
  * with a message naming it: silently ignoring a field (say, an allowlist) would be a security bug.
- * Networking's open mode (the default) and its options are built; intercept mode (allow-lists,
- * secrets, interception) is not yet, so asking for it is refused rather than run unfiltered.
+ * Networking in both modes is built; network interception rules (hooks) are not yet, so asking for
+ * them is refused rather than run without them.
  */
 export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
-  const n = config.network;
-  if (n.allowed_hosts.length > 0) out.push("network.allowed_hosts (allowlist)");
-  if (Object.keys(n.secrets).length > 0) out.push("network.secrets");
-  if (n.intercept || n.interception !== undefined) out.push("network interception");
+  if (hasNetworkHooks(config.network.interception)) out.push("network.interception rules (network hooks)");
   if (config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0) out.push("vfs mounts");
   if (config.vfs.interception !== undefined) out.push("vfs interception");
   if (config.extra_disks.length > 0) out.push("extra_disks");

@@ -68,6 +68,9 @@ const Dims = {
   cols: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(65535)), 80),
 };
 
+/** Allow-list entries; Matchlock's SDKs send an array, and an empty one is a mistake worth naming. */
+const Hosts = v.pipe(v.array(v.string()), v.minLength(1, "hosts is empty: give at least one host"));
+
 const Port = v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535));
 
 export const RpcMethods = {
@@ -85,8 +88,8 @@ export const RpcMethods = {
   list_files: strictObject({ path: v.pipe(v.string(), v.minLength(1)) }),
   log: v.optional(strictObject({}), {}),
   log_stream: v.optional(strictObject({}), {}),
-  allow_list_add: strictObject({ hosts: v.array(v.string()) }),
-  allow_list_delete: strictObject({ hosts: v.array(v.string()) }),
+  allow_list_add: strictObject({ hosts: Hosts }),
+  allow_list_delete: strictObject({ hosts: Hosts }),
   port_forward: strictObject({
     forwards: v.pipe(
       v.array(strictObject({ local_port: Port, remote_port: v.pipe(Port, v.minValue(1)) })),

@@ -67,3 +67,53 @@ export function parsePrivateHost(spec: string): string {
   }
   return spec;
 }
+
+/** Host lists as the CLI and Matchlock's `allow-list add ID a,b` take them: comma-separated, repeatable. */
+export function splitHosts(specs: readonly string[]): string[] {
+  const out = specs
+    .flatMap((s) => s.split(","))
+    .map((s) => s.trim())
+    .filter((s) => s !== "");
+  if (out.length === 0)
+    throw new InvalidArgumentError("no hosts given (a comma-separated list, like github.com,*.npmjs.org)");
+  return out;
+}
+
+/**
+ * `--secret NAME=VALUE@host1,host2` or `--secret NAME@hosts` (the value from $NAME), Matchlock's
+ * forms: split on the last `@` (a value may contain `@` if hosts follow); no `@` means every host.
+ * The value never appears in an error message.
+ */
+export function parseSecretSpec(
+  spec: string,
+  hostEnv: NodeJS.ProcessEnv = process.env,
+): { name: string; value: string; hosts: string[] } {
+  const at = spec.lastIndexOf("@");
+  const head = at < 0 ? spec : spec.slice(0, at);
+  const hostPart = at < 0 ? "" : spec.slice(at + 1);
+  const eq = head.indexOf("=");
+  const name = eq < 0 ? head : head.slice(0, eq);
+  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
+    throw new InvalidArgumentError(
+      `invalid --secret: "${name.slice(0, 40)}" is not a variable name`,
+      "use NAME@host (the value from $NAME) or NAME=VALUE@host",
+    );
+  }
+  let value: string;
+  if (eq >= 0) value = head.slice(eq + 1);
+  else {
+    const host = Object.hasOwn(hostEnv, name) ? hostEnv[name] : undefined;
+    if (typeof host !== "string" || host === "") {
+      throw new InvalidArgumentError(
+        `--secret ${name}: ${name} is not set on the host`,
+        `export ${name}=… first, or use ${name}=VALUE@host`,
+      );
+    }
+    value = host;
+  }
+  const hosts = hostPart
+    .split(",")
+    .map((h) => h.trim())
+    .filter((h) => h !== "");
+  return { name, value, hosts };
+}

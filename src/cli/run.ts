@@ -14,6 +14,8 @@ import {
   parseDnsServers,
   parsePortSpec,
   parsePrivateHost,
+  parseSecretSpec,
+  splitHosts,
   validateAddress,
 } from "../api/specs.ts";
 import { writeSink } from "../guest/agent-client.ts";
@@ -52,6 +54,9 @@ interface RunFlags {
   dnsServers: string[];
   mtu?: number;
   allowPrivateHost: string[];
+  allowHost: string[];
+  secret: string[];
+  networkIntercept?: boolean;
   accel?: string;
   gracefulShutdown: number;
   publish: string[];
@@ -73,7 +78,12 @@ export function registerRun(program: Command): void {
         "resolver on the gateway. Every flow ends in this process on the host; nothing is forwarded, so\n" +
         "loopback, private (RFC 1918, CGNAT, link-local, ULA), metadata and the host's own addresses stay\n" +
         "unreachable unless --allow-private-host names them. UDP other than DNS, ICMP (ping) and IPv6 are\n" +
-        "not carried. Networking needs root (CAP_NET_ADMIN) and nftables; --no-network needs neither.",
+        "not carried. Networking needs root (CAP_NET_ADMIN) and nftables; --no-network needs neither.\n\n" +
+        "Intercept mode (--allow-host, --secret or --network-intercept): only allowed names resolve and\n" +
+        "connect; HTTP and HTTPS are terminated by matchlock's proxy (the guest trusts a per-VM CA, installed\n" +
+        "for it) and secrets are swapped in on the wire: the guest sees SANDBOX_SECRET_… placeholders, and\n" +
+        "only requests to the secret's hosts carry the real value. `matchlock events ID` says why a request\n" +
+        "was blocked; `matchlock allow-list add|delete ID HOSTS` changes the list while the VM runs.",
     )
     .usage("[options] [--] [command...]")
     .argument("[command...]", "command and arguments (default: the image's Entrypoint + Cmd)")
@@ -121,6 +131,23 @@ export function registerRun(program: Command): void {
       [],
     )
     .option(
+      "--allow-host <globs>",
+      "intercept mode: allow these hosts (comma-separated, repeatable; api.x.com, *.x.com, x.*, *)",
+      collect,
+      [],
+    )
+    .option(
+      "--secret <NAME[=VALUE]@hosts>",
+      "intercept mode: give the guest a placeholder for NAME, swapped for the real value (from $NAME\n" +
+        "unless =VALUE is given) in headers and query strings sent to these hosts only (repeatable)",
+      collect,
+      [],
+    )
+    .option(
+      "--network-intercept",
+      "intercept mode even with no --allow-host (an empty list allows every host)",
+    )
+    .option(
       "-p, --publish <[LOCAL:]REMOTE>",
       "forward a host port to a guest port (over the agent channel)",
       collect,
@@ -158,6 +185,17 @@ async function buildEnv(flags: RunFlags): Promise<Record<string, string>> {
     env[k] = v;
   }
   return env;
+}
+
+/** `--secret` flags as the config's secrets map; a name given twice is a mistake, not a silent override. */
+function secretsOf(specs: readonly string[]): Record<string, { value: string; hosts: string[] }> {
+  const out: Record<string, { value: string; hosts: string[] }> = {};
+  for (const spec of specs) {
+    const { name, value, hosts } = parseSecretSpec(spec);
+    if (Object.hasOwn(out, name)) throw new InvalidArgumentError(`--secret ${name} is given twice`);
+    out[name] = { value, hosts };
+  }
+  return out;
 }
 
 function validateHostname(h: string): string {
@@ -198,6 +236,9 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       add_hosts: flags.addHost.map(parseAddHost),
       dns_servers: parseDnsServers(flags.dnsServers),
       allow_private_hosts: flags.allowPrivateHost.map(parsePrivateHost),
+      ...(flags.allowHost.length > 0 ? { allowed_hosts: splitHosts(flags.allowHost) } : {}),
+      ...(flags.secret.length > 0 ? { secrets: secretsOf(flags.secret) } : {}),
+      ...(flags.networkIntercept ? { intercept: true } : {}),
       ...(flags.mtu === undefined ? {} : { mtu: flags.mtu }),
       ...(flags.hostname ? { hostname: validateHostname(flags.hostname) } : {}),
     },
@@ -222,7 +263,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
   // command stays too large whatever the image adds (Sandbox.create checks the final one).
   if (command.length > 0 || entrypoint !== undefined) {
     const hostname = config.network.hostname || "vm-00000000"; // the id is not drawn yet; same length
-    validateCommand(execRequest(firstExec({}), { hostname, imageConfig: {}, config }));
+    validateCommand(execRequest(firstExec({}), { hostname, imageConfig: {}, config, networkEnv: {} }));
   }
   if (flags.detach && !detachedChild) return startDetached();
 

@@ -36,6 +36,16 @@ async function withState<T>(fn: (s: StateStore, p: Paths) => Promise<T> | T): Pr
   }
 }
 
+/** A recorded VM's dir and owning process (for commands that read its files, live or not). */
+export async function locateVm(id: string): Promise<{ dir: string; owner: ReturnType<typeof ownerOf> }> {
+  parseVmId(id);
+  return withState((s, p) => {
+    const row = mustGet(s, id);
+    const lc = s.lifecycle.current(id);
+    return { dir: lc?.resources.vm_dir ?? vmDir(id, p), owner: ownerOf(row, lc) };
+  });
+}
+
 function mustGet(s: StateStore, id: string): VmRow {
   const row = s.vms.get(id);
   if (!row) throw new VmNotFoundError(id);
@@ -124,12 +134,7 @@ export function registerVmCommands(program: Command): void {
     .argument("<id>")
     .option("-f, --follow", "keep printing as the logs grow, until the VM stops")
     .action(async (id: string, flags: { follow?: boolean }) => {
-      parseVmId(id);
-      const { dir, owner } = await withState((s, p) => {
-        const row = mustGet(s, id);
-        const lc = s.lifecycle.current(id);
-        return { dir: lc?.resources.vm_dir ?? vmDir(id, p), owner: ownerOf(row, lc) };
-      });
+      const { dir, owner } = await locateVm(id);
       const files = ["console.log", "run.log"].map((f) => join(dir, f));
       if (!files.some((f) => existsSync(f)))
         throw new MatchlockError("INVALID_ARGUMENT", `${id} has no logs (removed?)`);

@@ -368,6 +368,16 @@ export class AgentClient {
     return readDirEntries(r.data).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
+  /** Relay clients only: changes the owner's allow-list for the VM; the owner's JSON result. */
+  async allowList(op: "add" | "delete", hosts: readonly string[]): Promise<unknown> {
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, MAX_LIST_BYTES);
+    this.send(HostMsg.ALLOW_LIST, stream, Buffer.from(JSON.stringify({ op, hosts })));
+    const r = await result;
+    if (r.errno !== 0) throw new MatchlockError("VM_FAILED", r.message || `allow-list ${op} failed`);
+    return JSON.parse(r.data.toString("utf8")) as unknown;
+  }
+
   /** Asks the guest to sync and power off. */
   shutdown(): void {
     if (!this.failure) this.send(HostMsg.SHUTDOWN, 0);

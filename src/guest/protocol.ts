@@ -29,6 +29,11 @@ export const HostMsg = {
   CLOSE: 0x0d,
   /** The host delivered `n` bytes of the stream's guest→host data (exec output, file content, TCP). */
   ACK: 0x0e,
+  /**
+   * Relay only, never sent to a guest: a JSON `{op: "add"|"delete", hosts}` changing the VM's
+   * allow-list; answered with DATA (the JSON result) and RESULT.
+   */
+  ALLOW_LIST: 0x0f,
 } as const;
 
 export const GuestMsg = {

@@ -26,8 +26,11 @@ export interface HostNetSpec {
 export interface ListenerPorts {
   dnsUdp: number;
   dnsTcp: number;
-  /** Every other guest TCP flow (open mode relays it to its original destination). */
+  /** Every other guest TCP flow (relayed to its original destination when policy allows). */
   tcp: number;
+  /** Intercept mode: the proxy's listeners for guest TCP 80 and 443. */
+  http?: number;
+  https?: number;
 }
 
 const OWNER_ALIAS = /^matchlock owner=(\d+):(\d+)$/;
@@ -79,12 +82,25 @@ export function ruleset(spec: HostNetSpec, ports: ListenerPorts): string {
   const t = JSON.stringify(spec.tap);
   const gw = spec.gateway;
   const table = tableName(spec.tap);
+  const proxied =
+    ports.http !== undefined && ports.https !== undefined
+      ? [
+          `iifname ${t} tcp dport 80 dnat ip to ${gw}:${ports.http}`,
+          `iifname ${t} tcp dport 443 dnat ip to ${gw}:${ports.https}`,
+        ]
+      : [];
+  const tcpPorts = [ports.dnsTcp, ports.tcp, ...(proxied.length > 0 ? [ports.http, ports.https] : [])];
   return `table inet ${table} {
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname ${t} udp dport 53 dnat ip to ${gw}:${ports.dnsUdp}
     iifname ${t} tcp dport 53 dnat ip to ${gw}:${ports.dnsTcp}
-    iifname ${t} meta l4proto tcp dnat ip to ${gw}:${ports.tcp}
+${proxied
+  .map(
+    (l) => `    ${l}
+`,
+  )
+  .join("")}    iifname ${t} meta l4proto tcp dnat ip to ${gw}:${ports.tcp}
   }
   chain input {
     type filter hook input priority filter; policy accept;
@@ -93,7 +109,7 @@ export function ruleset(spec: HostNetSpec, ports: ListenerPorts): string {
     ip saddr != ${spec.guest} drop
     ct state established,related accept
     ct status dnat ip daddr ${gw} udp dport ${ports.dnsUdp} accept
-    ct status dnat ip daddr ${gw} tcp dport { ${ports.dnsTcp}, ${ports.tcp} } accept
+    ct status dnat ip daddr ${gw} tcp dport { ${tcpPorts.join(", ")} } accept
     drop
   }
   chain forward {

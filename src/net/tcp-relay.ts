@@ -30,10 +30,12 @@ export class TcpRelay {
   readonly port: number;
   private readonly server: Server;
   private readonly sockets = new Set<Socket>();
+  private readonly opts: TcpRelayOptions;
 
-  private constructor(server: Server, port: number) {
+  private constructor(server: Server, port: number, opts: TcpRelayOptions) {
     this.server = server;
     this.port = port;
+    this.opts = opts;
   }
 
   static async listen(opts: TcpRelayOptions): Promise<TcpRelay> {
@@ -47,11 +49,14 @@ export class TcpRelay {
     });
     server.on("error", () => {}); // accept errors (EMFILE…) must not take the owner down
     const addr = server.address();
-    const relay = new TcpRelay(server, typeof addr === "object" && addr ? addr.port : 0);
-    server.on("connection", (guest) => {
-      relay.handle(guest, opts).catch(() => guest.destroy());
-    });
+    const relay = new TcpRelay(server, typeof addr === "object" && addr ? addr.port : 0, opts);
+    server.on("connection", (guest) => relay.adopt(guest));
     return relay;
+  }
+
+  /** Relays a guest flow accepted elsewhere (the proxy's TLS flows with no server name). */
+  adopt(guest: Socket): void {
+    this.handle(guest, this.opts).catch(() => guest.destroy());
   }
 
   private track(s: Socket): void {

@@ -2,19 +2,27 @@ import { appendFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { isIPv4 } from "node:net";
 import type { SandboxConfig } from "../api/config.ts";
+import type { NetworkEvent } from "../api/events.ts";
+import { networkEvent } from "../api/events.ts";
 import type { ProcIdentity } from "../state/procs.ts";
 import type { SubnetAllocation } from "../state/subnets.ts";
 import { DnsServer, upstreamsFromResolvConf } from "./dns.ts";
 import { PrivateFloor } from "./floor.ts";
 import { applyTable, createTap, type HostNetSpec } from "./host-net.ts";
+import type { AllowList } from "./host-policy.ts";
+import type { MitmCa } from "./mitm-ca.ts";
 import { macAddress, tableName, tapName } from "./names.ts";
 import { originalDestination } from "./original-dst.ts";
+import { InterceptProxy } from "./proxy.ts";
+import type { SecretBook } from "./secrets.ts";
 import { TcpRelay } from "./tcp-relay.ts";
 
 /**
- * A VM's network in open mode, from the owner's side: the TAP and table (host-net.ts), and the DNS
- * server and TCP relay listening on the gateway. The host objects are removed by the cleanup steps
- * (they must go even when the owner is dead); `close` stops the listeners.
+ * A VM's network from the owner's side: the TAP and table (host-net.ts), and the DNS server and TCP
+ * relay listening on the gateway; in intercept mode also the HTTP/HTTPS proxy, with the allow-list
+ * deciding DNS, proxy and plain TCP alike (one AllowList object, so a runtime change applies to all
+ * three at once). The host objects are removed by the cleanup steps (they must go even when the
+ * owner is dead); `close` stops the listeners.
  */
 
 export type NetworkConfig = SandboxConfig["network"];
@@ -73,17 +81,45 @@ export function localHostsOf(config: NetworkConfig): Map<string, string[]> {
 /** At most this many lines of refused flows per VM in net.log: a guest cannot fill the disk. */
 const LOG_LINES = 10_000;
 
+/** Intercept mode's policy: present, the proxy runs and every name and address is checked. */
+export interface InterceptPolicy {
+  allow: AllowList;
+  secrets: SecretBook;
+  ca: MitmCa;
+}
+
+export interface VmNetworkOptions {
+  config: NetworkConfig;
+  owner: ProcIdentity;
+  logFile?: string;
+  intercept?: InterceptPolicy;
+  /** Every allow/deny decision (intercept mode), and refused flows in any mode. */
+  onEvent?: (e: NetworkEvent) => void;
+}
+
 export class VmNetwork {
   readonly plan: NetworkPlan;
   readonly floor: PrivateFloor;
+  /** Undefined in open mode. */
+  readonly intercept: InterceptPolicy | undefined;
   private readonly dns: DnsServer;
   private readonly tcp: TcpRelay;
+  private readonly proxy: InterceptProxy | undefined;
 
-  private constructor(plan: NetworkPlan, floor: PrivateFloor, dns: DnsServer, tcp: TcpRelay) {
+  private constructor(
+    plan: NetworkPlan,
+    floor: PrivateFloor,
+    dns: DnsServer,
+    tcp: TcpRelay,
+    proxy: InterceptProxy | undefined,
+    intercept: InterceptPolicy | undefined,
+  ) {
     this.plan = plan;
     this.floor = floor;
     this.dns = dns;
     this.tcp = tcp;
+    this.proxy = proxy;
+    this.intercept = intercept;
   }
 
   /**
@@ -91,10 +127,7 @@ export class VmNetwork {
    * this order no guest packet ever meets an unfiltered interface (the TAP has no carrier until QEMU
    * starts). On failure, the listeners are closed; the TAP and table are the cleanup steps' job.
    */
-  static async start(
-    plan: NetworkPlan,
-    opts: { config: NetworkConfig; owner: ProcIdentity; logFile?: string },
-  ): Promise<VmNetwork> {
+  static async start(plan: NetworkPlan, opts: VmNetworkOptions): Promise<VmNetwork> {
     const spec: HostNetSpec = {
       tap: plan.tap,
       gateway: plan.gateway,
@@ -118,32 +151,90 @@ export class VmNetwork {
       blockPrivate: opts.config.block_private_ips,
     });
     const refuses = (ip: string) => floor.refuses(ip);
+    const policy = opts.intercept;
+    const emit = opts.onEvent ?? (() => {});
     const dns = await DnsServer.listen({
       address: plan.gateway,
       localHosts: localHostsOf(opts.config),
       upstreams: await upstreamResolvers(opts.config),
       refuses,
-      onBlocked: (e) => log(`dns ${e.name}: ${e.reason}`),
+      ...(policy ? { allowName: (name: string) => policy.allow.allowsName(name) } : {}),
+      onBlocked: (e) => {
+        log(`dns ${e.name}: ${e.reason}`);
+        emit(
+          networkEvent({
+            protocol: "dns",
+            method: "",
+            url: "",
+            host: e.name,
+            blocked: true,
+            block_reason: e.reason,
+          }),
+        );
+      },
     });
+    /**
+     * Plain TCP in intercept mode (research §5.3): allowed toward an address the list names, or one
+     * our DNS answered for an allowed name (so `git@github.com:22` works with --allow-host github.com);
+     * an empty list allows every public address (Matchlock). The floor applies in every case.
+     */
+    const tcpRefuses = (ip: string): string | undefined => {
+      const floorSays = floor.refuses(ip);
+      if (floorSays !== undefined || !policy) return floorSays;
+      if (policy.allow.allowsAddress(ip)) return undefined;
+      if (dns.namesFor(ip).some((n) => policy.allow.allowsName(n))) return undefined;
+      return "not in the allow-list (neither the address nor a name resolved to it is allowed)";
+    };
     let tcp: TcpRelay | undefined;
+    let proxy: InterceptProxy | undefined;
     try {
       tcp = await TcpRelay.listen({
         address: plan.gateway,
         originalDestination,
-        refuses,
+        refuses: tcpRefuses,
         onFlow: (e) => {
-          if (e.refused === undefined) return;
-          const to = e.destination ? `${e.destination.address}:${e.destination.port}` : "?";
-          log(`tcp ${to} refused: ${e.refused}`);
+          const d = e.destination;
+          if (e.refused !== undefined) log(`tcp ${d ? `${d.address}:${d.port}` : "?"} refused: ${e.refused}`);
+          if (e.refused === undefined && !policy) return; // open mode: only refusals are news
+          emit(
+            networkEvent({
+              protocol: "tcp",
+              method: "",
+              url: "",
+              host: d?.address ?? "?",
+              ...(d ? { port: d.port } : {}),
+              blocked: e.refused !== undefined,
+              ...(e.refused === undefined ? {} : { block_reason: e.refused }),
+            }),
+          );
         },
       });
-      await applyTable(spec, { dnsUdp: dns.udpPort, dnsTcp: dns.tcpPort, tcp: tcp.port });
+      const relay = tcp;
+      if (policy) {
+        proxy = await InterceptProxy.listen({
+          address: plan.gateway,
+          allow: policy.allow,
+          secrets: policy.secrets,
+          ca: policy.ca,
+          resolve: (name) => dns.resolve4(name),
+          refuses,
+          passthrough: (s) => relay.adopt(s),
+          onEvent: emit,
+        });
+      }
+      await applyTable(spec, {
+        dnsUdp: dns.udpPort,
+        dnsTcp: dns.tcpPort,
+        tcp: tcp.port,
+        ...(proxy ? { http: proxy.httpPort, https: proxy.httpsPort } : {}),
+      });
     } catch (e) {
+      proxy?.close();
       tcp?.close();
       await dns.close();
       throw e;
     }
-    return new VmNetwork(plan, floor, dns, tcp);
+    return new VmNetwork(plan, floor, dns, tcp, proxy, policy);
   }
 
   /** QEMU's NIC: virtio-net on the TAP, with Matchlock's MAC. */
@@ -152,6 +243,7 @@ export class VmNetwork {
   }
 
   async close(): Promise<void> {
+    this.proxy?.close();
     this.tcp.close();
     await this.dns.close();
   }

@@ -16,6 +16,7 @@ import {
   type RpcParams,
   rpcCodeFor,
 } from "../api/rpc.ts";
+import { splitHosts } from "../api/specs.ts";
 import { type ExecHandle, MAX_READ_FILE, type OutputSink } from "../guest/agent-client.ts";
 import { whenWritable } from "../host/drain.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
@@ -38,6 +39,8 @@ type Id = number | string;
 /** A line longer than this is refused (and skipped without being buffered). 96 MiB fits a 64 MiB write_file. */
 export const DEFAULT_MAX_LINE = 96 * 1024 * 1024;
 
+/** Event notifications are dropped while this many bytes wait unread on stdout. */
+const MAX_UNREAD_EVENTS = 1024 * 1024;
 const STDIN_HIGH_WATER = 8 * 1024 * 1024;
 const STDIN_LOW_WATER = 2 * 1024 * 1024;
 
@@ -93,6 +96,7 @@ export class RpcServer {
   private buffered = 0;
   /** Why reading requests is paused: stdin fed to the guest faster than it takes it, stdout backed up. */
   private readonly pausedBy = new Set<"stdin" | "output">();
+  private readonly onSandboxClosed = new WeakMap<Sandbox, () => void>();
 
   constructor(opts: RpcServerOptions) {
     this.input = opts.input;
@@ -260,13 +264,14 @@ export class RpcServer {
         return { content: (await this.readLog(await this.vm())).toString("base64") };
       case "log_stream":
         return this.logStream(await this.vm(), req);
-      case "allow_list_add":
-      case "allow_list_delete":
-        await this.vm();
-        throw new RpcError(
-          RpcCode.VM_FAILED,
-          `${method}: intercept mode (the allowlist) is not available in this version`,
-        );
+      case "allow_list_add": {
+        const p = params as RpcParams<"allow_list_add">;
+        return (await this.vm()).allowListAdd(splitHosts(p.hosts));
+      }
+      case "allow_list_delete": {
+        const p = params as RpcParams<"allow_list_delete">;
+        return (await this.vm()).allowListDelete(splitHosts(p.hosts));
+      }
       case "port_forward": {
         const p = params as RpcParams<"port_forward">;
         const bindings = await (await this.vm()).portForward(
@@ -313,6 +318,18 @@ export class RpcServer {
         throw new RpcError(RpcCode.VM_FAILED, "the rpc session is shutting down");
       }
       this.sandbox = sb;
+      // Matchlock's `event` notifications. Never paced: a client that does not read its stdout loses
+      // events (counted, logged on close) rather than stall the VM's proxy.
+      let dropped = 0;
+      const unsubscribe = sb.events.subscribe((e) => {
+        if (this.sandbox !== sb) return;
+        if (this.output.writableLength > MAX_UNREAD_EVENTS) dropped++;
+        else this.write({ jsonrpc: "2.0", method: "event", params: e });
+      });
+      this.onSandboxClosed.set(sb, () => {
+        unsubscribe();
+        if (dropped > 0) this.log(`${sb.id}: ${dropped} events not sent (the client was not reading)`);
+      });
       sb.deadline.addEventListener("abort", () => {
         this.log(`${sb.id}: ${messageOf(sb.deadline.reason)}; closing the VM`);
         this.closeSandbox(messageOf(sb.deadline.reason)).catch(() => {});
@@ -514,6 +531,7 @@ export class RpcServer {
       req.stop?.();
       if (req.handle) sb.terminate(req.handle, this.graceMs).catch(() => {});
     }
+    this.onSandboxClosed.get(sb)?.();
     await sb.close({ remove: !opts.keep });
     this.log(`${sb.id} closed (${why})`);
   }

@@ -41,7 +41,7 @@ import type { ExecOptions } from "./sandbox.ts";
  * data is read off its socket only as fast as the VM takes it. Memory per client stays bounded.
  */
 
-export const RELAY_VERSION = "matchlock-relay 2";
+export const RELAY_VERSION = "matchlock-relay 3";
 /** Bytes of a client's data (stdin, TCP, file writes) in flight to the VM before we stop reading its socket. */
 const INBOUND_HIGH_WATER = 1024 * 1024;
 const ECANCELED = 125;
@@ -53,6 +53,8 @@ export interface RelayTarget {
   readFileStream(path: string, sink: OutputSink): Promise<void>;
   listFiles(path: string): Promise<DirEntry[]>;
   tcpConnect(port: number, io: TcpIO): Promise<TcpStream>;
+  allowListAdd(hosts: readonly string[]): unknown;
+  allowListDelete(hosts: readonly string[]): unknown;
 }
 
 /**
@@ -255,6 +257,9 @@ class RelayConnection {
       case HostMsg.TCP_CONNECT:
         this.startTcp(f);
         return;
+      case HostMsg.ALLOW_LIST:
+        this.changeAllowList(f);
+        return;
       case HostMsg.TCP_DATA: {
         const data = Buffer.from(f.payload);
         const connecting = this.tcp.get(f.stream);
@@ -286,6 +291,21 @@ class RelayConnection {
       default:
         // SHUTDOWN and anything else are the owner's business, not a client's.
         this.send(GuestMsg.LOG, 0, Buffer.from(`relay: frame 0x${f.type.toString(16)} is not allowed`));
+    }
+  }
+
+  private changeAllowList(f: Frame): void {
+    try {
+      const req = JSON.parse(f.payload.toString("utf8")) as { op?: unknown; hosts?: unknown };
+      const hosts = Array.isArray(req.hosts)
+        ? req.hosts.filter((h): h is string => typeof h === "string")
+        : [];
+      if (req.op !== "add" && req.op !== "delete") throw new Error(`unknown allow-list op ${String(req.op)}`);
+      const result = req.op === "add" ? this.target.allowListAdd(hosts) : this.target.allowListDelete(hosts);
+      this.send(GuestMsg.DATA, f.stream, Buffer.from(JSON.stringify(result)));
+      this.send(GuestMsg.RESULT, f.stream, encodeResult(0, ""));
+    } catch (e) {
+      this.send(GuestMsg.RESULT, f.stream, encodeResult(22, messageOf(e)));
     }
   }
 

@@ -22,6 +22,7 @@ import { makeEmptyExt4 } from "../image/ext4.ts";
 import type { PullProgress } from "../image/registry.ts";
 import { type ResolvedImage, resolveImage } from "../image/resolve.ts";
 import { routedSubnets } from "../net/host-net.ts";
+import type { AllowList } from "../net/host-policy.ts";
 import { guestKernelArg, type NetworkPlan, planNetwork, VmNetwork } from "../net/vm-network.ts";
 import type { Resources } from "../state/lifecycle.ts";
 import { procStartTime, selfIdentity } from "../state/procs.ts";
@@ -32,7 +33,10 @@ import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
 import { finishCleanup } from "./cleanup.ts";
 import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
+import { EVENTS_FILE, EventLog } from "./event-log.ts";
 import { crashPoint } from "./faults.ts";
+import { installGuestCa } from "./guest-ca.ts";
+import { prepareNetworkPolicy } from "./network-policy.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
 
@@ -104,6 +108,10 @@ export class Sandbox {
   private readonly network: VmNetwork | undefined;
   private forwarder: PortForwarder | undefined;
   private closing: Promise<void> | undefined;
+  /** Added to every command's env: intercept mode's CA variables and secret placeholders. */
+  readonly networkEnv: Record<string, string>;
+  /** Every network decision; `events.jsonl` in the VM dir and RPC `event` notifications. */
+  readonly events: EventLog;
 
   private constructor(init: {
     id: string;
@@ -117,6 +125,8 @@ export class Sandbox {
     state: StateStore;
     ownsState: boolean;
     network: VmNetwork | undefined;
+    networkEnv: Record<string, string>;
+    events: EventLog;
   }) {
     this.id = init.id;
     this.dir = init.dir;
@@ -130,6 +140,8 @@ export class Sandbox {
     this.state = init.state;
     this.ownsState = init.ownsState;
     this.network = init.network;
+    this.networkEnv = init.networkEnv;
+    this.events = init.events;
     const ctl = new AbortController();
     this.deadline = ctl.signal;
     const t = init.config.resources.lifetime_seconds;
@@ -153,7 +165,8 @@ export class Sandbox {
   static async create(opts: CreateOptions): Promise<Sandbox> {
     const p = opts.paths ?? defaultPaths();
     const progress = opts.onProgress ?? (() => {});
-    const config = opts.config;
+    // From here on the config carries placeholders, never secret values (those live in the policy).
+    const { config, policy, env: networkEnv } = await prepareNetworkPolicy(opts.config);
     const image = await resolveImage(p, config.image, {
       ...(opts.pull ? { pull: true } : {}),
       ...(opts.onPullProgress ? { onProgress: opts.onPullProgress } : {}),
@@ -162,7 +175,7 @@ export class Sandbox {
     const hostname = config.network.hostname || id;
     const imageConfig = { ...image.config, ...(config.image_config ?? {}) };
     const first = opts.firstCommand?.(imageConfig);
-    if (first) validateCommand(execRequest(first, { hostname, imageConfig, config }));
+    if (first) validateCommand(execRequest(first, { hostname, imageConfig, config, networkEnv }));
     const kernel = await loadKernel(p);
     const initramfs = await loadInitramfs(p);
     const { accel } = await chooseAccel(
@@ -211,16 +224,19 @@ export class Sandbox {
 
     let vm: RunningVm | undefined;
     let network: VmNetwork | undefined;
+    const events = new EventLog(join(dir, EVENTS_FILE));
     let phase: "create" | "start" = "create";
     try {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       await makeEmptyExt4(upper, config.resources.disk_size_mb);
       if (plan) {
-        progress(`network ${plan.subnet} on ${plan.tap}`);
+        progress(`network ${plan.subnet} on ${plan.tap}${policy ? " (intercept mode)" : ""}`);
         network = await VmNetwork.start(plan, {
           config: config.network,
           owner,
           logFile: join(dir, "net.log"),
+          ...(policy ? { intercept: policy } : {}),
+          onEvent: (e) => events.emit(e),
         });
       }
       state.lifecycle.transition(id, "created");
@@ -275,8 +291,11 @@ export class Sandbox {
         state,
         ownsState,
         network,
+        networkEnv,
+        events,
       });
       await sandbox.writeNetworkFiles();
+      if (policy) await installGuestCa(sandbox.agent, policy.ca.certPem);
       sandbox.relay = await RelayServer.listen(relaySocket, sandbox);
       state.lifecycle.transition(id, "running");
       crashPoint("running");
@@ -402,6 +421,38 @@ export class Sandbox {
   }
 
   /**
+   * Adds hosts to the VM's allow-list at run time: DNS, the proxy and plain TCP see the change at
+   * once (they share one list). Returns the newly added and the whole list, as Matchlock's RPC does.
+   */
+  allowListAdd(hosts: readonly string[]): { added: string[]; allowed_hosts: string[] } {
+    const allow = this.allowList();
+    const added = allow.add(hosts);
+    return { added, allowed_hosts: allow.patterns };
+  }
+
+  /** Removes hosts from the allow-list; new requests and connections are refused at once. */
+  allowListDelete(hosts: readonly string[]): { removed: string[]; allowed_hosts: string[] } {
+    const allow = this.allowList();
+    const removed = allow.remove(hosts);
+    return { removed, allowed_hosts: allow.patterns };
+  }
+
+  private allowList(): AllowList {
+    const allow = this.network?.intercept?.allow;
+    if (!allow) {
+      // -32000 over RPC, as Matchlock answers for a VM without its proxy.
+      throw new MatchlockError(
+        "VM_FAILED",
+        `VM ${this.id} has no allowlist: its network is not in intercept mode`,
+        {
+          hint: "start it with --network-intercept (or --allow-host/--secret) to change its allow-list at run time",
+        },
+      );
+    }
+    return allow;
+  }
+
+  /**
    * Stops the VM and reclaims its host resources, recording each step. With `remove` (the default,
    * `--rm`) the VM dir and its records go too; without it the VM stays listed as stopped, with its
    * logs, until `matchlock rm`. Safe to call more than once.
@@ -484,6 +535,7 @@ interface ExecContext {
   hostname: string;
   imageConfig: ImageConfig;
   config: SandboxConfig;
+  networkEnv: Record<string, string>;
 }
 
 /** The EXEC request for a command: env, cwd and user default from the image config, as in Docker. */
@@ -492,7 +544,8 @@ export function execRequest(opts: ExecOptions, ctx: ExecContext): ExecRequest {
   if (opts.tty && env.TERM === undefined && ctx.config.env.TERM === undefined) env.TERM = "xterm";
   return {
     argv: opts.argv,
-    env: mergeEnv({ HOSTNAME: ctx.hostname }, ctx.imageConfig.env, ctx.config.env, env),
+    // Matchlock's order: image, sandbox, CA variables and placeholders, then the command's own.
+    env: mergeEnv({ HOSTNAME: ctx.hostname }, ctx.imageConfig.env, ctx.config.env, ctx.networkEnv, env),
     cwd: opts.cwd ? validateWorkdir(opts.cwd) : ctx.imageConfig.working_dir || "/",
     user: opts.user ?? ctx.imageConfig.user ?? "",
     tty: opts.tty ?? false,

@@ -1,6 +1,7 @@
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import type { SandboxConfigInput } from "../api/config.ts";
+import type { SandboxEvent } from "../api/events.ts";
 import { RpcCode } from "../api/rpc.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { whenWritable } from "../host/drain.ts";
@@ -25,6 +26,11 @@ export interface ClientOptions {
   /** The matchlock binary; default MATCHLOCK_BIN, else this package's own CLI. */
   binaryPath?: string;
   env?: NodeJS.ProcessEnv;
+  /**
+   * Called with every network decision of the sandbox (intercept mode: each request, allowed or
+   * blocked with its reason). Events a slow program does not take are dropped by the server.
+   */
+  onEvent?: (event: SandboxEvent) => void;
 }
 
 export interface CallOptions {
@@ -156,6 +162,10 @@ async function* toAsync<T>(items: Iterable<T>): AsyncGenerator<T> {
   yield* items;
 }
 
+function stringList(v: unknown): string[] {
+  return Array.isArray(v) ? v.map(String) : [];
+}
+
 export class Client {
   private readonly options: ClientOptions;
   private child: ChildProcessWithoutNullStreams | undefined;
@@ -266,6 +276,18 @@ export class Client {
   /** The VM's console log (sent base64, as Matchlock does). */
   async log(opts: CallOptions = {}): Promise<string> {
     return Buffer.from(String((await this.call("log", {}, opts)).content ?? ""), "base64").toString("utf8");
+  }
+
+  /** Allows more hosts in the VM's allow-list (intercept mode); returns the added and the whole list. */
+  async allowListAdd(...hosts: string[]): Promise<{ added: string[]; allowedHosts: string[] }> {
+    const r = await this.call("allow_list_add", { hosts }, {});
+    return { added: stringList(r.added), allowedHosts: stringList(r.allowed_hosts) };
+  }
+
+  /** Stops allowing hosts; returns the removed and the whole list. */
+  async allowListDelete(...hosts: string[]): Promise<{ removed: string[]; allowedHosts: string[] }> {
+    const r = await this.call("allow_list_delete", { hosts }, {});
+    return { removed: stringList(r.removed), allowedHosts: stringList(r.allowed_hosts) };
   }
 
   /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port; `"0:80"` any free port. */
@@ -474,6 +496,13 @@ export class Client {
       const err = msg.error as { code?: number; message?: string } | undefined;
       if (err) p.reject(new RPCError(Number(err.code ?? RPC_CODES.INTERNAL), String(err.message ?? "error")));
       else p.resolve((msg.result ?? {}) as Json);
+      return;
+    }
+    if (msg.method === "event" && this.options.onEvent) {
+      // A callback that throws must not break the session's protocol handling.
+      try {
+        this.options.onEvent(msg.params as SandboxEvent);
+      } catch {}
       return;
     }
     if (typeof msg.method === "string") {

@@ -7,6 +7,7 @@
  *   await client.close();
  */
 export type { SandboxConfigInput as SandboxConfig } from "../api/config.ts";
+export type { NetworkEvent, NetworkEventBody, SandboxEvent } from "../api/events.ts";
 export {
   type BinaryLike,
   type CallOptions,

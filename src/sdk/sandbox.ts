@@ -173,6 +173,24 @@ export class Sandbox {
     });
   }
 
+  /**
+   * Intercept mode with no allow-list (every host allowed, secrets still swapped, the allow-list
+   * changeable at run time). Matchlock's `withNetworkInterception()` with no rules does the same.
+   */
+  withNetworkIntercept(): Sandbox {
+    return this.net((n) => {
+      n.intercept = true;
+    });
+  }
+
+  /** Matchlock's name; rules (network hooks) are not supported yet and are refused at create. */
+  withNetworkInterception(config?: { rules?: unknown[]; callback_socket?: string }): Sandbox {
+    return this.net((n) => {
+      n.intercept = true;
+      if (config !== undefined) n.interception = config;
+    });
+  }
+
   addHost(host: string, ip: string): Sandbox {
     return this.net((n) => {
       n.add_hosts = [...(n.add_hosts ?? []), { host, ip }];

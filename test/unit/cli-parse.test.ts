@@ -45,12 +45,19 @@ describe("sandbox config", () => {
   });
 
   test("features this build cannot honour are listed, never ignored", () => {
+    // Intercept mode is built: an allow-list, secrets and an empty interception (force intercept) run.
     const c = parseSandboxConfig({
-      network: { allowed_hosts: ["api.example.com"], secrets: { K: { value: "v" } } },
+      network: { allowed_hosts: ["api.example.com"], secrets: { K: { value: "v" } }, interception: {} },
     });
-    const missing = unsupportedFeatures(c);
-    assert.ok(missing.some((m) => m.includes("allowlist")));
-    assert.ok(missing.some((m) => m.includes("secrets")));
+    assert.deepEqual(unsupportedFeatures(c), []);
+    // Network hooks are not: rules or a callback socket are refused by name, never dropped.
+    for (const interception of [
+      { rules: [{ phase: "before", action: "block" }] },
+      { callback_socket: "/tmp/s" },
+    ]) {
+      const missing = unsupportedFeatures(parseSandboxConfig({ network: { interception } }));
+      assert.deepEqual(missing, ["network.interception rules (network hooks)"]);
+    }
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ network: { no_network: true } })), []);
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({})), []);
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/workspace" } })), [
