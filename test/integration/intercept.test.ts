@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { CLI, type CliResult, tempHome } from "../helpers/cli.ts";
+import { CLI, type CliResult, REPO, tempHome } from "../helpers/cli.ts";
 import { importDebianImage } from "../helpers/debian.ts";
 import { createTopology, FAKE, FAKE_API_KEY, FAKE_PORTS, type Hit, type Topology } from "../helpers/netns.ts";
 
@@ -293,7 +293,7 @@ describe("an allow-list with a secret", () => {
   test("server-sent events stream through the proxy as they are sent", async () => {
     const script =
       'const t0=Date.now();const r=await fetch("https://example.test/sse?n=4&gapMs=400");const times=[];' +
-      "for await (const c of r.body){for(const l of new TextDecoder().decode(c).split('\\n'))if(l.startsWith('data:'))times.push(Date.now()-t0)}" +
+      'for await (const c of r.body){for(const l of new TextDecoder().decode(c).split(String.fromCharCode(10)))if(l.startsWith("data:"))times.push(Date.now()-t0)}' +
       "console.log(JSON.stringify(times))";
     const out = await sh(a, `node --input-type=module -e '${script}'`);
     const times = JSON.parse(out.trim()) as number[];
@@ -320,9 +320,9 @@ describe("an allow-list with a secret", () => {
     assert.match(text, /BLOCKED https GET https:\/\/example\.test\/query — secret API_KEY sent to a host/);
     assert.match(
       text,
-      /BLOCKED https GET https:\/\/api\.example\.test\/headers — Host "other\.test" does not match/,
+      /BLOCKED https GET https:\/\/other\.test\/headers — Host "other\.test" does not match the TLS server name "api\.example\.test"/,
     );
-    assert.doesNotMatch(text, /allowed/);
+    assert.doesNotMatch(text, /^\S+ allowed /m, "--blocked shows only blocks");
     const json = await ml(["events", a, "--json"]);
     const all = json.stdout
       .toString()
@@ -345,7 +345,8 @@ function listFiles(dir: string): string[] {
 describe("--network-intercept with an empty list", () => {
   let b: string;
   before(async () => {
-    b = await startVm(["--network-intercept", "--secret", "TOKEN=inline-t0ken-value@other.test"]);
+    // A secret with no hosts is for every host, and leaves the list empty (secret hosts would join it).
+    b = await startVm(["--network-intercept", "--secret", "TOKEN=inline-t0ken-value"]);
   });
   after(async () => {
     await ml(["kill", b]);
@@ -358,13 +359,20 @@ describe("--network-intercept with an empty list", () => {
       "curl -sS https://example.test/; curl -sS https://other.test/; " +
         `curl -sS -o /dev/null -w '%{http_code}\\n' http://${FAKE.private}/; ` +
         "curl -sS -o /dev/null -w '%{http_code}\\n' http://169.254.169.254/latest/meta-data/; " +
-        `python3 /tmp/probe.py tcp ${FAKE.private} 80; ` +
+        `python3 /tmp/probe.py tcp ${FAKE.private} ${FAKE_PORTS.echo}; ` +
         'curl -sS -H "X-T: $TOKEN" https://other.test/headers',
     );
-    assert.match(out, new RegExp(`^hello from ${FAKE.web}\\nhello from ${FAKE.other}\\n403\\n403\\nfailed `));
+    // The relay accepts every guest connection before it knows where it was going: a refused one is
+    // closed at once, with nothing sent either way.
+    assert.match(
+      out,
+      new RegExp(`^hello from ${FAKE.web}\\nhello from ${FAKE.other}\\n403\\n403\\n(failed |connected b'')`),
+    );
     assert.match(out, /"x-t":"SANDBOX_SECRET_[0-9a-f]{32}"/, "the echo is scrubbed back to the placeholder");
     const hit = httpHits(mark).find((x) => x.path === "/headers");
     assert.equal(hit?.headers["x-t"], "inline-t0ken-value");
+    const floor = events(b).find((e) => e.network.protocol === "tcp" && e.network.host === FAKE.private);
+    assert.equal(floor?.network.block_reason, "private (RFC 1918)");
     assert.deepEqual(
       since(mark).filter((x) => "server" in x && x.server === FAKE.private),
       [],
@@ -411,4 +419,50 @@ test("allow-list add and delete take effect while a request loop runs", async ()
   } finally {
     await ml(["kill", c]);
   }
+});
+
+test("the SDK: allow-list add/delete, typed event callbacks, and an empty host list refused", async () => {
+  const program = `
+    import { Client, Sandbox } from ${JSON.stringify(join(REPO, "dist", "sdk", "index.js"))};
+    const events = [];
+    const c = new Client({ onEvent: (e) => events.push(e) });
+    await c.launch(new Sandbox(${JSON.stringify(TAG)}).allowHost("example.test").addSecret("K", "sk-sdk-secret-value", "${API}"));
+    const code = "curl -s -o /dev/null -w '%{http_code} ' https://other.test/; echo $K";
+    const before = (await c.exec(code)).stdout;
+    let empty;
+    try { await c.allowListAdd(); } catch (e) { empty = e.code + " " + e.message; }
+    const add = await c.allowListAdd("other.test");
+    const during = (await c.exec(code)).stdout;
+    const del = await c.allowListDelete("other.test");
+    await c.close();
+    await c.remove();
+    console.log(JSON.stringify({ before, empty, add, during, del, events }));
+  `;
+  const r = await t.execInHost(process.execPath, ["--input-type=module", "-e", program], {
+    env: { ...h.env, NODE_EXTRA_CA_CERTS: t.caFile },
+    timeoutMs: 240_000,
+  });
+  assert.equal(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout.toString()) as {
+    before: string;
+    empty: string;
+    add: unknown;
+    during: string;
+    del: unknown;
+    events: Array<{ type: string; timestamp: number; network: Record<string, unknown> }>;
+  };
+  assert.match(out.before, /^000 SANDBOX_SECRET_[0-9a-f]{32}\n$/);
+  assert.match(out.empty, /^-32602 .*hosts is empty/);
+  assert.deepEqual(out.add, { added: ["other.test"], allowedHosts: ["example.test", API, "other.test"] });
+  assert.match(out.during, /^200 /);
+  assert.deepEqual(out.del, { removed: ["other.test"], allowedHosts: ["example.test", API] });
+  // Before the add, other.test did not even resolve: the block is DNS's.
+  const blocked = out.events.find((e) => e.network.blocked && e.network.protocol === "dns");
+  assert.equal(blocked?.type, "network", JSON.stringify(out.events));
+  assert.equal(blocked?.network.host, "other.test");
+  const allowed = out.events.find((e) => !e.network.blocked && e.network.protocol === "https");
+  assert.equal(allowed?.network.status_code, 200);
+  assert.equal(allowed?.network.url, "https://other.test/");
+  assert.ok(Number.isInteger(allowed?.timestamp));
+  assert.ok(!r.stdout.toString().includes("sk-sdk-secret-value"), "events never carry a secret");
 });
