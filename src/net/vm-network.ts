@@ -81,6 +81,23 @@ export function localHostsOf(config: NetworkConfig): Map<string, string[]> {
 /** At most this many lines of refused flows per VM in net.log: a guest cannot fill the disk. */
 const LOG_LINES = 10_000;
 
+/** Keys seen in the last `ms` milliseconds (bounded: a flood of distinct keys only forgets sooner). */
+class RecentKeys {
+  private readonly seenAt = new Map<string, number>();
+  private readonly ms: number;
+  constructor(ms: number) {
+    this.ms = ms;
+  }
+  seen(key: string): boolean {
+    const now = Date.now();
+    const at = this.seenAt.get(key);
+    if (at !== undefined && now - at < this.ms) return true;
+    if (this.seenAt.size >= 1024) this.seenAt.clear();
+    this.seenAt.set(key, now);
+    return false;
+  }
+}
+
 /** Intercept mode's policy: present, the proxy runs and every name and address is checked. */
 export interface InterceptPolicy {
   allow: AllowList;
@@ -152,6 +169,7 @@ export class VmNetwork {
     });
     const refuses = (ip: string) => floor.refuses(ip);
     const policy = opts.intercept;
+    const recentDns = new RecentKeys(2000);
     const emit = opts.onEvent ?? (() => {});
     const dns = await DnsServer.listen({
       address: plan.gateway,
@@ -160,6 +178,8 @@ export class VmNetwork {
       refuses,
       ...(policy ? { allowName: (name: string) => policy.allow.allowsName(name) } : {}),
       onBlocked: (e) => {
+        // A resolver asks A and AAAA (and retries): one decision, one line.
+        if (recentDns.seen(`${e.name} ${e.reason}`)) return;
         log(`dns ${e.name}: ${e.reason}`);
         emit(
           networkEvent({

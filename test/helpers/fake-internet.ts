@@ -9,7 +9,7 @@ import {
 } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import { createServer as createTcpServer, type Server } from "node:net";
-import { Readable } from "node:stream";
+import { type Duplex, Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { TLSSocket } from "node:tls";
@@ -280,13 +280,43 @@ function serverName(s: TLSSocket): string | undefined {
   return typeof name === "string" && name !== "" ? name : undefined;
 }
 
+/**
+ * `Upgrade: echo` on any path (both schemes): 101, then every byte is echoed back (a stand-in for a
+ * WebSocket); logged as an http hit with method UPGRADE. Other upgrades are refused.
+ */
+function echoUpgrade(server: string, scheme: "http" | "https") {
+  return (req: IncomingMessage, sock: Duplex, head: Buffer) => {
+    hit({
+      kind: "http",
+      server,
+      scheme,
+      method: "UPGRADE",
+      path: req.url ?? "",
+      bytes: 0,
+      host: req.headers.host ?? "",
+      headers: Object.fromEntries(Object.entries(req.headers).map(([k, v]) => [k, String(v)])),
+    });
+    sock.on("error", () => sock.destroy());
+    if ((req.headers.upgrade ?? "").toLowerCase() !== "echo") {
+      sock.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+      return;
+    }
+    sock.write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n");
+    if (head.length > 0) sock.write(head);
+    sock.pipe(sock);
+  };
+}
+
 function httpServer(server: string, handle: Handler): Promise<void> {
-  return listenTcp(createHttpServer(logged(server, "http", handle)), server, FAKE_PORTS.http);
+  const srv = createHttpServer(logged(server, "http", handle));
+  if (handle === web) srv.on("upgrade", echoUpgrade(server, "http"));
+  return listenTcp(srv, server, FAKE_PORTS.http);
 }
 
 /** HTTPS on :443 with the topology's server certificate; a tls hit for every handshake, done or failed. */
 function httpsServer(server: string, tls: { cert: Buffer; key: Buffer }): Promise<void> {
   const srv = createHttpsServer(tls, logged(server, "https", web));
+  srv.on("upgrade", echoUpgrade(server, "https"));
   srv.on("secureConnection", (s: TLSSocket) => {
     const sni = serverName(s);
     hit({ kind: "tls", server, ...(sni === undefined ? {} : { sni }) });

@@ -290,6 +290,21 @@ describe("an allow-list with a secret", () => {
     assert.doesNotMatch(out, /rc=0/);
   });
 
+  test("an upgrade (as WebSocket does) passes the policy checks, then both ways flow", async () => {
+    const ws = (host: string) =>
+      `python3 -c 'import socket, ssl; ctx = ssl.create_default_context(); ` +
+      `s = ctx.wrap_socket(socket.create_connection(("${host}", 443)), server_hostname="${host}"); ` +
+      `s.sendall(b"GET /ws HTTP/1.1\\r\\nHost: ${host}\\r\\nUpgrade: echo\\r\\nConnection: Upgrade\\r\\n\\r\\n"); ` +
+      `print(s.recv(200).split(b"\\r\\n")[0]); s.sendall(b"hello over the upgrade"); print(s.recv(100))' 2>&1 | tail -2`;
+    const mark = t.hits().length;
+    const out = await sh(a, `${ws("example.test")}; ${ws("other.test")}`);
+    assert.match(out, /^b'HTTP\/1\.1 101 Switching Protocols'\nb'hello over the upgrade'\n/);
+    assert.match(out, /(SSLError|ConnectionResetError|gaierror)/, "a host not allowed gets no upgrade");
+    const hit = httpHits(mark).find((x) => x.method === "UPGRADE");
+    assert.equal(hit?.host, "example.test");
+    assert.equal(httpHits(mark).length, 1);
+  });
+
   test("server-sent events stream through the proxy as they are sent", async () => {
     const script =
       'const t0=Date.now();const r=await fetch("https://example.test/sse?n=4&gapMs=400");const times=[];' +
