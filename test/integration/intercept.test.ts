@@ -284,6 +284,29 @@ describe("an allow-list with a secret", () => {
     assert.equal(dot?.network.blocked, true);
   });
 
+  test("host services stay unreachable through the gateway, on any port, 80 and 443 included", async () => {
+    const gw = (
+      await sh(a, "ip route 2>/dev/null || awk '$2==\"00000000\"{print $3}' /proc/net/route")
+    ).trim();
+    const hex = gw.match(/^[0-9A-F]{8}$/)
+      ? (gw.match(/../g) ?? [])
+          .reverse()
+          .map((b) => Number.parseInt(b, 16))
+          .join(".")
+      : gw;
+    const out = await sh(
+      a,
+      `python3 /tmp/probe.py tcp ${hex} ${FAKE_PORTS.hostService}; python3 /tmp/probe.py tcp ${FAKE.hostUplink} ${FAKE_PORTS.hostService}; ` +
+        `curl -sS -o /dev/null -w '%{http_code}\\n' http://${hex}/; curl -sS https://${hex}/ 2>&1; echo rc=$?`,
+    );
+    assert.doesNotMatch(out, /host-service/);
+    assert.match(out, /^403$/m, "HTTP to the gateway's address is refused by the allow-list");
+    assert.doesNotMatch(out, /rc=0/);
+    assert.equal(t.hits().filter((x) => x.kind === "host-service").length, 0);
+    const host = events(a).filter((e) => e.network.block_reason === "an address of the host");
+    assert.ok(host.length >= 2, JSON.stringify(host));
+  });
+
   test("CONNECT is refused", async () => {
     const out = await sh(a, "curl -sS -p -x http://example.test:80 https://example.test/ 2>&1; echo rc=$?");
     assert.match(out, /405|CONNECT/);
