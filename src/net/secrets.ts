@@ -94,12 +94,24 @@ export type RequestVerdict =
   /** The request to send: placeholders swapped for values, and which secrets were. */
   | { rawHeaders: string[]; url: string; swapped: Secret[] };
 
+/**
+ * What to scrub for each swapped secret: its value, and its percent-encoded form when that differs
+ * (the query carries that one, and an upstream may echo the query back as it received it).
+ */
+function echoForms(swapped: readonly Secret[]): Map<string, string> {
+  const byForm = new Map<string, string>();
+  for (const x of swapped) {
+    for (const form of [x.value, encodeURIComponent(x.value)])
+      if (!byForm.has(form)) byForm.set(form, x.placeholder);
+  }
+  return byForm;
+}
+
 /** Replaces, in a response header value, every real value of `swapped` by its placeholder. */
 export function scrubText(s: string, swapped: readonly Secret[]): string {
   if (swapped.length === 0) return s;
-  const byValue = new Map<string, string>();
-  for (const x of swapped) if (!byValue.has(x.value)) byValue.set(x.value, x.placeholder);
-  return s.replace(alternation([...byValue.keys()]), (v) => byValue.get(v) as string);
+  const byForm = echoForms(swapped);
+  return s.replace(alternation([...byForm.keys()]), (v) => byForm.get(v) as string);
 }
 
 /**
@@ -110,7 +122,10 @@ export function scrubText(s: string, swapped: readonly Secret[]): string {
 export function scrubber(swapped: readonly Secret[]): Transform | undefined {
   if (swapped.length === 0) return undefined;
   return new ScrubStream(
-    swapped.map((x) => ({ from: Buffer.from(x.value), to: Buffer.from(x.placeholder) })),
+    [...echoForms(swapped)].map(([form, placeholder]) => ({
+      from: Buffer.from(form),
+      to: Buffer.from(placeholder),
+    })),
   );
 }
 

@@ -248,7 +248,11 @@ describe("an allow-list with a secret", () => {
   });
 
   test("an upstream that echoes the swapped header: the guest still sees only the placeholder", async () => {
-    const out = await sh(a, `curl -sS -i -H "Authorization: Bearer $API_KEY" https://${API}/headers`);
+    const out = await sh(
+      a,
+      `curl -sS -i -H "Authorization: Bearer $API_KEY" https://${API}/headers; curl -sS "https://${API}/query?key=$API_KEY"`,
+    );
+    assert.match(out, new RegExp(`\\{"query":"key=${placeholder}"\\}`), "the echoed query is scrubbed too");
     assert.ok(!out.includes(FAKE_API_KEY), out);
     assert.match(out, new RegExp(`^x-echo-authorization: Bearer ${placeholder}\\r?$`, "im"));
     assert.match(out, new RegExp(`"authorization":"Bearer ${placeholder}"`));

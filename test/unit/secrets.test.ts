@@ -327,6 +327,16 @@ describe("scrubber: real values back to placeholders in a response body", () => 
     Buffer.from("PH_A"),
   ]);
 
+  test("a value echoed as the query carried it (percent-encoded) is scrubbed too", async () => {
+    const b64 = secret("B", "dG9r+ZW4/x==", [], "PH_B");
+    const v = sent(new SecretBook([b64]).prepareRequest("h.test", [], "/q?k=PH_B"));
+    assert.equal(v.url, "/q?k=dG9r%2BZW4%2Fx%3D%3D");
+    const echoed = Buffer.from(`{"query":"k=dG9r%2BZW4%2Fx%3D%3D","raw":"dG9r+ZW4/x=="}`);
+    const got = await pipeThrough(scrubber(v.swapped) as Transform, [echoed]);
+    assert.equal(got.toString(), `{"query":"k=PH_B","raw":"PH_B"}`);
+    assert.equal(scrubText("k=dG9r%2BZW4%2Fx%3D%3D", v.swapped), "k=PH_B");
+  });
+
   test("nothing swapped: no stream", () => {
     assert.equal(scrubber([]), undefined);
   });
