@@ -128,6 +128,8 @@ export const NetworkSchema = strictObject({
   /** Ours: exact addresses the private floor lets the guest reach (`--allow-private-host`). */
   allow_private_hosts: v.nullish(v.array(ipAddress), []),
   mtu: v.optional(v.pipe(positiveInt, v.minValue(576), v.maxValue(65535)), 1500),
+  /** Matchlock declares it and never runs it: accepted when empty, refused (unsupportedFeatures) when not. */
+  policy_script: v.optional(v.string()),
 });
 
 export const MountSchema = strictObject({
@@ -140,6 +142,8 @@ export const VfsSchema = strictObject({
   workspace: v.optional(v.string()),
   mounts: v.optional(v.record(v.string(), MountSchema), {}),
   interception: v.optional(v.unknown()),
+  /** Matchlock's, unused there: accepted when empty, refused (unsupportedFeatures) when not. */
+  direct_mounts: v.optional(v.unknown()),
 });
 
 /** The OCI image config fields that shape how a command runs (Docker semantics). */
@@ -169,6 +173,13 @@ export const SandboxConfigSchema = strictObject(
       v.pipe(
         v.string(),
         v.check((s) => s.trim() !== "", "the image reference is empty (omit image for the default image)"),
+      ),
+    ),
+    /** Matchlock's SDKs may send it; the id is always chosen by the server. */
+    id: v.optional(
+      v.pipe(
+        v.string(),
+        v.check((s) => s === "", "the VM id is chosen by matchlock: leave id empty"),
       ),
     ),
     privileged: v.optional(v.boolean(), false),
@@ -211,6 +222,12 @@ function hasNetworkHooks(interception: unknown): boolean {
   return rules || (i.callback_socket !== undefined && i.callback_socket !== "");
 }
 
+function isEmptyValue(x: unknown): boolean {
+  if (x === undefined || x === null || x === "") return true;
+  if (Array.isArray(x)) return x.length === 0;
+  return typeof x === "object" && Object.keys(x).length === 0;
+}
+
 /**
  * Features of the config that this build cannot honour yet. A config that asks for one is refused
  * with a message naming it: silently ignoring a field (say, an allowlist) would be a security bug.
@@ -222,6 +239,8 @@ export function unsupportedFeatures(config: SandboxConfig): string[] {
   if (hasNetworkHooks(config.network.interception)) out.push("network.interception rules (network hooks)");
   if (config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0) out.push("vfs mounts");
   if (config.vfs.interception !== undefined) out.push("vfs interception");
+  if (!isEmptyValue(config.vfs.direct_mounts)) out.push("vfs.direct_mounts");
+  if (config.network.policy_script) out.push("network.policy_script");
   if (config.extra_disks.length > 0) out.push("extra_disks");
   if (config.privileged) out.push("privileged");
   if (config.launch_entrypoint) out.push("launch_entrypoint");

@@ -426,7 +426,7 @@ export class RpcServer {
     }
     const p = parsed.output as { id: Id; data?: string; rows?: number; cols?: number };
     const req = this.inflight.get(String(p.id));
-    if (!req || !req.method.startsWith(method.split(".")[0] as string)) return;
+    if (!req?.method.startsWith(method.split(".")[0] as string)) return;
     let apply: (h: ExecHandle) => void;
     if (method.endsWith(".stdin")) {
       let data: Buffer;

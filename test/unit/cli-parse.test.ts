@@ -59,6 +59,15 @@ describe("sandbox config", () => {
       assert.deepEqual(missing, ["network.interception rules (network hooks)"]);
     }
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ network: { no_network: true } })), []);
+    // Fields Matchlock declares and never uses: empty is fine, anything else is refused by name.
+    const unused = { id: "", network: { policy_script: "" }, vfs: { direct_mounts: {} } };
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig(unused)), []);
+    const used = { network: { policy_script: "allow()" }, vfs: { direct_mounts: { "/m": "/h" } } };
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig(used)), [
+      "vfs.direct_mounts",
+      "network.policy_script",
+    ]);
+    assert.throws(() => parseSandboxConfig({ id: "vm-12345678" }), /id: the VM id is chosen by matchlock/);
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({})), []);
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/workspace" } })), [
       "vfs mounts",
