@@ -83,8 +83,23 @@ export function registerImage(program: Command): void {
     .command("ls")
     .alias("list")
     .summary("list images")
-    .action(() =>
+    .option("--json", "a JSON array of {tag, scope, digest, size, created_at}, for scripts")
+    .action((flags: { json?: boolean }) =>
       withStore(async (s) => {
+        if (flags.json) {
+          const builtin = (await loadDefaultImage(paths()))
+            ? [{ tag: DEFAULT_IMAGE, scope: "builtin", digest: "", size: 0, created_at: "" }]
+            : [];
+          const images = s.list().map((i) => ({
+            tag: i.tag,
+            scope: i.scope,
+            digest: i.digest,
+            size: i.size,
+            created_at: i.created_at,
+          }));
+          process.stdout.write(`${JSON.stringify([...builtin, ...images], null, 2)}\n`);
+          return;
+        }
         const rows = [["TAG", "SCOPE", "DIGEST", "SIZE", "CREATED"]];
         if (await loadDefaultImage(paths())) rows.push([DEFAULT_IMAGE, "builtin", "-", "-", "-"]);
         for (const i of s.list()) {

@@ -89,13 +89,26 @@ export function registerVmCommands(program: Command): void {
     .alias("ls")
     .summary("list VMs")
     .option("--running", "only running VMs")
-    .action((flags: { running?: boolean }) =>
+    .option("--json", "a JSON array of {id, status, image, created_at, pid}, for scripts")
+    .action((flags: { running?: boolean; json?: boolean }) =>
       withState((s) => {
+        const vms = s.vms
+          .list()
+          .map((r) => ({
+            id: r.id,
+            status: effectiveStatus(r, s.lifecycle.current(r.id)),
+            image: r.image,
+            created_at: r.created_at,
+            pid: r.pid,
+          }))
+          .filter((v) => !flags.running || v.status === "running");
+        if (flags.json) {
+          process.stdout.write(`${JSON.stringify(vms, null, 2)}\n`);
+          return;
+        }
         const rows = [["ID", "STATUS", "IMAGE", "CREATED", "PID"]];
-        for (const r of s.vms.list()) {
-          const status = effectiveStatus(r, s.lifecycle.current(r.id));
-          if (flags.running && status !== "running") continue;
-          rows.push([r.id, status, r.image, r.created_at.replace("T", " ").slice(0, 19), String(r.pid)]);
+        for (const v of vms) {
+          rows.push([v.id, v.status, v.image, v.created_at.replace("T", " ").slice(0, 19), String(v.pid)]);
         }
         process.stdout.write(`${table(rows)}\n`);
       }),

@@ -125,6 +125,15 @@ describe("long-lived VMs", () => {
       ["creating", "created", "starting", "starting", "running"],
     );
 
+    const json = JSON.parse((await cli(["list", "--json", "--running"])).stdout.toString()) as Array<{
+      id: string;
+      status: string;
+      pid: number;
+    }>;
+    assert.deepEqual(
+      json.filter((v) => v.id === id).map((v) => v.status),
+      ["running"],
+    );
     const k = await cli(["kill", id]);
     assert.equal(k.code, 0, k.stderr);
     assert.equal(listRows((await cli(["list"])).stdout.toString()).get(id), "stopped");

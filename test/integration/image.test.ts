@@ -101,6 +101,19 @@ describe("image import and run", () => {
     const ls = (await runCli(["image", "ls"], { env: cacheEnv })).stdout.toString();
     assert.match(ls, /matchlock\/default:latest\s+builtin/);
     assert.match(ls, new RegExp(`docker.io/library/mltest-app-${process.pid}:1\\s+local`));
+    const json = JSON.parse(
+      (await runCli(["image", "ls", "--json"], { env: cacheEnv })).stdout.toString(),
+    ) as Array<{
+      tag: string;
+      scope: string;
+      digest: string;
+      size: number;
+    }>;
+    const app = json.find((i) => i.tag === `docker.io/library/mltest-app-${process.pid}:1`);
+    assert.equal(app?.scope, "local");
+    assert.match(app?.digest ?? "", /^sha256:[0-9a-f]{64}$/);
+    assert.ok((app?.size ?? 0) > 0);
+    assert.equal(json[0]?.tag, "matchlock/default:latest");
     for (const t of [tag, tag2, ociTag, `mltest-base-${process.pid}:1`]) {
       assert.equal((await runCli(["image", "rm", t], { env: cacheEnv })).code, 0);
     }
