@@ -211,10 +211,16 @@ export class RpcServer {
     switch (method) {
       case "create":
         return this.create(params as RpcParams<"create">);
-      case "close":
+      case "close": {
         // As in Matchlock: the VM stays listed as stopped, with its logs, until `remove` (`matchlock rm`).
-        await this.closeSandbox("closed by the client", { keep: true });
+        // `timeout_seconds` bounds the graceful part (commands' SIGTERM, QEMU's quit); 0 means the default.
+        const t = (params as RpcParams<"close">).timeout_seconds ?? 0;
+        await this.closeSandbox("closed by the client", {
+          keep: true,
+          ...(t > 0 ? { graceMs: Math.min(t, 3600) * 1000 } : {}),
+        });
         return {};
+      }
       case "cancel":
         return this.cancel(params as RpcParams<"cancel">);
       case "exec":
@@ -405,7 +411,9 @@ export class RpcServer {
     if (r.startError !== undefined) {
       const msg = Buffer.from(`${r.startError}\n`);
       if (method === "exec") err.push(msg);
-      else if (method !== "exec_tty") await notify("stderr")(msg);
+      // A terminal has one stream: the reason the command did not start is shown in it.
+      else if (method === "exec_tty") await notify("stdout")(Buffer.from(`${r.startError}\r\n`));
+      else await notify("stderr")(msg);
     }
     if (method === "exec") {
       return {
@@ -517,7 +525,7 @@ export class RpcServer {
    * Stops the VM. `keep` leaves it listed as stopped with its logs (a client's `close`); otherwise
    * its records and files go too (the client vanished, the session ends, the lifetime ran out).
    */
-  private async closeSandbox(why: string, opts: { keep?: boolean } = {}): Promise<void> {
+  private async closeSandbox(why: string, opts: { keep?: boolean; graceMs?: number } = {}): Promise<void> {
     const creating = this.creating;
     if (creating) await creating.catch(() => {});
     const sb = this.sandbox;
@@ -529,10 +537,10 @@ export class RpcServer {
     this.gone = why;
     for (const req of this.inflight.values()) {
       req.stop?.();
-      if (req.handle) sb.terminate(req.handle, this.graceMs).catch(() => {});
+      if (req.handle) sb.terminate(req.handle, opts.graceMs ?? this.graceMs).catch(() => {});
     }
     this.onSandboxClosed.get(sb)?.();
-    await sb.close({ remove: !opts.keep });
+    await sb.close({ remove: !opts.keep, ...(opts.graceMs === undefined ? {} : { graceMs: opts.graceMs }) });
     this.log(`${sb.id} closed (${why})`);
   }
 

@@ -457,7 +457,7 @@ export class Sandbox {
    * `--rm`) the VM dir and its records go too; without it the VM stays listed as stopped, with its
    * logs, until `matchlock rm`. Safe to call more than once.
    */
-  close(opts: { remove?: boolean } = {}): Promise<void> {
+  close(opts: { remove?: boolean; graceMs?: number } = {}): Promise<void> {
     this.closing ??= (async () => {
       const remove = opts.remove ?? true;
       this.cancelDeadline();
@@ -471,7 +471,7 @@ export class Sandbox {
       // a SIGKILLed QEMU or a kernel panic must not look like a normal stop.
       const died = this.exitedOnItsOwn ? await this.exitChecked : undefined;
       try {
-        await this.vm.stop();
+        await this.vm.stop(opts.graceMs);
         if (died === undefined) this.state.lifecycle.transition(this.id, "stopped");
         else this.state.lifecycle.transition(this.id, "stop_failed", { error: `the VM died: ${died}` });
       } catch (e) {

@@ -55,6 +55,12 @@ class Wire {
       });
     }
   }
+  /** Notifications received so far with this method for request `id`. */
+  notifications(method: string, id: number): Array<Record<string, unknown>> {
+    return this.msgs.filter(
+      (m) => m.method === method && (m.params as { id?: unknown } | undefined)?.id === id,
+    );
+  }
   async closed(): Promise<number | null> {
     return new Promise((r) => this.child.on("close", (code) => r(code)));
   }
@@ -103,7 +109,18 @@ describe("rpc protocol robustness (raw wire)", () => {
     const r14 = (await w.response(14)).result as { stdout: string };
     assert.equal(Buffer.from(r14.stdout, "base64").toString(), `${second.id}\n`);
     w.request(8, "allow_list_add", { hosts: ["example.com"] });
-    assert.match(((await w.response(8)).error as { message: string }).message, /allowlist/);
+    const noList = await w.response(8);
+    assert.equal(errCode(noList), RPC_CODES.VM_FAILED, "as Matchlock answers for a VM without its proxy");
+    assert.match((noList.error as { message: string }).message, /no allowlist/);
+    // A terminal command that cannot start says why in the terminal's one stream.
+    w.request(15, "exec_tty", { command: "true", user: "no-such-user" });
+    const tty = (await w.response(15)).result as { exit_code: number };
+    assert.notEqual(tty.exit_code, 0);
+    const shown = w
+      .notifications("exec_tty.stdout", 15)
+      .map((m) => Buffer.from((m.params as { data: string }).data, "base64").toString())
+      .join("");
+    assert.match(shown, /no-such-user/);
     // Matchlock's wire: list_files modes are Go os.FileMode bits, logs are base64.
     w.request(11, "list_files", { path: "/" });
     const entries = (
@@ -136,10 +153,10 @@ describe("rpc protocol robustness (raw wire)", () => {
 
   test("a config asking for a feature this version lacks is refused, naming it", async () => {
     const w = new Wire();
-    w.request(1, "create", { network: { allowed_hosts: ["api.example.com"] } });
+    w.request(1, "create", { network: { interception: { rules: [{ phase: "before", action: "block" }] } } });
     const r = await w.response(1);
     assert.equal(errCode(r), RPC_CODES.INVALID_PARAMS);
-    assert.match((r.error as { message: string }).message, /allowlist/);
+    assert.match((r.error as { message: string }).message, /network\.interception rules \(network hooks\)/);
     w.child.stdin.end();
     await w.closed();
   });
