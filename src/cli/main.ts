@@ -46,6 +46,19 @@ registerNetworkCommands(program);
 registerSetup(program);
 registerDiagnose(program);
 registerVersion(program);
+reflowHelp(program);
+
+/**
+ * Help texts are written as short source lines; commander wraps to the terminal itself, and a hard
+ * break inside its wrapping prints ragged. So single line breaks become spaces (paragraph breaks and
+ * indented example lines stay).
+ */
+function reflowHelp(cmd: Command): void {
+  const flow = (t: string) => t.replace(/([^\n])\n(?=[^\s])/g, "$1 ");
+  cmd.description(flow(cmd.description()));
+  for (const o of cmd.options) o.description = flow(o.description);
+  for (const sub of cmd.commands) reflowHelp(sub);
+}
 
 export function reportError(e: unknown): number {
   if (e instanceof CommanderError) return e.exitCode; // commander already printed it

@@ -74,3 +74,20 @@ describe("sandbox config", () => {
     ]);
   });
 });
+
+describe("--help", () => {
+  test("prose is wrapped by commander as paragraphs, never broken mid-sentence by the source's line ends", async () => {
+    const { runCli } = await import("../helpers/cli.ts");
+    for (const cmd of [["run"], ["gc"], ["events"], ["exec"]]) {
+      const r = await runCli([...cmd, "--help"], { env: { COLUMNS: "80" } });
+      assert.equal(r.code, 0, r.stderr);
+      const lines = r.stdout.toString().split("\n");
+      // A line of a wrapped paragraph is followed by one that starts lower-case only if it was long.
+      for (let i = 0; i + 1 < lines.length; i++) {
+        const next = lines[i + 1] as string;
+        if ((lines[i] as string).length < 40 && /^[a-z]/.test(next))
+          assert.fail(`${cmd}: ragged at "${lines[i]}"`);
+      }
+    }
+  });
+});
