@@ -1,4 +1,5 @@
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { SandboxConfigInput } from "../api/config.ts";
 import type { SandboxEvent } from "../api/events.ts";
@@ -130,7 +131,10 @@ function commandFor(binaryPath: string | undefined): { cmd: string; args: string
   if (bin)
     // `--` ends Node's own options: nothing after it (an --env-file…) is ever read by Node itself.
     return /\.(c?m?js|ts)$/.test(bin) ? { cmd: process.execPath, args: ["--", bin] } : { cmd: bin, args: [] };
-  // This package's own CLI, run by the same Node (works without a global install).
+  // This package's own launcher, as a user's shell runs it: it picks the Node the CLI needs (the
+  // package's own Node 24 when there is one), so a program on an older Node still drives sandboxes.
+  const launcher = fileURLToPath(new URL("../../bin/matchlock", import.meta.url));
+  if (existsSync(launcher)) return { cmd: launcher, args: [] };
   const own = fileURLToPath(
     new URL(import.meta.url.endsWith(".ts") ? "../cli/main.ts" : "../cli/main.js", import.meta.url),
   );

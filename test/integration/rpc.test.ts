@@ -5,7 +5,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Client, MatchlockError, RPC_CODES, RPCError, Sandbox } from "../../src/sdk/index.ts";
-import { CLI, qemuProcessesMentioning, runCli, tempHome } from "../helpers/cli.ts";
+import { CLI, qemuProcessesMentioning, REPO, runCli, spawnCollect, tempHome } from "../helpers/cli.ts";
 import { listRows } from "../helpers/vms.ts";
 
 /** `matchlock rpc` through the SDK and on the raw wire, with real VMs. */
@@ -361,4 +361,27 @@ describe("lifetimes", () => {
     await runCli(["prune"], { env: h.env });
     assert.deepEqual(h.vmDirs(), []);
   });
+});
+
+test("a program on the system Node (older than the CLI's 24) drives a sandbox through the SDK", async () => {
+  const systemNode = "/usr/bin/node";
+  assert.ok(existsSync(systemNode), "the machine's Node (npm runs on it) is at /usr/bin/node");
+  const program = `
+    import { Client, Sandbox } from ${JSON.stringify(join(REPO, "dist", "sdk", "index.js"))};
+    const c = new Client();
+    await c.launch(new Sandbox().withNoNetwork());
+    const r = await c.exec("echo sandbox-from-node-" + process.versions.node.split(".")[0]);
+    process.stdout.write(r.stdout);
+    await c.close();
+    await c.remove();
+  `;
+  const r = await spawnCollect(systemNode, ["--input-type=module", "-e", program], {
+    env: h.env,
+    timeoutMs: 180_000,
+  });
+  assert.equal(r.code, 0, r.stderr);
+  const major = (await spawnCollect(systemNode, ["-p", "process.versions.node"])).stdout
+    .toString()
+    .split(".")[0];
+  assert.equal(r.stdout.toString(), `sandbox-from-node-${major}\n`);
 });
