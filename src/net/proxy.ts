@@ -268,7 +268,11 @@ export class InterceptProxy {
       throw new Refusal(421, `Host "${host}" does not match the TLS server name "${conn.sni}"`);
     }
     if (!this.opts.allow.allowsName(host)) throw new Refusal(403, "host not in the allow-list");
-    const verdict = this.opts.secrets.prepareRequest(host, req.rawHeaders, req.url ?? "/");
+    // An absolute-form target (`GET http://other.host/ …`) would let the upstream route by a name the
+    // checks never saw: only origin form (`/path?query`) is forwarded.
+    const target = req.url ?? "/";
+    if (!target.startsWith("/")) throw new Refusal(400, "only origin-form request targets (/path) are accepted");
+    const verdict = this.opts.secrets.prepareRequest(host, req.rawHeaders, target);
     if ("leak" in verdict) {
       throw new Refusal(403, `secret ${verdict.leak} sent to a host it is not allowed for`);
     }
