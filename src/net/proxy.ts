@@ -271,7 +271,8 @@ export class InterceptProxy {
     // An absolute-form target (`GET http://other.host/ …`) would let the upstream route by a name the
     // checks never saw: only origin form (`/path?query`) is forwarded.
     const target = req.url ?? "/";
-    if (!target.startsWith("/")) throw new Refusal(400, "only origin-form request targets (/path) are accepted");
+    if (!target.startsWith("/"))
+      throw new Refusal(400, "only origin-form request targets (/path) are accepted");
     const verdict = this.opts.secrets.prepareRequest(host, req.rawHeaders, target);
     if ("leak" in verdict) {
       throw new Refusal(403, `secret ${verdict.leak} sent to a host it is not allowed for`);
