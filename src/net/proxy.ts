@@ -116,6 +116,15 @@ function withoutHeader(raw: readonly string[], name: string): string[] {
   return out;
 }
 
+/** A request that passed every check: where it goes and what is sent. */
+interface Admission {
+  host: string;
+  address: string;
+  rawHeaders: string[];
+  url: string;
+  swapped: Secret[];
+}
+
 /** A refusal the guest sees as an HTTP response, and the event that records it. */
 class Refusal extends Error {
   readonly status: number;
@@ -258,10 +267,7 @@ export class InterceptProxy {
   }
 
   /** Every check a request passes before anything leaves the host; a Refusal says which failed. */
-  private async admit(
-    req: IncomingMessage,
-    conn: ConnInfo,
-  ): Promise<{ host: string; address: string; rawHeaders: string[]; url: string; swapped: Secret[] }> {
+  private async admit(req: IncomingMessage, conn: ConnInfo): Promise<Admission> {
     const host = hostOfHeader(req.headers.host);
     if (host === "") throw new Refusal(400, "the request has no Host header");
     if (conn.sni !== undefined && host !== conn.sni) {
@@ -297,13 +303,10 @@ export class InterceptProxy {
     return { host, address, rawHeaders: verdict.rawHeaders, url: verdict.url, swapped: verdict.swapped };
   }
 
-  private async onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const started = performance.now();
-    const conn = this.info.get(req.socket) ?? { scheme: "http" };
-    const port = conn.scheme === "https" ? 443 : 80;
-    let a: Awaited<ReturnType<InterceptProxy["admit"]>>;
+  /** admit, with a refusal recorded as a blocked event and returned for the caller to answer. */
+  private async check(req: IncomingMessage, conn: ConnInfo, port: number): Promise<Admission | Refusal> {
     try {
-      a = await this.admit(req, conn);
+      return await this.admit(req, conn);
     } catch (e) {
       if (!(e instanceof Refusal)) throw e;
       const host = hostOfHeader(req.headers.host) || (conn.sni ?? "");
@@ -316,9 +319,19 @@ export class InterceptProxy {
         port,
         e.status,
       );
+      return e;
+    }
+  }
+
+  private async onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const started = performance.now();
+    const conn = this.info.get(req.socket) ?? { scheme: "http" };
+    const port = conn.scheme === "https" ? 443 : 80;
+    const a = await this.check(req, conn, port);
+    if (a instanceof Refusal) {
       req.resume();
-      res.writeHead(e.status, { "content-type": "text/plain", connection: "close" });
-      res.end(e.status === 403 ? `Blocked by policy: ${e.reason}\n` : `matchlock: ${e.reason}\n`);
+      res.writeHead(a.status, { "content-type": "text/plain", connection: "close" });
+      res.end(a.status === 403 ? `Blocked by policy: ${a.reason}\n` : `matchlock: ${a.reason}\n`);
       return;
     }
     let headers = endToEnd(a.rawHeaders);
@@ -394,22 +407,9 @@ export class InterceptProxy {
   private async onUpgrade(req: IncomingMessage, sock: Duplex, head: Buffer): Promise<void> {
     const conn = this.info.get(req.socket) ?? { scheme: "http" };
     const port = conn.scheme === "https" ? 443 : 80;
-    let a: Awaited<ReturnType<InterceptProxy["admit"]>>;
-    try {
-      a = await this.admit(req, conn);
-    } catch (e) {
-      if (!(e instanceof Refusal)) throw e;
-      const host = hostOfHeader(req.headers.host) || (conn.sni ?? "");
-      this.emitBlocked(
-        conn,
-        req.method ?? "",
-        this.urlOf(conn, host, req.url),
-        host,
-        e.reason,
-        port,
-        e.status,
-      );
-      sock.end(`HTTP/1.1 ${e.status} Blocked\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+    const a = await this.check(req, conn, port);
+    if (a instanceof Refusal) {
+      sock.end(`HTTP/1.1 ${a.status} Blocked\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
       return;
     }
     const upstream =
