@@ -17,6 +17,7 @@ import { type NetworkEvent, type NetworkProtocol, networkEvent } from "../api/ev
 import type { AllowList } from "./host-policy.ts";
 import type { MitmCa } from "./mitm-ca.ts";
 import type { Secret, SecretBook } from "./secrets.ts";
+import { listenOn } from "./tcp-relay.ts";
 
 /**
  * Intercept mode's HTTP and HTTPS proxy (NETWORK.md §6). nftables sends the guest's TCP 80 and 443
@@ -186,17 +187,8 @@ export class InterceptProxy {
     try {
       for (let i = 0; i < 2; i++) {
         const server = createServer({ noDelay: true });
-        await new Promise<void>((resolve, reject) => {
-          server.once("error", reject);
-          server.listen({ host: opts.address, port: 0 }, () => {
-            server.off("error", reject);
-            resolve();
-          });
-        });
-        server.on("error", () => {}); // accept errors (EMFILE…) must not take the owner down
         listeners.push(server);
-        const a = server.address();
-        ports.push(typeof a === "object" && a ? a.port : 0);
+        ports.push(await listenOn(server, opts.address));
       }
     } catch (e) {
       for (const l of listeners) l.close();

@@ -26,6 +26,23 @@ export interface TcpRelayOptions {
   maxFlows?: number;
 }
 
+/**
+ * Binds a listener to `address` on a free port and returns the port. After that, accept errors
+ * (EMFILE…) are ignored: a guest that exhausts descriptors must not take the owner down.
+ */
+export async function listenOn(server: Server, address: string): Promise<number> {
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen({ host: address, port: 0 }, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  server.on("error", () => {});
+  const a = server.address();
+  return typeof a === "object" && a ? a.port : 0;
+}
+
 export class TcpRelay {
   readonly port: number;
   private readonly server: Server;
@@ -40,16 +57,7 @@ export class TcpRelay {
 
   static async listen(opts: TcpRelayOptions): Promise<TcpRelay> {
     const server = createServer({ allowHalfOpen: true, noDelay: true });
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen({ host: opts.address, port: 0 }, () => {
-        server.off("error", reject);
-        resolve();
-      });
-    });
-    server.on("error", () => {}); // accept errors (EMFILE…) must not take the owner down
-    const addr = server.address();
-    const relay = new TcpRelay(server, typeof addr === "object" && addr ? addr.port : 0, opts);
+    const relay = new TcpRelay(server, await listenOn(server, opts.address), opts);
     server.on("connection", (guest) => relay.adopt(guest));
     return relay;
   }
