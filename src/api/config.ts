@@ -1,6 +1,8 @@
 import { isIP } from "node:net";
 import * as v from "valibot";
 import { InvalidArgumentError } from "./errors.ts";
+import { interceptionIssueError, NetworkInterceptionSchema } from "./network-hooks.ts";
+import { describeIssue, strictObject } from "./schema.ts";
 
 /**
  * The one definition of a sandbox config: the wire shape of PROTOCOLS.md §3 (snake_case), shared by
@@ -11,73 +13,6 @@ import { InvalidArgumentError } from "./errors.ts";
 export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 const positiveInt = v.pipe(v.number(), v.integer(), v.minValue(1));
-
-/** Levenshtein distance, for "did you mean". */
-function editDistance(a: string, b: string): number {
-  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const cur = [i];
-    for (let j = 1; j <= b.length; j++) {
-      cur[j] = Math.min(
-        (prev[j] ?? 0) + 1,
-        (cur[j - 1] ?? 0) + 1,
-        (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1),
-      );
-    }
-    prev = cur;
-  }
-  return prev[b.length] ?? 0;
-}
-
-/**
- * The known key an unknown one most likely meant: `memory` → `memory_mb`, `secrets` →
- * `network.secrets`. A candidate may be a dotted path; its last part is what is compared.
- */
-export function suggestKey(key: string, candidates: readonly string[]): string | undefined {
-  const k = key.toLowerCase();
-  let best: { name: string; score: number } | undefined;
-  for (const name of candidates) {
-    const leaf = (name.split(".").pop() ?? name).toLowerCase();
-    const d = editDistance(k, leaf);
-    const prefix = k.length >= 3 && (leaf.startsWith(k) || k.startsWith(leaf));
-    const score = d === 0 ? 0 : prefix ? 1 : d <= 2 ? d + 1 : Number.POSITIVE_INFINITY;
-    if (score < (best?.score ?? Number.POSITIVE_INFINITY)) best = { name, score };
-  }
-  return best?.name;
-}
-
-/** An issue valibot raises for a key the schema does not declare. */
-export function isUnknownKeyIssue(issue: v.BaseIssue<unknown>): boolean {
-  return issue.type === "strict_object" && issue.expected === "never";
-}
-
-/**
- * An object schema that refuses keys it does not declare: a misspelt or unimplemented field
- * (`resources.memory`, top-level `secrets`) must fail naming it, never boot on defaults.
- * `extraCandidates` adds dotted paths elsewhere in the config worth suggesting.
- */
-export function strictObject<const E extends v.ObjectEntries>(
-  entries: E,
-  extraCandidates: readonly string[] = [],
-) {
-  const candidates = [...Object.keys(entries), ...extraCandidates];
-  return v.strictObject(entries, (issue) => {
-    if (issue.expected !== "never" || typeof issue.input !== "string") return issue.message;
-    const guess = suggestKey(issue.input, candidates);
-    return guess === undefined ? "unknown key" : `unknown key (did you mean ${guess}?)`;
-  });
-}
-
-/**
- * One line for the first issue, naming where it is: `unknown key resources.memory (did you mean
- * memory_mb?)` or `resources.cpus: Invalid value…`. Shared by the config parser and the RPC edge.
- */
-export function describeIssue(issue: v.BaseIssue<unknown> | undefined, root = "params"): string {
-  if (!issue) return `${root}: invalid`;
-  const where = issue.path?.map((p) => String(p.key)).join(".") || root;
-  if (isUnknownKeyIssue(issue)) return issue.message.replace(/^unknown key/, `unknown key ${where}`);
-  return `${where}: ${issue.message}`;
-}
 
 export const ResourcesSchema = strictObject({
   cpus: v.optional(v.pipe(v.number(), v.minValue(0.01), v.maxValue(64)), 1),
@@ -121,7 +56,11 @@ export const NetworkSchema = strictObject({
   block_private_ips: v.optional(v.boolean(), true),
   no_network: v.optional(v.boolean(), false),
   intercept: v.optional(v.boolean(), false),
-  interception: v.optional(v.unknown()),
+  /** Network hooks (src/api/network-hooks.ts); `null` is absent (Go's nil pointer). */
+  interception: v.pipe(
+    v.nullish(NetworkInterceptionSchema),
+    v.transform((i) => i ?? undefined),
+  ),
   secrets: v.optional(v.record(v.string(), SecretSchema), {}),
   dns_servers: v.nullish(v.array(ipAddress), []),
   hostname: v.optional(v.union([v.literal(""), hostname])),
@@ -207,19 +146,14 @@ export type ImageConfig = v.InferOutput<typeof ImageConfigSchema>;
 export function parseSandboxConfig(input: unknown): SandboxConfig {
   const result = v.safeParse(SandboxConfigSchema, input);
   if (result.success) return result.output;
+  const issue = result.issues[0];
+  const keys = issue.path?.map((p) => p.key) ?? [];
+  if (keys[0] === "network" && keys[1] === "interception" && keys.length > 2) {
+    // Named the way compileHooks names it: `rule 2 ("strip-debug"): phase: …`.
+    const interception = (input as { network: { interception: unknown } }).network.interception;
+    throw interceptionIssueError(interception, issue, 2);
+  }
   throw new InvalidArgumentError(`invalid sandbox config: ${describeIssue(result.issues[0], "config")}`);
-}
-
-/**
- * Whether `network.interception` asks for hooks: rules or a callback socket. An empty one (what an
- * SDK sends to force intercept mode) asks only for the proxy, which is built.
- */
-function hasNetworkHooks(interception: unknown): boolean {
-  if (interception === undefined || interception === null) return false;
-  if (typeof interception !== "object") return true;
-  const i = interception as { rules?: unknown; callback_socket?: unknown };
-  const rules = Array.isArray(i.rules) ? i.rules.length > 0 : i.rules !== undefined && i.rules !== null;
-  return rules || (i.callback_socket !== undefined && i.callback_socket !== "");
 }
 
 function isEmptyValue(x: unknown): boolean {
@@ -231,12 +165,9 @@ function isEmptyValue(x: unknown): boolean {
 /**
  * Features of the config that this build cannot honour yet. A config that asks for one is refused
  * with a message naming it: silently ignoring a field (say, an allowlist) would be a security bug.
- * Networking in both modes is built; network interception rules (hooks) are not yet, so asking for
- * them is refused rather than run without them.
  */
 export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
-  if (hasNetworkHooks(config.network.interception)) out.push("network.interception rules (network hooks)");
   if (config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0) out.push("vfs mounts");
   if (config.vfs.interception !== undefined) out.push("vfs interception");
   if (!isEmptyValue(config.vfs.direct_mounts)) out.push("vfs.direct_mounts");

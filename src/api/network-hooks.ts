@@ -1,6 +1,7 @@
 import * as v from "valibot";
-import { strictObject } from "./config.ts";
+import { InvalidArgumentError } from "./errors.ts";
 import { hasControlChar, headerValueProblem, isToken } from "./http-fields.ts";
+import { isUnknownKeyIssue, strictObject } from "./schema.ts";
 
 /**
  * The one definition of network hooks on the wire (research §1.7): `network.interception` in a
@@ -184,3 +185,58 @@ export const HookCallbackReplySchema = v.object({
 });
 export type HookCallbackReplyInput = v.InferInput<typeof HookCallbackReplySchema>;
 export type HookCallbackReply = v.InferOutput<typeof HookCallbackReplySchema>;
+
+/** `rule 2 ("strip-debug")`, how compile errors name a rule. */
+export function ruleRef(index: number, name: unknown): string {
+  return typeof name === "string" && name !== ""
+    ? `rule ${index + 1} (${JSON.stringify(name)})`
+    : `rule ${index + 1}`;
+}
+
+const MAP_FIELDS = new Set(["set_headers", "set_query", "set_response_headers"]);
+
+/** `methods[0]`, `set_headers["X A"]`, `body_replacements[1].find`. */
+function fieldPath(keys: readonly unknown[]): string {
+  let out = "";
+  keys.forEach((k, i) => {
+    if (typeof k === "number") out += `[${k}]`;
+    else if (i > 0 && MAP_FIELDS.has(String(keys[i - 1]))) out += `[${JSON.stringify(String(k))}]`;
+    else out += out === "" ? String(k) : `.${String(k)}`;
+  });
+  return out;
+}
+
+/** `invalid network interception: rule 2 ("x"): path: …`, the one shape of every hook error. */
+export function interceptionError(where: string, message: string): InvalidArgumentError {
+  return new InvalidArgumentError(`invalid network interception: ${where}: ${message}`);
+}
+
+/**
+ * One error naming the rule and field of the first schema issue. `input` is the interception that
+ * was parsed; `depth` the number of path keys above it (2 when the issue came from a whole config).
+ */
+export function interceptionIssueError(
+  input: unknown,
+  issue: v.BaseIssue<unknown> | undefined,
+  depth = 0,
+): InvalidArgumentError {
+  const keys = issue?.path?.slice(depth).map((p) => p.key) ?? [];
+  const message = issue === undefined ? "invalid" : issue.message;
+  const unknownKey = issue !== undefined && isUnknownKeyIssue(issue);
+  if (keys[0] === "rules" && typeof keys[1] === "number") {
+    const rules = (input as { rules?: unknown[] }).rules ?? [];
+    const rule = rules[keys[1]] as { name?: unknown } | undefined;
+    const ref = ruleRef(keys[1], rule?.name);
+    const rest = keys.slice(2);
+    if (unknownKey)
+      return interceptionError(ref, message.replace(/^unknown key/, `unknown key ${fieldPath(rest)}`));
+    return interceptionError(rest.length === 0 ? ref : `${ref}: ${fieldPath(rest)}`, message);
+  }
+  if (unknownKey) {
+    return new InvalidArgumentError(
+      `invalid network interception: ${message.replace(/^unknown key/, `unknown key ${fieldPath(keys)}`)}`,
+    );
+  }
+  if (keys.length === 0) return new InvalidArgumentError(`invalid network interception: ${message}`);
+  return interceptionError(fieldPath(keys), message);
+}

@@ -1,6 +1,7 @@
 import * as v from "valibot";
-import { describeIssue, SandboxConfigSchema, strictObject } from "./config.ts";
+import { SandboxConfigSchema } from "./config.ts";
 import type { ErrorCode } from "./errors.ts";
+import { describeIssue, strictObject } from "./schema.ts";
 
 /**
  * The JSON-RPC surface of `matchlock rpc` (PROTOCOLS.md §2), declared once: method names, their

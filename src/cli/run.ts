@@ -9,6 +9,7 @@ import {
   type SandboxConfigInput,
 } from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import type { NetworkInterceptionInput } from "../api/network-hooks.ts";
 import {
   parseAddHost,
   parseDnsServers,
@@ -23,6 +24,7 @@ import {
   parseEnvFile,
   parseEnvSpec,
   readEnvFile,
+  readFlagFile,
   resolveArgv,
   validateCommand,
   validateUser,
@@ -57,6 +59,7 @@ interface RunFlags {
   allowHost: string[];
   secret: string[];
   networkIntercept?: boolean;
+  networkRules?: string;
   accel?: string;
   gracefulShutdown: number;
   publish: string[];
@@ -79,7 +82,7 @@ export function registerRun(program: Command): void {
         "loopback, private (RFC 1918, CGNAT, link-local, ULA), metadata and the host's own addresses stay\n" +
         "unreachable unless --allow-private-host names them. UDP other than DNS, ICMP (ping) and IPv6 are\n" +
         "not carried. Networking needs root (CAP_NET_ADMIN) and nftables; --no-network needs neither.\n\n" +
-        "Intercept mode (--allow-host, --secret or --network-intercept): only allowed names resolve and\n" +
+        "Intercept mode (--allow-host, --secret, --network-intercept or --network-rules): only allowed names resolve and\n" +
         "connect; HTTP and HTTPS are terminated by matchlock's proxy (the guest trusts a per-VM CA, installed\n" +
         "for it) and secrets are swapped in on the wire: the guest sees SANDBOX_SECRET_… placeholders, and\n" +
         "only requests to the secret's hosts carry the real value. `matchlock events ID` says why a request\n" +
@@ -148,6 +151,12 @@ export function registerRun(program: Command): void {
       "intercept mode even with no --allow-host (an empty list allows every host)",
     )
     .option(
+      "--network-rules <file>",
+      'intercept mode with network hook rules from a JSON file: {"rules": [...]} or a bare list of\n' +
+        "rules, as RPC network.interception (block paths, set or delete headers and query, rewrite\n" +
+        "paths and response bodies); see docs/network-hooks.md",
+    )
+    .option(
       "-p, --publish <[LOCAL:]REMOTE>",
       "forward a host port to a guest port (over the agent channel)",
       collect,
@@ -198,6 +207,30 @@ function secretsOf(specs: readonly string[]): Record<string, { value: string; ho
   return out;
 }
 
+/** Rule files are small; a larger one is a mistake (or not a rule file). */
+const MAX_RULES_FILE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * `--network-rules FILE`: the JSON of `network.interception`, or a bare list of rules. The rules
+ * are checked with the config (one error naming the rule and the field).
+ */
+async function readNetworkRules(file: string): Promise<NetworkInterceptionInput> {
+  const text = await readFlagFile("--network-rules", file, MAX_RULES_FILE_BYTES);
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new InvalidArgumentError(`--network-rules ${file}: not JSON: ${(e as Error).message}`);
+  }
+  if (Array.isArray(json)) return { rules: json as NonNullable<NetworkInterceptionInput["rules"]> };
+  if (json === null || typeof json !== "object") {
+    throw new InvalidArgumentError(
+      `--network-rules ${file}: expected an object {"rules": [...]} or a list of rules`,
+    );
+  }
+  return json as NetworkInterceptionInput;
+}
+
 function validateHostname(h: string): string {
   if (!isValidHostname(h)) throw new InvalidArgumentError(`invalid --hostname "${h}"`);
   return h;
@@ -239,6 +272,9 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       ...(flags.allowHost.length > 0 ? { allowed_hosts: splitHosts(flags.allowHost) } : {}),
       ...(flags.secret.length > 0 ? { secrets: secretsOf(flags.secret) } : {}),
       ...(flags.networkIntercept ? { intercept: true } : {}),
+      ...(flags.networkRules === undefined
+        ? {}
+        : { interception: await readNetworkRules(flags.networkRules) }),
       ...(flags.mtu === undefined ? {} : { mtu: flags.mtu }),
       ...(flags.hostname ? { hostname: validateHostname(flags.hostname) } : {}),
     },

@@ -1,6 +1,5 @@
 import { connect } from "node:net";
 import * as v from "valibot";
-import { describeIssue } from "../api/config.ts";
 import { messageOf } from "../api/errors.ts";
 import { withoutControlChars } from "../api/http-fields.ts";
 import {
@@ -9,6 +8,7 @@ import {
   type HookCallbackRequest,
   MAX_CALLBACK_LINE_BYTES,
 } from "../api/network-hooks.ts";
+import { describeIssue } from "../api/schema.ts";
 
 /**
  * The proxy's side of Matchlock's callback protocol (research §1.7): dial the SDK program's Unix

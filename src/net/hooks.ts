@@ -1,15 +1,16 @@
 import { isAbsolute } from "node:path";
 import * as v from "valibot";
-import { isUnknownKeyIssue } from "../api/config.ts";
-import { InvalidArgumentError } from "../api/errors.ts";
 import { canonicalHeaderKey as canonicalName, hasControlChar } from "../api/http-fields.ts";
 import {
   DEFAULT_HOOK_TIMEOUT_MS,
   type HookCallbackReply,
   type HookCallbackRequest,
   type HookPhase,
+  interceptionError,
+  interceptionIssueError,
   type NetworkHookRuleWire,
   NetworkInterceptionSchema,
+  ruleRef,
 } from "../api/network-hooks.ts";
 import { type Literal, rewriteWhole } from "./body-rewrite.ts";
 import { type BodyPlan, ssePlan, WHOLE_BODY_MAX_BYTES, wholePlan } from "./hook-body.ts";
@@ -173,51 +174,6 @@ function labelOf(index: number, name: string | undefined): string {
   return name ? name : `rule ${index + 1}`;
 }
 
-/** `rule 2 ("strip-debug")`, how compile errors name a rule. */
-function ruleRef(index: number, name: unknown): string {
-  return typeof name === "string" && name !== ""
-    ? `rule ${index + 1} (${JSON.stringify(name)})`
-    : `rule ${index + 1}`;
-}
-
-const MAP_FIELDS = new Set(["set_headers", "set_query", "set_response_headers"]);
-
-/** `methods[0]`, `set_headers["X A"]`, `body_replacements[1].find`. */
-function fieldPath(keys: readonly unknown[]): string {
-  let out = "";
-  keys.forEach((k, i) => {
-    if (typeof k === "number") out += `[${k}]`;
-    else if (i > 0 && MAP_FIELDS.has(String(keys[i - 1]))) out += `[${JSON.stringify(String(k))}]`;
-    else out += out === "" ? String(k) : `.${String(k)}`;
-  });
-  return out;
-}
-
-function invalid(where: string, message: string): InvalidArgumentError {
-  return new InvalidArgumentError(`invalid network interception: ${where}: ${message}`);
-}
-
-function schemaError(input: unknown, issue: v.BaseIssue<unknown> | undefined): InvalidArgumentError {
-  const keys = issue?.path?.map((p) => p.key) ?? [];
-  const message = issue === undefined ? "invalid" : issue.message;
-  const unknownKey = issue !== undefined && isUnknownKeyIssue(issue);
-  if (keys[0] === "rules" && typeof keys[1] === "number") {
-    const rules = (input as { rules?: unknown[] }).rules ?? [];
-    const rule = rules[keys[1]] as { name?: unknown } | undefined;
-    const ref = ruleRef(keys[1], rule?.name);
-    const rest = keys.slice(2);
-    if (unknownKey) return invalid(ref, message.replace(/^unknown key/, `unknown key ${fieldPath(rest)}`));
-    return invalid(rest.length === 0 ? ref : `${ref}: ${fieldPath(rest)}`, message);
-  }
-  if (unknownKey) {
-    return new InvalidArgumentError(
-      `invalid network interception: ${message.replace(/^unknown key/, `unknown key ${fieldPath(keys)}`)}`,
-    );
-  }
-  if (keys.length === 0) return new InvalidArgumentError(`invalid network interception: ${message}`);
-  return invalid(fieldPath(keys), message);
-}
-
 const BEFORE_ONLY = ["set_headers", "delete_headers", "set_query", "delete_query", "rewrite_path"] as const;
 const AFTER_ONLY = ["set_response_headers", "delete_response_headers", "body_replacements"] as const;
 
@@ -230,7 +186,8 @@ function isSet(value: unknown): boolean {
 
 /** The checks that need the whole rule or the net layer; throws naming the rule and field. */
 function checkRule(r: NetworkHookRuleWire, index: number, socket: string | undefined): void {
-  const bad = (field: string, message: string) => invalid(`${ruleRef(index, r.name)}: ${field}`, message);
+  const bad = (field: string, message: string) =>
+    interceptionError(`${ruleRef(index, r.name)}: ${field}`, message);
   (r.hosts ?? []).forEach((h, i) => {
     const problem = hostPatternProblem(h);
     if (problem !== undefined) throw bad(`hosts[${i}]`, problem);
@@ -318,12 +275,15 @@ function compileRule(r: NetworkHookRuleWire, index: number): Rule | undefined {
 export function compileHooks(interception: unknown, options: HooksOptions = {}): NetworkHooks {
   if (interception === undefined || interception === null) return new NetworkHooks([], undefined, options);
   const parsed = v.safeParse(NetworkInterceptionSchema, interception);
-  if (!parsed.success) throw schemaError(interception, parsed.issues[0]);
+  if (!parsed.success) throw interceptionIssueError(interception, parsed.issues[0]);
   const socket = parsed.output.callback_socket || undefined;
   if (socket !== undefined) {
-    if (!isAbsolute(socket)) throw invalid("callback_socket", "must be an absolute path");
+    if (!isAbsolute(socket)) throw interceptionError("callback_socket", "must be an absolute path");
     if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
-      throw invalid("callback_socket", `longer than ${MAX_SOCKET_PATH} bytes (a Unix socket path cannot be)`);
+      throw interceptionError(
+        "callback_socket",
+        `longer than ${MAX_SOCKET_PATH} bytes (a Unix socket path cannot be)`,
+      );
     }
   }
   const rules = parsed.output.rules ?? [];

@@ -9,13 +9,16 @@ import {
 } from "node:http";
 import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import { createServer, isIP, connect as netConnect, type Server, type Socket } from "node:net";
-import type { Duplex } from "node:stream";
+import type { Duplex, Readable } from "node:stream";
 import { TLSSocket, connect as tlsConnect } from "node:tls";
 import { getExtensionData, readTlsClientHello } from "read-tls-client-hello";
 import { messageOf } from "../api/errors.ts";
 import { type NetworkEvent, type NetworkProtocol, networkEvent } from "../api/events.ts";
+import { applyBodyPlan, type BodyPlan } from "./hook-body.ts";
+import { type HookRequest, hookRequest, type NetworkHooks, requestTarget } from "./hooks.ts";
 import type { AllowList } from "./host-policy.ts";
 import type { MitmCa } from "./mitm-ca.ts";
+import { deleteHeader, setHeader } from "./raw-headers.ts";
 import type { Secret, SecretBook } from "./secrets.ts";
 import { listenOn } from "./tcp-relay.ts";
 
@@ -36,6 +39,8 @@ export interface ProxyOptions {
   allow: AllowList;
   secrets: SecretBook;
   ca: MitmCa;
+  /** Network hooks (`network.interception`); absent or empty: none run. */
+  hooks?: NetworkHooks;
   /** A records for a name through the VM's DNS (allow-list, floor and pins applied). */
   resolve: (name: string) => Promise<string[]>;
   /** Why the guest may not reach this address (the private floor), or undefined. */
@@ -100,23 +105,6 @@ function endToEnd(raw: readonly string[], keepUpgrade = false): string[] {
   return out;
 }
 
-function setHeader(raw: string[], name: string, value: string): string[] {
-  const out: string[] = [];
-  for (let i = 0; i + 1 < raw.length; i += 2) {
-    if ((raw[i] as string).toLowerCase() !== name) out.push(raw[i] as string, raw[i + 1] as string);
-  }
-  out.push(name, value);
-  return out;
-}
-
-function withoutHeader(raw: readonly string[], name: string): string[] {
-  const out: string[] = [];
-  for (let i = 0; i + 1 < raw.length; i += 2) {
-    if ((raw[i] as string).toLowerCase() !== name) out.push(raw[i] as string, raw[i + 1] as string);
-  }
-  return out;
-}
-
 /** A request that passed every check: where it goes and what is sent. */
 interface Admission {
   host: string;
@@ -124,6 +112,8 @@ interface Admission {
   rawHeaders: string[];
   url: string;
   swapped: Secret[];
+  /** The request as the before hooks left it, before the swap: what after hooks match and see. */
+  hooked: HookRequest;
 }
 
 /** A refusal the guest sees as an HTTP response, and the event that records it. */
@@ -135,6 +125,12 @@ class Refusal extends Error {
     this.status = status;
     this.reason = reason;
   }
+}
+
+/** The guest's answer to a refused request: 403 says "Blocked by policy", the rest name the problem. */
+function refuse(res: ServerResponse, r: Refusal): void {
+  res.writeHead(r.status, { "content-type": "text/plain", connection: "close" });
+  res.end(r.status === 403 ? `Blocked by policy: ${r.reason}\n` : `matchlock: ${r.reason}\n`);
 }
 
 /** Counts the bytes that flow through a stream without touching them. */
@@ -258,8 +254,13 @@ export class InterceptProxy {
     this.http.emit("connection", tls);
   }
 
-  /** Every check a request passes before anything leaves the host; a Refusal says which failed. */
-  private async admit(req: IncomingMessage, conn: ConnInfo): Promise<Admission> {
+  /**
+   * Every check a request passes before anything leaves the host, in order: Host = SNI, the
+   * allow-list, origin form, the before hooks, the secret leak check and swap (on what the hooks
+   * produced), resolution and the floor. A Refusal says which failed. `upgrade` keeps the headers
+   * an upgrade needs.
+   */
+  private async admit(req: IncomingMessage, conn: ConnInfo, upgrade: boolean): Promise<Admission> {
     const host = hostOfHeader(req.headers.host);
     if (host === "") throw new Refusal(400, "the request has no Host header");
     if (conn.sni !== undefined && host !== conn.sni) {
@@ -271,7 +272,14 @@ export class InterceptProxy {
     const target = req.url ?? "/";
     if (!target.startsWith("/"))
       throw new Refusal(400, "only origin-form request targets (/path) are accepted");
-    const verdict = this.opts.secrets.prepareRequest(host, req.rawHeaders, target);
+    let hooked = hookRequest(host, req.method ?? "GET", target, endToEnd(req.rawHeaders, upgrade));
+    const hooks = this.opts.hooks;
+    if (hooks !== undefined && !hooks.isEmpty) {
+      const r = await hooks.before(hooked);
+      if (r.kind === "refused") throw new Refusal(r.status, r.reason);
+      hooked = r.request;
+    }
+    const verdict = this.opts.secrets.prepareRequest(host, hooked.rawHeaders, requestTarget(hooked));
     if ("leak" in verdict) {
       throw new Refusal(403, `secret ${verdict.leak} sent to a host it is not allowed for`);
     }
@@ -292,13 +300,25 @@ export class InterceptProxy {
       return refused === undefined;
     });
     if (address === undefined) throw new Refusal(403, `${host} resolves to ${addresses[0]}: ${refused}`);
-    return { host, address, rawHeaders: verdict.rawHeaders, url: verdict.url, swapped: verdict.swapped };
+    return {
+      host,
+      address,
+      rawHeaders: verdict.rawHeaders,
+      url: verdict.url,
+      swapped: verdict.swapped,
+      hooked,
+    };
   }
 
   /** admit, with a refusal recorded as a blocked event and returned for the caller to answer. */
-  private async check(req: IncomingMessage, conn: ConnInfo, port: number): Promise<Admission | Refusal> {
+  private async check(
+    req: IncomingMessage,
+    conn: ConnInfo,
+    port: number,
+    upgrade: boolean,
+  ): Promise<Admission | Refusal> {
     try {
-      return await this.admit(req, conn);
+      return await this.admit(req, conn, upgrade);
     } catch (e) {
       if (!(e instanceof Refusal)) throw e;
       const host = hostOfHeader(req.headers.host) || (conn.sni ?? "");
@@ -319,16 +339,17 @@ export class InterceptProxy {
     const started = performance.now();
     const conn = this.info.get(req.socket) ?? { scheme: "http" };
     const port = conn.scheme === "https" ? 443 : 80;
-    const a = await this.check(req, conn, port);
+    const a = await this.check(req, conn, port, false);
     if (a instanceof Refusal) {
       req.resume();
-      res.writeHead(a.status, { "content-type": "text/plain", connection: "close" });
-      res.end(a.status === 403 ? `Blocked by policy: ${a.reason}\n` : `matchlock: ${a.reason}\n`);
+      refuse(res, a);
       return;
     }
-    let headers = endToEnd(a.rawHeaders);
-    // Scanning a response for echoed secrets needs its bytes as sent: no compression then.
-    if (a.swapped.length > 0) headers = setHeader(headers, "accept-encoding", "identity");
+    let headers = a.rawHeaders;
+    // Scanning a response for echoed secrets, or rewriting it, needs its bytes as sent: no compression.
+    if (a.swapped.length > 0 || this.opts.hooks?.mayRewriteBody(a.hooked)) {
+      headers = setHeader(headers, "accept-encoding", "identity");
+    }
     const counts = { req: 0, res: 0 };
     const upstream: ClientRequest = (conn.scheme === "https" ? httpsRequest : httpRequest)({
       host: a.address,
@@ -367,23 +388,12 @@ export class InterceptProxy {
     });
     upstream.on("response", (up) => {
       upstream.setTimeout(0);
-      let raw = endToEnd(up.rawHeaders);
-      const scrub = this.opts.secrets.scrubber(a.swapped);
-      if (scrub) {
-        for (let i = 1; i < raw.length; i += 2)
-          raw[i] = this.opts.secrets.scrubText(raw[i] as string, a.swapped);
-        raw = withoutHeader(raw, "content-length"); // the placeholder's length is not the value's
-      }
-      res.writeHead(up.statusCode ?? 502, up.statusMessage, raw);
-      res.flushHeaders(); // streaming responses (SSE) start at once
-      countBytes(up, (n) => {
-        counts.res += n;
-      });
-      const body = scrub ? up.pipe(scrub) : up;
-      body.pipe(res);
-      res.once("finish", () => event(up.statusCode ?? 0));
       res.once("close", () => {
         if (!res.writableFinished) up.destroy();
+      });
+      this.respond(a, up, res, counts, event).catch((e) => {
+        up.destroy();
+        this.fail(res, e);
       });
     });
     countBytes(req, (n) => {
@@ -395,11 +405,67 @@ export class InterceptProxy {
     });
   }
 
-  /** WebSocket and other upgrades: the same checks, then the two sockets are joined. */
+  /**
+   * The upstream's response to the guest: headers scrubbed of echoed secrets, then the after hooks
+   * (which may refuse it, edit headers or plan a body rewrite), then the body through the plan and
+   * the secret scrubber last, so that text a hook inserted is scrubbed too.
+   */
+  private async respond(
+    a: Admission,
+    up: IncomingMessage,
+    res: ServerResponse,
+    counts: { res: number },
+    event: (status: number, blocked?: string) => void,
+  ): Promise<void> {
+    const status = up.statusCode ?? 502;
+    let raw = endToEnd(up.rawHeaders);
+    const scrub = this.opts.secrets.scrubber(a.swapped);
+    if (scrub) {
+      for (let i = 1; i < raw.length; i += 2)
+        raw[i] = this.opts.secrets.scrubText(raw[i] as string, a.swapped);
+    }
+    let plan: BodyPlan = { kind: "pass" };
+    const hooks = this.opts.hooks;
+    if (hooks?.hasAfterFor(a.hooked)) {
+      const r = await hooks.after(a.hooked, { status, rawHeaders: raw });
+      if (r.kind === "refused") {
+        up.destroy();
+        event(r.status, r.reason);
+        refuse(res, new Refusal(r.status, r.reason));
+        return;
+      }
+      raw = r.rawHeaders;
+      plan = r.body;
+    }
+    // Counted where the body starts to flow: a listener attached earlier would start it early.
+    countBytes(up, (n) => {
+      counts.res += n;
+    });
+    let body: Readable = up;
+    if (plan.kind !== "pass") {
+      const out = await applyBodyPlan(plan, up);
+      body = out.body;
+      if (out.length !== undefined) raw = setHeader(raw, "content-length", String(out.length));
+    }
+    if (scrub) {
+      raw = deleteHeader(raw, "content-length"); // the placeholder's length is not the value's
+      body = body.pipe(scrub);
+    }
+    if (res.destroyed) {
+      up.destroy();
+      return;
+    }
+    res.writeHead(status, up.statusMessage, raw);
+    res.flushHeaders(); // streaming responses (SSE) start at once
+    body.pipe(res);
+    res.once("finish", () => event(up.statusCode ?? 0));
+  }
+
+  /** WebSocket and other upgrades: the same checks (before hooks only), then the sockets are joined. */
   private async onUpgrade(req: IncomingMessage, sock: Duplex, head: Buffer): Promise<void> {
     const conn = this.info.get(req.socket) ?? { scheme: "http" };
     const port = conn.scheme === "https" ? 443 : 80;
-    const a = await this.check(req, conn, port);
+    const a = await this.check(req, conn, port, true);
     if (a instanceof Refusal) {
       sock.end(`HTTP/1.1 ${a.status} Blocked\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
       return;
@@ -411,7 +477,7 @@ export class InterceptProxy {
     upstream.on("error", () => sock.destroy());
     sock.on("error", () => upstream.destroy());
     const lines = [`${req.method} ${a.url} HTTP/1.1`];
-    const headers = endToEnd(a.rawHeaders, true);
+    const headers = a.rawHeaders;
     for (let i = 0; i + 1 < headers.length; i += 2) lines.push(`${headers[i]}: ${headers[i + 1]}`);
     upstream.write(`${lines.join("\r\n")}\r\n\r\n`);
     if (head.length > 0) upstream.write(head);

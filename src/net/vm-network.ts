@@ -8,6 +8,7 @@ import type { ProcIdentity } from "../state/procs.ts";
 import type { SubnetAllocation } from "../state/subnets.ts";
 import { DnsServer, upstreamsFromResolvConf } from "./dns.ts";
 import { PrivateFloor } from "./floor.ts";
+import type { NetworkHooks } from "./hooks.ts";
 import { applyTable, createTap, type HostNetSpec } from "./host-net.ts";
 import type { AllowList } from "./host-policy.ts";
 import type { MitmCa } from "./mitm-ca.ts";
@@ -103,6 +104,8 @@ export interface InterceptPolicy {
   allow: AllowList;
   secrets: SecretBook;
   ca: MitmCa;
+  /** Network hooks (`network.interception`), run by the proxy. */
+  hooks?: NetworkHooks;
 }
 
 export interface VmNetworkOptions {
@@ -236,6 +239,7 @@ export class VmNetwork {
           allow: policy.allow,
           secrets: policy.secrets,
           ca: policy.ca,
+          ...(policy.hooks === undefined ? {} : { hooks: policy.hooks }),
           resolve: (name) => dns.resolve4(name),
           refuses,
           passthrough: (s) => relay.adopt(s),

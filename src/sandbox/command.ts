@@ -86,16 +86,22 @@ function describeFsError(e: unknown): string {
   }
 }
 
+/** Reads an env file, at most `limit` bytes (see readFlagFile). */
+export function readEnvFile(file: string, limit = MAX_ENV_FILE_BYTES): Promise<string> {
+  return readFlagFile("--env-file", file, limit);
+}
+
 /**
- * Reads an env file, at most `limit` bytes. Any readable file works (a pipe from `<(…)` too), but
- * one that holds more than the limit is refused rather than read into memory without end.
+ * Reads a file a flag names, at most `limit` bytes, as UTF-8. Any readable file works (a pipe from
+ * `<(…)` too), but one that holds more than the limit is refused rather than read into memory
+ * without end. Errors name the flag and the file.
  */
-export async function readEnvFile(file: string, limit = MAX_ENV_FILE_BYTES): Promise<string> {
+export async function readFlagFile(flag: string, file: string, limit: number): Promise<string> {
   let fh: Awaited<ReturnType<typeof open>>;
   try {
     fh = await open(file, "r");
   } catch (e) {
-    throw new InvalidArgumentError(`--env-file ${file}: ${describeFsError(e)}`);
+    throw new InvalidArgumentError(`${flag} ${file}: ${describeFsError(e)}`);
   }
   try {
     const buf = Buffer.alloc(limit + 1);
@@ -106,12 +112,12 @@ export async function readEnvFile(file: string, limit = MAX_ENV_FILE_BYTES): Pro
       n += bytesRead;
     }
     if (n > limit) {
-      throw new InvalidArgumentError(`--env-file ${file}: larger than ${limit / 1024 / 1024} MiB; refused`);
+      throw new InvalidArgumentError(`${flag} ${file}: larger than ${limit / 1024 / 1024} MiB; refused`);
     }
     return buf.subarray(0, n).toString("utf8");
   } catch (e) {
     if (e instanceof InvalidArgumentError) throw e;
-    throw new InvalidArgumentError(`--env-file ${file}: ${describeFsError(e)}`);
+    throw new InvalidArgumentError(`${flag} ${file}: ${describeFsError(e)}`);
   } finally {
     await fh.close().catch(() => {});
   }

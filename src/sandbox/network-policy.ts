@@ -1,5 +1,6 @@
 import type { SandboxConfig } from "../api/config.ts";
 import { InvalidArgumentError } from "../api/errors.ts";
+import { compileHooks } from "../net/hooks.ts";
 import { AllowList, hostPatternProblem } from "../net/host-policy.ts";
 import { MitmCa } from "../net/mitm-ca.ts";
 import { newPlaceholder, type Secret, SecretBook, validateSecret } from "../net/secrets.ts";
@@ -73,6 +74,7 @@ export async function prepareNetworkPolicy(config: SandboxConfig): Promise<Prepa
     validateSecret(secret);
     return secret;
   });
+  const hooks = compileHooks(n.interception);
   const book = new SecretBook(secrets);
   const allow = new AllowList([...n.allowed_hosts, ...book.hosts()]);
   const ca = await MitmCa.create();
@@ -80,7 +82,7 @@ export async function prepareNetworkPolicy(config: SandboxConfig): Promise<Prepa
   for (const s of secrets) redacted[s.name] = { placeholder: s.placeholder, hosts: s.hosts };
   return {
     config: { ...config, network: { ...n, secrets: redacted } },
-    policy: { allow, secrets: book, ca },
+    policy: { allow, secrets: book, ca, ...(hooks.isEmpty ? {} : { hooks }) },
     env: { ...CA_ENV, ...book.env() },
   };
 }

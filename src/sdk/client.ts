@@ -7,6 +7,7 @@ import { RpcCode } from "../api/rpc.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { whenWritable } from "../host/drain.ts";
 import { LineSplitter } from "../rpc/lines.ts";
+import { NetworkHookServer } from "./network-hooks.ts";
 import { Sandbox } from "./sandbox.ts";
 
 /**
@@ -183,6 +184,8 @@ export class Client {
   private closed = false;
   private vmIdValue = "";
   private deadError: MatchlockError | undefined;
+  /** Serves the launched sandbox's network hook callbacks. */
+  private hookServer: NetworkHookServer | undefined;
 
   constructor(options: ClientOptions = {}) {
     this.options = options;
@@ -193,9 +196,33 @@ export class Client {
     return this.vmIdValue;
   }
 
-  /** Boots a sandbox from the builder; sets up its port forwards. Returns the VM id. */
+  /**
+   * Boots a sandbox from the builder; serves its network hook callbacks (until close, or the next
+   * launch) and sets up its port forwards. Returns the VM id.
+   */
   async launch(sandbox: Sandbox = new Sandbox(), opts: CallOptions = {}): Promise<string> {
-    const id = await this.create(sandbox.options(), opts);
+    const config = sandbox.options();
+    const { callbacks } = sandbox.networkHooks();
+    let server: NetworkHookServer | undefined;
+    if (callbacks.size > 0) {
+      server = await NetworkHookServer.start(callbacks);
+      const network = config.network ?? {};
+      config.network = {
+        ...network,
+        interception: { ...network.interception, callback_socket: server.socketPath },
+      };
+    }
+    let id: string;
+    try {
+      id = await this.create(config, opts);
+    } catch (e) {
+      await server?.close();
+      throw e;
+    }
+    // A second launch replaced the first VM (as in Matchlock): its callbacks are no longer called.
+    const previous = this.hookServer;
+    this.hookServer = server;
+    await previous?.close();
     if (sandbox.portForwards.length > 0) {
       await this.portForwardMappings(sandbox.portForwards, [...sandbox.portForwardAddresses], opts);
     }
@@ -310,6 +337,16 @@ export class Client {
   async close(timeoutSeconds = 0, opts: CallOptions = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    try {
+      await this.stop(timeoutSeconds, opts);
+    } finally {
+      // After the VM: its proxy may call a hook until then.
+      await this.hookServer?.close();
+      this.hookServer = undefined;
+    }
+  }
+
+  private async stop(timeoutSeconds: number, opts: CallOptions): Promise<void> {
     const child = this.child;
     if (!child || this.deadError) return;
     const t = timeoutSeconds > 0 ? timeoutSeconds : 10;

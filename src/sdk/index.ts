@@ -28,4 +28,21 @@ export {
   type StreamWriter,
   type TTYSize,
 } from "./client.ts";
-export { type ImageConfigOptions, type MountOptions, type PortForwardSpec, Sandbox } from "./sandbox.ts";
+export type {
+  NetworkBodyTransform,
+  NetworkHookAction,
+  NetworkHookFunc,
+  NetworkHookPhase,
+  NetworkHookRequest,
+  NetworkHookResult,
+  NetworkHookRule,
+} from "./network-hooks.ts";
+export {
+  type ImageConfigOptions,
+  type MountOptions,
+  type NetworkHookFilter,
+  type NetworkInterceptionConfig,
+  type PortForwardSpec,
+  Sandbox,
+  type SandboxExtras,
+} from "./sandbox.ts";

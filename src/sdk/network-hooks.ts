@@ -135,6 +135,42 @@ function toWire(rule: NetworkHookRule): WireRule {
   return out;
 }
 
+const RULE_KEYS: ReadonlySet<string> = new Set<keyof NetworkHookRule>([
+  "name",
+  "phase",
+  "hosts",
+  "methods",
+  "path",
+  "action",
+  "setHeaders",
+  "deleteHeaders",
+  "setQuery",
+  "deleteQuery",
+  "rewritePath",
+  "setResponseHeaders",
+  "deleteResponseHeaders",
+  "bodyReplacements",
+  "timeoutMs",
+  "hook",
+]);
+
+/** camelCase from snake_case: `set_headers` → `setHeaders`. */
+function camel(key: string): string {
+  return key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+}
+
+/** A key the builder does not know would be dropped silently (say, a wire-style `set_headers`). */
+function checkRuleKeys(rule: NetworkHookRule, index: number): void {
+  if (rule === null || typeof rule !== "object") {
+    throw new InvalidArgumentError(`network hook rule ${index + 1} is not an object`);
+  }
+  for (const key of Object.keys(rule)) {
+    if (RULE_KEYS.has(key)) continue;
+    const hint = RULE_KEYS.has(camel(key)) ? ` (did you mean ${camel(key)}?)` : "";
+    throw new InvalidArgumentError(`network hook rule ${index + 1}: unknown key ${key}${hint}`);
+  }
+}
+
 /**
  * Rules → the `network.interception` wire object (without `callback_socket`, which the server's
  * path fills in) and the callbacks by id. A callback rule may not set an action other than allow
@@ -146,6 +182,7 @@ export function compileNetworkInterception(rules: readonly NetworkHookRule[]): {
 } {
   const callbacks = new Map<string, CompiledNetworkHook>();
   const wireRules = rules.map((rule, index) => {
+    checkRuleKeys(rule, index);
     const out = toWire(rule);
     if (rule.hook === undefined) return out;
     if (typeof rule.hook !== "function") {

@@ -1,4 +1,10 @@
 import type { SandboxConfigInput } from "../api/config.ts";
+import {
+  type CompiledNetworkHook,
+  compileNetworkInterception,
+  type NetworkHookFunc,
+  type NetworkHookRule,
+} from "./network-hooks.ts";
 
 /**
  * The immutable sandbox builder: every `with…` returns a new Sandbox, so a base definition can be
@@ -25,6 +31,29 @@ export interface PortForwardSpec {
   remotePort: number;
 }
 
+/** Matchlock's `withNetworkInterception` argument: rules, each static or with a `hook` callback. */
+export interface NetworkInterceptionConfig {
+  rules?: NetworkHookRule[];
+}
+
+/** Which requests a callback added with onNetworkRequest / onNetworkResponse sees (all when empty). */
+export interface NetworkHookFilter {
+  name?: string;
+  hosts?: string[];
+  methods?: string[];
+  path?: string;
+  timeoutMs?: number;
+}
+
+/** What a builder carries besides the create config. */
+export interface SandboxExtras {
+  /** Port forwards the client sets up right after create (not part of the create config). */
+  portForwards?: readonly PortForwardSpec[];
+  portForwardAddresses?: readonly string[];
+  /** Network hook rules; the callbacks among them are served by the client (not JSON). */
+  networkHookRules?: readonly NetworkHookRule[];
+}
+
 type Net = NonNullable<SandboxConfigInput["network"]>;
 type Vfs = NonNullable<SandboxConfigInput["vfs"]>;
 
@@ -33,28 +62,46 @@ export class Sandbox {
   /** Port forwards the client sets up right after create (not part of the create config). */
   readonly portForwards: readonly PortForwardSpec[];
   readonly portForwardAddresses: readonly string[];
+  /** Network hook rules in the order given (static ones and callbacks). */
+  readonly networkHookRules: readonly NetworkHookRule[];
 
   /** `image` omitted: the default image built by `matchlock setup`. */
-  constructor(
-    image?: string,
-    config: SandboxConfigInput = {},
-    forwards: PortForwardSpec[] = [],
-    addresses: string[] = [],
-  ) {
+  constructor(image?: string, config: SandboxConfigInput = {}, extras: SandboxExtras = {}) {
     this.config = structuredClone(image === undefined ? config : { ...config, image });
-    this.portForwards = Object.freeze([...forwards]);
-    this.portForwardAddresses = Object.freeze([...addresses]);
+    this.portForwards = Object.freeze([...(extras.portForwards ?? [])]);
+    this.portForwardAddresses = Object.freeze([...(extras.portForwardAddresses ?? [])]);
+    this.networkHookRules = Object.freeze([...(extras.networkHookRules ?? [])]);
   }
 
-  /** The create config (a copy). */
+  /**
+   * The create config (a copy). Hook rules are in `network.interception` with their callback ids;
+   * `callback_socket` is filled in by the client that serves the callbacks.
+   */
   options(): SandboxConfigInput {
-    return structuredClone(this.config);
+    const config = structuredClone(this.config);
+    if (this.networkHookRules.length > 0) {
+      config.network = { ...config.network, interception: this.networkHooks().wire };
+    }
+    return config;
+  }
+
+  /** The wire rules and the callbacks by id (compiled anew: callbacks are functions, not data). */
+  networkHooks(): { wire: NonNullable<Net["interception"]>; callbacks: Map<string, CompiledNetworkHook> } {
+    return compileNetworkInterception(this.networkHookRules);
+  }
+
+  private extras(patch: SandboxExtras = {}): SandboxExtras {
+    return {
+      portForwards: patch.portForwards ?? this.portForwards,
+      portForwardAddresses: patch.portForwardAddresses ?? this.portForwardAddresses,
+      networkHookRules: patch.networkHookRules ?? this.networkHookRules,
+    };
   }
 
   private with(patch: (c: SandboxConfigInput) => void): Sandbox {
     const next = structuredClone(this.config);
     patch(next);
-    return new Sandbox(undefined, next, [...this.portForwards], [...this.portForwardAddresses]);
+    return new Sandbox(undefined, next, this.extras());
   }
 
   private net(patch: (n: Net) => void): Sandbox {
@@ -183,12 +230,32 @@ export class Sandbox {
     });
   }
 
-  /** Matchlock's name; rules (network hooks) are not supported yet and are refused at create. */
-  withNetworkInterception(config?: { rules?: unknown[]; callback_socket?: string }): Sandbox {
-    return this.net((n) => {
-      n.intercept = true;
-      if (config !== undefined) n.interception = config;
-    });
+  /**
+   * Matchlock's: intercept mode, plus network hook rules (added after any given before). A rule
+   * with `hook` is a callback this program runs: the client serves it while the sandbox lives.
+   */
+  withNetworkInterception(config: NetworkInterceptionConfig = {}): Sandbox {
+    const next = this.withNetworkIntercept();
+    const rules = config.rules ?? [];
+    if (rules.length === 0) return next;
+    return new Sandbox(
+      undefined,
+      next.config,
+      next.extras({ networkHookRules: [...this.networkHookRules, ...rules] }),
+    );
+  }
+
+  /**
+   * Ours: a callback on every request the filter matches, before it leaves (it may block it or
+   * rewrite headers, query and path). It sees placeholders, never secret values.
+   */
+  onNetworkRequest(hook: NetworkHookFunc, filter: NetworkHookFilter = {}): Sandbox {
+    return this.withNetworkInterception({ rules: [{ ...filter, phase: "before", hook }] });
+  }
+
+  /** Ours: a callback on every response the filter matches (block, headers, body). */
+  onNetworkResponse(hook: NetworkHookFunc, filter: NetworkHookFilter = {}): Sandbox {
+    return this.withNetworkInterception({ rules: [{ ...filter, phase: "after", hook }] });
   }
 
   addHost(host: string, ip: string): Sandbox {
@@ -265,8 +332,7 @@ export class Sandbox {
     return new Sandbox(
       undefined,
       this.config,
-      [...this.portForwards, { localPort, remotePort }],
-      [...this.portForwardAddresses],
+      this.extras({ portForwards: [...this.portForwards, { localPort, remotePort }] }),
     );
   }
 
@@ -274,8 +340,7 @@ export class Sandbox {
     return new Sandbox(
       undefined,
       this.config,
-      [...this.portForwards],
-      [...this.portForwardAddresses, ...addresses],
+      this.extras({ portForwardAddresses: [...this.portForwardAddresses, ...addresses] }),
     );
   }
 }

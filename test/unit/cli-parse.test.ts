@@ -50,14 +50,25 @@ describe("sandbox config", () => {
       network: { allowed_hosts: ["api.example.com"], secrets: { K: { value: "v" } }, interception: {} },
     });
     assert.deepEqual(unsupportedFeatures(c), []);
-    // Network hooks are not: rules or a callback socket are refused by name, never dropped.
-    for (const interception of [
-      { rules: [{ phase: "before", action: "block" }] },
-      { callback_socket: "/tmp/s" },
-    ]) {
-      const missing = unsupportedFeatures(parseSandboxConfig({ network: { interception } }));
-      assert.deepEqual(missing, ["network.interception rules (network hooks)"]);
-    }
+    // Network hooks are built: rules and a callback socket are kept, and checked as the config is.
+    const hooked = parseSandboxConfig({
+      network: { interception: { rules: [{ phase: "before", action: "block" }], callback_socket: "/tmp/s" } },
+    });
+    assert.deepEqual(unsupportedFeatures(hooked), []);
+    assert.equal(hooked.network.interception?.rules?.[0]?.action, "block");
+    assert.equal(parseSandboxConfig({ network: { interception: null } }).network.interception, undefined);
+    // A bad rule is named the way compileHooks names it, not by its path in the config.
+    assert.throws(
+      () =>
+        parseSandboxConfig({
+          network: { interception: { rules: [{ name: "a" }, { name: "b", phase: "during" }] } },
+        }),
+      /^InvalidArgumentError: invalid network interception: rule 2 \("b"\): phase: must be before or after$/,
+    );
+    assert.throws(
+      () => parseSandboxConfig({ network: { interception: { rules: [{ set_header: { A: "1" } }] } } }),
+      /invalid network interception: rule 1: unknown key set_header \(did you mean set_headers\?\)/,
+    );
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ network: { no_network: true } })), []);
     // Fields Matchlock declares and never uses: empty is fine, anything else is refused by name.
     const unused = { id: "", network: { policy_script: "" }, vfs: { direct_mounts: {} } };

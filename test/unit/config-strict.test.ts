@@ -1,8 +1,9 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import * as v from "valibot";
-import { parseSandboxConfig, suggestKey, unsupportedFeatures } from "../../src/api/config.ts";
+import { parseSandboxConfig, unsupportedFeatures } from "../../src/api/config.ts";
 import { invalidParamsMessage, RpcMethods } from "../../src/api/rpc.ts";
+import { suggestKey } from "../../src/api/schema.ts";
 
 /** Unknown config and params keys are refused naming them, never dropped (issue #8). */
 
