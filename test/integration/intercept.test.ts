@@ -2,8 +2,9 @@ import assert from "node:assert/strict";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { CLI, type CliResult, REPO, tempHome } from "../helpers/cli.ts";
+import { REPO, tempHome } from "../helpers/cli.ts";
 import { importDebianImage } from "../helpers/debian.ts";
+import { guestNet } from "../helpers/guest-net.ts";
 import { createTopology, FAKE, FAKE_API_KEY, FAKE_PORTS, type Hit, type Topology } from "../helpers/netns.ts";
 
 /**
@@ -18,22 +19,7 @@ const h = tempHome();
 const TAG = `mltest-intercept-${process.pid}:1`;
 let t: Topology;
 
-async function ml(args: string[], extra: NodeJS.ProcessEnv = {}, input?: string): Promise<CliResult> {
-  const started = Date.now();
-  const env = { ...h.env, NODE_EXTRA_CA_CERTS: t.caFile, ...extra };
-  const r = await t.execInHost(process.execPath, [CLI, ...args], {
-    env,
-    timeoutMs: 240_000,
-    ...(input === undefined ? {} : { input }),
-  });
-  return { ...r, ms: Date.now() - started };
-}
-
-/** A shell script in a running VM: stdout, then stderr (for messages). */
-async function sh(id: string, script: string): Promise<string> {
-  const r = await ml(["exec", id, "--", "sh", "-c", script]);
-  return r.stdout.toString() + r.stderr;
-}
+const { ml, sh, events } = guestNet(() => t, h);
 
 async function startVm(flags: string[], extra: NodeJS.ProcessEnv = {}): Promise<string> {
   const r = await ml(["run", "-d", "--image", TAG, ...flags, "--", "sleep", "3600"], extra);
@@ -80,15 +66,6 @@ except Exception as e:
 const since = (mark: number): Hit[] => t.hits().slice(mark);
 const httpHits = (mark: number) =>
   since(mark).filter((x): x is Extract<Hit, { kind: "http" }> => x.kind === "http");
-
-/** The VM's decision log as parsed events. */
-function events(id: string): Array<{ network: Record<string, unknown> }> {
-  const file = join(h.home, "vms", id, "events.jsonl");
-  return readFileSync(file, "utf8")
-    .split("\n")
-    .filter((l) => l !== "")
-    .map((l) => JSON.parse(l) as { network: Record<string, unknown> });
-}
 
 const API = "api.example.test";
 
