@@ -4,6 +4,7 @@
  * nftables table, on an interface that plays a VM's TAP (a veth whose peer is the "guest" namespace).
  *
  *   node bench/net-host.ts <iface> <gateway> <guest> <upstream> [--host <name>=<ip>]… [--intercept <ca.pem>]
+ *     [--rules <n>] [--callback <socket>]
  *
  * --host: a name the DNS server answers locally (as --add-host does), e.g. the bench's cheap HTTPS source.
  * --intercept: intercept mode, wired as src/net/vm-network.ts does: the same AllowList (example.test and
@@ -11,11 +12,15 @@
  *   a SecretBook of one secret (for api.example.test only, so every request is scanned for its placeholder
  *   and none is swapped) and a fresh MitmCa, whose certificate is written to <ca.pem> for the guest to trust.
  *   Upstream trust comes from NODE_EXTRA_CA_CERTS (the topology's CA), which bench/net.ts sets.
+ * --rules n: n network hook rules (with --intercept): n − 1 before rules on example.test whose paths never
+ *   match `/` (each is still checked) and one that sets a header on every request, as a real list would.
+ * --callback <socket>: one before rule whose callback is served on <socket> (bench/net.ts serves it).
  *
  * Prints `ready <json ports>` once the table is applied; exits when stdin closes.
  */
 import { writeFileSync } from "node:fs";
 import { DnsServer } from "../src/net/dns.ts";
+import { compileHooks } from "../src/net/hooks.ts";
 import { PrivateFloor } from "../src/net/floor.ts";
 import { applyTable, type HostNetSpec, type ListenerPorts } from "../src/net/host-net.ts";
 import { AllowList } from "../src/net/host-policy.ts";
@@ -34,11 +39,15 @@ if (!tap || !gateway || !guest || !upstream) {
 }
 const localHosts = new Map<string, string[]>();
 let caOut: string | undefined;
+let ruleCount = 0;
+let callbackSocket: string | undefined;
 for (let i = 4; i < argv.length; i += 2) {
   const [flag, value] = [argv[i], argv[i + 1]];
   const eq = value?.indexOf("=") ?? -1;
   if (flag === "--host" && value && eq > 0) localHosts.set(value.slice(0, eq), [value.slice(eq + 1)]);
   else if (flag === "--intercept" && value) caOut = value;
+  else if (flag === "--rules" && value) ruleCount = Number(value);
+  else if (flag === "--callback" && value) callbackSocket = value;
   else throw new Error(`net-host.ts: unexpected ${flag} ${value ?? ""}`);
 }
 
@@ -58,6 +67,18 @@ const policy =
           },
         ]),
         ca: await MitmCa.create(),
+        hooks: compileHooks({
+          rules: [
+            ...Array.from({ length: Math.max(0, ruleCount - 1) }, (_, i) => ({
+              hosts: ["example.test"],
+              path: `/v1/r${i}/*`,
+              action: "block",
+            })),
+            ...(ruleCount > 0 ? [{ hosts: ["*.test"], set_headers: { "X-Bench": "1" } }] : []),
+            ...(callbackSocket === undefined ? [] : [{ callback_id: "bench" }]),
+          ],
+          ...(callbackSocket === undefined ? {} : { callback_socket: callbackSocket }),
+        }),
       };
 const dns = await DnsServer.listen({
   address: gateway,
@@ -82,6 +103,7 @@ const proxy = policy
       allow: policy.allow,
       secrets: policy.secrets,
       ca: policy.ca,
+      hooks: policy.hooks,
       resolve: (name) => dns.resolve4(name),
       refuses,
       passthrough: (s) => tcp.adopt(s),

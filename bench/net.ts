@@ -33,11 +33,15 @@
  *      d. 200 connections at once from one guest, each kept alive for 4 × `GET /bytes/262144` from the cheap
  *         source: wall time, errors, and the owner's RSS before and its peak during the phase (VmHWM, reset
  *         through /proc/<pid>/clear_refs before each run);
+ *   4e. network hooks (issue #12): `GET https://example.test/` kept alive through the proxy (as 4a) with 0, 10
+ *      and 100 static rules (bench/net-host.ts --rules) and with one callback (served here by the SDK's
+ *      NetworkHookServer), each its own owner and guest namespace, alternating: p50/p99 and what each adds to
+ *      0 rules at p50;
  *   5. real VMs, the built CLI in hostNs: `run -- true` vs `run --no-network -- true`, alternating;
  *   6. a real VM's `wget` of the same 64 MiB (TCG: informational).
- * Usage: npm run bench:net [-- --runs N] [--requests N] [--conns N] [--no-vm] [--only relay|intercept|vm]
+ * Usage: npm run bench:net [-- --runs N] [--requests N] [--conns N] [--no-vm] [--only relay|intercept|hooks|vm]
  *   --runs: downloads and VM runs per side (default 5); --requests: requests/queries per side (default 200);
- *   --conns: connections at once in 4d (default 200); --only: just 1–3, just 4, or just 5–6 (repeatable).
+ *   --conns: connections at once in 4d (default 200); --only: just 1–3, 4a–d, 4e or 5–6 (repeatable).
  */
 import { type ChildProcessWithoutNullStreams, execFileSync, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -45,6 +49,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { NetworkHookServer } from "../src/sdk/network-hooks.ts";
 import { createTopology, destroyNamespace, execInNs, FAKE, type Topology } from "../test/helpers/netns.ts";
 
 const arg = (name: string, dflt: number) => {
@@ -57,8 +62,9 @@ const CONNS = arg("--conns", 200);
 const NO_VM = process.argv.includes("--no-vm");
 const ONLY = process.argv.flatMap((a, i) => (process.argv[i - 1] === "--only" ? [a] : []));
 for (const o of ONLY)
-  if (!["relay", "intercept", "vm"].includes(o)) throw new Error(`--only ${o}: relay, intercept or vm`);
-const runs = (section: "relay" | "intercept" | "vm") => ONLY.length === 0 || ONLY.includes(section);
+  if (!["relay", "intercept", "hooks", "vm"].includes(o))
+    throw new Error(`--only ${o}: relay, intercept, hooks or vm`);
+const runs = (section: "relay" | "intercept" | "hooks" | "vm") => ONLY.length === 0 || ONLY.includes(section);
 const BYTES = 64 * 1024 * 1024;
 const CLI = fileURLToPath(new URL("../dist/cli/main.js", import.meta.url));
 const CLIENT = fileURLToPath(new URL("./net-client.ts", import.meta.url));
@@ -124,9 +130,10 @@ function startOwner(
   gateway: string,
   guest: string,
   vmCaFile?: string,
+  extra: string[] = [],
 ): Promise<ChildProcessWithoutNullStreams> {
   const args = [HOST, tap, gateway, guest, FAKE.resolver, "--host", `${CHEAP.name}=${CHEAP.ip}`];
-  if (vmCaFile !== undefined) args.push("--intercept", vmCaFile);
+  if (vmCaFile !== undefined) args.push("--intercept", vmCaFile, ...extra);
   const child = spawn("ip", ["netns", "exec", t.hostNs, process.execPath, ...args], {
     stdio: ["pipe", "pipe", "pipe"],
     env: { ...process.env, NODE_EXTRA_CA_CERTS: t.caFile },
@@ -461,6 +468,56 @@ async function https(paths: HttpsPath[], servers: { fake: number; cheap: number 
   }
 }
 
+/** Section 4e: one owner and guest namespace per hook setup; kept-alive requests, alternating. */
+async function hooks(t: Topology, tmp: string, children: ChildProcessWithoutNullStreams[]): Promise<void> {
+  const server = await NetworkHookServer.start(
+    new Map([["bench", { id: "bench", name: "bench", phase: "before", timeoutMs: 0, hook: () => null }]]),
+  );
+  const guests: Array<ReturnType<typeof makeGuestNs>> = [];
+  try {
+    const setups: Array<[string, string[]]> = [
+      ["0 rules", []],
+      ["10 rules", ["--rules", "10"]],
+      ["100 rules", ["--rules", "100"]],
+      ["1 callback", ["--callback", server.socketPath]],
+    ];
+    const paths: HttpsPath[] = [];
+    for (const [k, [label, extra]] of setups.entries()) {
+      const [gw, ip] = [`10.99.${252 + k}.1`, `10.99.${252 + k}.2`];
+      const g = makeGuestNs(t.hostNs, `h${k}`, gw, ip);
+      guests.push(g);
+      const ca = join(tmp, `hooks-${k}.pem`);
+      const owner = await startOwner(t, g.tap, gw, ip, ca, extra);
+      children.push(owner);
+      paths.push({ label, ns: g.ns, ca, owner: owner.pid as number });
+    }
+    const n = String(Math.ceil(REQUESTS / RUNS));
+    const keepAlive = async (q: HttpsPath) => {
+      const r = await client<{ ms: number[]; sockets: number }>(q.ns, [
+        "https-keepalive",
+        FAKE.web,
+        "example.test",
+        q.ca,
+        n,
+      ]);
+      if (r.sockets !== 1) throw new Error(`${q.label}: kept-alive requests used ${r.sockets} connections`);
+      return r.ms;
+    };
+    await rotate(paths, 1, keepAlive);
+    const keep = (await rotate(paths, RUNS, keepAlive)).map((xs) => xs.flat());
+    for (const [k, q] of paths.entries()) {
+      row(`hooks: GET / kept alive, ${q.label} (${keep[k]?.length})`, p50p99(keep[k] ?? []));
+    }
+    for (const [k, q] of paths.entries()) {
+      if (k === 0) continue;
+      row(`  added by ${q.label} (p50)`, plus(median(keep[k] ?? []) - median(keep[0] ?? [])));
+    }
+  } finally {
+    for (const g of guests) g.destroy();
+    await server.close();
+  }
+}
+
 async function vms(t: Topology): Promise<void> {
   const home = mkdtempSync(join(tmpdir(), "matchlock-bench-net-"));
   const env = { ...process.env, MATCHLOCK_HOME: home };
@@ -552,6 +609,7 @@ async function main(): Promise<void> {
         { fake: pidIn(t.netNs, "fake-internet.ts"), cheap: cheap.pid as number },
       );
     }
+    if (runs("hooks")) await hooks(t, tmp, children);
     for (const c of children) c.stdin.end();
     if (!NO_VM && runs("vm")) await vms(t);
   } finally {

@@ -142,18 +142,25 @@ export type SandboxConfigInput = v.InferInput<typeof SandboxConfigSchema>;
 export type SandboxConfig = v.InferOutput<typeof SandboxConfigSchema>;
 export type ImageConfig = v.InferOutput<typeof ImageConfigSchema>;
 
+/**
+ * An issue in `network.interception` as compileHooks names it (`invalid network interception:
+ * rule 2 ("strip-debug"): phase: …`), or undefined for an issue elsewhere. Shared by the config
+ * parser and the RPC edge, so that CLI, RPC and SDK users read the same message.
+ */
+export function interceptionIssueMessage(issue: v.BaseIssue<unknown>): string | undefined {
+  const path = issue.path ?? [];
+  if (path[0]?.key !== "network" || path[1]?.key !== "interception" || path.length <= 2) return undefined;
+  return interceptionIssueError(path[1].value, issue, 2).message;
+}
+
 /** Parses and defaults a config; a bad field gives one error naming its path. */
 export function parseSandboxConfig(input: unknown): SandboxConfig {
   const result = v.safeParse(SandboxConfigSchema, input);
   if (result.success) return result.output;
   const issue = result.issues[0];
-  const keys = issue.path?.map((p) => p.key) ?? [];
-  if (keys[0] === "network" && keys[1] === "interception" && keys.length > 2) {
-    // Named the way compileHooks names it: `rule 2 ("strip-debug"): phase: …`.
-    const interception = (input as { network: { interception: unknown } }).network.interception;
-    throw interceptionIssueError(interception, issue, 2);
-  }
-  throw new InvalidArgumentError(`invalid sandbox config: ${describeIssue(result.issues[0], "config")}`);
+  const hooks = interceptionIssueMessage(issue);
+  if (hooks !== undefined) throw new InvalidArgumentError(hooks);
+  throw new InvalidArgumentError(`invalid sandbox config: ${describeIssue(issue, "config")}`);
 }
 
 function isEmptyValue(x: unknown): boolean {

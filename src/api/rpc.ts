@@ -1,5 +1,5 @@
 import * as v from "valibot";
-import { SandboxConfigSchema } from "./config.ts";
+import { interceptionIssueMessage, SandboxConfigSchema } from "./config.ts";
 import type { ErrorCode } from "./errors.ts";
 import { describeIssue, strictObject } from "./schema.ts";
 
@@ -109,7 +109,8 @@ export type RpcMethod = keyof typeof RpcMethods;
  * `invalid params for create: unknown key resources.memory (did you mean resources.memory_mb?)`.
  */
 export function invalidParamsMessage(method: string, issues: readonly v.BaseIssue<unknown>[]): string {
-  return `invalid params for ${method}: ${describeIssue(issues[0])}`;
+  const hooks = method === "create" && issues[0] ? interceptionIssueMessage(issues[0]) : undefined;
+  return `invalid params for ${method}: ${hooks ?? describeIssue(issues[0])}`;
 }
 export type RpcParams<M extends RpcMethod> = v.InferOutput<(typeof RpcMethods)[M]>;
 

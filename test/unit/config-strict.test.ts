@@ -157,4 +157,12 @@ describe("RPC params refuse keys they do not know", () => {
       /forwards\.0\.local/,
     );
   });
+
+  test("a bad network hook rule in create is named by rule and field, as the CLI names it", () => {
+    const network = { interception: { rules: [{}, { name: "strip", delete_headers: ["bad header"] }] } };
+    assert.equal(
+      messageFor("create", { network }),
+      'invalid params for create: invalid network interception: rule 2 ("strip"): delete_headers[0]: not a valid header name (an RFC 9110 token: letters, digits and !#$%&\'*+-.^_`|~)',
+    );
+  });
 });
