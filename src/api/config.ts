@@ -181,6 +181,5 @@ export function unsupportedFeatures(config: SandboxConfig): string[] {
   if (config.network.policy_script) out.push("network.policy_script");
   if (config.extra_disks.length > 0) out.push("extra_disks");
   if (config.privileged) out.push("privileged");
-  if (config.launch_entrypoint) out.push("launch_entrypoint");
   return out;
 }

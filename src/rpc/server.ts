@@ -19,6 +19,7 @@ import {
 import { splitHosts } from "../api/specs.ts";
 import { type ExecHandle, MAX_READ_FILE, type OutputSink } from "../guest/agent-client.ts";
 import { whenWritable } from "../host/drain.ts";
+import { ENTRYPOINT_LOG, launchEntrypoint } from "../sandbox/entrypoint.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
 import { LineSplitter } from "./lines.ts";
 
@@ -97,6 +98,8 @@ export class RpcServer {
   /** Why reading requests is paused: stdin fed to the guest faster than it takes it, stdout backed up. */
   private readonly pausedBy = new Set<"stdin" | "output">();
   private readonly onSandboxClosed = new WeakMap<Sandbox, () => void>();
+  /** The entrypoint `launch_entrypoint` started, stopped with the sandbox like a running request. */
+  private readonly entrypoints = new WeakMap<Sandbox, ExecHandle>();
 
   constructor(opts: RpcServerOptions) {
     this.input = opts.input;
@@ -323,6 +326,16 @@ export class RpcServer {
         await sb.close();
         throw new RpcError(RpcCode.VM_FAILED, "the rpc session is shutting down");
       }
+      if (config.launch_entrypoint) {
+        try {
+          const ep = await launchEntrypoint(sb);
+          if (ep) this.entrypoints.set(sb, ep);
+        } catch (e) {
+          // As in Matchlock: the create fails and takes its VM with it.
+          await sb.close();
+          throw e;
+        }
+      }
       this.sandbox = sb;
       // Matchlock's `event` notifications. Never paced: a client that does not read its stdout loses
       // events (counted, logged on close) rather than stall the VM's proxy.
@@ -539,6 +552,8 @@ export class RpcServer {
       req.stop?.();
       if (req.handle) sb.terminate(req.handle, opts.graceMs ?? this.graceMs).catch(() => {});
     }
+    const entrypoint = this.entrypoints.get(sb);
+    if (entrypoint) sb.terminate(entrypoint, opts.graceMs ?? this.graceMs).catch(() => {});
     this.onSandboxClosed.get(sb)?.();
     await sb.close({ remove: !opts.keep, ...(opts.graceMs === undefined ? {} : { graceMs: opts.graceMs }) });
     this.log(`${sb.id} closed (${why})`);
@@ -624,7 +639,7 @@ export class RpcServer {
   }
 }
 
-const LOG_FILES = ["console.log", "run.log"];
+const LOG_FILES = ["console.log", "run.log", ENTRYPOINT_LOG];
 const LOG_CHUNK = 1024 * 1024;
 
 /** Up to `length` bytes of a file from `offset`; nothing if it does not exist (yet). */

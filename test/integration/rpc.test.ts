@@ -153,12 +153,60 @@ describe("rpc protocol robustness (raw wire)", () => {
 
   test("a config asking for a feature this version lacks is refused, naming it", async () => {
     const w = new Wire();
-    w.request(1, "create", { network: { interception: { rules: [{ phase: "before", action: "block" }] } } });
+    w.request(1, "create", { vfs: { workspace: "/workspace" } });
     const r = await w.response(1);
     assert.equal(errCode(r), RPC_CODES.INVALID_PARAMS);
-    assert.match((r.error as { message: string }).message, /network\.interception rules \(network hooks\)/);
+    assert.match(
+      (r.error as { message: string }).message,
+      /not supported by this version of matchlock: vfs mounts/,
+    );
     w.child.stdin.end();
     await w.closed();
+  });
+
+  test("launch_entrypoint (Matchlock's launch()): the entrypoint runs detached with its output in log; one failing at once fails create", async () => {
+    const w = new Wire();
+    const before = h.vmDirs().length;
+    try {
+      // The default image's Cmd is /bin/sh: with no stdin it ends at once, successfully.
+      w.request(1, "create", { launch_entrypoint: true });
+      assert.ok((await w.response(1)).result, "an entrypoint that exits 0 is fine");
+      w.request(2, "create", {
+        launch_entrypoint: true,
+        image_config: { entrypoint: ["sh", "-c"], cmd: ["echo launched-$((40 + 2)); exec sleep 600"] },
+      });
+      assert.ok((await w.response(2)).result);
+      let log = "";
+      for (let i = 3; i < 60 && !log.includes("launched-42"); i++) {
+        w.request(i, "log");
+        const r = (await w.response(i)).result as { content: string };
+        log = Buffer.from(r.content, "base64").toString();
+        if (!log.includes("launched-42")) await new Promise((r) => setTimeout(r, 250));
+      }
+      assert.match(log, /launched-42/);
+      w.request(100, "exec", { command: "ps -o args | grep -c '^sleep 600'" });
+      assert.equal(
+        Buffer.from(((await w.response(100)).result as { stdout: string }).stdout, "base64").toString(),
+        "1\n",
+      );
+      // Failing within 500 ms: create fails with the exit and the output, and its VM is gone.
+      w.request(101, "create", {
+        launch_entrypoint: true,
+        image_config: { entrypoint: ["sh", "-c", "echo broken-config >&2; exit 3"], cmd: [] },
+      });
+      const failed = await w.response(101);
+      assert.equal(errCode(failed), RPC_CODES.VM_FAILED);
+      assert.match(
+        (failed.error as { message: string }).message,
+        /entrypoint \["sh","-c","echo broken-config >&2; exit 3"\] exited with code 3 within 500 ms: broken-config/,
+      );
+    } finally {
+      w.child.stdin.end();
+    }
+    assert.equal(await w.closed(), 0);
+    // The two replaced VMs stay listed as stopped (Matchlock); the failed one left nothing.
+    assert.equal(h.vmDirs().length, before + 2);
+    assert.equal((await runCli(["prune"], { env: h.env })).code, 0);
   });
 
   test("client notifications (exec_pipe.stdin, exec_tty.resize…) are never answered, even sent with an id, as in Matchlock", async () => {

@@ -86,10 +86,8 @@ describe("sandbox config refuses keys it does not know", () => {
     assert.deepEqual(c.network.secrets.K?.hosts, []);
   });
 
-  test("launch_entrypoint, which Matchlock's SDK sends for launch(), is refused naming it (not implemented)", () => {
-    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ launch_entrypoint: true })), [
-      "launch_entrypoint",
-    ]);
+  test("launch_entrypoint, which Matchlock's SDK sends for launch(), is accepted", () => {
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ launch_entrypoint: true })), []);
   });
 
   test("did-you-mean only suggests near misses", () => {
