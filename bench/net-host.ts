@@ -20,8 +20,8 @@
  */
 import { writeFileSync } from "node:fs";
 import { DnsServer } from "../src/net/dns.ts";
-import { compileHooks } from "../src/net/hooks.ts";
 import { PrivateFloor } from "../src/net/floor.ts";
+import { compileHooks } from "../src/net/hooks.ts";
 import { applyTable, type HostNetSpec, type ListenerPorts } from "../src/net/host-net.ts";
 import { AllowList } from "../src/net/host-policy.ts";
 import { MitmCa } from "../src/net/mitm-ca.ts";
