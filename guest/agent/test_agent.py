@@ -26,6 +26,7 @@ import traceback
 AGENT = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--vm" else "/tmp/matchlock-agent"
 
 # The protocol's numbers, generated from src/guest/protocol-spec.ts (npm run gen:protocol).
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from protocol_consts import AGENT_VERSION, CHUNK, GUEST_NAMES, MAX_PAYLOAD, WINDOW, WRITE_REPLACE_LINK, ExecFlags, GuestMsg, HostMsg  # noqa: E402
 
