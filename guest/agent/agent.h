@@ -34,10 +34,12 @@
 
 #include "protocol.h"
 
-#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 /* Every guest->host byte stream (process output, READ_FILE content, TCP data) is credit-based: we
  * send at most WINDOW bytes the host has not ACKed, and stop reading the source at the limit, so a
  * slow reader on the host stalls the writer in the guest instead of filling anyone's memory. */
+
+/* argv[0] without a '/' is searched in the PATH of the exec's environment, or in this */
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* ---------- main.c ---------- */
 
