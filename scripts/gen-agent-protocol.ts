@@ -52,9 +52,10 @@ export function renderCHeader(): string {
       typeof c.value === "string"
         ? JSON.stringify(c.value)
         : `${c.hex ? `0x${c.value.toString(16)}` : c.value}u`;
-    if (name === "AGENT_VERSION") out.push("#ifndef AGENT_VERSION");
+    // a string (the version) may be overridden with -D at build time
+    if (typeof c.value === "string") out.push(`#ifndef ${name}`);
     out.push(`#define ${name} ${v} /* ${plain(c.meaning)} */`);
-    if (name === "AGENT_VERSION") out.push("#endif");
+    if (typeof c.value === "string") out.push("#endif");
   }
   out.push("", "/* EXEC flags */");
   for (const [name, c] of constants(EXEC_FLAGS))

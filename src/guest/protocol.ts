@@ -1,5 +1,4 @@
 import { AgentProtocolError, InvalidArgumentError } from "../api/errors.ts";
-
 import { Constants, ExecFlags, GuestMsg, HostMsg } from "./protocol-spec.ts";
 
 /**
