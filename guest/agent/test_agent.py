@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Development test driver for the guest agent (docs/agent-protocol.md).
 
-    cc -static -Os -s -Wall -Wextra -o /tmp/matchlock-agent guest/agent/agent.c
+    cc -static -Os -s -Wall -Wextra -o /tmp/matchlock-agent guest/agent/*.c
     python3 guest/agent/test_agent.py /tmp/matchlock-agent       # --stdio mode, no VM needed
     python3 guest/agent/test_agent.py --vm /path/to/agent.sock   # a booted VM's agent port
 
@@ -25,17 +25,10 @@ import traceback
 
 AGENT = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--vm" else "/tmp/matchlock-agent"
 
-(EXEC, STDIN, RESIZE, SIGNAL, WRITE_FILE, FILE_DATA, READ_FILE, LIST_DIR, PING, SHUTDOWN,
- TCP_CONNECT, TCP_DATA, CLOSE, ACK) = range(1, 0x0F)
-(READY, STDOUT, STDERR, EXIT, ERROR, STARTED, STDIN_ACK, DATA, RESULT, PONG, LOG,
- TCP_CONNECTED, TCP_RDATA, TCP_CLOSED) = range(0x80, 0x8E)  # TCP_RDATA: TCP_DATA guest->host (0x8C)
-NAMES = {v: k for k, v in dict(READY=READY, STDOUT=STDOUT, STDERR=STDERR, EXIT=EXIT, ERROR=ERROR,
-                                 STARTED=STARTED, STDIN_ACK=STDIN_ACK, DATA=DATA, RESULT=RESULT,
-                                 PONG=PONG, LOG=LOG, TCP_CONNECTED=TCP_CONNECTED, TCP_RDATA=TCP_RDATA,
-                                 TCP_CLOSED=TCP_CLOSED).items()}
-F_TTY, F_STDIN, F_MKDIR_CWD = 1, 2, 4
-WINDOW = 256 * 1024
-MAX = 1 << 20
+# The protocol's numbers, generated from src/guest/protocol-spec.ts (npm run gen:protocol).
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from protocol_consts import AGENT_VERSION, CHUNK, GUEST_NAMES, MAX_PAYLOAD, WINDOW, WRITE_REPLACE_LINK, ExecFlags, GuestMsg, HostMsg  # noqa: E402
 
 
 class Agent:
@@ -79,13 +72,13 @@ class Agent:
             if h is None:
                 break
             ln, typ, stream = struct.unpack("<IBI", h)
-            assert ln <= MAX, f"frame too large: {ln}"
-            assert typ in NAMES, f"unknown frame type {typ:#x}"
+            assert ln <= MAX_PAYLOAD, f"frame too large: {ln}"
+            assert typ in GUEST_NAMES, f"unknown frame type {typ:#x}"
             payload = self._read_exact(ln) if ln else b""
             assert payload is not None
-            if typ == LOG:
+            if typ == GuestMsg.LOG:
                 self.logs.append(payload.decode())
-            assert typ != TCP_RDATA or ln <= 64 * 1024, f"TCP_DATA of {ln} bytes"
+            assert typ != GuestMsg.TCP_DATA or ln <= CHUNK, f"TCP_DATA of {ln} bytes"
             self.q(stream).put((typ, payload))
         self.eof.set()
 
@@ -109,7 +102,7 @@ class Agent:
         strs = [user, cwd] + list(argv) + list(env)
         payload = struct.pack("<IHHHH", flags, rows, cols, len(argv), len(env))
         payload += b"".join((x.encode() if isinstance(x, str) else x) + b"\0" for x in strs)
-        self.send(EXEC, s, payload)
+        self.send(HostMsg.EXEC, s, payload)
         return s
 
     def collect(self, s, stdin=None, eof=True, timeout=30, on_frame=None, extra=0):
@@ -122,30 +115,30 @@ class Agent:
         while True:
             if stdin is not None and r["pid"] is not None:
                 while sent < len(stdin) and sent - r["acked"] < WINDOW:
-                    n = min(64 * 1024, len(stdin) - sent, WINDOW - (sent - r["acked"]))
-                    self.send(STDIN, s, stdin[sent:sent + n])
+                    n = min(CHUNK, len(stdin) - sent, WINDOW - (sent - r["acked"]))
+                    self.send(HostMsg.STDIN, s, stdin[sent:sent + n])
                     sent += n
                     r["max_unacked"] = max(r["max_unacked"], sent - r["acked"])
                 if sent == len(stdin) and eof and not eof_sent:
-                    self.send(STDIN, s, b"")
+                    self.send(HostMsg.STDIN, s, b"")
                     eof_sent = True
             typ, p = self.recv(s, max(0.1, deadline - time.time()))
-            if typ == STARTED:
+            if typ == GuestMsg.STARTED:
                 assert len(p) == 4 and r["pid"] is None
                 r["pid"] = struct.unpack("<I", p)[0]
-            elif typ in (STDOUT, STDERR):
-                r["out" if typ == STDOUT else "err"] += p
+            elif typ in (GuestMsg.STDOUT, GuestMsg.STDERR):
+                r["out" if typ == GuestMsg.STDOUT else "err"] += p
                 r["out_unacked"] = r.get("out_unacked", 0) + len(p)
                 r["max_out_unacked"] = max(r.get("max_out_unacked", 0), r["out_unacked"])
                 if not r.get("hold_acks"):
-                    self.send(ACK, s, struct.pack("<I", len(p)))
+                    self.send(HostMsg.ACK, s, struct.pack("<I", len(p)))
                     r["out_unacked"] -= len(p)
-            elif typ == STDIN_ACK:
+            elif typ == GuestMsg.STDIN_ACK:
                 r["acked"] += struct.unpack("<I", p)[0]
                 assert r["acked"] <= sent + r["extra"], "acked more than sent"
-            elif typ == ERROR:
+            elif typ == GuestMsg.ERROR:
                 r["error"] = p.decode()
-            elif typ == EXIT:
+            elif typ == GuestMsg.EXIT:
                 r["code"], r["sig"] = struct.unpack("<ii", p)
                 return r
             else:
@@ -157,42 +150,42 @@ class Agent:
         stdin = kw.pop("stdin", None)
         timeout = kw.pop("timeout", 30)
         if stdin is not None:
-            kw["flags"] = kw.get("flags", 0) | F_STDIN
+            kw["flags"] = kw.get("flags", 0) | ExecFlags.STDIN
         return self.collect(self.start(argv, **kw), stdin=stdin, timeout=timeout)
 
-    def write_file(self, path, data, mode=0o644, chunk=MAX):
+    def write_file(self, path, data, mode=0o644, chunk=MAX_PAYLOAD):
         s = self.stream()
-        self.send(WRITE_FILE, s, struct.pack("<I", mode) + path.encode() + b"\0")
+        self.send(HostMsg.WRITE_FILE, s, struct.pack("<I", mode) + path.encode() + b"\0")
         for i in range(0, len(data), chunk):
-            self.send(FILE_DATA, s, data[i:i + chunk])
-        self.send(FILE_DATA, s, b"")
+            self.send(HostMsg.FILE_DATA, s, data[i:i + chunk])
+        self.send(HostMsg.FILE_DATA, s, b"")
         typ, p = self.recv(s)
-        assert typ == RESULT, NAMES.get(typ)
+        assert typ == GuestMsg.RESULT, GUEST_NAMES.get(typ)
         return struct.unpack("<i", p[:4])[0], p[4:].decode()
 
     def read_file(self, path):
         s = self.stream()
-        self.send(READ_FILE, s, path.encode() + b"\0")
+        self.send(HostMsg.READ_FILE, s, path.encode() + b"\0")
         data = b""
         while True:
             typ, p = self.recv(s)
-            if typ == DATA:
-                assert len(p) <= 64 * 1024
+            if typ == GuestMsg.DATA:
+                assert len(p) <= CHUNK
                 data += p
-                self.send(ACK, s, struct.pack("<I", len(p)))
+                self.send(HostMsg.ACK, s, struct.pack("<I", len(p)))
             else:
-                assert typ == RESULT, NAMES.get(typ)
+                assert typ == GuestMsg.RESULT, GUEST_NAMES.get(typ)
                 return data, struct.unpack("<i", p[:4])[0], p[4:].decode()
 
     def list_dir(self, path):
         s = self.stream()
-        self.send(LIST_DIR, s, path.encode() + b"\0")
+        self.send(HostMsg.LIST_DIR, s, path.encode() + b"\0")
         entries = {}
         while True:
             typ, p = self.recv(s)
-            if typ == RESULT:
+            if typ == GuestMsg.RESULT:
                 return entries, struct.unpack("<i", p[:4])[0], p[4:].decode()
-            assert typ == DATA
+            assert typ == GuestMsg.DATA
             off = 0
             while off < len(p):
                 mode, size, sec, nsec = struct.unpack_from("<IQqI", p, off)
@@ -203,15 +196,15 @@ class Agent:
     def tcp_connect(self, port, s=None):
         """TCP_CONNECT; returns (stream, None) once connected or (stream, errno) if TCP_CLOSED."""
         s = s or self.stream()
-        self.send(TCP_CONNECT, s, struct.pack("<H", port))
+        self.send(HostMsg.TCP_CONNECT, s, struct.pack("<H", port))
         typ, p = self.recv(s)
-        if typ == TCP_CONNECTED:
+        if typ == GuestMsg.TCP_CONNECTED:
             assert p == b""
             return s, None
-        assert typ == TCP_CLOSED and len(p) == 4, (NAMES.get(typ), p)
+        assert typ == GuestMsg.TCP_CLOSED and len(p) == 4, (GUEST_NAMES.get(typ), p)
         return s, struct.unpack("<i", p)[0]
 
-    def tcp_transfer(self, s, data=b"", timeout=60, chunk=64 * 1024):
+    def tcp_transfer(self, s, data=b"", timeout=60, chunk=CHUNK):
         """Send data (flow controlled by STDIN_ACK) then the empty TCP_DATA; receive (acking with
         ACK) until TCP_CLOSED. Checks both windows and the frame order."""
         r = dict(data=b"", errno=None, acked=0, max_unacked=0, eof=False)
@@ -220,24 +213,24 @@ class Agent:
         while True:
             while sent < len(data) and sent - r["acked"] < WINDOW:
                 n = min(chunk, len(data) - sent, WINDOW - (sent - r["acked"]))
-                self.send(TCP_DATA, s, data[sent:sent + n])
+                self.send(HostMsg.TCP_DATA, s, data[sent:sent + n])
                 sent += n
                 r["max_unacked"] = max(r["max_unacked"], sent - r["acked"])
             if sent == len(data) and not eof_sent:
-                self.send(TCP_DATA, s, b"")
+                self.send(HostMsg.TCP_DATA, s, b"")
                 eof_sent = True
             typ, p = self.recv(s, max(0.1, deadline - time.time()))
-            if typ == STDIN_ACK:
+            if typ == GuestMsg.STDIN_ACK:
                 r["acked"] += struct.unpack("<I", p)[0]
                 assert r["acked"] <= sent, "acked more than sent"
-            elif typ == TCP_RDATA:
+            elif typ == GuestMsg.TCP_DATA:
                 assert not r["eof"], "TCP_DATA after the empty one"
                 if not p:
                     r["eof"] = True
                 else:
                     got.append(p)
-                    self.send(ACK, s, struct.pack("<I", len(p)))
-            elif typ == TCP_CLOSED:
+                    self.send(HostMsg.ACK, s, struct.pack("<I", len(p)))
+            elif typ == GuestMsg.TCP_CLOSED:
                 r["errno"] = struct.unpack("<i", p)[0]
                 r["data"] = b"".join(got)
                 return r
@@ -267,11 +260,11 @@ def ok(r, out=None, code=0):
 
 def t_ping(a):
     s = a.stream()
-    a.send(PING, s, b"hello\0\x01binary")
-    assert a.recv(s) == (PONG, b"hello\0\x01binary")
+    a.send(HostMsg.PING, s, b"hello\0\x01binary")
+    assert a.recv(s) == (GuestMsg.PONG, b"hello\0\x01binary")
     s = a.stream()
-    a.send(PING, s)
-    assert a.recv(s) == (PONG, b"")
+    a.send(HostMsg.PING, s)
+    assert a.recv(s) == (GuestMsg.PONG, b"")
 
 
 def t_exit_codes(a):
@@ -286,8 +279,8 @@ def t_signal(a):
     t0 = time.time()
 
     def on(typ, p, r):
-        if typ == STARTED:
-            a.send(SIGNAL, s, struct.pack("<I", 9))
+        if typ == GuestMsg.STARTED:
+            a.send(HostMsg.SIGNAL, s, struct.pack("<I", 9))
     r = a.collect(s, on_frame=on)
     assert r["code"] == 137 and r["sig"] == 9, r
     assert time.time() - t0 < 2
@@ -295,9 +288,9 @@ def t_signal(a):
     s = a.start(["sh", "-c", "sleep 100; echo survived"])
 
     def on2(typ, p, r):
-        if typ == STARTED:
+        if typ == GuestMsg.STARTED:
             time.sleep(0.2)
-            a.send(SIGNAL, s, struct.pack("<I", 15))
+            a.send(HostMsg.SIGNAL, s, struct.pack("<I", 15))
     r = a.collect(s, on_frame=on2)
     assert r["sig"] == 15 and r["code"] == 143 and r["out"] == b"", r
 
@@ -310,21 +303,21 @@ def t_stdout_stderr(a):
     ok(a.run(["cat"]), b"")
     # only 0, 1, 2 are open in the process (3 is ls's own directory fd)
     ok(a.run(["ls", "/proc/self/fd"]), b"0\n1\n2\n3\n")
-    ok(a.run(["ls", "-1", "/proc/self/fd"], flags=F_TTY), b"0\r\n1\r\n2\r\n3\r\n")
+    ok(a.run(["ls", "-1", "/proc/self/fd"], flags=ExecFlags.TTY), b"0\r\n1\r\n2\r\n3\r\n")
     # STDIN frames for a process without the STDIN flag: discarded, acknowledged
     s = a.start(["sh", "-c", "sleep 0.3; echo x"])
-    a.send(STDIN, s, b"abc")
+    a.send(HostMsg.STDIN, s, b"abc")
     r = a.collect(s, extra=3)
     ok(r, b"x\n")
     assert r["acked"] == 3, r
     # RESIZE on a pipe exec, SIGNAL/RESIZE/STDIN after EXIT: ignored
     s = a.start(["sh", "-c", "sleep 0.2; echo y"])
-    a.send(RESIZE, s, struct.pack("<HH", 10, 10))
+    a.send(HostMsg.RESIZE, s, struct.pack("<HH", 10, 10))
     ok(a.collect(s), b"y\n")
-    a.send(SIGNAL, s, struct.pack("<I", 9))
-    a.send(RESIZE, s, struct.pack("<HH", 10, 10))
-    a.send(STDIN, s, b"late")
-    a.send(FILE_DATA, s, b"late")
+    a.send(HostMsg.SIGNAL, s, struct.pack("<I", 9))
+    a.send(HostMsg.RESIZE, s, struct.pack("<HH", 10, 10))
+    a.send(HostMsg.STDIN, s, b"late")
+    a.send(HostMsg.FILE_DATA, s, b"late")
     t_ping(a)
     assert a.q(s).empty()
 
@@ -347,7 +340,7 @@ def t_stdin_10m(a):
 
 def t_stdin_closed(a):
     # the process closes stdin: bytes are discarded but still acknowledged
-    s = a.start(["sh", "-c", "exec 0<&-; sleep 0.5; echo done"], flags=F_STDIN)
+    s = a.start(["sh", "-c", "exec 0<&-; sleep 0.5; echo done"], flags=ExecFlags.STDIN)
     r = a.collect(s, stdin=b"x" * (600 * 1024), eof=False)
     ok(r, b"done\n")
     assert r["acked"] == 600 * 1024, r["acked"]
@@ -355,8 +348,8 @@ def t_stdin_closed(a):
     r = a.run(["head", "-c", "5"], stdin=b"abcdefghij" * 100000)
     ok(r, b"abcde")
     # STDIN for an unknown stream is ignored
-    a.send(STDIN, 999999, b"zzz")
-    a.send(STDIN, 999999, b"")
+    a.send(HostMsg.STDIN, 999999, b"zzz")
+    a.send(HostMsg.STDIN, 999999, b"")
 
 
 def t_env_cwd(a):
@@ -383,10 +376,10 @@ def t_env_cwd(a):
     d = f"/tmp/agent-test-{os.getpid()}/a/b/c"
     r = a.run(["pwd"], cwd=d)
     assert r["code"] == 1 and "chdir" in r["error"], r
-    r = a.run(["pwd"], cwd=d, flags=F_MKDIR_CWD)
+    r = a.run(["pwd"], cwd=d, flags=ExecFlags.MKDIR_CWD)
     ok(r, (d + "\n").encode())
     assert oct(os.stat(d).st_mode & 0o777) == oct(0o755)
-    r = a.run(["pwd"], cwd=d, flags=F_MKDIR_CWD)  # exists already: fine
+    r = a.run(["pwd"], cwd=d, flags=ExecFlags.MKDIR_CWD)  # exists already: fine
     ok(r, (d + "\n").encode())
 
 
@@ -418,7 +411,7 @@ def t_users(a):
         assert r["code"] == 1 and r["sig"] == 0 and r["error"] and r["pid"] is None, r
     # MKDIR_CWD as root, then the user must be able to chdir there
     d = f"/tmp/agent-test-{os.getpid()}/u/v"
-    ok(a.run(["pwd"], cwd=d, user="nobody", flags=F_MKDIR_CWD), (d + "\n").encode())
+    ok(a.run(["pwd"], cwd=d, user="nobody", flags=ExecFlags.MKDIR_CWD), (d + "\n").encode())
     # a directory the user cannot enter
     os.makedirs(f"/tmp/agent-test-{os.getpid()}/private", mode=0o700, exist_ok=True)
     r = a.run(["pwd"], cwd=f"/tmp/agent-test-{os.getpid()}/private", user="nobody")
@@ -426,50 +419,50 @@ def t_users(a):
 
 
 def t_tty(a):
-    r = a.run(["tty"], flags=F_TTY, rows=30, cols=100)
+    r = a.run(["tty"], flags=ExecFlags.TTY, rows=30, cols=100)
     ok(r)
     assert r["out"].startswith(b"/dev/pts/"), r
     assert r["err"] == b""
-    r = a.run(["stty", "size"], flags=F_TTY, rows=30, cols=100)
+    r = a.run(["stty", "size"], flags=ExecFlags.TTY, rows=30, cols=100)
     ok(r, b"30 100\r\n")
     # stderr also goes to the PTY -> STDOUT
-    r = a.run(["sh", "-c", "echo err >&2"], flags=F_TTY, rows=24, cols=80)
+    r = a.run(["sh", "-c", "echo err >&2"], flags=ExecFlags.TTY, rows=24, cols=80)
     ok(r, b"err\r\n")
     # RESIZE while running, then stty again; the input comes through the PTY
-    s = a.start(["sh", "-c", "stty size; read x; stty size; echo got=$x"], flags=F_TTY, rows=30, cols=100)
+    s = a.start(["sh", "-c", "stty size; read x; stty size; echo got=$x"], flags=ExecFlags.TTY, rows=30, cols=100)
     state = {"sent": False}
 
     def on(typ, p, r):
-        if typ == STDOUT and b"30 100" in r["out"] and not state["sent"]:
+        if typ == GuestMsg.STDOUT and b"30 100" in r["out"] and not state["sent"]:
             state["sent"] = True
-            a.send(RESIZE, s, struct.pack("<HH", 40, 120))
-            a.send(STDIN, s, b"hello\n")
+            a.send(HostMsg.RESIZE, s, struct.pack("<HH", 40, 120))
+            a.send(HostMsg.STDIN, s, b"hello\n")
             r["extra"] += 6
     r = a.collect(s, on_frame=on)
     ok(r)
     out = r["out"].replace(b"\r\n", b"\n")
     assert out.endswith(b"40 120\ngot=hello\n"), r
     # EOF in TTY mode = ^D: cat ends
-    s = a.start(["cat"], flags=F_TTY, rows=24, cols=80)
+    s = a.start(["cat"], flags=ExecFlags.TTY, rows=24, cols=80)
     r = a.collect(s, stdin=b"line\n")
     ok(r)
     assert r["out"].count(b"line\r\n") == 2, r  # echo + cat's output
     # job control works on the PTY: the process group leader has a controlling terminal
     r = a.run(["sh", "-c", "read pid comm state ppid pgrp sid tty rest < /proc/$$/stat; echo $pid $pgrp $sid $tty"],
-              flags=F_TTY, rows=24, cols=80)
+              flags=ExecFlags.TTY, rows=24, cols=80)
     ok(r)
     pid, pgrp, sid, tty = r["out"].split()
     assert pid == pgrp == sid == str(r["pid"]).encode() and tty != b"0", r  # session leader with a ctty
     # SIGNAL on a TTY process
-    s = a.start(["sleep", "100"], flags=F_TTY)
+    s = a.start(["sleep", "100"], flags=ExecFlags.TTY)
 
     def on3(typ, p, r):
-        if typ == STARTED:
-            a.send(SIGNAL, s, struct.pack("<I", 2))
+        if typ == GuestMsg.STARTED:
+            a.send(HostMsg.SIGNAL, s, struct.pack("<I", 2))
     r = a.collect(s, on_frame=on3)
     assert r["sig"] == 2 and r["code"] == 130, r
     if os.geteuid() == 0:
-        r = a.run(["sh", "-c", "id -u; stat -c %u $(tty)"], flags=F_TTY, user="nobody")
+        r = a.run(["sh", "-c", "id -u; stat -c %u $(tty)"], flags=ExecFlags.TTY, user="nobody")
         ok(r, b"65534\r\n65534\r\n")
 
 
@@ -490,15 +483,15 @@ def t_exec_errors(a):
     os.unlink(p)
     # malformed payloads
     s = a.stream()
-    a.send(EXEC, s, b"\0" * 5)
+    a.send(HostMsg.EXEC, s, b"\0" * 5)
     r = a.collect(s)
     assert r["code"] == 1 and r["error"], r
     s = a.stream()
-    a.send(EXEC, s, struct.pack("<IHHHH", 0, 0, 0, 2, 0) + b"\0\0echo\0")  # argv[1] missing
+    a.send(HostMsg.EXEC, s, struct.pack("<IHHHH", 0, 0, 0, 2, 0) + b"\0\0echo\0")  # argv[1] missing
     r = a.collect(s)
     assert r["code"] == 1 and "malformed" in r["error"], r
     s = a.stream()
-    a.send(EXEC, s, struct.pack("<IHHHH", 0, 0, 0, 0, 0) + b"\0\0")  # argc 0
+    a.send(HostMsg.EXEC, s, struct.pack("<IHHHH", 0, 0, 0, 0, 0) + b"\0\0")  # argc 0
     r = a.collect(s)
     assert r["code"] == 1 and r["error"], r
 
@@ -514,9 +507,9 @@ def t_many(a):
         assert r["err"] == f"e{i}\n".encode()
     assert time.time() - t0 < 2, "concurrent execs ran sequentially?"
     # 70 at once (more than 64)
-    streams = [a.start(["sh", "-c", "sleep 0.5; echo ok"], flags=F_STDIN) for i in range(70)]
+    streams = [a.start(["sh", "-c", "sleep 0.5; echo ok"], flags=ExecFlags.STDIN) for i in range(70)]
     for s in streams:
-        a.send(STDIN, s, b"")
+        a.send(HostMsg.STDIN, s, b"")
     for s in streams:
         ok(a.collect(s), b"ok\n")
 
@@ -544,8 +537,8 @@ def t_concurrent_streams(a):
                 back, err, msg = a.read_file("/etc/passwd")
                 assert err == 0 and back == open("/etc/passwd", "rb").read()
                 s = a.stream()
-                a.send(PING, s, b"p")
-                assert a.recv(s) == (PONG, b"p")
+                a.send(HostMsg.PING, s, b"p")
+                assert a.recv(s) == (GuestMsg.PONG, b"p")
         except Exception as e:
             errors.append(e)
     threads = [threading.Thread(target=cat, args=(i,)) for i in range(4)]
@@ -571,7 +564,7 @@ def t_grandchild(a):
     ok(r, b"hi\n")
     assert dt < 1.0, f"EXIT delayed {dt:.2f}s by a grandchild holding stdout"
     t0 = time.time()
-    r = a.run(["sh", "-c", "sleep 5 & echo hi"], flags=F_TTY)
+    r = a.run(["sh", "-c", "sleep 5 & echo hi"], flags=ExecFlags.TTY)
     ok(r)
     assert time.time() - t0 < 1.0
 
@@ -581,7 +574,7 @@ def t_output_before_exit(a):
     r = a.run(["sh", "-c", "head -c 3000000 /dev/zero; head -c 100000 /dev/zero >&2"])
     ok(r)
     assert len(r["out"]) == 3000000 and len(r["err"]) == 100000
-    r = a.run(["head", "-c", "2000000", "/dev/zero"], flags=F_TTY)
+    r = a.run(["head", "-c", "2000000", "/dev/zero"], flags=ExecFlags.TTY)
     ok(r)
     assert len(r["out"]) == 2000000, len(r["out"])
 
@@ -594,8 +587,8 @@ def t_write_file_replace_link(a):
     # without the flag, a dangling link is written through (and fails: its directory is missing)
     err, _ = a.write_file(link, b"through\n")
     assert err != 0 and os.path.islink(link)
-    # REPLACE_LINK (0x10000): the link itself is replaced by a regular file; its target is untouched
-    assert a.write_file(link, b"nameserver 10.99.1.1\n", 0o644 | 0x10000) == (0, "")
+    # WRITE_REPLACE_LINK: the link itself is replaced by a regular file; its target is untouched
+    assert a.write_file(link, b"nameserver 10.99.1.1\n", 0o644 | WRITE_REPLACE_LINK) == (0, "")
     assert not os.path.islink(link) and open(link, "rb").read() == b"nameserver 10.99.1.1\n"
     assert os.stat(link).st_mode & 0o7777 == 0o644 and not os.path.exists(target)
 
@@ -628,9 +621,9 @@ def t_files(a):
     assert err == 21 and msg.startswith("read "), (err, msg)
     # concurrent reads interleave
     s1, s2 = a.stream(), a.stream()
-    a.send(READ_FILE, s1, path.encode() + b"\0")
-    a.send(READ_FILE, s2, b"/etc/passwd\0")
-    assert a.recv(s2)[0] in (DATA, RESULT) and a.recv(s1)[0] in (DATA, RESULT)
+    a.send(HostMsg.READ_FILE, s1, path.encode() + b"\0")
+    a.send(HostMsg.READ_FILE, s2, b"/etc/passwd\0")
+    assert a.recv(s2)[0] in (GuestMsg.DATA, GuestMsg.RESULT) and a.recv(s1)[0] in (GuestMsg.DATA, GuestMsg.RESULT)
     # LIST_DIR
     os.symlink("/nonexistent", base + "/link")
     entries, err, msg = a.list_dir(base)
@@ -671,14 +664,14 @@ def t_output_backpressure(a):
     got, unacked = [], 0
     while unacked < WINDOW:
         typ, p = a.recv(s, 10)
-        if typ == STARTED:
+        if typ == GuestMsg.STARTED:
             continue
-        assert typ == STDOUT, NAMES.get(typ)
+        assert typ == GuestMsg.STDOUT, GUEST_NAMES.get(typ)
         got.append(p)
         unacked += len(p)
         assert unacked <= WINDOW, f"{unacked} bytes unacknowledged"
     assert_stalled(a, s, unacked)
-    a.send(ACK, s, struct.pack("<I", unacked))
+    a.send(HostMsg.ACK, s, struct.pack("<I", unacked))
     r = a.collect(s, timeout=60)
     ok(r)
     assert unacked + len(r["out"]) == 8000000 and r["err"] == b"done\n", (unacked, len(r["out"]))
@@ -697,11 +690,11 @@ def t_output_after_exit_waits_for_acks(a):
     got = 0
     while got < WINDOW:
         typ, p = a.recv(s, 10)
-        if typ == STDOUT:
+        if typ == GuestMsg.STDOUT:
             got += len(p)
     time.sleep(0.5)
     assert a.q(s).empty(), "EXIT or output beyond the window before ACKs"
-    a.send(ACK, s, struct.pack("<I", got))
+    a.send(HostMsg.ACK, s, struct.pack("<I", got))
     r = a.collect(s)
     ok(r, code=4)
     assert got + len(r["out"]) == 300000
@@ -709,18 +702,18 @@ def t_output_after_exit_waits_for_acks(a):
 
 def t_read_file_backpressure_and_cancel(a):
     s = a.stream()
-    a.send(READ_FILE, s, b"/dev/zero\0")
+    a.send(HostMsg.READ_FILE, s, b"/dev/zero\0")
     got = 0
     while got < WINDOW:
         typ, p = a.recv(s, 10)
-        assert typ == DATA, NAMES.get(typ)
+        assert typ == GuestMsg.DATA, GUEST_NAMES.get(typ)
         got += len(p)
     assert got == WINDOW
     time.sleep(0.5)
     assert a.q(s).empty(), "read_file data beyond the window"
-    a.send(CLOSE, s)
+    a.send(HostMsg.CLOSE, s)
     typ, p = a.recv(s, 10)
-    assert typ == RESULT and struct.unpack("<i", p[:4])[0] == errno.ECANCELED, (NAMES.get(typ), p)
+    assert typ == GuestMsg.RESULT and struct.unpack("<i", p[:4])[0] == errno.ECANCELED, (GUEST_NAMES.get(typ), p)
     back, err, _ = a.read_file("/etc/hostname")
     assert err == 0 and back == open("/etc/hostname", "rb").read()
 
@@ -752,7 +745,7 @@ def t_bad_frames(a):
     # unknown type: a LOG, then the agent keeps serving
     a.send(0x42, 5)
     typ, p = a.recv(0)
-    assert typ == LOG and b"unknown" in p, p
+    assert typ == GuestMsg.LOG and b"unknown" in p, p
     t_ping(a)
 
 
@@ -833,15 +826,15 @@ def t_tcp_echo(a):
     assert (r["errno"], r["data"]) == (0, b"again"), r
     # data and EOF sent before TCP_CONNECTED are kept for when the connection is up
     s = a.stream()
-    a.send(TCP_CONNECT, s, struct.pack("<H", srv.port))
-    a.send(TCP_DATA, s, b"early")
-    a.send(TCP_DATA, s, b"")
+    a.send(HostMsg.TCP_CONNECT, s, struct.pack("<H", srv.port))
+    a.send(HostMsg.TCP_DATA, s, b"early")
+    a.send(HostMsg.TCP_DATA, s, b"")
     frames = []
-    while not frames or frames[-1][0] != TCP_CLOSED:
+    while not frames or frames[-1][0] != GuestMsg.TCP_CLOSED:
         frames.append(a.recv(s))
-    assert frames[0] == (TCP_CONNECTED, b"") and frames[-1] == (TCP_CLOSED, b"\0\0\0\0"), frames
-    assert b"".join(p for t, p in frames if t == TCP_RDATA) == b"early", frames
-    assert sum(struct.unpack("<I", p)[0] for t, p in frames if t == STDIN_ACK) == 5, frames
+    assert frames[0] == (GuestMsg.TCP_CONNECTED, b"") and frames[-1] == (GuestMsg.TCP_CLOSED, b"\0\0\0\0"), frames
+    assert b"".join(p for t, p in frames if t == GuestMsg.TCP_DATA) == b"early", frames
+    assert sum(struct.unpack("<I", p)[0] for t, p in frames if t == GuestMsg.STDIN_ACK) == 5, frames
     srv.close()
     assert not srv.errors, srv.errors
 
@@ -869,8 +862,8 @@ def t_tcp_half_close(a):
         req["late"] = recv_all(c)
     srv2 = Server(first)
     s, err = a.tcp_connect(srv2.port)
-    assert a.recv(s) == (TCP_RDATA, b"banner\n")
-    assert a.recv(s) == (TCP_RDATA, b"")
+    assert a.recv(s) == (GuestMsg.TCP_DATA, b"banner\n")
+    assert a.recv(s) == (GuestMsg.TCP_DATA, b"")
     cpu0 = agent_cpu(a)
     time.sleep(0.3)
     assert a.q(s).empty()  # not closed while the host still sends
@@ -895,19 +888,19 @@ def t_tcp_errors(a):
     # port 0 and malformed payloads: EINVAL
     for payload in (b"\0\0", b"\x50", b"\x50\0\0"):
         s = a.stream()
-        a.send(TCP_CONNECT, s, payload)
-        assert a.recv(s) == (TCP_CLOSED, struct.pack("<i", 22)), payload
+        a.send(HostMsg.TCP_CONNECT, s, payload)
+        assert a.recv(s) == (GuestMsg.TCP_CLOSED, struct.pack("<i", 22)), payload
     # a peer that resets the connection: TCP_CLOSED with ECONNRESET
     def reset(c):
         c.recv(10)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     srv = Server(reset)
     s, err = a.tcp_connect(srv.port)
-    a.send(TCP_DATA, s, b"hello")
+    a.send(HostMsg.TCP_DATA, s, b"hello")
     frames = [a.recv(s)]
-    while frames[-1][0] != TCP_CLOSED:
+    while frames[-1][0] != GuestMsg.TCP_CLOSED:
         frames.append(a.recv(s))
-    assert frames[-1] == (TCP_CLOSED, struct.pack("<i", 104)), frames  # ECONNRESET
+    assert frames[-1] == (GuestMsg.TCP_CLOSED, struct.pack("<i", 104)), frames  # ECONNRESET
     # a peer that stops reading and resets while the host sends a lot: every byte is still
     # acknowledged (the host never waits for a window that cannot open) and the error is reported
     def reader_then_reset(c):
@@ -927,14 +920,14 @@ def t_tcp_errors(a):
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     srv3 = Server(eof_then_reset)
     s, err = a.tcp_connect(srv3.port)
-    assert [a.recv(s), a.recv(s)] == [(TCP_RDATA, b"bye"), (TCP_RDATA, b"")]
+    assert [a.recv(s), a.recv(s)] == [(GuestMsg.TCP_DATA, b"bye"), (GuestMsg.TCP_DATA, b"")]
     typ, p = a.recv(s, 5)
-    assert typ == TCP_CLOSED and struct.unpack("<i", p)[0] in (104, 32), p  # RST in CLOSE_WAIT: EPIPE
+    assert typ == GuestMsg.TCP_CLOSED and struct.unpack("<i", p)[0] in (104, 32), p  # RST in CLOSE_WAIT: EPIPE
     srv3.close()
     # frames for unknown streams are ignored
-    for typ in (TCP_DATA, CLOSE, ACK):
+    for typ in (HostMsg.TCP_DATA, HostMsg.CLOSE, HostMsg.ACK):
         a.send(typ, 777777, struct.pack("<I", 5))
-    a.send(TCP_DATA, 777777, b"")
+    a.send(HostMsg.TCP_DATA, 777777, b"")
     t_ping(a)
     assert a.q(777777).empty()
     srv.close()
@@ -954,25 +947,25 @@ def t_tcp_close(a):
     got = 0
     while got < 1 << 20:  # mid-transfer, acking as we go
         typ, p = a.recv(s)
-        if typ == TCP_RDATA:
+        if typ == GuestMsg.TCP_DATA:
             got += len(p)
-            a.send(ACK, s, struct.pack("<I", len(p)))
-    a.send(TCP_DATA, s, b"q" * 1000)
-    a.send(CLOSE, s)
+            a.send(HostMsg.ACK, s, struct.pack("<I", len(p)))
+    a.send(HostMsg.TCP_DATA, s, b"q" * 1000)
+    a.send(HostMsg.CLOSE, s)
     while True:
         typ, p = a.recv(s)
-        if typ == TCP_CLOSED:
+        if typ == GuestMsg.TCP_CLOSED:
             assert p == b"\0\0\0\0", p
             break
-        assert typ in (TCP_RDATA, STDIN_ACK), NAMES.get(typ)
+        assert typ in (GuestMsg.TCP_DATA, GuestMsg.STDIN_ACK), GUEST_NAMES.get(typ)
     for _ in range(50):  # the server's writes fail: the guest socket is really closed
         if srv.done:
             break
         time.sleep(0.05)
     assert srv.done and isinstance(srv.errors[0], (ConnectionResetError, BrokenPipeError)), srv.errors
     time.sleep(0.1)
-    a.send(ACK, s, struct.pack("<I", 1))  # after TCP_CLOSED: the stream is unknown, ignored
-    a.send(CLOSE, s)
+    a.send(HostMsg.ACK, s, struct.pack("<I", 1))  # after TCP_CLOSED: the stream is unknown, ignored
+    a.send(HostMsg.CLOSE, s)
     t_ping(a)
     assert a.q(s).empty()  # TCP_CLOSED was the last frame
     srv.close()
@@ -992,7 +985,7 @@ def t_tcp_backpressure(a):
     def take(timeout):
         nonlocal unacked
         typ, p = a.recv(s, timeout)
-        assert typ == TCP_RDATA, NAMES.get(typ)
+        assert typ == GuestMsg.TCP_DATA, GUEST_NAMES.get(typ)
         got.append(p)
         unacked += len(p)
         assert unacked <= WINDOW, f"{unacked} bytes unacknowledged"
@@ -1002,18 +995,18 @@ def t_tcp_backpressure(a):
         take(10)
     assert_stalled(a, s, unacked)
     # ack everything: the rest flows, each frame acked as it comes
-    a.send(ACK, s, struct.pack("<I", unacked))
+    a.send(HostMsg.ACK, s, struct.pack("<I", unacked))
     unacked = 0
     while True:
         p = take(10)
         if not p:
             break
-        a.send(ACK, s, struct.pack("<I", len(p)))
+        a.send(HostMsg.ACK, s, struct.pack("<I", len(p)))
         unacked -= len(p)
     data = b"".join(got)
     assert len(data) == len(big) and data == big, len(data)
-    a.send(TCP_DATA, s, b"")
-    assert a.recv(s) == (TCP_CLOSED, b"\0\0\0\0")
+    a.send(HostMsg.TCP_DATA, s, b"")
+    assert a.recv(s) == (GuestMsg.TCP_CLOSED, b"\0\0\0\0")
     srv.close()
 
 
@@ -1048,25 +1041,25 @@ def t_tcp_many(a):
 
 def t_protocol_error():
     a = Agent()
-    assert a.recv(0)[0] == READY
-    a.send(PING, 1, b"x")
-    assert a.recv(1) == (PONG, b"x")
+    assert a.recv(0)[0] == GuestMsg.READY
+    a.send(HostMsg.PING, 1, b"x")
+    assert a.recv(1) == (GuestMsg.PONG, b"x")
     with a.wlock:
-        a._write(struct.pack("<IBI", MAX + 1, PING, 2))
+        a._write(struct.pack("<IBI", MAX_PAYLOAD + 1, HostMsg.PING, 2))
     typ, p = a.recv(0)
-    assert typ == LOG and b"protocol error" in p, p
+    assert typ == GuestMsg.LOG and b"protocol error" in p, p
     time.sleep(0.1)
-    a.send(PING, 3, b"y")  # the buffer was reset; fresh frames work again
-    assert a.recv(3) == (PONG, b"y")
+    a.send(HostMsg.PING, 3, b"y")  # the buffer was reset; fresh frames work again
+    assert a.recv(3) == (GuestMsg.PONG, b"y")
     assert a.close() == 0
 
 
 def t_eof_kills_children():
     a = Agent()
-    assert a.recv(0)[0] == READY
+    assert a.recv(0)[0] == GuestMsg.READY
     s = a.start(["sh", "-c", "sleep 100 & sleep 100"])
     typ, p = a.recv(s)
-    assert typ == STARTED
+    assert typ == GuestMsg.STARTED
     pid = struct.unpack("<I", p)[0]
     time.sleep(0.2)
     assert a.close() == 0
@@ -1083,8 +1076,8 @@ def t_eof_kills_children():
 
 def t_shutdown():
     a = Agent()
-    assert a.recv(0)[0] == READY
-    a.send(SHUTDOWN, 0)
+    assert a.recv(0)[0] == GuestMsg.READY
+    a.send(HostMsg.SHUTDOWN, 0)
     assert a.p.wait(timeout=5) == 0
 
 
@@ -1108,7 +1101,7 @@ def t_vm_system(a):
     ok(a.run(["sh", "-c", "id -u; id -g; echo $HOME"]), b"0\n0\n/root\n")
     r = a.run(["id"], user="nosuch")
     assert r["code"] == 1 and r["error"], r
-    ok(a.run(["pwd"], cwd="/work/a/b", flags=F_MKDIR_CWD, user="app"), b"/work/a/b\n")
+    ok(a.run(["pwd"], cwd="/work/a/b", flags=ExecFlags.MKDIR_CWD, user="app"), b"/work/a/b\n")
     data = os.urandom(3 << 20)
     assert a.write_file("/data/x/blob", data, 0o600) == (0, "")
     back, err, msg = a.read_file("/data/x/blob")
@@ -1146,7 +1139,7 @@ def main():
     else:
         a = Agent()
     typ, p = a.recv(0, timeout=30)
-    assert typ == READY and p and b"\0" not in p, (typ, p)
+    assert typ == GuestMsg.READY and p == AGENT_VERSION.encode(), (typ, p)
     print(f"READY {p.decode()!r}")
     tests = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
              t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files, t_write_file_replace_link,
@@ -1167,7 +1160,7 @@ def main():
     assert not a.logs or all("unknown" in l for l in a.logs), a.logs
     if vm:
         # SHUTDOWN powers the VM off: the connection closes
-        a.send(SHUTDOWN, 0)
+        a.send(HostMsg.SHUTDOWN, 0)
         assert a.eof.wait(10), "VM did not power off"
         print("ok   shutdown")
     else:

@@ -12,21 +12,29 @@ import { readJson, writeFileAtomic } from "../host/fsutil.ts";
 
 /** guest/agent in the package: the same relative place from src/guest and dist/guest. */
 export const AGENT_SOURCE_DIR = fileURLToPath(new URL("../../guest/agent/", import.meta.url));
-const CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wextra", "-o"];
+/**
+ * One static binary from every .c file of guest/agent (each includes agent.h and the generated
+ * protocol.h). Zero warnings expected: test/unit/agent-c.test.ts compiles with -Werror.
+ */
+export const AGENT_CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wextra"];
+const CFLAGS = [...AGENT_CFLAGS, "-o"];
 
 export function agentBinaryPath(p: Paths): string {
   return join(p.guest, "matchlock-agent");
 }
 
-async function sourceHash(): Promise<{ hash: string; sources: string[] }> {
-  const sources = (await readdir(AGENT_SOURCE_DIR))
-    .filter((f) => f.endsWith(".c") || f.endsWith(".h"))
-    .sort();
+/** The build's cache key: the flags and every .c and .h file of `dir` (a test changes each in turn). */
+export async function agentSourceHash(dir = AGENT_SOURCE_DIR): Promise<{ hash: string; sources: string[] }> {
+  const sources = (await readdir(dir)).filter((f) => f.endsWith(".c") || f.endsWith(".h")).sort();
   if (!sources.some((f) => f.endsWith(".c"))) {
-    throw new MatchlockError("SETUP_FAILED", `no guest agent sources in ${AGENT_SOURCE_DIR}`);
+    throw new MatchlockError("SETUP_FAILED", `no guest agent sources in ${dir}`);
   }
   const h = createHash("sha256").update(CFLAGS.join(" "));
-  for (const f of sources) h.update(f).update(await readFile(join(AGENT_SOURCE_DIR, f)));
+  // every source file, by name and content (length-prefixed: no two file sets hash alike)
+  for (const f of sources) {
+    const data = await readFile(join(dir, f));
+    h.update(`\0${f}\0${data.length}\0`).update(data);
+  }
   return { hash: h.digest("hex"), sources };
 }
 
@@ -34,7 +42,7 @@ async function sourceHash(): Promise<{ hash: string; sources: string[] }> {
 export async function buildAgent(p: Paths, log: (line: string) => void): Promise<"built" | "cached"> {
   const out = agentBinaryPath(p);
   const stampPath = `${out}.json`;
-  const { hash, sources } = await sourceHash();
+  const { hash, sources } = await agentSourceHash();
   const stamp = await readJson<{ hash: string }>(stampPath);
   if (stamp?.hash === hash && existsSync(out)) return "cached";
   await mkdir(p.guest, { recursive: true });

@@ -2,6 +2,7 @@ import type { Duplex } from "node:stream";
 import { AgentProtocolError, MatchlockError, messageOf } from "../api/errors.ts";
 import { whenWritable } from "../host/drain.ts";
 import {
+  CHUNK,
   type DirEntry,
   type ExecRequest,
   encodeExec,
@@ -26,7 +27,6 @@ import {
 
 /** Host side of the agent protocol over one byte stream (the `agent` virtio-serial port). */
 
-const CHUNK = 64 * 1024;
 /** Delivered guest bytes acknowledged in one ACK (see `deliver`). */
 const ACK_BATCH = WINDOW / 4;
 /** readFile() collects at most this much by default; streamed reads (readFileStream) have no limit. */

@@ -1,57 +1,24 @@
 import { AgentProtocolError, InvalidArgumentError } from "../api/errors.ts";
+import { Constants, ExecFlags, GuestMsg, HostMsg } from "./protocol-spec.ts";
 
-/** Frame codec of the agent protocol (docs/agent-protocol.md). */
+/**
+ * Frame codec of the agent protocol (docs/agent-protocol.md). The frame types and numbers are declared
+ * once, in protocol-spec.ts, which the C agent's header and the Python test driver are generated from.
+ */
 
-export const HEADER_SIZE = 9;
-export const MAX_PAYLOAD = 1024 * 1024;
+export { ExecFlags, GuestMsg, HostMsg };
+
+export const HEADER_SIZE = Constants.HEADER_SIZE;
+export const MAX_PAYLOAD = Constants.MAX_PAYLOAD;
 /**
  * Flow control, both directions: a sender keeps at most this many bytes of one stream unacknowledged.
  * Host→guest (STDIN, TCP_DATA) the guest answers STDIN_ACK; guest→host (STDOUT/STDERR, READ_FILE
  * DATA, TCP_DATA) the host answers ACK once the bytes are delivered to their reader, so a slow
  * reader anywhere stalls the writer in the guest and no buffer in between grows.
  */
-export const WINDOW = 256 * 1024;
-
-export const HostMsg = {
-  EXEC: 0x01,
-  STDIN: 0x02,
-  RESIZE: 0x03,
-  SIGNAL: 0x04,
-  WRITE_FILE: 0x05,
-  FILE_DATA: 0x06,
-  READ_FILE: 0x07,
-  LIST_DIR: 0x08,
-  PING: 0x09,
-  SHUTDOWN: 0x0a,
-  TCP_CONNECT: 0x0b,
-  TCP_DATA: 0x0c,
-  /** Abort a TCP stream or a READ_FILE. */
-  CLOSE: 0x0d,
-  /** The host delivered `n` bytes of the stream's guest→host data (exec output, file content, TCP). */
-  ACK: 0x0e,
-  /**
-   * Relay only, never sent to a guest: a JSON `{op: "add"|"delete", hosts}` changing the VM's
-   * allow-list; answered with DATA (the JSON result) and RESULT.
-   */
-  ALLOW_LIST: 0x0f,
-} as const;
-
-export const GuestMsg = {
-  READY: 0x80,
-  STDOUT: 0x81,
-  STDERR: 0x82,
-  EXIT: 0x83,
-  ERROR: 0x84,
-  STARTED: 0x85,
-  STDIN_ACK: 0x86,
-  DATA: 0x87,
-  RESULT: 0x88,
-  PONG: 0x89,
-  LOG: 0x8a,
-  TCP_CONNECTED: 0x8b,
-  TCP_DATA: 0x8c,
-  TCP_CLOSED: 0x8d,
-} as const;
+export const WINDOW = Constants.WINDOW;
+/** The largest data frame the guest sends, and the host's chunk size for STDIN, FILE_DATA, TCP_DATA. */
+export const CHUNK = Constants.CHUNK;
 
 const GUEST_TYPES = new Set<number>(Object.values(GuestMsg));
 const HOST_TYPES = new Set<number>(Object.values(HostMsg));
@@ -61,8 +28,6 @@ export interface Frame {
   stream: number;
   payload: Buffer;
 }
-
-export const ExecFlags = { TTY: 1, STDIN: 2, MKDIR_CWD: 4 } as const;
 
 export function encodeFrame(type: number, stream: number, payload: Buffer = Buffer.alloc(0)): Buffer {
   if (payload.length > MAX_PAYLOAD)
@@ -214,7 +179,7 @@ export function encodeI32(n: number): Buffer {
 }
 
 /** WRITE_FILE flag (above the mode bits): a symlink at `path` is replaced, not written through. */
-export const WRITE_REPLACE_LINK = 0x10000;
+export const WRITE_REPLACE_LINK = Constants.WRITE_REPLACE_LINK;
 
 export function encodeWriteFile(path: string, mode: number, flags = 0): Buffer {
   return Buffer.concat([encodeU32((mode & 0o7777) | flags), cstr(path, "path")]);
