@@ -1,3 +1,5 @@
+import * as v from "valibot";
+
 /**
  * Sandbox events: one definition for the RPC `event` notification, the per-VM decision log
  * (`events.jsonl` in the VM dir) and `matchlock events`. The shape is Matchlock's
@@ -5,35 +7,41 @@
  * are ignored by Matchlock's SDKs. An event never carries a secret value or a query string.
  */
 
-export type NetworkProtocol = "http" | "https" | "dns" | "tcp";
+export const NetworkProtocolSchema = v.picklist(["http", "https", "dns", "tcp"]);
+export type NetworkProtocol = v.InferOutput<typeof NetworkProtocolSchema>;
 
-export interface NetworkEventBody {
+export const NetworkEventBodySchema = v.object({
   /** HTTP method; "" for DNS, TCP and blocked TLS handshakes. */
-  method: string;
+  method: v.string(),
   /** `scheme://host/path` without the query; "" where there is no request. */
-  url: string;
+  url: v.string(),
   /** The name asked for (SNI, Host, DNS question) or the address for plain TCP. */
-  host: string;
-  status_code: number;
-  request_bytes: number;
-  response_bytes: number;
-  duration_ms: number;
-  blocked: boolean;
+  host: v.string(),
+  status_code: v.number(),
+  request_bytes: v.number(),
+  response_bytes: v.number(),
+  duration_ms: v.number(),
+  blocked: v.boolean(),
   /** Why it was blocked, in words a user can act on. */
-  block_reason?: string;
+  block_reason: v.optional(v.string()),
   /** Ours: which path made the decision. */
-  protocol: NetworkProtocol;
+  protocol: NetworkProtocolSchema,
   /** Ours: the destination port (TCP and TLS). */
-  port?: number;
-}
+  port: v.optional(v.number()),
+});
+export type NetworkEventBody = v.InferOutput<typeof NetworkEventBodySchema>;
 
-export interface NetworkEvent {
-  type: "network";
-  timestamp: number;
-  network: NetworkEventBody;
-}
+export const NetworkEventSchema = v.object({
+  type: v.literal("network"),
+  /** Unix seconds. */
+  timestamp: v.number(),
+  network: NetworkEventBodySchema,
+});
+export type NetworkEvent = v.InferOutput<typeof NetworkEventSchema>;
 
-export type SandboxEvent = NetworkEvent;
+/** Every event a sandbox emits (the RPC `event` notification's params). */
+export const SandboxEventSchema = NetworkEventSchema;
+export type SandboxEvent = v.InferOutput<typeof SandboxEventSchema>;
 
 export function networkEvent(
   body: Omit<NetworkEventBody, "status_code" | "request_bytes" | "response_bytes" | "duration_ms"> &

@@ -1,12 +1,15 @@
 import * as v from "valibot";
 import { interceptionIssueMessage, SandboxConfigSchema } from "./config.ts";
 import type { ErrorCode } from "./errors.ts";
+import { SandboxEventSchema } from "./events.ts";
 import { describeIssue, strictObject } from "./schema.ts";
 
 /**
- * The JSON-RPC surface of `matchlock rpc` (PROTOCOLS.md §2), declared once: method names, their
- * params schemas and the error codes. The server validates every request against these; the SDK
- * and the protocol test read the same declarations.
+ * The JSON-RPC surface of `matchlock rpc` (PROTOCOLS.md §2), declared once: per method its params
+ * and its result, the notifications both ways, and the error codes. The server's handler table is
+ * typed from these (a missing handler does not compile), it validates params on the way in and
+ * results on the way out; the SDK's calls are typed from them and parse results and notifications
+ * with the same schemas; a test checks docs/rpc.md against them.
  */
 
 export const RpcCode = {
@@ -113,14 +116,92 @@ export function invalidParamsMessage(method: string, issues: readonly v.BaseIssu
   return `invalid params for ${method}: ${hooks ?? describeIssue(issues[0])}`;
 }
 export type RpcParams<M extends RpcMethod> = v.InferOutput<(typeof RpcMethods)[M]>;
+/** What a client sends (defaults not applied yet). */
+export type RpcParamsInput<M extends RpcMethod> = v.InferInput<(typeof RpcMethods)[M]>;
+
+/*
+ * Results. Objects are not strict: a newer server may add keys, and a client must not break on
+ * them. Bytes travel base64 (stdout, stderr, content), as in Matchlock.
+ */
+const Empty = v.object({});
+const StreamedExit = v.object({ exit_code: v.number(), duration_ms: v.number() });
+const AllowListResult = { allowed_hosts: v.array(v.string()) };
+
+export const RpcResults = {
+  create: v.object({ id: v.string() }),
+  exec: v.object({
+    exit_code: v.number(),
+    stdout: v.string(),
+    stderr: v.string(),
+    duration_ms: v.number(),
+  }),
+  exec_stream: StreamedExit,
+  exec_pipe: StreamedExit,
+  exec_tty: StreamedExit,
+  write_file: Empty,
+  read_file: v.object({ content: v.string() }),
+  list_files: v.object({
+    files: v.array(
+      v.object({
+        name: v.string(),
+        size: v.number(),
+        /** Go's os.FileMode (goFileMode). */
+        mode: v.number(),
+        /** RFC 3339. */
+        mod_time: v.string(),
+        is_dir: v.boolean(),
+      }),
+    ),
+  }),
+  log: v.object({ content: v.string() }),
+  log_stream: Empty,
+  allow_list_add: v.object({ added: v.array(v.string()), ...AllowListResult }),
+  allow_list_delete: v.object({ removed: v.array(v.string()), ...AllowListResult }),
+  port_forward: v.object({
+    bindings: v.array(v.object({ address: v.string(), local_port: v.number(), remote_port: v.number() })),
+  }),
+  cancel: v.object({ cancelled: v.boolean() }),
+  close: Empty,
+} as const satisfies Record<RpcMethod, v.GenericSchema>;
+
+export type RpcResult<M extends RpcMethod> = v.InferOutput<(typeof RpcResults)[M]>;
+
+const RequestId = v.union([v.number(), v.string()]);
+/** A piece of a request's output: `id` is the request's, `data` base64. */
+const Chunk = v.object({ id: RequestId, data: v.string() });
+
+/**
+ * Notifications the server sends. Output notifications carry the id of the request they belong to;
+ * `event` is unsolicited (a network decision of the VM).
+ */
+export const RpcServerNotifications = {
+  "exec_stream.stdout": Chunk,
+  "exec_stream.stderr": Chunk,
+  "exec_pipe.ready": v.object({ id: RequestId }),
+  "exec_pipe.stdout": Chunk,
+  "exec_pipe.stderr": Chunk,
+  "exec_tty.ready": v.object({ id: RequestId }),
+  "exec_tty.stdout": Chunk,
+  "log_stream.data": Chunk,
+  event: SandboxEventSchema,
+} as const;
+
+export type RpcServerNotification = keyof typeof RpcServerNotifications;
+export type RpcNotificationParams<N extends RpcServerNotification> = v.InferOutput<
+  (typeof RpcServerNotifications)[N]
+>;
+
+export function isServerNotification(m: string): m is RpcServerNotification {
+  return Object.hasOwn(RpcServerNotifications, m);
+}
 
 /** Notifications the client sends to feed a running exec_pipe / exec_tty request. */
 export const RpcClientNotifications = {
-  "exec_pipe.stdin": v.object({ id: v.union([v.number(), v.string()]), data: v.string() }),
-  "exec_pipe.stdin_eof": v.object({ id: v.union([v.number(), v.string()]) }),
-  "exec_tty.stdin": v.object({ id: v.union([v.number(), v.string()]), data: v.string() }),
-  "exec_tty.stdin_eof": v.object({ id: v.union([v.number(), v.string()]) }),
-  "exec_tty.resize": v.object({ id: v.union([v.number(), v.string()]), ...Dims }),
+  "exec_pipe.stdin": Chunk,
+  "exec_pipe.stdin_eof": v.object({ id: RequestId }),
+  "exec_tty.stdin": Chunk,
+  "exec_tty.stdin_eof": v.object({ id: RequestId }),
+  "exec_tty.resize": v.object({ id: RequestId, ...Dims }),
 } as const;
 
 export type RpcClientNotification = keyof typeof RpcClientNotifications;

@@ -14,8 +14,11 @@ import {
   type RpcMethod,
   RpcMethods,
   type RpcParams,
+  type RpcResult,
+  RpcResults,
   rpcCodeFor,
 } from "../api/rpc.ts";
+import { describeIssue } from "../api/schema.ts";
 import { splitHosts } from "../api/specs.ts";
 import { type ExecHandle, MAX_READ_FILE, type OutputSink } from "../guest/agent-client.ts";
 import { whenWritable } from "../host/drain.ts";
@@ -210,92 +213,103 @@ export class RpcServer {
     );
   }
 
-  private async dispatch(method: RpcMethod, params: unknown, req: Inflight): Promise<unknown> {
-    switch (method) {
-      case "create":
-        return this.create(params as RpcParams<"create">);
-      case "close": {
-        // As in Matchlock: the VM stays listed as stopped, with its logs, until `remove` (`matchlock rm`).
-        // `timeout_seconds` bounds the graceful part (commands' SIGTERM, QEMU's quit); 0 means the default.
-        const t = (params as RpcParams<"close">).timeout_seconds ?? 0;
-        await this.closeSandbox("closed by the client", {
-          keep: true,
-          ...(t > 0 ? { graceMs: Math.min(t, 3600) * 1000 } : {}),
+  /**
+   * One handler per method, typed from the declarations in src/api/rpc.ts: a method without a
+   * handler, or a handler returning the wrong shape, does not compile.
+   */
+  private readonly handlers: {
+    [M in RpcMethod]: (params: RpcParams<M>, req: Inflight) => Promise<RpcResult<M>>;
+  } = {
+    create: (p) => this.create(p),
+    close: async (p) => {
+      // As in Matchlock: the VM stays listed as stopped, with its logs, until `remove` (`matchlock rm`).
+      // `timeout_seconds` bounds the graceful part (commands' SIGTERM, QEMU's quit); 0 means the default.
+      const t = p.timeout_seconds ?? 0;
+      await this.closeSandbox("closed by the client", {
+        keep: true,
+        ...(t > 0 ? { graceMs: Math.min(t, 3600) * 1000 } : {}),
+      });
+      return {};
+    },
+    cancel: (p) => this.cancel(p),
+    exec: async (p, req) => {
+      const r = await this.exec("exec", p, req);
+      return {
+        exit_code: r.exitCode,
+        stdout: Buffer.concat(r.out).toString("base64"),
+        stderr: Buffer.concat(r.err).toString("base64"),
+        duration_ms: r.durationMs,
+      };
+    },
+    exec_stream: (p, req) => this.execStreamed("exec_stream", p, req),
+    exec_pipe: (p, req) => this.execStreamed("exec_pipe", p, req),
+    exec_tty: (p, req) => this.execStreamed("exec_tty", p, req),
+    write_file: async (p) => {
+      const data = decodeBase64(p.content, "content");
+      await (await this.vm()).writeFile(p.path, data, p.mode ?? 0o644);
+      return {};
+    },
+    read_file: async (p) => {
+      const sb = await this.vm();
+      const held = this.budget(
+        "FILE_FAILED",
+        `${p.path} is larger than`,
+        "stream it with exec_stream `cat FILE`",
+      );
+      const chunks: Buffer[] = [];
+      try {
+        await sb.readFileStream(p.path, (d) => {
+          held.reserve(d.length);
+          chunks.push(d);
         });
-        return {};
+        return { content: Buffer.concat(chunks).toString("base64") };
+      } finally {
+        held.release();
       }
-      case "cancel":
-        return this.cancel(params as RpcParams<"cancel">);
-      case "exec":
-      case "exec_stream":
-      case "exec_pipe":
-      case "exec_tty":
-        return this.exec(method, params as RpcParams<"exec_tty">, req);
-      case "write_file": {
-        const p = params as RpcParams<"write_file">;
-        const data = decodeBase64(p.content, "content");
-        await (await this.vm()).writeFile(p.path, data, p.mode ?? 0o644);
-        return {};
-      }
-      case "read_file": {
-        const p = params as RpcParams<"read_file">;
-        const sb = await this.vm();
-        const held = this.budget(
-          "FILE_FAILED",
-          `${p.path} is larger than`,
-          "stream it with exec_stream `cat FILE`",
-        );
-        const chunks: Buffer[] = [];
-        try {
-          await sb.readFileStream(p.path, (d) => {
-            held.reserve(d.length);
-            chunks.push(d);
-          });
-          return { content: Buffer.concat(chunks).toString("base64") };
-        } finally {
-          held.release();
-        }
-      }
-      case "list_files": {
-        const p = params as RpcParams<"list_files">;
-        const files = await (await this.vm()).listFiles(p.path);
-        return {
-          files: files.map((f) => ({
-            name: f.name,
-            size: f.size,
-            mode: goFileMode(f.mode),
-            mod_time: new Date(f.mtimeMs).toISOString(),
-            is_dir: f.isDir,
-          })),
-        };
-      }
-      case "log":
-        return { content: (await this.readLog(await this.vm())).toString("base64") };
-      case "log_stream":
-        return this.logStream(await this.vm(), req);
-      case "allow_list_add": {
-        const p = params as RpcParams<"allow_list_add">;
-        return (await this.vm()).allowListAdd(splitHosts(p.hosts));
-      }
-      case "allow_list_delete": {
-        const p = params as RpcParams<"allow_list_delete">;
-        return (await this.vm()).allowListDelete(splitHosts(p.hosts));
-      }
-      case "port_forward": {
-        const p = params as RpcParams<"port_forward">;
-        const bindings = await (await this.vm()).portForward(
-          p.forwards.map((f) => ({ localPort: f.local_port, remotePort: f.remote_port })),
-          p.addresses && p.addresses.length > 0 ? p.addresses : ["127.0.0.1"],
-        );
-        return {
-          bindings: bindings.map((b) => ({
-            address: b.address,
-            local_port: b.localPort,
-            remote_port: b.remotePort,
-          })),
-        };
-      }
+    },
+    list_files: async (p) => {
+      const files = await (await this.vm()).listFiles(p.path);
+      return {
+        files: files.map((f) => ({
+          name: f.name,
+          size: f.size,
+          mode: goFileMode(f.mode),
+          mod_time: new Date(f.mtimeMs).toISOString(),
+          is_dir: f.isDir,
+        })),
+      };
+    },
+    log: async () => ({ content: (await this.readLog(await this.vm())).toString("base64") }),
+    log_stream: async (_p, req) => this.logStream(await this.vm(), req),
+    allow_list_add: async (p) => (await this.vm()).allowListAdd(splitHosts(p.hosts)),
+    allow_list_delete: async (p) => (await this.vm()).allowListDelete(splitHosts(p.hosts)),
+    port_forward: async (p) => {
+      const bindings = await (await this.vm()).portForward(
+        p.forwards.map((f) => ({ localPort: f.local_port, remotePort: f.remote_port })),
+        p.addresses && p.addresses.length > 0 ? p.addresses : ["127.0.0.1"],
+      );
+      return {
+        bindings: bindings.map((b) => ({
+          address: b.address,
+          local_port: b.localPort,
+          remote_port: b.remotePort,
+        })),
+      };
+    },
+  };
+
+  /** Runs a method's handler and checks its result against the declaration (a mismatch is our bug). */
+  private async dispatch(method: RpcMethod, params: unknown, req: Inflight): Promise<unknown> {
+    // The table is typed per method; TypeScript cannot follow `method` into it, hence the one cast.
+    const handler = this.handlers[method] as (params: unknown, req: Inflight) => Promise<unknown>;
+    const result = await handler(params, req);
+    const checked = v.safeParse(RpcResults[method], result);
+    if (!checked.success) {
+      throw new Error(
+        `the ${method} result does not match its declaration: ${describeIssue(checked.issues[0])}`,
+      );
     }
+    return result;
   }
 
   /** The VM; a request that arrives while `create` is still booting waits for it, as in Matchlock. */
@@ -306,7 +320,7 @@ export class RpcServer {
     throw new RpcError(RpcCode.VM_FAILED, "VM not created: call create first");
   }
 
-  private async create(input: RpcParams<"create">): Promise<unknown> {
+  private async create(input: RpcParams<"create">): Promise<RpcResult<"create">> {
     const config = parseSandboxConfig(input);
     const missing = unsupportedFeatures(config);
     if (missing.length > 0) {
@@ -360,11 +374,21 @@ export class RpcServer {
     }
   }
 
+  private async execStreamed(
+    method: "exec_stream" | "exec_pipe" | "exec_tty",
+    p: RpcParams<"exec"> & Partial<RpcParams<"exec_tty">>,
+    req: Inflight,
+  ): Promise<RpcResult<"exec_stream">> {
+    const r = await this.exec(method, p, req);
+    return { exit_code: r.exitCode, duration_ms: r.durationMs };
+  }
+
+  /** A command for one of the exec methods: `exec` gets its output back, the others stream it. */
   private async exec(
     method: "exec" | "exec_stream" | "exec_pipe" | "exec_tty",
-    p: RpcParams<"exec_tty">,
+    p: RpcParams<"exec"> & Partial<RpcParams<"exec_tty">>,
     req: Inflight,
-  ) {
+  ): Promise<{ exitCode: number; durationMs: number; out: Buffer[]; err: Buffer[] }> {
     const sb = await this.vm();
     const started = Date.now();
     // exec holds its output for the response, within a cap; the others stream it as notifications,
@@ -428,15 +452,7 @@ export class RpcServer {
       else if (method === "exec_tty") await notify("stdout")(Buffer.from(`${r.startError}\r\n`));
       else await notify("stderr")(msg);
     }
-    if (method === "exec") {
-      return {
-        exit_code: r.exitCode,
-        stdout: Buffer.concat(out).toString("base64"),
-        stderr: Buffer.concat(err).toString("base64"),
-        duration_ms,
-      };
-    }
-    return { exit_code: r.exitCode, duration_ms };
+    return { exitCode: r.exitCode, durationMs: duration_ms, out, err };
   }
 
   private onClientNotification(method: keyof typeof RpcClientNotifications, params: unknown): void {
@@ -478,7 +494,7 @@ export class RpcServer {
     }
   }
 
-  private async cancel(p: RpcParams<"cancel">): Promise<unknown> {
+  private async cancel(p: RpcParams<"cancel">): Promise<RpcResult<"cancel">> {
     const target = this.inflight.get(String(p.id));
     if (!target || target.method === "cancel" || target.method === "create" || target.method === "close") {
       return { cancelled: false };
@@ -509,7 +525,7 @@ export class RpcServer {
    * Sends what the logs gain, as `log_stream.data`, until cancelled or the VM closes: read from where
    * it left off, a bounded piece at a time, each sent before the next is read.
    */
-  private async logStream(sb: Sandbox, req: Inflight): Promise<unknown> {
+  private async logStream(sb: Sandbox, req: Inflight): Promise<RpcResult<"log_stream">> {
     let stopped = false;
     req.stop = () => {
       stopped = true;

@@ -1,9 +1,23 @@
 import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
+import * as v from "valibot";
 import type { SandboxConfigInput } from "../api/config.ts";
 import type { SandboxEvent } from "../api/events.ts";
-import { RpcCode } from "../api/rpc.ts";
+import {
+  isServerNotification,
+  type RpcClientNotification,
+  type RpcClientNotifications,
+  RpcCode,
+  type RpcMethod,
+  type RpcNotificationParams,
+  type RpcParamsInput,
+  type RpcResult,
+  RpcResults,
+  type RpcServerNotification,
+  RpcServerNotifications,
+} from "../api/rpc.ts";
+import { describeIssue } from "../api/schema.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { whenWritable } from "../host/drain.ts";
 import { LineSplitter } from "../rpc/lines.ts";
@@ -119,10 +133,17 @@ type Json = Record<string, unknown>;
 
 interface Pending {
   method: string;
-  resolve: (v: Json) => void;
+  resolve: (v: unknown) => void;
   reject: (e: Error) => void;
-  onNotification?: (method: string, params: Json) => void;
+  onNotification?: ((n: ServerNotification) => void) | undefined;
 }
+
+/** A server notification, parsed with its declared schema. */
+type ServerNotification = {
+  [N in RpcServerNotification]: { method: N; params: RpcNotificationParams<N> };
+}[RpcServerNotification];
+
+const fromBase64 = (s: string) => Buffer.from(s, "base64");
 
 const STDIN_CHUNK = 512 * 1024;
 const STDERR_TAIL = 8192;
@@ -165,10 +186,6 @@ function sourceIterator<T>(src: AsyncIterable<T> | Iterable<T> | T): AsyncIterat
 
 async function* toAsync<T>(items: Iterable<T>): AsyncGenerator<T> {
   yield* items;
-}
-
-function stringList(v: unknown): string[] {
-  return Array.isArray(v) ? v.map(String) : [];
 }
 
 export class Client {
@@ -230,9 +247,9 @@ export class Client {
   }
 
   async create(config: SandboxConfigInput = {}, opts: CallOptions = {}): Promise<string> {
-    const r = await this.call("create", config as Json, opts);
-    this.vmIdValue = String(r.id ?? "");
-    if (!this.vmIdValue) throw new MatchlockError("invalid create response: no id", this.stderrTail);
+    const r = await this.call("create", config, opts);
+    if (!r.id) throw new MatchlockError("invalid create response: no id", this.stderrTail);
+    this.vmIdValue = r.id;
     return this.vmIdValue;
   }
 
@@ -240,19 +257,19 @@ export class Client {
   async exec(command: string, opts: ExecOptions = {}): Promise<ExecResult> {
     const r = await this.call("exec", execParams(command, opts), opts);
     return {
-      exitCode: Number(r.exit_code),
-      stdout: Buffer.from(String(r.stdout ?? ""), "base64").toString("utf8"),
-      stderr: Buffer.from(String(r.stderr ?? ""), "base64").toString("utf8"),
-      durationMs: Number(r.duration_ms),
+      exitCode: r.exit_code,
+      stdout: fromBase64(r.stdout).toString("utf8"),
+      stderr: fromBase64(r.stderr).toString("utf8"),
+      durationMs: r.duration_ms,
     };
   }
 
   async execStream(command: string, opts: ExecStreamOptions = {}): Promise<StreamResult> {
-    const r = await this.call("exec_stream", execParams(command, opts), opts, (method, p) => {
-      const data = Buffer.from(String(p.data ?? ""), "base64");
-      this.deliver(method.endsWith(".stderr") ? opts.stderr : opts.stdout, data);
+    const r = await this.call("exec_stream", execParams(command, opts), opts, (n) => {
+      if (n.method === "exec_stream.stdout") this.deliver(opts.stdout, fromBase64(n.params.data));
+      else if (n.method === "exec_stream.stderr") this.deliver(opts.stderr, fromBase64(n.params.data));
     });
-    return { exitCode: Number(r.exit_code), durationMs: Number(r.duration_ms) };
+    return { exitCode: r.exit_code, durationMs: r.duration_ms };
   }
 
   /** Like execStream, with the command's stdin fed from `opts.stdin` (then EOF). */
@@ -289,36 +306,35 @@ export class Client {
 
   async readFile(path: string, opts: CallOptions = {}): Promise<Buffer> {
     const r = await this.call("read_file", { path }, opts);
-    return Buffer.from(String(r.content ?? ""), "base64");
+    return fromBase64(r.content);
   }
 
   async listFiles(path: string, opts: CallOptions = {}): Promise<FileInfo[]> {
     const r = await this.call("list_files", { path }, opts);
-    const files = Array.isArray(r.files) ? (r.files as Json[]) : [];
-    return files.map((f) => ({
-      name: String(f.name),
-      size: Number(f.size),
-      mode: Number(f.mode), // Go's os.FileMode bits, as Matchlock sends them
-      modTime: String(f.mod_time ?? ""),
-      isDir: Boolean(f.is_dir),
+    return r.files.map((f) => ({
+      name: f.name,
+      size: f.size,
+      mode: f.mode, // Go's os.FileMode bits, as Matchlock sends them
+      modTime: f.mod_time,
+      isDir: f.is_dir,
     }));
   }
 
   /** The VM's console log (sent base64, as Matchlock does). */
   async log(opts: CallOptions = {}): Promise<string> {
-    return Buffer.from(String((await this.call("log", {}, opts)).content ?? ""), "base64").toString("utf8");
+    return fromBase64((await this.call("log", {}, opts)).content).toString("utf8");
   }
 
   /** Allows more hosts in the VM's allow-list (intercept mode); returns the added and the whole list. */
   async allowListAdd(...hosts: string[]): Promise<{ added: string[]; allowedHosts: string[] }> {
     const r = await this.call("allow_list_add", { hosts }, {});
-    return { added: stringList(r.added), allowedHosts: stringList(r.allowed_hosts) };
+    return { added: r.added, allowedHosts: r.allowed_hosts };
   }
 
   /** Stops allowing hosts; returns the removed and the whole list. */
   async allowListDelete(...hosts: string[]): Promise<{ removed: string[]; allowedHosts: string[] }> {
     const r = await this.call("allow_list_delete", { hosts }, {});
-    return { removed: stringList(r.removed), allowedHosts: stringList(r.allowed_hosts) };
+    return { removed: r.removed, allowedHosts: r.allowed_hosts };
   }
 
   /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port; `"0:80"` any free port. */
@@ -390,17 +406,16 @@ export class Client {
       },
       opts,
     );
-    const bindings = Array.isArray(r.bindings) ? (r.bindings as Json[]) : [];
-    return bindings.map((b) => ({
-      address: String(b.address),
-      localPort: Number(b.local_port),
-      remotePort: Number(b.remote_port),
+    return r.bindings.map((b) => ({
+      address: b.address,
+      localPort: b.local_port,
+      remotePort: b.remote_port,
     }));
   }
 
   private async execWithInput(
     method: "exec_pipe" | "exec_tty",
-    params: Json,
+    params: RpcParamsInput<"exec_tty">,
     opts: CallOptions,
     stdin: StreamReader | undefined,
     resize: AsyncIterable<TTYSize> | Iterable<TTYSize> | undefined,
@@ -412,11 +427,11 @@ export class Client {
     const ready = new Promise<void>((r) => {
       markReady = r;
     });
-    const call = this.call(method, params, opts, (m, p) => {
-      if (m === `${method}.ready`) {
-        readyId = Number(p.id);
+    const call = this.call(method, params, opts, (n) => {
+      if (n.method === "exec_pipe.ready" || n.method === "exec_tty.ready") {
+        readyId = Number(n.params.id);
         markReady();
-      } else onData(m, Buffer.from(String(p.data ?? ""), "base64"));
+      } else if ("data" in n.params) onData(n.method, fromBase64(n.params.data));
     });
     // When the command ends the input iterators are closed (even mid-read), so a terminal's stdin
     // is released and the program can exit.
@@ -462,7 +477,7 @@ export class Client {
     })();
     try {
       const r = await call;
-      return { exitCode: Number(r.exit_code), durationMs: Number(r.duration_ms) };
+      return { exitCode: r.exit_code, durationMs: r.duration_ms };
     } finally {
       stopped = true;
       markStopped();
@@ -536,21 +551,22 @@ export class Client {
       this.pending.delete(msg.id);
       const err = msg.error as { code?: number; message?: string } | undefined;
       if (err) p.reject(new RPCError(Number(err.code ?? RPC_CODES.INTERNAL), String(err.message ?? "error")));
-      else p.resolve((msg.result ?? {}) as Json);
+      else p.resolve(msg.result);
       return;
     }
-    if (msg.method === "event" && this.options.onEvent) {
+    if (typeof msg.method !== "string" || !isServerNotification(msg.method)) return;
+    const parsed = v.safeParse(RpcServerNotifications[msg.method], msg.params);
+    if (!parsed.success) return; // not what the protocol declares: dropped, never half-used
+    const n = { method: msg.method, params: parsed.output } as ServerNotification;
+    if (n.method === "event") {
       // A callback that throws must not break the session's protocol handling.
       try {
-        this.options.onEvent(msg.params as SandboxEvent);
+        this.options.onEvent?.(n.params);
       } catch {}
       return;
     }
-    if (typeof msg.method === "string") {
-      const params = (msg.params ?? {}) as Json;
-      const p = typeof params.id === "number" ? this.pending.get(params.id) : undefined;
-      p?.onNotification?.(msg.method, params);
-    }
+    const p = typeof n.params.id === "number" ? this.pending.get(n.params.id) : undefined;
+    p?.onNotification?.(n);
   }
 
   private send(line: string): Promise<void> {
@@ -572,22 +588,47 @@ export class Client {
     return next;
   }
 
-  private notify(method: string, params: Json): Promise<void> {
+  private notify<N extends RpcClientNotification>(
+    method: N,
+    params: v.InferInput<(typeof RpcClientNotifications)[N]>,
+  ): Promise<void> {
     return this.send(`${JSON.stringify({ jsonrpc: "2.0", method, params })}\n`);
   }
 
-  private call(
-    method: string,
-    params: Json,
+  /**
+   * One request, typed from the declarations in src/api/rpc.ts; the result is parsed with the same
+   * schema the server checked it against, so a malformed one is an error, never a coerced value.
+   */
+  private async call<M extends RpcMethod>(
+    method: M,
+    params: RpcParamsInput<M>,
     opts: CallOptions,
-    onNotification?: (method: string, params: Json) => void,
+    onNotification?: (n: ServerNotification) => void,
     allowAfterClose = false,
-  ): Promise<Json> {
+  ): Promise<RpcResult<M>> {
+    const raw = await this.request(method, params, opts, onNotification, allowAfterClose);
+    const parsed = v.safeParse(RpcResults[method], raw);
+    if (!parsed.success) {
+      throw new MatchlockError(
+        `invalid ${method} result from matchlock rpc: ${describeIssue(parsed.issues[0], "result")}`,
+        this.stderrTail,
+      );
+    }
+    return parsed.output as RpcResult<M>;
+  }
+
+  private request(
+    method: RpcMethod,
+    params: unknown,
+    opts: CallOptions,
+    onNotification: ((n: ServerNotification) => void) | undefined,
+    allowAfterClose: boolean,
+  ): Promise<unknown> {
     if (this.closed && !allowAfterClose) return Promise.reject(new MatchlockError("client is closed"));
     if (this.deadError) return Promise.reject(this.deadError);
     this.start();
     const id = ++this.nextId;
-    return new Promise<Json>((resolve, reject) => {
+    return new Promise<unknown>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
       const cleanup = () => {
         clearTimeout(timer);
@@ -669,7 +710,7 @@ export class Client {
   }
 }
 
-function execParams(command: string, opts: ExecOptions): Json {
+function execParams(command: string, opts: ExecOptions): RpcParamsInput<"exec"> {
   return {
     command,
     ...(opts.workingDir ? { working_dir: opts.workingDir } : {}),
