@@ -4,6 +4,8 @@ import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import * as v from "valibot";
+import { type RpcMethod, RpcResults, RpcServerNotifications } from "../../src/api/rpc.ts";
 import { Client, MatchlockError, RPC_CODES, RPCError, Sandbox } from "../../src/sdk/index.ts";
 import { CLI, qemuProcessesMentioning, REPO, runCli, spawnCollect, tempHome } from "../helpers/cli.ts";
 import { listRows } from "../helpers/vms.ts";
@@ -63,6 +65,15 @@ class Wire {
   }
   async closed(): Promise<number | null> {
     return new Promise((r) => this.child.on("close", (code) => r(code)));
+  }
+}
+
+/** Polls `cond` until it holds (or 60 s pass). */
+async function waitFor(cond: () => boolean): Promise<void> {
+  const end = Date.now() + 60_000;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error("timed out waiting");
+    await new Promise((r) => setTimeout(r, 100));
   }
 }
 
@@ -222,6 +233,72 @@ describe("rpc protocol robustness (raw wire)", () => {
     }
     w.child.stdin.end();
     await w.closed();
+  });
+
+  test("every method's result and every notification, on the raw wire, match their one declaration", async () => {
+    const w = new Wire();
+    const results = new Map<string, unknown>();
+    const call = async (id: number, method: RpcMethod, params: unknown) => {
+      w.request(id, method, params);
+      const r = await w.response(id);
+      assert.ok("result" in r, `${method}: ${JSON.stringify(r.error)}`);
+      results.set(method, r.result);
+      return r.result as Record<string, unknown>;
+    };
+    try {
+      await call(1, "create", { network: { intercept: true } });
+      await call(2, "exec", { command: "echo out; echo err >&2" });
+      await call(3, "exec_stream", { command: "echo streamed" });
+      w.request(4, "exec_pipe", { command: "cat" });
+      await waitFor(() => w.notifications("exec_pipe.ready", 4).length > 0);
+      w.write(
+        `${JSON.stringify({ jsonrpc: "2.0", method: "exec_pipe.stdin", params: { id: 4, data: "cGlwZWQ=" } })}\n`,
+      );
+      w.write(`${JSON.stringify({ jsonrpc: "2.0", method: "exec_pipe.stdin_eof", params: { id: 4 } })}\n`);
+      results.set("exec_pipe", (await w.response(4)).result);
+      await call(5, "exec_tty", { command: "echo tty", rows: 10, cols: 40 });
+      await call(6, "write_file", { path: "/tmp/f", content: "aGk=" });
+      await call(7, "read_file", { path: "/tmp/f" });
+      await call(8, "list_files", { path: "/tmp" });
+      await call(9, "log", {});
+      w.request(10, "log_stream", {});
+      await waitFor(() => w.notifications("log_stream.data", 10).length > 0);
+      await call(11, "cancel", { id: 10 });
+      await w.response(10); // answers -32003 once cancelled
+      await call(12, "port_forward", { forwards: [{ local_port: 0, remote_port: 80 }] });
+      await call(13, "allow_list_add", { hosts: ["example.test"] });
+      await call(14, "allow_list_delete", { hosts: ["example.test"] });
+      await call(15, "close", {});
+      for (const method of Object.keys(RpcResults) as RpcMethod[]) {
+        if (method === "log_stream") continue; // cancelled: its answer is the -32003 error
+        const parsed = v.safeParse(RpcResults[method], results.get(method));
+        assert.ok(parsed.success, `${method} result ${JSON.stringify(results.get(method))}`);
+      }
+      for (const [id, names] of [
+        [3, ["exec_stream.stdout"]],
+        [4, ["exec_pipe.ready", "exec_pipe.stdout"]],
+        [5, ["exec_tty.ready", "exec_tty.stdout"]],
+        [10, ["log_stream.data"]],
+      ] as const) {
+        for (const name of names) {
+          const ns = w.notifications(name, id);
+          assert.ok(ns.length > 0, `no ${name}`);
+          for (const n of ns) assert.ok(v.safeParse(RpcServerNotifications[name], n.params).success, name);
+        }
+      }
+      assert.equal(
+        Buffer.from(String((results.get("exec") as { stdout: string }).stdout), "base64").toString(),
+        "out\n",
+      );
+      assert.equal(
+        Buffer.from(String((results.get("read_file") as { content: string }).content), "base64").toString(),
+        "hi",
+      );
+    } finally {
+      w.child.stdin.end();
+    }
+    assert.equal(await w.closed(), 0);
+    assert.equal((await runCli(["prune"], { env: h.env })).code, 0);
   });
 
   test("EOF on stdin cancels a running command and closes the VM", async () => {
