@@ -46,7 +46,8 @@ const shellPath = (process.env.PATH ?? "")
 function userEnv(nodeDir: string | undefined): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(h.env)) {
-    if (!k.startsWith("npm_") && !k.startsWith("NODE_TEST") && k !== "MATCHLOCK_NODE") env[k] = v;
+    if (k.startsWith("npm_") || k.startsWith("NODE_TEST")) continue;
+    if (k !== "NODE" && k !== "INIT_CWD" && k !== "MATCHLOCK_NODE") env[k] = v;
   }
   env.PATH = nodeDir ? `${nodeDir}${delimiter}${shellPath}` : shellPath;
   return env;
@@ -185,6 +186,22 @@ describe("the packed package, installed as a dependency", () => {
       const nodeCheck = checks.find((c) => c.name === "node");
       assert.equal(nodeCheck?.detail, nodeVersion, show(diag));
       assert.equal(nodeCheck?.status, "ok");
+
+      // koffi (intercept mode's SO_ORIGINAL_DST) loads its prebuilt addon, though npm ran no install
+      // script: the one getsockopt binding the proxy makes.
+      const koffi = await spawnCollect(
+        app.node,
+        [
+          "--input-type=module",
+          "-e",
+          `import { createRequire } from "node:module";
+           const koffi = createRequire(${JSON.stringify(join(app.dir, "node_modules", "matchlock", "package.json"))})("koffi");
+           koffi.load("libc.so.6").func("int getsockopt(int, int, int, void *, void *)");
+           console.log("koffi ok");`,
+        ],
+        { cwd: app.dir, env },
+      );
+      assert.equal(koffi.stdout.toString(), "koffi ok\n", show(koffi));
 
       const run = await spawnCollect("npx", ["matchlock", "run", "--", "echo", "hi"], {
         cwd: app.dir,
