@@ -18,6 +18,7 @@ export type ErrorCode =
   | "NETWORK_FAILED" // the host side of a VM's network could not be set up or torn down
   | "DNS_FAILED" // no upstream DNS server answered a lookup the host itself made
   | "CANCELLED"
+  | "UNSUPPORTED_NODE" // this Node.js version cannot run matchlock (src/api/node-support.ts)
   | "INTERNAL";
 
 export class MatchlockError extends Error {
@@ -51,6 +52,14 @@ export class VmBootError extends MatchlockError {
   constructor(message: string, options?: { cause?: unknown; hint?: string }) {
     super("VM_BOOT_FAILED", message, options);
     this.name = "VmBootError";
+  }
+}
+
+/** Thrown by the SDK's import on a Node.js it cannot run on; the message is one line saying what to install. */
+export class UnsupportedNodeError extends MatchlockError {
+  constructor(message: string) {
+    super("UNSUPPORTED_NODE", message);
+    this.name = "UnsupportedNodeError";
   }
 }
 

@@ -5,6 +5,7 @@ import { arch, platform } from "node:os";
 import { join } from "node:path";
 import type { Command } from "commander";
 import { messageOf } from "../api/errors.ts";
+import { NODE_ENGINES, nodeSupported } from "../api/node-support.ts";
 import { type Paths, paths } from "../api/paths.ts";
 import { agentBinaryPath } from "../guest/agent-build.ts";
 import { initramfsPath } from "../guest/initramfs.ts";
@@ -89,15 +90,12 @@ export async function runChecks(p: Paths): Promise<Check[]> {
         fix: "matchlock runs on x86-64 Linux",
       };
     }),
-    safe("node", async () => {
-      const major = Number(process.versions.node.split(".")[0]);
-      return {
-        name: "node",
-        status: major >= 24 ? "ok" : "warn",
-        detail: `v${process.versions.node}`,
-        fix: "use Node 24 (npm ci installs it in node_modules/.bin; run through npx or npm run)",
-      };
-    }),
+    safe("node", async () => ({
+      name: "node",
+      status: nodeSupported(process.versions.node) ? "ok" : "fail",
+      detail: `v${process.versions.node}`,
+      fix: `use Node.js ${NODE_ENGINES} (in a checkout, npm ci installs Node 24 in node_modules/.bin; run through npx or npm run)`,
+    })),
     safe("packages", async () => {
       const missing = await missingPackages();
       return {

@@ -153,14 +153,24 @@ function commandFor(binaryPath: string | undefined): { cmd: string; args: string
   if (bin)
     // `--` ends Node's own options: nothing after it (an --env-file…) is ever read by Node itself.
     return /\.(c?m?js|ts)$/.test(bin) ? { cmd: process.execPath, args: ["--", bin] } : { cmd: bin, args: [] };
-  // This package's own launcher, as a user's shell runs it: it picks the Node the CLI needs (the
-  // package's own Node 24 when there is one), so a program on an older Node still drives sandboxes.
+  // This package's own launcher, as a user's shell runs it: it picks the Node the CLI runs on (the
+  // package's own Node 24 in a checkout, so there a program on an older Node still drives
+  // sandboxes; else this program's Node, from MATCHLOCK_NODE: see childEnv).
   const launcher = fileURLToPath(new URL("../../bin/matchlock", import.meta.url));
   if (existsSync(launcher)) return { cmd: launcher, args: [] };
   const own = fileURLToPath(
     new URL(import.meta.url.endsWith(".ts") ? "../cli/main.ts" : "../cli/main.js", import.meta.url),
   );
   return { cmd: process.execPath, args: ["--", own] };
+}
+
+/**
+ * The rpc child's environment: MATCHLOCK_NODE names this program's Node, which node-check.ts found
+ * supported, for bin/matchlock to run the CLI on (not whatever `node` PATH finds); one set by the
+ * caller wins.
+ */
+function childEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  return { MATCHLOCK_NODE: process.execPath, ...env };
 }
 
 function toBuffer(c: BinaryLike): Buffer {
@@ -492,7 +502,7 @@ export class Client {
     const { cmd, args } = commandFor(this.options.binaryPath);
     const child = spawn(cmd, [...args, "rpc"], {
       stdio: ["pipe", "pipe", "pipe"],
-      env: this.options.env ?? process.env,
+      env: childEnv(this.options.env ?? process.env),
     });
     this.child = child;
     const lines = new LineSplitter(512 * 1024 * 1024);
@@ -700,7 +710,7 @@ export class Client {
     return new Promise((resolve) => {
       const c = spawn(cmd, [...pre, ...args], {
         stdio: ["ignore", "ignore", "pipe"],
-        env: this.options.env ?? process.env,
+        env: childEnv(this.options.env ?? process.env),
       });
       let stderr = "";
       c.stderr.on("data", (d: Buffer) => (stderr += d.toString()));

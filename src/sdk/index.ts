@@ -6,6 +6,9 @@
  *   const r = await client.exec("echo hi; exit 3"); // { exitCode: 3, stdout: "hi\n", … }
  *   await client.close();
  */
+// First: refuses an unsupported Node.js with one line before the rest of the SDK loads.
+import "./node-check.ts";
+
 export type { SandboxConfigInput as SandboxConfig } from "../api/config.ts";
 export type { NetworkEvent, NetworkEventBody, SandboxEvent } from "../api/events.ts";
 export {

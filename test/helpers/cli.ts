@@ -21,6 +21,7 @@ export interface CliOptions {
   input?: Buffer | string;
   env?: NodeJS.ProcessEnv;
   timeoutMs?: number;
+  cwd?: string;
 }
 
 /** A private MATCHLOCK_HOME per test file, so VM dirs of concurrent tests never mix. */
@@ -49,6 +50,7 @@ export function spawnCollect(cmd: string, args: string[], opts: CliOptions = {})
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, {
       env: opts.env ?? process.env,
+      ...(opts.cwd ? { cwd: opts.cwd } : {}),
       stdio: ["pipe", "pipe", "pipe"],
     });
     const out: Buffer[] = [];
