@@ -17,7 +17,8 @@
  *   users.c   the `user` of an EXEC, from /etc/passwd and /etc/group
  *   files.c   WRITE_FILE, READ_FILE, LIST_DIR
  *   tcp.c     TCP streams (port forwarding)
- *   init.c    PID 1: mounts, modules, network, clock; finding the port
+ *   init.c    PID 1: mounts, modules, network, clock; finding the ports
+ *   vfs.c     host folders: mounts FUSE and relays its raw messages over the port "vfs"
  *   util.c    memory, fds, logging
  * protocol.h (frame types and constants) is generated from src/guest/protocol-spec.ts.
  *
@@ -177,6 +178,10 @@ void tcp_event(struct tcp *t, short rev);
 /* ---------- init.c ---------- */
 
 void init_system(void);
-int open_port(void);
+int open_port(const char *name);
+
+/* ---------- vfs.c ---------- */
+
+void start_vfs(const char *path, int port);
 
 #endif

@@ -23,6 +23,7 @@
 static char cmd_hostname[256], cmd_time[64], cmd_rootfstype[64] = "ext4";
 static char cmd_net[96]; /* matchlock.net=GUEST/PREFIX,GATEWAY,MTU: the host's choice for eth0 */
 static int cmd_probe; /* matchlock.probe=1: the host's accelerator test; say so and power off */
+static char cmd_vfs[512]; /* matchlock.vfs=PATH: mount the host's FUSE file system there (vfs.c) */
 
 static void parse_cmdline(void)
 {
@@ -45,6 +46,8 @@ static void parse_cmdline(void)
 			snprintf(cmd_net, sizeof cmd_net, "%s", tok + 14);
 		else if (!strcmp(tok, "matchlock.probe=1"))
 			cmd_probe = 1;
+		else if (!strncmp(tok, "matchlock.vfs=", 14))
+			snprintf(cmd_vfs, sizeof cmd_vfs, "%s", tok + 14);
 	}
 }
 
@@ -79,7 +82,13 @@ static void load_modules(void)
 		qsort(names, n, sizeof *names, cmp_str);
 	for (size_t i = 0; i < n; i++) {
 		char path[512];
+		size_t l = strlen(names[i]);
 		snprintf(path, sizeof path, "/lib/modules/%s", names[i]);
+		if (!*cmd_vfs && l > 8 && !strcmp(names[i] + l - 8, "-fuse.ko")) {
+			unlink(path); /* FUSE only serves host folders: no need to load it without them */
+			free(names[i]);
+			continue;
+		}
 		int fd = open(path, O_RDONLY | O_CLOEXEC);
 		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))
 			console("load %s: %s", path, strerror(errno));
@@ -269,10 +278,14 @@ void init_system(void)
 		if (clock_settime(CLOCK_REALTIME, &ts) < 0)
 			console("clock_settime: %s", strerror(errno));
 	}
+
+	if (*cmd_vfs)
+		start_vfs(cmd_vfs, open_port("vfs"));
 }
 
-/* The virtio-serial port named "agent"; ports are announced asynchronously, so wait for it. */
-int open_port(void)
+/* The virtio-serial port with this name ("agent", "vfs"); ports are announced asynchronously, so
+ * wait for it. */
+int open_port(const char *want)
 {
 	for (long long end = now_ms() + 10000; now_ms() < end; usleep(5000)) {
 		DIR *d = opendir("/sys/class/virtio-ports");
@@ -290,7 +303,7 @@ int open_port(void)
 				continue;
 			name[n] = 0;
 			name[strcspn(name, "\n")] = 0;
-			if (strcmp(name, "agent"))
+			if (strcmp(name, want))
 				continue;
 			snprintf(path, sizeof path, "/dev/%s", de->d_name);
 			int port = open(path, O_RDWR | O_CLOEXEC | O_NOCTTY);
@@ -302,6 +315,6 @@ int open_port(void)
 		if (d)
 			closedir(d);
 	}
-	fatal("virtio-serial port \"agent\" not found");
+	fatal("virtio-serial port \"%s\" not found", want);
 	return -1;
 }

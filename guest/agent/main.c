@@ -210,7 +210,7 @@ int main(int argc, char **argv)
 
 	if (is_init) {
 		init_system();
-		port_in = port_out = open_port();
+		port_in = port_out = open_port("agent");
 	} else {
 		/* make sure fds 0-2 exist so no pipe lands on them */
 		int fd;

@@ -13,6 +13,7 @@
 #ifndef AGENT_VERSION
 #define AGENT_VERSION "matchlock-agent 1" /* the agent's READY payload */
 #endif
+#define VFS_MAX_MESSAGE 1048576u /* the vfs relay's buffer each way: the largest raw FUSE message it reads from /dev/fuse or takes from the port (a longer length from the host ends the relay) */
 
 /* EXEC flags */
 #define EXEC_TTY 0x01u /* run on a new PTY */

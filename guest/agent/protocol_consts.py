@@ -9,6 +9,7 @@ CHUNK = 65536  # largest data frame the guest sends (STDOUT, STDERR, DATA, TCP_D
 DRAIN_MAX = 4194304  # output the agent still forwards after its process exited (a grandchild may keep writing)
 WRITE_REPLACE_LINK = 0x10000  # WRITE_FILE flag (above the mode bits): a symlink at the path is replaced, not written through
 AGENT_VERSION = "matchlock-agent 1"  # the agent's READY payload
+VFS_MAX_MESSAGE = 1048576  # the vfs relay's buffer each way: the largest raw FUSE message it reads from /dev/fuse or takes from the port (a longer length from the host ends the relay)
 
 
 class ExecFlags:

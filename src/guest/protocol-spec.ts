@@ -202,6 +202,11 @@ export const PROTOCOL_CONSTANTS = {
     meaning: "WRITE_FILE flag (above the mode bits): a symlink at the path is replaced, not written through",
   },
   AGENT_VERSION: { value: "matchlock-agent 1", meaning: "the agent's READY payload" },
+  VFS_MAX_MESSAGE: {
+    value: 1024 * 1024,
+    meaning:
+      "the vfs relay's buffer each way: the largest raw FUSE message it reads from `/dev/fuse` or takes from the port (a longer length from the host ends the relay)",
+  },
 } as const satisfies Record<string, ConstantSpec>;
 
 /** Bits of the EXEC payload's `flags` word. */
@@ -227,6 +232,11 @@ export const BOOT_PARAMS = {
   "matchlock.probe": {
     value: "1",
     meaning: "the host's accelerator probe: print `MATCHLOCK-PROBE-OK` on the console and power off",
+  },
+  "matchlock.vfs": {
+    value: "PATH",
+    meaning:
+      "host folders: load `fuse`, mount a FUSE file system (`matchlock` on PATH, type `fuse.matchlock`) and relay its raw messages over the virtio-serial port `vfs`, both ways, unchanged; the host answers them",
   },
 } as const satisfies Record<string, ConstantSpec>;
 

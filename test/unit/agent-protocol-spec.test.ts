@@ -86,6 +86,7 @@ describe("agent protocol: one definition", () => {
           DRAIN_MAX: 4194304,
           WRITE_REPLACE_LINK: 0x10000,
           AGENT_VERSION: "matchlock-agent 1",
+          VFS_MAX_MESSAGE: 1048576,
         },
       },
     );
@@ -95,6 +96,7 @@ describe("agent protocol: one definition", () => {
       "matchlock.rootfstype",
       "matchlock.net",
       "matchlock.probe",
+      "matchlock.vfs",
     ]);
   });
 
