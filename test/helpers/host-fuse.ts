@@ -1,0 +1,158 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { closeSync, openSync, read, writeSync } from "node:fs";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import type { FuseServer } from "../../src/vfs/server.ts";
+
+/**
+ * Drives a FuseServer with the host's real kernel, no VM: opens /dev/fuse, mounts it with mount(2)
+ * (koffi, as root), reads each request the kernel queues, feeds it to the server and writes the
+ * reply back. The very server the VM relay will use thus answers real tools (git, tar, python...)
+ * running on the host.
+ *
+ * The server runs in a child process (`mountInChild`): a test that touches the mount from the process
+ * serving it can deadlock (a synchronous fs call blocks the event loop the answer needs). `serveDevFuse`
+ * is the in-process part the child runs.
+ */
+
+const MS_NOSUID = 2;
+const MS_NODEV = 4;
+const MNT_DETACH = 2;
+
+interface Libc {
+  mount: (src: string, target: string, type: string, flags: number, data: string) => number;
+  umount2: (target: string, flags: number) => number;
+  errno: () => number;
+}
+
+let libc: Libc | undefined;
+function load(): Libc {
+  if (libc) return libc;
+  const koffi = createRequire(import.meta.url)("koffi") as {
+    load(path: string): { func(sig: string): (...args: unknown[]) => number };
+    errno(): number;
+  };
+  const lib = koffi.load("libc.so.6");
+  const mount = lib.func(
+    "int mount(const char *src, const char *target, const char *type, unsigned long flags, const char *data)",
+  );
+  const umount2 = lib.func("int umount2(const char *target, int flags)");
+  libc = {
+    mount: (s, t, ty, f, d) => mount(s, t, ty, f, d),
+    umount2: (t, f) => umount2(t, f),
+    errno: () => koffi.errno(),
+  };
+  return libc;
+}
+
+/** umount2(MNT_DETACH); true if it was mounted. */
+export function detach(mountpoint: string): boolean {
+  const c = load();
+  return c.umount2(mountpoint, MNT_DETACH) === 0;
+}
+
+export interface Served {
+  /** Resolves when the kernel ends the session (unmount, abort). */
+  done: Promise<void>;
+  requests: number;
+}
+
+/** Mounts /dev/fuse at `mountpoint` and serves it with `server` until the session ends. */
+export function serveDevFuse(server: FuseServer, mountpoint: string, readers = 4): Served {
+  const c = load();
+  const fd = openSync("/dev/fuse", "r+");
+  const opts = `fd=${fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions`;
+  if (c.mount("matchlock", mountpoint, "fuse.matchlock", MS_NOSUID | MS_NODEV, opts) !== 0) {
+    const errno = c.errno();
+    closeSync(fd);
+    throw new Error(`mount fuse at ${mountpoint}: errno ${errno}`);
+  }
+  const state: Served = { done: Promise.resolve(), requests: 0 };
+  let live = readers;
+  let finish: () => void = () => {};
+  state.done = new Promise<void>((resolve) => {
+    finish = resolve;
+  });
+  const size = server.maxMessageSize + 4096;
+  const loop = (buf: Buffer) => {
+    read(fd, buf, 0, buf.length, null, (err, n) => {
+      if (err) {
+        // EINTR/EAGAIN: read again; ENODEV: the session is over (unmounted or aborted).
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === "EINTR" || code === "EAGAIN" || code === "ENOENT") return loop(buf);
+        if (--live === 0) {
+          closeSync(fd);
+          finish();
+        }
+        return;
+      }
+      state.requests++;
+      const msg = Buffer.from(buf.subarray(0, n));
+      loop(buf);
+      void server.handle(msg).then((reply) => {
+        if (!reply) return;
+        try {
+          writeSync(fd, reply);
+        } catch {
+          // ENOENT: the request was interrupted and is gone; ENODEV: unmounted meanwhile.
+        }
+      });
+    });
+  };
+  for (let i = 0; i < readers; i++) loop(Buffer.alloc(size));
+  return state;
+}
+
+/** What the child process serves (see fuse-daemon.ts). */
+export type ProviderSpec =
+  | { kind: "memory" }
+  | { kind: "host_fs"; root: string; readonly?: boolean }
+  | { kind: "overlay"; lower: string; upper: string }
+  | { kind: "router"; mounts: { guestPath: string; spec: ProviderSpec }[] };
+
+export interface ChildMount {
+  mountpoint: string;
+  child: ChildProcess;
+  /** What the server logged (stderr). */
+  log: () => string;
+  /** Unmounts (MNT_DETACH) and waits for the child to exit; safe to call twice. */
+  stop(): Promise<void>;
+}
+
+const daemon = fileURLToPath(new URL("./fuse-daemon.ts", import.meta.url));
+
+/** Spawns a server process for `spec` mounted at `mountpoint`; resolves once the mount answers. */
+export async function mountInChild(spec: ProviderSpec, mountpoint: string): Promise<ChildMount> {
+  const child = spawn(process.execPath, [daemon, mountpoint, JSON.stringify(spec)], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, UV_THREADPOOL_SIZE: "16" },
+  });
+  let err = "";
+  child.stderr?.on("data", (d: Buffer) => {
+    err += d.toString();
+    if (err.length > 1_000_000) err = err.slice(-500_000);
+  });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    let out = "";
+    child.stdout?.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (out.includes("ready\n")) resolve();
+    });
+    child.once("exit", (code) => reject(new Error(`fuse daemon exited (${code}) before ready: ${err}`)));
+  });
+  let stopped = false;
+  return {
+    mountpoint,
+    child,
+    log: () => err,
+    stop: async () => {
+      if (stopped) return;
+      stopped = true;
+      detach(mountpoint);
+      const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
