@@ -1,5 +1,7 @@
+import { HostFsProvider } from "../../src/vfs/host-fs.ts";
 import { MemoryProvider } from "../../src/vfs/memory.ts";
 import type { Provider } from "../../src/vfs/provider.ts";
+import { ReadOnlyProvider } from "../../src/vfs/readonly.ts";
 import { FuseServer } from "../../src/vfs/server.ts";
 import { type ProviderSpec, serveDevFuse } from "./host-fuse.ts";
 
@@ -9,6 +11,10 @@ async function build(spec: ProviderSpec): Promise<Provider> {
   switch (spec.kind) {
     case "memory":
       return new MemoryProvider();
+    case "host_fs": {
+      const p = new HostFsProvider(spec.root);
+      return spec.readonly ? new ReadOnlyProvider(p) : p;
+    }
     default:
       throw new Error(`unknown spec ${spec.kind}`);
   }
