@@ -1,7 +1,9 @@
 import { HostFsProvider } from "../../src/vfs/host-fs.ts";
 import { MemoryProvider } from "../../src/vfs/memory.ts";
 import type { Provider } from "../../src/vfs/provider.ts";
+import { OverlayProvider } from "../../src/vfs/overlay.ts";
 import { ReadOnlyProvider } from "../../src/vfs/readonly.ts";
+import { MountRouter } from "../../src/vfs/router.ts";
 import { FuseServer } from "../../src/vfs/server.ts";
 import { type ProviderSpec, serveDevFuse } from "./host-fuse.ts";
 
@@ -15,8 +17,13 @@ async function build(spec: ProviderSpec): Promise<Provider> {
       const p = new HostFsProvider(spec.root);
       return spec.readonly ? new ReadOnlyProvider(p) : p;
     }
-    default:
-      throw new Error(`unknown spec ${spec.kind}`);
+    case "overlay":
+      return new OverlayProvider(new ReadOnlyProvider(new HostFsProvider(spec.lower)), new HostFsProvider(spec.upper));
+    case "router": {
+      const mounts = [];
+      for (const m of spec.mounts) mounts.push({ path: m.guestPath, provider: await build(m.spec) });
+      return new MountRouter(mounts);
+    }
   }
 }
 
