@@ -542,6 +542,7 @@ export class FuseServer {
         return undefined;
       }
       case Op.OPENDIR: {
+        r.u32(); // flags
         const node = this.node(h.nodeid);
         const attr = await p.getattr(this.pathOf(node));
         if ((attr.mode & S_IFMT) !== S_IFDIR) fail("ENOTDIR");
@@ -561,6 +562,7 @@ export class FuseServer {
         return undefined;
       case Op.ACCESS: {
         // The mount uses default_permissions (the guest kernel checks modes); only existence here.
+        r.u32(); // mask
         await p.getattr(this.pathOf(this.node(h.nodeid)));
         return undefined;
       }
