@@ -83,6 +83,8 @@ interface Node {
   lookups: number;
   /** S_IFMT bits when it was looked up: a name whose type changed gets a new node. */
   type: number;
+  /** More names of the same file (hard links made through LINK); parent/name is the primary one. */
+  aliases: { parent: Node; name: string }[] | undefined;
   /** Unlinked, replaced or detached: its path is no longer valid. */
   gone: boolean;
   children: Map<string, Node> | undefined;
@@ -174,6 +176,7 @@ export class FuseServer {
       type: S_IFDIR,
       gone: false,
       children: new Map(),
+      aliases: undefined,
     });
   }
 
@@ -265,9 +268,46 @@ export class FuseServer {
     return n;
   }
 
+  /** Drops every name of n: it is gone. */
   private detach(n: Node): void {
+    for (const l of n.aliases ?? []) if (l.parent.children?.get(l.name) === n) l.parent.children.delete(l.name);
+    n.aliases = undefined;
     n.gone = true;
     if (n.parent?.children?.get(n.name) === n) n.parent.children.delete(n.name);
+  }
+
+  /** Drops one name of n; n is gone when it has no name left. */
+  private unlinkName(n: Node, parent: Node, name: string): void {
+    if (parent.children?.get(name) === n) parent.children.delete(name);
+    if (n.parent === parent && n.name === name) {
+      const next = n.aliases?.shift();
+      if (next) {
+        n.parent = next.parent;
+        n.name = next.name;
+      } else {
+        n.gone = true;
+      }
+    } else if (n.aliases) {
+      n.aliases = n.aliases.filter((l) => !(l.parent === parent && l.name === name));
+    }
+  }
+
+  /** Renames one name of n. */
+  private moveName(n: Node, from: Node, oldName: string, to: Node, newName: string): void {
+    if (from.children?.get(oldName) === n) from.children.delete(oldName);
+    if (n.parent === from && n.name === oldName) {
+      n.parent = to;
+      n.name = newName;
+    } else {
+      for (const l of n.aliases ?? []) {
+        if (l.parent === from && l.name === oldName) {
+          l.parent = to;
+          l.name = newName;
+        }
+      }
+    }
+    if (!to.children) to.children = new Map();
+    to.children.set(newName, n);
   }
 
   /** The node for parent/name with these attributes, its lookup count raised by one. */
@@ -275,7 +315,7 @@ export class FuseServer {
     const type = attr.mode & S_IFMT;
     let n = parent.children?.get(name);
     if (n && n.type !== type) {
-      this.detach(n);
+      this.unlinkName(n, parent, name);
       n = undefined;
     }
     if (!n) {
@@ -288,6 +328,7 @@ export class FuseServer {
         type,
         gone: false,
         children: type === S_IFDIR ? new Map() : undefined,
+        aliases: undefined,
       };
       if (!parent.children) parent.children = new Map();
       parent.children.set(name, n);
@@ -427,7 +468,7 @@ export class FuseServer {
         if (h.opcode === Op.UNLINK) await p.unlink(path);
         else await p.rmdir(path);
         const n = dir.children?.get(name);
-        if (n) this.detach(n);
+        if (n) this.unlinkName(n, dir, name);
         return undefined;
       }
       case Op.RENAME:
@@ -449,7 +490,20 @@ export class FuseServer {
         const { dir, path } = this.child(h, name);
         if (old.type === S_IFDIR) fail("EPERM");
         await p.link(this.pathOf(old), path);
-        return this.entry(dir, name, await p.getattr(path));
+        const attr = await p.getattr(path);
+        // The new name is the same file: answer with the old node, so the kernel updates that
+        // inode (its link count) instead of making a second one.
+        const stale = dir.children?.get(name);
+        if (stale) this.unlinkName(stale, dir, name);
+        if (!this.nodes.has(old.id) || old.gone) return this.entry(dir, name, attr);
+        if (!old.aliases) old.aliases = [];
+        if (old.aliases.length < 64) {
+          old.aliases.push({ parent: dir, name });
+          if (!dir.children) dir.children = new Map();
+          dir.children.set(name, old);
+        }
+        old.lookups++;
+        return entryOut(old.id, GENERATION, attr, this.entryTtl, this.attrTtl);
       }
       case Op.OPEN: {
         const flags = r.u32();
@@ -688,25 +742,15 @@ export class FuseServer {
     const moving = from.children?.get(oldName);
     const target = to.children?.get(newName);
     if (flags & 2) {
-      // RENAME_EXCHANGE: the two nodes swap places.
+      // RENAME_EXCHANGE: the two names swap files.
       if (moving) from.children?.delete(oldName);
       if (target) to.children?.delete(newName);
-      if (moving) this.place(moving, to, newName);
-      if (target) this.place(target, from, oldName);
+      if (moving) this.moveName(moving, from, oldName, to, newName);
+      if (target) this.moveName(target, to, newName, from, oldName);
       return;
     }
-    if (target && target !== moving) this.detach(target);
-    if (moving) {
-      from.children?.delete(oldName);
-      this.place(moving, to, newName);
-    }
-  }
-
-  private place(n: Node, dir: Node, name: string): void {
-    n.parent = dir;
-    n.name = name;
-    if (!dir.children) dir.children = new Map();
-    dir.children.set(name, n);
+    if (target && target !== moving) this.unlinkName(target, to, newName);
+    if (moving) this.moveName(moving, from, oldName, to, newName);
   }
 
   private async readdir(h: InHeader, r: Reader): Promise<Buffer> {

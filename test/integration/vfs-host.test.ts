@@ -1,0 +1,210 @@
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { after, describe, test } from "node:test";
+import { type ChildMount, mountInChild, type ProviderSpec } from "../helpers/host-fuse.ts";
+
+/**
+ * The FUSE server driven by the host's real kernel (no VM): each provider is mounted on a temp dir
+ * through /dev/fuse (test/helpers/host-fuse.ts) and real tools run against it — git, tar, cp -a,
+ * python3, sh redirections, coreutils, attr. Afterwards the host folders are checked: host_fs changes
+ * are on the host, overlay leaves the host copy untouched and keeps its changes in the upper dir,
+ * read-only refuses with EROFS.
+ */
+
+const work = mkdtempSync("/tmp/matchlock-vfs-");
+after(() => rmSync(work, { recursive: true, force: true }));
+const canMount = process.getuid?.() === 0 && existsSync("/dev/fuse");
+
+let n = 0;
+async function withMount(spec: ProviderSpec, fn: (mnt: string, m: ChildMount) => void | Promise<void>) {
+  const mnt = join(work, `mnt${n++}`);
+  mkdirSync(mnt);
+  const m = await mountInChild(spec, mnt);
+  try {
+    await fn(mnt, m);
+  } catch (e) {
+    process.stderr.write(`server log:\n${m.log()}\n`);
+    throw e;
+  } finally {
+    await m.stop();
+  }
+}
+
+function sh(cwd: string, script: string): string {
+  return execFileSync("sh", ["-ec", script], {
+    cwd,
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, GIT_AUTHOR_NAME: "t", GIT_AUTHOR_EMAIL: "t@e", GIT_COMMITTER_NAME: "t", GIT_COMMITTER_EMAIL: "t@e" },
+  });
+}
+
+function shFails(cwd: string, script: string): string {
+  try {
+    sh(cwd, script);
+  } catch (e) {
+    return String((e as { stderr?: unknown }).stderr);
+  }
+  assert.fail(`expected failure: ${script}`);
+}
+
+const PY = `
+import os, shutil, tempfile
+os.makedirs("py/a/b", exist_ok=True)
+with open("py/a/b/f.txt", "w") as f:
+    f.write("hello"); f.flush(); os.fsync(f.fileno())
+with open("py/a/b/f.txt", "a") as f:
+    f.write(" world")
+with open("py/a/b/f.txt", "r+b") as f:
+    f.seek(0); f.write(b"H")
+assert open("py/a/b/f.txt").read() == "Hello world"
+os.rename("py/a/b/f.txt", "py/a/g.txt")
+open("py/new", "w").write("new")
+os.replace("py/new", "py/a/g.txt")
+assert open("py/a/g.txt").read() == "new"
+shutil.copytree("py/a", "py/copy")
+os.truncate("py/copy/g.txt", 10000)
+assert os.stat("py/copy/g.txt").st_size == 10000
+assert sorted(e.name for e in os.scandir("py")) == ["a", "copy"]
+with tempfile.NamedTemporaryFile(dir="py", delete=True) as t:
+    t.write(b"x" * 100000); t.flush()
+    assert os.fstat(t.fileno()).st_size == 100000
+fd = os.open("py/sparse", os.O_CREAT | os.O_RDWR, 0o644)
+os.pwrite(fd, b"end", 1 << 20)
+os.close(fd)
+assert os.path.getsize("py/sparse") == (1 << 20) + 3
+os.mkfifo("py/fifo")
+assert os.path.exists("py/fifo")
+shutil.rmtree("py/copy")
+print("ok")
+`;
+
+/** The same tools on any read-write mount. */
+function toolSuite(mnt: string, src: string): void {
+  assert.equal(sh(mnt, "echo a > f; echo b >> f; cat f"), "a\nb\n");
+  assert.equal(sh(mnt, "echo 1 > x; echo 2 > y; mv x y; cat y; test ! -e x"), "1\n");
+  assert.equal(
+    sh(mnt, "chmod 640 f; truncate -s 12345 f; touch -d '2001-02-03 04:05:06 UTC' f; stat -c '%a %s %Y' f"),
+    "640 12345 981173106\n",
+  );
+  assert.equal(sh(mnt, "truncate -s 2 f; cat f"), "a\n");
+  assert.equal(sh(mnt, "ln -s f l; readlink l; cat l; ln -s /etc/hostname abs; readlink abs"), "f\na\n/etc/hostname\n");
+  assert.equal(sh(mnt, "ln f h; stat -c %h f; echo z >> h; cat f"), "2\na\nz\n");
+  assert.match(sh(mnt, "df -P ."), /matchlock/);
+  assert.equal(sh(mnt, "setfattr -n user.k -v val f; getfattr --only-values -n user.k f"), "val");
+  assert.equal(sh(mnt, "python3 -c \"$PY\"".replace("$PY", PY.replaceAll('"', '\\"'))), "ok\n");
+  sh(mnt, `cp -a ${src} copied; diff -r ${src} copied`);
+  sh(mnt, "tar cf t.tar copied; mkdir ex; tar xf t.tar -C ex; diff -r copied ex/copied; rm -r ex t.tar");
+  sh(mnt, "dd if=/dev/urandom of=big bs=1M count=6 status=none; cp big big2; cmp big big2; rm big2");
+  sh(mnt, "mkdir -p d/e/f; touch d/e/f/g; mv d d2; test -f d2/e/f/g; rm -r d2; test ! -e d2");
+  const log = sh(
+    mnt,
+    "git init -q repo; cd repo; echo one > a; mkdir sub; echo two > sub/b; git add -A; git commit -qm first; " +
+      "echo three >> a; git commit -qam second; git status --porcelain; git log --format=%s; git fsck --no-progress >/dev/null",
+  );
+  assert.equal(log, "second\nfirst\n");
+}
+
+/** A small source tree on the host: files, a symlink, an empty dir, modes. */
+function makeSource(dir: string): void {
+  mkdirSync(join(dir, "s", "empty"), { recursive: true });
+  writeFileSync(join(dir, "s", "script.sh"), "#!/bin/sh\necho hi\n", { mode: 0o755 });
+  writeFileSync(join(dir, "s", "data.bin"), Buffer.alloc(70000, 7));
+  execFileSync("ln", ["-s", "script.sh", join(dir, "s", "link")]);
+}
+
+/** Every path under dir with its type, size, mode, mtime and content hash (to prove it unchanged). */
+function snapshot(dir: string): string {
+  return execFileSync("sh", ["-c", "find . -printf '%p %y %s %m %T@\\n' | sort; find . -type f -exec md5sum {} + | sort"], {
+    cwd: dir,
+    encoding: "utf8",
+  });
+}
+
+describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root and /dev/fuse" }, () => {
+  const src = join(work, "src");
+  mkdirSync(src, { recursive: true });
+  makeSource(src);
+
+  test("memory provider: git, tar, cp -a, python3, coreutils, attr", async () => {
+    await withMount({ kind: "memory" }, (mnt) => toolSuite(mnt, join(src, "s")));
+  });
+
+  test("host_fs: the same tools; every change is on the host folder", async () => {
+    const host = join(work, "host");
+    mkdirSync(host);
+    writeFileSync(join(host, "existing"), "from host");
+    await withMount({ kind: "host_fs", root: host }, (mnt) => {
+      assert.equal(sh(mnt, "cat existing"), "from host");
+      toolSuite(mnt, join(src, "s"));
+      sh(mnt, "echo changed > existing");
+    });
+    assert.equal(readFileSync(join(host, "existing"), "utf8"), "changed\n");
+    assert.equal(readFileSync(join(host, "f"), "utf8"), "a\nz\n");
+    assert.equal(statSync(join(host, "f")).nlink, 2);
+    assert.ok(lstatSync(join(host, "l")).isSymbolicLink());
+    assert.equal(execFileSync("git", ["-C", join(host, "repo"), "log", "--format=%s"], { encoding: "utf8" }), "second\nfirst\n");
+    assert.equal(execFileSync("getfattr", ["--only-values", "-n", "user.k", join(host, "f")], { encoding: "utf8" }), "val");
+  });
+
+  test("overlay: the same tools; the host copy is unchanged, the upper dir holds the changes", async () => {
+    const lower = join(work, "lower");
+    const upper = join(work, "upper");
+    mkdirSync(upper);
+    execFileSync("cp", ["-a", join(src, "s"), lower]);
+    writeFileSync(join(lower, "f"), "lower f\n");
+    writeFileSync(join(lower, "gone"), "delete me");
+    const before = snapshot(lower);
+    await withMount({ kind: "overlay", lower, upper }, (mnt) => {
+      assert.equal(sh(mnt, "cat f; cat data.bin | wc -c"), "lower f\n70000\n");
+      sh(mnt, "rm f gone; rm -r empty; echo new > script.sh");
+      toolSuite(mnt, join(src, "s"));
+      assert.equal(sh(mnt, "ls -a | sort | tr '\\n' ' '"), ". .. abs big copied data.bin f h l link py repo script.sh y ");
+      sh(mnt, "mkdir empty; test -z \"$(ls empty)\"");
+    });
+    assert.equal(snapshot(lower), before, "lower untouched");
+    assert.equal(readFileSync(join(upper, "script.sh"), "utf8"), "new\n");
+    assert.ok(existsSync(join(upper, ".wh.gone")));
+    assert.ok(existsSync(join(upper, "repo", ".git")));
+    assert.ok(!existsSync(join(upper, "data.bin")), "never written: never copied up");
+  });
+
+  test("read-only: reads work, every change is EROFS", async () => {
+    const ro = join(work, "ro");
+    execFileSync("cp", ["-a", join(src, "s"), ro]);
+    const before = snapshot(ro);
+    await withMount({ kind: "host_fs", root: ro, readonly: true }, (mnt) => {
+      assert.equal(sh(mnt, "./script.sh; readlink link"), "hi\nscript.sh\n");
+      for (const cmd of ["echo x > new", "echo x >> script.sh", "rm script.sh", "mkdir d", "touch script.sh", "chmod 600 script.sh", "mv link l2", "ln -s a b", "setfattr -n user.a -v 1 script.sh"]) {
+        assert.match(shFails(mnt, cmd), /Read-only file system/, cmd);
+      }
+    });
+    assert.equal(snapshot(ro), before);
+  });
+
+  test("router: a workspace with mounts inside; moves across mounts copy (EXDEV)", async () => {
+    const data = join(work, "data");
+    mkdirSync(data);
+    writeFileSync(join(data, "d"), "data");
+    await withMount(
+      {
+        kind: "router",
+        mounts: [
+          { guestPath: "/", spec: { kind: "memory" } },
+          { guestPath: "/mnt/data", spec: { kind: "host_fs", root: data } },
+          { guestPath: "/mnt/ro", spec: { kind: "host_fs", root: join(src, "s"), readonly: true } },
+        ],
+      },
+      (mnt) => {
+        assert.equal(sh(mnt, "ls; ls mnt"), "mnt\ndata\nro\n");
+        sh(mnt, "echo top > top; mv top mnt/data/top; mv mnt/data/d d; cat d");
+        assert.match(shFails(mnt, "rmdir mnt/data"), /busy|Device or resource busy/i);
+        assert.match(shFails(mnt, "touch mnt/ro/x"), /Read-only/);
+        assert.equal(sh(mnt, "cat mnt/ro/script.sh | head -1"), "#!/bin/sh\n");
+      },
+    );
+    assert.deepEqual(readdirSync(data), ["top"]);
+  });
+});
