@@ -179,7 +179,9 @@ export class Reader {
 
   private need(n: number): number {
     if (n < 0 || this.pos + n > this.end) {
-      throw new FuseDecodeError(`truncated message: need ${n} bytes at ${this.pos}, have ${this.end - this.pos}`);
+      throw new FuseDecodeError(
+        `truncated message: need ${n} bytes at ${this.pos}, have ${this.end - this.pos}`,
+      );
     }
     const at = this.pos;
     this.pos += n;
@@ -266,7 +268,8 @@ export function readInHeader(msg: Buffer): InHeader {
     pid: r.u32(),
     totalExtlen: r.u16(),
   };
-  if (h.len !== msg.length) throw new FuseDecodeError(`header says ${h.len} bytes, message has ${msg.length}`);
+  if (h.len !== msg.length)
+    throw new FuseDecodeError(`header says ${h.len} bytes, message has ${msg.length}`);
   return h;
 }
 
@@ -349,7 +352,13 @@ export function splitTimeout(seconds: number): { sec: bigint; nsec: number } {
 }
 
 /** struct fuse_entry_out */
-export function entryOut(nodeid: bigint, generation: bigint, attr: Attr, entryTtl: number, attrTtl: number): Buffer {
+export function entryOut(
+  nodeid: bigint,
+  generation: bigint,
+  attr: Attr,
+  entryTtl: number,
+  attrTtl: number,
+): Buffer {
   const b = Buffer.alloc(ENTRY_OUT_SIZE);
   writeEntryOut(b, 0, nodeid, generation, attr, entryTtl, attrTtl);
   return b;
@@ -436,7 +445,14 @@ export function direntSize(nameLen: number): number {
   return (DIRENT_HEADER_SIZE + nameLen + 7) & ~7;
 }
 
-export function writeDirent(b: Buffer, at: number, ino: bigint, off: bigint, type: number, name: Buffer): number {
+export function writeDirent(
+  b: Buffer,
+  at: number,
+  ino: bigint,
+  off: bigint,
+  type: number,
+  name: Buffer,
+): number {
   const size = direntSize(name.length);
   b.writeBigUInt64LE(BigInt.asUintN(64, ino), at);
   b.writeBigUInt64LE(off, at + 8);

@@ -1,4 +1,14 @@
-import { close as closeFd, fdatasync, fstatSync, fsync, ftruncate, openSync, read, statfs, write } from "node:fs";
+import {
+  close as closeFd,
+  fdatasync,
+  fstatSync,
+  fsync,
+  ftruncate,
+  openSync,
+  read,
+  statfs,
+  write,
+} from "node:fs";
 import { readdir } from "node:fs/promises";
 import { promisify } from "node:util";
 import { type Attr, decodeUtf8, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK } from "./fuse-abi.ts";
@@ -209,7 +219,8 @@ export class HostFsProvider implements Provider {
 
   async mknod(path: string, mode: number, _rdev: number, caller: Caller): Promise<void> {
     const type = mode & S_IFMT;
-    if (type !== S_IFREG && type !== S_IFIFO && type !== S_IFSOCK) throw new FsError("EPERM", "no device nodes");
+    if (type !== S_IFREG && type !== S_IFIFO && type !== S_IFSOCK)
+      throw new FsError("EPERM", "no device nodes");
     this.at(path, (dfd, name) => {
       sys.mknodat(dfd, name, type | safeMode(mode), 0);
       this.own(dfd, name, caller);
@@ -249,7 +260,9 @@ export class HostFsProvider implements Provider {
   async rename(oldPath: string, newPath: string, flags: number): Promise<void> {
     if (flags & ~RENAME_FLAGS) throw new FsError("EINVAL");
     if (oldPath === "/" || newPath === "/") throw new FsError("EBUSY");
-    this.at(oldPath, (ofd, oname) => this.at(newPath, (nfd, nname) => sys.renameat2(ofd, oname, nfd, nname, flags)));
+    this.at(oldPath, (ofd, oname) =>
+      this.at(newPath, (nfd, nname) => sys.renameat2(ofd, oname, nfd, nname, flags)),
+    );
   }
 
   async statfs(_path: string): Promise<StatFs> {

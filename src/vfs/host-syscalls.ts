@@ -90,10 +90,14 @@ function load(): Lib {
     mkdirat: c.func("int mkdirat(int dirfd, const char *path, uint32_t mode)"),
     mknodat: c.func("int mknodat(int dirfd, const char *path, uint32_t mode, uint64_t dev)"),
     unlinkat: c.func("int unlinkat(int dirfd, const char *path, int flags)"),
-    renameat2: c.func("int renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)"),
+    renameat2: c.func(
+      "int renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)",
+    ),
     symlinkat: c.func("int symlinkat(const char *target, int dirfd, const char *path)"),
     readlinkat: c.func("intptr_t readlinkat(int dirfd, const char *path, void *buf, size_t size)"),
-    linkat: c.func("int linkat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, int flags)"),
+    linkat: c.func(
+      "int linkat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, int flags)",
+    ),
     fchownat: c.func("int fchownat(int dirfd, const char *path, uint32_t uid, uint32_t gid, int flags)"),
     fchmodat: c.func("int fchmodat(int dirfd, const char *path, uint32_t mode, int flags)"),
     utimensat: c.func("int utimensat(int dirfd, const char *path, void *times, int flags)"),
@@ -166,7 +170,10 @@ export function statx(dirfd: number, path: string, flags = AT_SYMLINK_NOFOLLOW):
     nlink: b.readUInt32LE(16),
     uid: b.readUInt32LE(20),
     gid: b.readUInt32LE(24),
-    rdev: ((b.readUInt32LE(128) & 0xfff) << 8) | (b.readUInt32LE(132) & 0xff) | ((b.readUInt32LE(132) & ~0xff) << 12),
+    rdev:
+      ((b.readUInt32LE(128) & 0xfff) << 8) |
+      (b.readUInt32LE(132) & 0xff) |
+      ((b.readUInt32LE(132) & ~0xff) << 12),
     blksize: b.readUInt32LE(4),
   };
 }
@@ -183,7 +190,13 @@ export function unlinkat(dirfd: number, name: string, flags: number): void {
   check(load().unlinkat(dirfd, name, flags), `unlinkat ${name}`);
 }
 
-export function renameat2(oldfd: number, oldName: string, newfd: number, newName: string, flags: number): void {
+export function renameat2(
+  oldfd: number,
+  oldName: string,
+  newfd: number,
+  newName: string,
+  flags: number,
+): void {
   check(load().renameat2(oldfd, oldName, newfd, newName, flags), `renameat2 ${oldName} ${newName}`);
 }
 

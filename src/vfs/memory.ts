@@ -334,7 +334,8 @@ export class MemoryProvider implements Provider {
     if (flags & 2) {
       // RENAME_EXCHANGE
       if (!target) throw new FsError("ENOENT");
-      if (target.children && (oldPath === newPath || oldPath.startsWith(`${newPath}/`))) throw new FsError("EINVAL");
+      if (target.children && (oldPath === newPath || oldPath.startsWith(`${newPath}/`)))
+        throw new FsError("EINVAL");
       from.dir.children?.set(from.name, target);
       to.dir.children?.set(to.name, n);
       if (from.dir !== to.dir && (n.children ? 1 : 0) !== (target.children ? 1 : 0)) {

@@ -127,7 +127,8 @@ export function components(path: string): string[] {
  */
 export function checkPath(path: string): string {
   if (path === "/") return path;
-  if (!path.startsWith("/") || path.includes("\0")) throw new FsError("EINVAL", `bad path ${JSON.stringify(path)}`);
+  if (!path.startsWith("/") || path.includes("\0"))
+    throw new FsError("EINVAL", `bad path ${JSON.stringify(path)}`);
   for (const c of components(path)) {
     if (c === "" || c === "." || c === "..") throw new FsError("EINVAL", `bad path ${JSON.stringify(path)}`);
   }

@@ -9,12 +9,12 @@ import {
   direntType,
   ENTRY_OUT_SIZE,
   entryOut,
+  Fattr,
   FUSE_GETATTR_FH,
   FUSE_KERNEL_VERSION,
   FUSE_MAX_MINOR,
   FUSE_MIN_MINOR,
   FUSE_ROOT_ID,
-  Fattr,
   FuseDecodeError,
   type InHeader,
   Init,
@@ -197,7 +197,8 @@ export class FuseServer {
   async handle(msg: Buffer): Promise<Buffer | undefined> {
     let h: InHeader;
     try {
-      if (msg.length > this.maxMessageSize) throw new FuseDecodeError(`message of ${msg.length} bytes is too big`);
+      if (msg.length > this.maxMessageSize)
+        throw new FuseDecodeError(`message of ${msg.length} bytes is too big`);
       h = readInHeader(msg);
     } catch (e) {
       const unique = peekUnique(msg);
@@ -210,7 +211,8 @@ export class FuseServer {
       if (out === NO_REPLY) return undefined;
       return outMessage(h.unique, 0, out);
     } catch (e) {
-      if (h.opcode === Op.FORGET || h.opcode === Op.BATCH_FORGET || h.opcode === Op.INTERRUPT) return undefined;
+      if (h.opcode === Op.FORGET || h.opcode === Op.BATCH_FORGET || h.opcode === Op.INTERRUPT)
+        return undefined;
       return outMessage(h.unique, -this.errnoFor(e, h), undefined);
     }
   }
@@ -270,7 +272,8 @@ export class FuseServer {
 
   /** Drops every name of n: it is gone. */
   private detach(n: Node): void {
-    for (const l of n.aliases ?? []) if (l.parent.children?.get(l.name) === n) l.parent.children.delete(l.name);
+    for (const l of n.aliases ?? [])
+      if (l.parent.children?.get(l.name) === n) l.parent.children.delete(l.name);
     n.aliases = undefined;
     n.gone = true;
     if (n.parent?.children?.get(n.name) === n) n.parent.children.delete(n.name);
@@ -364,13 +367,13 @@ export class FuseServer {
 
   private fileHandle(fh: bigint): Handle & { kind: "file" } {
     const hd = this.handles.get(fh);
-    if (!hd || hd.kind !== "file") fail("EBADF");
+    if (hd?.kind !== "file") fail("EBADF");
     return hd;
   }
 
   private dirHandle(fh: bigint): Handle & { kind: "dir" } {
     const hd = this.handles.get(fh);
-    if (!hd || hd.kind !== "dir") fail("EBADF");
+    if (hd?.kind !== "dir") fail("EBADF");
     return hd;
   }
 
@@ -395,7 +398,8 @@ export class FuseServer {
   private async dispatch(h: InHeader, r: Reader): Promise<Buffer | Buffer[] | undefined | typeof NO_REPLY> {
     if (h.opcode === Op.INIT) return this.init(r);
     if (!this.initialized || this.destroyed) {
-      if (h.opcode === Op.FORGET || h.opcode === Op.BATCH_FORGET || h.opcode === Op.INTERRUPT) return NO_REPLY;
+      if (h.opcode === Op.FORGET || h.opcode === Op.BATCH_FORGET || h.opcode === Op.INTERRUPT)
+        return NO_REPLY;
       fail("EIO");
     }
     const p = this.provider;

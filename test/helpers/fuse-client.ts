@@ -67,7 +67,10 @@ export class FakeKernel {
   }
 
   /** LOOKUP → nodeid (throws with the errno otherwise). */
-  async lookup(parent: bigint, name: string): Promise<{ nodeid: bigint; mode: number; ino: bigint; nlink: number }> {
+  async lookup(
+    parent: bigint,
+    name: string,
+  ): Promise<{ nodeid: bigint; mode: number; ino: bigint; nlink: number }> {
     const r = await this.call(Op.LOOKUP, parent, cstr(name));
     if (r.error) throw Object.assign(new Error(`lookup ${name}: ${r.error}`), { errno: -r.error });
     return entry(r.body);
@@ -79,12 +82,20 @@ export class FakeKernel {
   }
 
   async create(parent: bigint, name: string, flags: number, mode: number): Promise<Reply & { fh: bigint }> {
-    const r = await this.call(Op.CREATE, parent, Buffer.concat([u32(flags), u32(mode), u32(0), u32(0), cstr(name)]));
+    const r = await this.call(
+      Op.CREATE,
+      parent,
+      Buffer.concat([u32(flags), u32(mode), u32(0), u32(0), cstr(name)]),
+    );
     return { ...r, fh: r.error ? 0n : r.body.readBigUInt64LE(128) };
   }
 
   async read(fh: bigint, offset: number, size: number): Promise<Reply> {
-    return this.call(Op.READ, 0n, Buffer.concat([u64(fh), u64(offset), u32(size), u32(0), u64(0), u32(0), u32(0)]));
+    return this.call(
+      Op.READ,
+      0n,
+      Buffer.concat([u64(fh), u64(offset), u32(size), u32(0), u64(0), u32(0), u32(0)]),
+    );
   }
 
   async write(fh: bigint, offset: number, data: Buffer): Promise<Reply> {
@@ -101,14 +112,26 @@ export class FakeKernel {
 
   async getattr(nodeid: bigint): Promise<Reply & { mode: number; size: number }> {
     const r = await this.call(Op.GETATTR, nodeid, Buffer.concat([u32(0), u32(0), u64(0)]));
-    return { ...r, mode: r.error ? 0 : r.body.readUInt32LE(16 + 60), size: r.error ? 0 : Number(r.body.readBigUInt64LE(24)) };
+    return {
+      ...r,
+      mode: r.error ? 0 : r.body.readUInt32LE(16 + 60),
+      size: r.error ? 0 : Number(r.body.readBigUInt64LE(24)),
+    };
   }
 
   /** SETATTR with the given valid bits and fields. */
   async setattr(
     nodeid: bigint,
     valid: number,
-    f: { size?: number; mode?: number; uid?: number; gid?: number; atime?: number; mtime?: number; fh?: bigint },
+    f: {
+      size?: number;
+      mode?: number;
+      uid?: number;
+      gid?: number;
+      atime?: number;
+      mtime?: number;
+      fh?: bigint;
+    },
   ): Promise<Reply> {
     const b = Buffer.alloc(88);
     b.writeUInt32LE(valid, 0);
@@ -139,7 +162,11 @@ export class FakeKernel {
   }
 
   async rename(parent: bigint, name: string, newParent: bigint, newName: string, flags = 0): Promise<Reply> {
-    return this.call(Op.RENAME2, parent, Buffer.concat([u64(newParent), u32(flags), u32(0), cstr(name), cstr(newName)]));
+    return this.call(
+      Op.RENAME2,
+      parent,
+      Buffer.concat([u64(newParent), u32(flags), u32(0), cstr(name), cstr(newName)]),
+    );
   }
 
   async setxattr(nodeid: bigint, name: string, value: Buffer): Promise<Reply> {

@@ -1,7 +1,7 @@
 import { HostFsProvider } from "../../src/vfs/host-fs.ts";
 import { MemoryProvider } from "../../src/vfs/memory.ts";
-import type { Provider } from "../../src/vfs/provider.ts";
 import { OverlayProvider } from "../../src/vfs/overlay.ts";
+import type { Provider } from "../../src/vfs/provider.ts";
 import { ReadOnlyProvider } from "../../src/vfs/readonly.ts";
 import { MountRouter } from "../../src/vfs/router.ts";
 import { FuseServer } from "../../src/vfs/server.ts";
@@ -18,7 +18,10 @@ async function build(spec: ProviderSpec): Promise<Provider> {
       return spec.readonly ? new ReadOnlyProvider(p) : p;
     }
     case "overlay":
-      return new OverlayProvider(new ReadOnlyProvider(new HostFsProvider(spec.lower)), new HostFsProvider(spec.upper));
+      return new OverlayProvider(
+        new ReadOnlyProvider(new HostFsProvider(spec.lower)),
+        new HostFsProvider(spec.upper),
+      );
     case "router": {
       const mounts = [];
       for (const m of spec.mounts) mounts.push({ path: m.guestPath, provider: await build(m.spec) });

@@ -1,6 +1,16 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { type ChildMount, mountInChild, type ProviderSpec } from "../helpers/host-fuse.ts";
@@ -37,7 +47,13 @@ function sh(cwd: string, script: string): string {
     cwd,
     encoding: "utf8",
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, GIT_AUTHOR_NAME: "t", GIT_AUTHOR_EMAIL: "t@e", GIT_COMMITTER_NAME: "t", GIT_COMMITTER_EMAIL: "t@e" },
+    env: {
+      ...process.env,
+      GIT_AUTHOR_NAME: "t",
+      GIT_AUTHOR_EMAIL: "t@e",
+      GIT_COMMITTER_NAME: "t",
+      GIT_COMMITTER_EMAIL: "t@e",
+    },
   });
 }
 
@@ -90,11 +106,14 @@ function toolSuite(mnt: string, src: string): void {
     "640 12345 981173106\n",
   );
   assert.equal(sh(mnt, "truncate -s 2 f; cat f"), "a\n");
-  assert.equal(sh(mnt, "ln -s f l; readlink l; cat l; ln -s /etc/hostname abs; readlink abs"), "f\na\n/etc/hostname\n");
+  assert.equal(
+    sh(mnt, "ln -s f l; readlink l; cat l; ln -s /etc/hostname abs; readlink abs"),
+    "f\na\n/etc/hostname\n",
+  );
   assert.equal(sh(mnt, "ln f h; stat -c %h f; echo z >> h; cat f"), "2\na\nz\n");
   assert.match(sh(mnt, "df -P ."), /matchlock/);
   assert.equal(sh(mnt, "setfattr -n user.k -v val f; getfattr --only-values -n user.k f"), "val");
-  assert.equal(sh(mnt, "python3 -c \"$PY\"".replace("$PY", PY.replaceAll('"', '\\"'))), "ok\n");
+  assert.equal(sh(mnt, 'python3 -c "$PY"'.replace("$PY", PY.replaceAll('"', '\\"'))), "ok\n");
   sh(mnt, `cp -a ${src} copied; diff -r ${src} copied`);
   sh(mnt, "tar cf t.tar copied; mkdir ex; tar xf t.tar -C ex; diff -r copied ex/copied; rm -r ex t.tar");
   sh(mnt, "dd if=/dev/urandom of=big bs=1M count=6 status=none; cp big big2; cmp big big2; rm big2");
@@ -117,10 +136,14 @@ function makeSource(dir: string): void {
 
 /** Every path under dir with its type, size, mode, mtime and content hash (to prove it unchanged). */
 function snapshot(dir: string): string {
-  return execFileSync("sh", ["-c", "find . -printf '%p %y %s %m %T@\\n' | sort; find . -type f -exec md5sum {} + | sort"], {
-    cwd: dir,
-    encoding: "utf8",
-  });
+  return execFileSync(
+    "sh",
+    ["-c", "find . -printf '%p %y %s %m %T@\\n' | sort; find . -type f -exec md5sum {} + | sort"],
+    {
+      cwd: dir,
+      encoding: "utf8",
+    },
+  );
 }
 
 describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root and /dev/fuse" }, () => {
@@ -145,8 +168,14 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
     assert.equal(readFileSync(join(host, "f"), "utf8"), "a\nz\n");
     assert.equal(statSync(join(host, "f")).nlink, 2);
     assert.ok(lstatSync(join(host, "l")).isSymbolicLink());
-    assert.equal(execFileSync("git", ["-C", join(host, "repo"), "log", "--format=%s"], { encoding: "utf8" }), "second\nfirst\n");
-    assert.equal(execFileSync("getfattr", ["--only-values", "-n", "user.k", join(host, "f")], { encoding: "utf8" }), "val");
+    assert.equal(
+      execFileSync("git", ["-C", join(host, "repo"), "log", "--format=%s"], { encoding: "utf8" }),
+      "second\nfirst\n",
+    );
+    assert.equal(
+      execFileSync("getfattr", ["--only-values", "-n", "user.k", join(host, "f")], { encoding: "utf8" }),
+      "val",
+    );
   });
 
   test("overlay: the same tools; the host copy is unchanged, the upper dir holds the changes", async () => {
@@ -161,8 +190,11 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
       assert.equal(sh(mnt, "cat f; cat data.bin | wc -c"), "lower f\n70000\n");
       sh(mnt, "rm f gone; rm -r empty; echo new > script.sh");
       toolSuite(mnt, join(src, "s"));
-      assert.equal(sh(mnt, "ls -a | sort | tr '\\n' ' '"), ". .. abs big copied data.bin f h l link py repo script.sh y ");
-      sh(mnt, "mkdir empty; test -z \"$(ls empty)\"");
+      assert.equal(
+        sh(mnt, "ls -a | sort | tr '\\n' ' '"),
+        ". .. abs big copied data.bin f h l link py repo script.sh y ",
+      );
+      sh(mnt, 'mkdir empty; test -z "$(ls empty)"');
     });
     assert.equal(snapshot(lower), before, "lower untouched");
     assert.equal(readFileSync(join(upper, "script.sh"), "utf8"), "new\n");
@@ -177,7 +209,17 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
     const before = snapshot(ro);
     await withMount({ kind: "host_fs", root: ro, readonly: true }, (mnt) => {
       assert.equal(sh(mnt, "./script.sh; readlink link"), "hi\nscript.sh\n");
-      for (const cmd of ["echo x > new", "echo x >> script.sh", "rm script.sh", "mkdir d", "touch script.sh", "chmod 600 script.sh", "mv link l2", "ln -s a b", "setfattr -n user.a -v 1 script.sh"]) {
+      for (const cmd of [
+        "echo x > new",
+        "echo x >> script.sh",
+        "rm script.sh",
+        "mkdir d",
+        "touch script.sh",
+        "chmod 600 script.sh",
+        "mv link l2",
+        "ln -s a b",
+        "setfattr -n user.a -v 1 script.sh",
+      ]) {
         assert.match(shFails(mnt, cmd), /Read-only file system/, cmd);
       }
     });

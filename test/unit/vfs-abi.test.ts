@@ -124,7 +124,11 @@ describe("FUSE ABI", () => {
       message(Op.MKDIR, 1n, Buffer.concat([u32(0o755), u32(0), cstr("d")])),
       message(Op.RENAME2, 1n, Buffer.concat([u64(1), u32(0), u32(0), cstr("f"), cstr("g")])),
       message(Op.SETXATTR, 1n, Buffer.concat([u32(3), u32(0), cstr("user.a"), Buffer.from("abc")])),
-      message(Op.WRITE, 1n, Buffer.concat([u64(1), u64(0), u32(5), u32(0), u64(0), u32(0), u32(0), Buffer.from("hello")])),
+      message(
+        Op.WRITE,
+        1n,
+        Buffer.concat([u64(1), u64(0), u32(5), u32(0), u64(0), u32(0), u32(0), Buffer.from("hello")]),
+      ),
       message(Op.BATCH_FORGET, 0n, Buffer.concat([u32(2), u32(0), u64(2), u64(1)])),
     ];
     await fc.assert(

@@ -97,7 +97,10 @@ describe("FuseServer", () => {
     assert.equal(server.stats.nodes, 1);
     const names = await k.list(1n, false, 512);
     assert.equal(names.length, 52);
-    assert.deepEqual(names.slice(0, 2).map((e) => e.name), [".", ".."]);
+    assert.deepEqual(
+      names.slice(0, 2).map((e) => e.name),
+      [".", ".."],
+    );
     const plus = await k.list(1n, true, 1024);
     assert.equal(plus.length, 52);
     assert.equal(plus[0]?.nodeid, 0n);
@@ -179,7 +182,10 @@ describe("overlay provider (memory lower + memory upper)", () => {
     const { lower, upper, o } = await setup();
     await o.unlink("/src/a.txt");
     await assert.rejects(o.getattr("/src/a.txt"), { code: "ENOENT" });
-    assert.deepEqual((await o.readdir("/src")).map((e) => e.name), ["deep"]);
+    assert.deepEqual(
+      (await o.readdir("/src")).map((e) => e.name),
+      ["deep"],
+    );
     assert.ok(await upper.getattr("/src/.wh.a.txt"));
     assert.ok(await lower.getattr("/src/a.txt"));
     await assert.rejects(o.mkdir("/src/.wh.x", 0o755, CALLER), { code: "EPERM" });
@@ -224,9 +230,18 @@ describe("mount router", () => {
   test("synthesised parents list the mounts below them", async () => {
     const { r } = await setup();
     assert.equal((await r.getattr("/mnt")).mode & S_IFMT, S_IFDIR);
-    assert.deepEqual((await r.readdir("/")).map((e) => e.name), ["mnt"]);
-    assert.deepEqual((await r.readdir("/mnt")).map((e) => e.name), ["data"]);
-    assert.deepEqual((await r.readdir("/mnt/data")).map((e) => e.name), ["in"]);
+    assert.deepEqual(
+      (await r.readdir("/")).map((e) => e.name),
+      ["mnt"],
+    );
+    assert.deepEqual(
+      (await r.readdir("/mnt")).map((e) => e.name),
+      ["data"],
+    );
+    assert.deepEqual(
+      (await r.readdir("/mnt/data")).map((e) => e.name),
+      ["in"],
+    );
   });
 
   test("files route to the deepest mount; rename and link across mounts are EXDEV", async () => {
