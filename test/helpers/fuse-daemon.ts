@@ -5,7 +5,7 @@ import type { Provider } from "../../src/vfs/provider.ts";
 import { ReadOnlyProvider } from "../../src/vfs/readonly.ts";
 import { MountRouter } from "../../src/vfs/router.ts";
 import { FuseServer } from "../../src/vfs/server.ts";
-import { type ProviderSpec, serveDevFuse } from "./host-fuse.ts";
+import { detach, type ProviderSpec, serveDevFuse } from "./host-fuse.ts";
 
 /** The child of host-fuse.ts's mountInChild: `node fuse-daemon.ts <mountpoint> <spec json>`. */
 
@@ -34,6 +34,15 @@ const [mountpoint, json] = process.argv.slice(2);
 if (!mountpoint || !json) throw new Error("usage: fuse-daemon.ts <mountpoint> <spec>");
 const server = new FuseServer({ provider: await build(JSON.parse(json) as ProviderSpec) });
 const served = serveDevFuse(server, mountpoint);
+// The test process died or is done with us: never leave a dead mount behind.
+const bail = () => {
+  detach(mountpoint);
+  setTimeout(() => process.exit(0), 2000).unref();
+};
+process.stdin.on("end", bail);
+process.stdin.on("error", bail);
+process.stdin.resume();
+process.on("SIGTERM", bail);
 process.stdout.write("ready\n");
 await served.done;
 await server.close();

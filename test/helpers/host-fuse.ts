@@ -124,7 +124,8 @@ const daemon = fileURLToPath(new URL("./fuse-daemon.ts", import.meta.url));
 /** Spawns a server process for `spec` mounted at `mountpoint`; resolves once the mount answers. */
 export async function mountInChild(spec: ProviderSpec, mountpoint: string): Promise<ChildMount> {
   const child = spawn(process.execPath, [daemon, mountpoint, JSON.stringify(spec)], {
-    stdio: ["ignore", "pipe", "pipe"],
+    // stdin stays open while we live: the child unmounts and exits when it closes (we died).
+    stdio: ["pipe", "pipe", "pipe"],
     env: { ...process.env, UV_THREADPOOL_SIZE: "16" },
   });
   let err = "";
@@ -150,6 +151,7 @@ export async function mountInChild(spec: ProviderSpec, mountpoint: string): Prom
       if (stopped) return;
       stopped = true;
       detach(mountpoint);
+      child.stdin?.end();
       const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
       await exited;
       clearTimeout(timer);

@@ -132,7 +132,8 @@ describe("host_fs containment (hostile guest)", () => {
   });
 
   test("a guest node that is a symlink cannot be used as a directory (LOOKUP under it)", async () => {
-    const k = new FakeKernel(new FuseServer({ provider: p, log: () => {} }));
+    const lines: string[] = [];
+    const k = new FakeKernel(new FuseServer({ provider: p, log: (l) => lines.push(l) }));
     await k.init();
     const etc = await k.lookup(1n, "etc");
     assert.equal(etc.mode & S_IFMT, S_IFLNK);
@@ -143,6 +144,9 @@ describe("host_fs containment (hostile guest)", () => {
     assert.equal((await k.symlink(out.nodeid, "evil", "/")).error, -40);
     assert.equal((await k.open(out.nodeid, O_RDONLY)).error, -40);
     assert.equal((await k.setattr(out.nodeid, 1, { mode: 0o777 })).error, -40);
+    // Each refusal is a log line naming the op and the path, not a silent failure.
+    assert.ok(lines.some((l) => l.startsWith("LOOKUP /etc:") && l.includes("ELOOP")), lines.join("\n"));
+    assert.ok(lines.some((l) => l.startsWith("CREATE /out:")), lines.join("\n"));
     sentinelIntact();
   });
 

@@ -258,3 +258,22 @@ describe("mount router", () => {
     assert.notEqual((await r.getattr("/top")).ino, (await r.getattr("/mnt/data/g")).ino);
   });
 });
+
+describe("workspace config", () => {
+  test("guest paths map into the workspace; outside it is refused", async () => {
+    const { routerPath, buildWorkspace } = await import("../../src/vfs/index.ts");
+    assert.equal(routerPath("/workspace", "/workspace"), "/");
+    assert.equal(routerPath("/workspace/", "/workspace/a/b"), "/a/b");
+    assert.throws(() => routerPath("/workspace", "/workspaces"), { code: "EINVAL" });
+    const r = await buildWorkspace({
+      workspace: "/workspace",
+      mounts: { "/workspace": { type: "memory" }, "/workspace/x/y": { type: "memory", readonly: true } },
+      overlayUpper: () => "/nonexistent",
+    });
+    assert.deepEqual(
+      (await r.readdir("/")).map((e) => e.name),
+      ["x"],
+    );
+    await assert.rejects(r.mkdir("/x/y/z", 0o755, CALLER), { code: "EROFS" });
+  });
+});

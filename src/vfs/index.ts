@@ -1,0 +1,80 @@
+import { mkdir } from "node:fs/promises";
+import { HostFsProvider } from "./host-fs.ts";
+import { MemoryProvider } from "./memory.ts";
+import { OverlayProvider } from "./overlay.ts";
+import { FsError, type Provider } from "./provider.ts";
+import { ReadOnlyProvider } from "./readonly.ts";
+import { type Mount, MountRouter } from "./router.ts";
+
+/**
+ * The VFS layer's entry point: builds the provider tree of one VM's workspace from its config
+ * (`vfs.workspace` + `vfs.mounts`, the shapes of src/api/config.ts, restated here because lower layers
+ * do not import upper ones) and hands it to a FuseServer. See docs/vfs.md.
+ */
+
+export { FuseServer, type FuseServerOptions } from "./server.ts";
+export { HostFsProvider, MemoryProvider, OverlayProvider, ReadOnlyProvider, MountRouter };
+export type { Mount, Provider };
+
+export interface MountConfig {
+  type: "memory" | "host_fs" | "overlay";
+  host_path?: string;
+  readonly?: boolean;
+}
+
+export interface WorkspaceConfig {
+  /** The guest path the FUSE file system is mounted at (e.g. /workspace). */
+  workspace: string;
+  /** Guest path → mount, every path at or below the workspace. */
+  mounts: Record<string, MountConfig>;
+  /** A fresh per-VM directory for the n-th overlay mount's upper layer (created 0700 here). */
+  overlayUpper: (index: number) => string;
+}
+
+/** The guest path relative to the workspace, as a router path ("/" for the workspace itself). */
+export function routerPath(workspace: string, guestPath: string): string {
+  const ws = workspace.replace(/\/+$/, "") || "/";
+  const g = guestPath.replace(/\/+$/, "") || "/";
+  if (g === ws) return "/";
+  if (ws === "/") return g;
+  if (!g.startsWith(`${ws}/`)) throw new FsError("EINVAL", `mount ${guestPath} is not inside the workspace ${workspace}`);
+  return g.slice(ws.length);
+}
+
+export async function providerFor(m: MountConfig, upper: () => Promise<string>): Promise<Provider> {
+  let p: Provider;
+  switch (m.type) {
+    case "memory":
+      p = new MemoryProvider();
+      break;
+    case "host_fs":
+      if (!m.host_path) throw new FsError("EINVAL", "host_fs mount without host_path");
+      p = new HostFsProvider(m.host_path);
+      break;
+    case "overlay":
+      if (!m.host_path) throw new FsError("EINVAL", "overlay mount without host_path");
+      p = new OverlayProvider(new ReadOnlyProvider(new HostFsProvider(m.host_path)), new HostFsProvider(await upper()));
+      break;
+  }
+  return m.readonly ? new ReadOnlyProvider(p) : p;
+}
+
+/** The router serving one workspace: its mounts, and synthesised directories between them. */
+export async function buildWorkspace(config: WorkspaceConfig): Promise<MountRouter> {
+  const mounts: Mount[] = [];
+  let overlays = 0;
+  try {
+    for (const [guestPath, m] of Object.entries(config.mounts)) {
+      const provider = await providerFor(m, async () => {
+        const dir = config.overlayUpper(overlays++);
+        await mkdir(dir, { recursive: true, mode: 0o700 });
+        return dir;
+      });
+      mounts.push({ path: routerPath(config.workspace, guestPath), provider });
+    }
+    return new MountRouter(mounts);
+  } catch (e) {
+    for (const m of mounts) await m.provider.close?.();
+    throw e;
+  }
+}
