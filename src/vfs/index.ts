@@ -13,8 +13,8 @@ import { type Mount, MountRouter } from "./router.ts";
  */
 
 export { FuseServer, type FuseServerOptions } from "./server.ts";
-export { HostFsProvider, MemoryProvider, OverlayProvider, ReadOnlyProvider, MountRouter };
 export type { Mount, Provider };
+export { HostFsProvider, MemoryProvider, MountRouter, OverlayProvider, ReadOnlyProvider };
 
 export interface MountConfig {
   type: "memory" | "host_fs" | "overlay";
@@ -37,7 +37,8 @@ export function routerPath(workspace: string, guestPath: string): string {
   const g = guestPath.replace(/\/+$/, "") || "/";
   if (g === ws) return "/";
   if (ws === "/") return g;
-  if (!g.startsWith(`${ws}/`)) throw new FsError("EINVAL", `mount ${guestPath} is not inside the workspace ${workspace}`);
+  if (!g.startsWith(`${ws}/`))
+    throw new FsError("EINVAL", `mount ${guestPath} is not inside the workspace ${workspace}`);
   return g.slice(ws.length);
 }
 
@@ -53,7 +54,10 @@ export async function providerFor(m: MountConfig, upper: () => Promise<string>):
       break;
     case "overlay":
       if (!m.host_path) throw new FsError("EINVAL", "overlay mount without host_path");
-      p = new OverlayProvider(new ReadOnlyProvider(new HostFsProvider(m.host_path)), new HostFsProvider(await upper()));
+      p = new OverlayProvider(
+        new ReadOnlyProvider(new HostFsProvider(m.host_path)),
+        new HostFsProvider(await upper()),
+      );
       break;
   }
   return m.readonly ? new ReadOnlyProvider(p) : p;

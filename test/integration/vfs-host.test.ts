@@ -165,7 +165,10 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
       sh(mnt, "echo changed > existing");
       // Many requests in flight at once: parallel readers and writers.
       sh(mnt, "mkdir par; for i in $(seq 1 200); do echo $i > par/$i; done");
-      assert.equal(sh(mnt, "ls par | xargs -P 8 -n 5 -I{} sh -c 'cat par/{}; echo x >> par/{}' | wc -l").trim(), "200");
+      assert.equal(
+        sh(mnt, "ls par | xargs -P 8 -n 5 -I{} sh -c 'cat par/{}; echo x >> par/{}' | wc -l").trim(),
+        "200",
+      );
       assert.equal(sh(mnt, "cat par/* | wc -l").trim(), "400");
     });
     assert.equal(readFileSync(join(host, "existing"), "utf8"), "changed\n");

@@ -145,8 +145,14 @@ describe("host_fs containment (hostile guest)", () => {
     assert.equal((await k.open(out.nodeid, O_RDONLY)).error, -40);
     assert.equal((await k.setattr(out.nodeid, 1, { mode: 0o777 })).error, -40);
     // Each refusal is a log line naming the op and the path, not a silent failure.
-    assert.ok(lines.some((l) => l.startsWith("LOOKUP /etc:") && l.includes("ELOOP")), lines.join("\n"));
-    assert.ok(lines.some((l) => l.startsWith("CREATE /out:")), lines.join("\n"));
+    assert.ok(
+      lines.some((l) => l.startsWith("LOOKUP /etc:") && l.includes("ELOOP")),
+      lines.join("\n"),
+    );
+    assert.ok(
+      lines.some((l) => l.startsWith("CREATE /out:")),
+      lines.join("\n"),
+    );
     sentinelIntact();
   });
 
