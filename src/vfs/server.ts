@@ -29,6 +29,7 @@ import {
   readInitIn,
   S_IFDIR,
   S_IFMT,
+  splitTimeout,
   statfsOut,
   u32Out,
   u64Out,
@@ -65,6 +66,8 @@ export interface FuseServerOptions {
   provider: Provider;
   /** Seconds the kernel may cache a name → node answer (default 1: host folders change under us). */
   entryTimeout?: number;
+  /** Seconds the kernel may cache "no such name" (default: entryTimeout; 0 answers ENOENT instead). */
+  negativeTimeout?: number;
   /** Seconds the kernel may cache attributes (default 1). */
   attrTimeout?: number;
   /** Largest WRITE payload (default and maximum 128 KiB... up to 1 MiB). */
@@ -145,6 +148,7 @@ export class FuseServer {
   private readonly provider: Provider;
   private readonly entryTtl: number;
   private readonly attrTtl: number;
+  private readonly negativeTtl: number;
   private readonly maxWrite: number;
   private readonly maxNodes: number;
   private readonly maxHandles: number;
@@ -164,6 +168,7 @@ export class FuseServer {
     this.provider = options.provider;
     this.entryTtl = options.entryTimeout ?? 1;
     this.attrTtl = options.attrTimeout ?? 1;
+    this.negativeTtl = options.negativeTimeout ?? this.entryTtl;
     this.maxWrite = Math.min(Math.max(options.maxWrite ?? 128 * 1024, 4096), MAX_READ);
     this.maxNodes = options.maxNodes ?? 1_000_000;
     this.maxHandles = options.maxHandles ?? 65_536;
@@ -350,7 +355,26 @@ export class FuseServer {
     n.lookups -= Number(count > 1_000_000_000n ? 1_000_000_000n : count);
     if (n.lookups > 0) return;
     this.nodes.delete(id);
-    if (!n.children || n.children.size === 0) this.detach(n);
+    // Drop it from the tree, and any forgotten ancestor it was keeping there.
+    let at: Node | undefined = n;
+    while (
+      at &&
+      at.id !== FUSE_ROOT_ID &&
+      !this.nodes.has(at.id) &&
+      (!at.children || at.children.size === 0)
+    ) {
+      const parent: Node | undefined = at.parent;
+      this.detach(at);
+      at = parent;
+    }
+  }
+
+  private negativeEntry(): Buffer {
+    const b = Buffer.alloc(ENTRY_OUT_SIZE);
+    const t = splitTimeout(this.negativeTtl);
+    b.writeBigUInt64LE(t.sec, 16);
+    b.writeUInt32LE(t.nsec, 32);
+    return b;
   }
 
   private entry(parent: Node, name: string, attr: Attr): Buffer {
@@ -407,7 +431,16 @@ export class FuseServer {
       case Op.LOOKUP: {
         const name = this.name(r);
         const { dir, path } = this.child(h, name);
-        return this.entry(dir, name, await p.getattr(path));
+        let attr: Attr;
+        try {
+          attr = await p.getattr(path);
+        } catch (e) {
+          // A negative entry (nodeid 0) the kernel may cache: compilers and interpreters probe
+          // many names that do not exist. The guest's own creates invalidate it at once.
+          if (this.negativeTtl > 0 && errnoOf(e) === E.ENOENT) return this.negativeEntry();
+          throw e;
+        }
+        return this.entry(dir, name, attr);
       }
       case Op.FORGET:
         this.forget(h.nodeid, r.u64());

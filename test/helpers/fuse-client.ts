@@ -73,7 +73,10 @@ export class FakeKernel {
   ): Promise<{ nodeid: bigint; mode: number; ino: bigint; nlink: number }> {
     const r = await this.call(Op.LOOKUP, parent, cstr(name));
     if (r.error) throw Object.assign(new Error(`lookup ${name}: ${r.error}`), { errno: -r.error });
-    return entry(r.body);
+    const e = entry(r.body);
+    // nodeid 0: a negative entry, which the kernel reads as ENOENT.
+    if (e.nodeid === 0n) throw Object.assign(new Error(`lookup ${name}: -2 (negative entry)`), { errno: 2 });
+    return e;
   }
 
   async open(nodeid: bigint, flags: number): Promise<Reply & { fh: bigint }> {

@@ -94,6 +94,14 @@ assert os.path.getsize("py/sparse") == (1 << 20) + 3
 os.mkfifo("py/fifo")
 assert os.path.exists("py/fifo")
 shutil.rmtree("py/copy")
+import mmap
+with open("py/mm", "wb") as f:
+    f.write(bytes(8192))
+with open("py/mm", "r+b") as f:
+    m = mmap.mmap(f.fileno(), 8192)
+    m[4096:4101] = b"mmap!"
+    m.flush(); m.close()
+assert open("py/mm", "rb").read()[4096:4101] == b"mmap!"
 print("ok")
 `;
 
@@ -124,6 +132,13 @@ function toolSuite(mnt: string, src: string): void {
       "echo three >> a; git commit -qam second; git status --porcelain; git log --format=%s; git fsck --no-progress >/dev/null",
   );
   assert.equal(log, "second\nfirst\n");
+  // A venv (symlinks, copies, chmod +x, then executing from the mount), byte-compiling, a C build.
+  assert.equal(sh(mnt, "python3 -m venv --without-pip venv; venv/bin/python -c 'print(6*7)'"), "42\n");
+  sh(
+    mnt,
+    "echo 'X = 1' > py/mod.py; python3 -m compileall -q py >/dev/null; test -n \"$(find py -name '*.pyc')\"",
+  );
+  assert.equal(sh(mnt, "printf 'int main(void){return 42;}' > m.c; cc -o m m.c; ./m || echo $?"), "42\n");
 }
 
 /** A small source tree on the host: files, a symlink, an empty dir, modes. */
@@ -199,7 +214,7 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
       toolSuite(mnt, join(src, "s"));
       assert.equal(
         sh(mnt, "ls -a | sort | tr '\\n' ' '"),
-        ". .. abs big copied data.bin f h l link py repo script.sh y ",
+        ". .. abs big copied data.bin f h l link m m.c py repo script.sh venv y ",
       );
       sh(mnt, 'mkdir empty; test -z "$(ls empty)"');
     });
