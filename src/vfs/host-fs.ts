@@ -239,12 +239,10 @@ export class HostFsProvider implements Provider {
     if (oldPath === "/") throw new FsError("EPERM");
     // linkat without AT_SYMLINK_FOLLOW: the new name is a link to the old entry itself (a symlink
     // stays a symlink), and both names are resolved beneath the root.
-    this.at(oldPath, (ofd, oname) =>
-      this.at(newPath, (nfd, nname) => {
-        if ((sys.statx(ofd, oname).mode & S_IFMT) === S_IFDIR) throw new FsError("EPERM");
-        sys.linkat(ofd, oname, nfd, nname, 0);
-      }),
-    );
+    this.at(oldPath, (ofd, oname) => {
+      sys.statx(ofd, oname); // ENOENT for a missing source first, as link(2) does
+      this.at(newPath, (nfd, nname) => sys.linkat(ofd, oname, nfd, nname, 0));
+    });
   }
 
   async unlink(path: string): Promise<void> {

@@ -179,6 +179,7 @@ export class MemoryProvider implements Provider {
   private applySet(n: MemNode, set: SetAttr): void {
     if (set.size !== undefined) {
       if ((n.mode & S_IFMT) === S_IFDIR) throw new FsError("EISDIR");
+      if ((n.mode & S_IFMT) === S_IFLNK) throw new FsError("ELOOP");
       if ((n.mode & S_IFMT) !== S_IFREG) throw new FsError("EINVAL");
       this.resize(n, set.size);
       this.touch(n, { m: true });
@@ -207,6 +208,8 @@ export class MemoryProvider implements Provider {
     const n = this.find(path);
     if ((n.mode & S_IFMT) === S_IFDIR) {
       if ((flags & O_ACCMODE) !== 0) throw new FsError("EISDIR");
+    } else if ((n.mode & S_IFMT) === S_IFLNK) {
+      throw new FsError("ELOOP"); // as open(O_NOFOLLOW): the guest kernel resolves symlinks itself
     } else if ((n.mode & S_IFMT) !== S_IFREG) {
       throw new FsError("ENXIO");
     }
@@ -242,6 +245,7 @@ export class MemoryProvider implements Provider {
       },
       write: async (offset, data) => {
         if (!writable) throw new FsError("EBADF");
+        if (data.length === 0) return 0;
         const at = append ? n.size : offset;
         if (at + data.length > n.size) this.resize(n, at + data.length);
         data.copy(n.data as Buffer, at);
@@ -292,9 +296,9 @@ export class MemoryProvider implements Provider {
 
   async link(oldPath: string, newPath: string): Promise<void> {
     const n = this.find(oldPath);
-    if (n.children) throw new FsError("EPERM");
     const { dir, name } = this.dirOf(newPath);
     if (dir.children?.has(name)) throw new FsError("EEXIST");
+    if (n.children) throw new FsError("EPERM");
     n.nlink++;
     this.touch(n, { c: true });
     this.attach(dir, name, n);
@@ -329,13 +333,15 @@ export class MemoryProvider implements Provider {
     const to = this.dirOf(newPath);
     const n = from.dir.children?.get(from.name);
     if (!n) throw new FsError("ENOENT");
-    if (n.children && (newPath === oldPath || newPath.startsWith(`${oldPath}/`))) throw new FsError("EINVAL");
     const target = to.dir.children?.get(to.name);
+    // The order of Linux's checks (do_renameat2, then vfs_rename).
+    if (flags & 1 && target) throw new FsError("EEXIST");
+    if (n.children && newPath.startsWith(`${oldPath}/`)) throw new FsError("EINVAL");
+    if (oldPath.startsWith(`${newPath}/`)) throw new FsError(flags & 2 ? "EINVAL" : "ENOTEMPTY");
     if (flags & 2) {
       // RENAME_EXCHANGE
       if (!target) throw new FsError("ENOENT");
-      if (target.children && (oldPath === newPath || oldPath.startsWith(`${newPath}/`)))
-        throw new FsError("EINVAL");
+      if (target === n) return;
       from.dir.children?.set(from.name, target);
       to.dir.children?.set(to.name, n);
       if (from.dir !== to.dir && (n.children ? 1 : 0) !== (target.children ? 1 : 0)) {
@@ -349,7 +355,6 @@ export class MemoryProvider implements Provider {
     }
     if (target === n) return;
     if (target) {
-      if (flags & 1) throw new FsError("EEXIST");
       if (n.children && !target.children) throw new FsError("ENOTDIR");
       if (!n.children && target.children) throw new FsError("EISDIR");
       if (target.children && target.children.size > 0) throw new FsError("ENOTEMPTY");

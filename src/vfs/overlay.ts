@@ -288,6 +288,9 @@ export class OverlayProvider implements Provider {
 
   async link(oldPath: string, newPath: string): Promise<void> {
     const r = await this.resolve(oldPath);
+    const { dir } = splitPath(newPath);
+    if (!isDir((await this.resolve(dir)).attr)) throw new FsError("ENOTDIR");
+    if (await this.tryResolve(newPath)) throw new FsError("EEXIST");
     if (isDir(r.attr)) throw new FsError("EPERM");
     await this.copyUp(oldPath);
     await this.prepareNew(newPath);
@@ -324,20 +327,24 @@ export class OverlayProvider implements Provider {
     if (oldPath === "/" || newPath === "/") throw new FsError("EBUSY");
     const { name: newName } = splitPath(newPath);
     if (reserved(newName)) throw new FsError("EPERM");
+    // Both parents first, then the names, as rename(2) resolves them.
+    for (const p of [oldPath, newPath]) {
+      if (!isDir((await this.resolve(splitPath(p).dir)).attr)) throw new FsError("ENOTDIR");
+    }
     const src = await this.resolve(oldPath);
     const srcDir = isDir(src.attr);
-    if (srcDir && (newPath === oldPath || newPath.startsWith(`${oldPath}/`))) throw new FsError("EINVAL");
-    if (srcDir && src.lower) throw new FsError("EXDEV", "directory from the host folder: copy instead");
-    const parent = await this.resolve(splitPath(newPath).dir);
-    if (!isDir(parent.attr)) throw new FsError("ENOTDIR");
     const dst = await this.tryResolve(newPath);
+    // The order of Linux's checks (do_renameat2, then vfs_rename).
+    if (flags & 1 && dst) throw new FsError("EEXIST");
+    if (srcDir && newPath.startsWith(`${oldPath}/`)) throw new FsError("EINVAL");
+    if (oldPath.startsWith(`${newPath}/`)) throw new FsError("ENOTEMPTY");
     if (dst) {
       if (oldPath === newPath) return;
-      if (flags & 1) throw new FsError("EEXIST");
       if (srcDir && !isDir(dst.attr)) throw new FsError("ENOTDIR");
       if (!srcDir && isDir(dst.attr)) throw new FsError("EISDIR");
       if (isDir(dst.attr) && (await this.readdir(newPath)).length > 0) throw new FsError("ENOTEMPTY");
     }
+    if (srcDir && src.lower) throw new FsError("EXDEV", "directory from the host folder: copy instead");
     await this.copyUp(oldPath);
     await this.copyUp(splitPath(newPath).dir);
     if (dst?.upper && isDir(dst.attr)) {
