@@ -16,7 +16,9 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { S_IFLNK, S_IFMT } from "../../src/vfs/fuse-abi.ts";
 import { HostFsProvider } from "../../src/vfs/host-fs.ts";
+import { OverlayProvider } from "../../src/vfs/overlay.ts";
 import { FsError } from "../../src/vfs/provider.ts";
+import { ReadOnlyProvider } from "../../src/vfs/readonly.ts";
 import { FuseServer } from "../../src/vfs/server.ts";
 import { FakeKernel } from "../helpers/fuse-client.ts";
 
@@ -28,6 +30,8 @@ import { FakeKernel } from "../helpers/fuse-client.ts";
  */
 
 const CALLER = { uid: 0, gid: 0, pid: 1 };
+/** Through a symlink used as a directory: ELOOP from openat2, or ENOTDIR from the overlay's own walk. */
+const LOOP_OR_NOTDIR = ["ELOOP", "ENOTDIR"];
 const O_RDONLY = 0;
 const O_WRONLY = 1;
 const O_RDWR = 2;
@@ -171,6 +175,30 @@ describe("host_fs containment (hostile guest)", () => {
     await refused(p.link("/secretlink/x", "/hard3"), ["ELOOP", "ENOTDIR"]);
     await refused(p.open("/hard", O_RDONLY));
     rmSync(join(root, "hard"));
+    sentinelIntact();
+  });
+
+  test("overlay: symlinks in the host folder are never followed by copy-up or writes", async () => {
+    const upperDir = join(base, "upper");
+    mkdirSync(upperDir);
+    const lower = new HostFsProvider(root);
+    const o = new OverlayProvider(new ReadOnlyProvider(lower), new HostFsProvider(upperDir));
+    try {
+      await refused(o.create("/out/new", O_WRONLY, 0o644, CALLER), LOOP_OR_NOTDIR);
+      await refused(o.open("/out/secret", O_RDWR), LOOP_OR_NOTDIR);
+      await refused(o.open("/secretlink", O_RDWR), LOOP_OR_NOTDIR);
+      await refused(o.setattr("/secretlink", { size: 0 }, CALLER), LOOP_OR_NOTDIR);
+      await refused(o.setattr("/etc", { mode: 0o777 }, CALLER), LOOP_OR_NOTDIR);
+      await refused(o.mkdir("/outabs/d", 0o755, CALLER), LOOP_OR_NOTDIR);
+      await refused(o.link("/out/secret", "/h"), LOOP_OR_NOTDIR);
+      // The copied-up link is a link (its text), not the file it names.
+      assert.ok(lstatSync(join(upperDir, "secretlink")).isSymbolicLink());
+      assert.equal(await o.readlink("/secretlink"), "../outside/secret");
+      await o.unlink("/shadow");
+      assert.ok(lstatSync(join(root, "shadow")).isSymbolicLink(), "host copy untouched");
+    } finally {
+      await o.close();
+    }
     sentinelIntact();
   });
 
