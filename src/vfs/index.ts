@@ -13,6 +13,7 @@ import { type Mount, MountRouter } from "./router.ts";
  */
 
 export { FuseServer, type FuseServerOptions } from "./server.ts";
+export { type StreamOptions, serveStream } from "./stream.ts";
 export type { Mount, Provider };
 export { HostFsProvider, MemoryProvider, MountRouter, OverlayProvider, ReadOnlyProvider };
 
