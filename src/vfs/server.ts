@@ -121,6 +121,32 @@ const QUIET = new Set<number>([
 ]);
 const OP_NAMES = new Map<number, string>(Object.entries(Op).map(([k, v]) => [v, k]));
 
+/**
+ * The guest controls names and how often errors happen: log lines get control characters escaped
+ * (no forged lines or terminal escapes) and are limited to 50 per 10 s, then one line says how many
+ * were dropped.
+ */
+function limitedLog(sink: (line: string) => void): (line: string) => void {
+  let windowStart = 0;
+  let count = 0;
+  let dropped = 0;
+  return (line) => {
+    const now = Date.now();
+    if (now - windowStart > 10_000) {
+      if (dropped > 0) sink(`(${dropped} more lines dropped)`);
+      windowStart = now;
+      count = 0;
+      dropped = 0;
+    }
+    if (++count > 50) {
+      dropped++;
+      return;
+    }
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: escaping them is the point
+    sink(line.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`));
+  };
+}
+
 /** An errno answer from inside a handler. */
 class Reply extends Error {
   readonly errno: number;
@@ -172,7 +198,7 @@ export class FuseServer {
     this.maxWrite = Math.min(Math.max(options.maxWrite ?? 128 * 1024, 4096), MAX_READ);
     this.maxNodes = options.maxNodes ?? 1_000_000;
     this.maxHandles = options.maxHandles ?? 65_536;
-    this.log = options.log ?? ((line) => process.stderr.write(`matchlock vfs: ${line}\n`));
+    this.log = limitedLog(options.log ?? ((line) => process.stderr.write(`matchlock vfs: ${line}\n`)));
     this.nodes.set(FUSE_ROOT_ID, {
       id: FUSE_ROOT_ID,
       parent: undefined,

@@ -163,7 +163,7 @@ describe("providers agree with Linux (model-based)", () => {
           rmSync(dir, { recursive: true, force: true });
         }
       }),
-      runs(100),
+      runs(60),
     );
   });
 });

@@ -277,3 +277,24 @@ describe("workspace config", () => {
     await assert.rejects(r.mkdir("/x/y/z", 0o755, CALLER), { code: "EROFS" });
   });
 });
+
+describe("server log", () => {
+  test("guest-chosen names cannot forge log lines, and a flood is limited", async () => {
+    const lines: string[] = [];
+    const mem = new MemoryProvider();
+    mem.getxattr = async () => {
+      throw new Error("host failure");
+    };
+    const k = new FakeKernel(new FuseServer({ provider: mem, log: (l) => lines.push(l) }));
+    await k.init();
+    const made = await k.mkdir(1n, "evil\nmatchlock vfs: forged\u001b[2J");
+    const node = made.body.readBigUInt64LE(0);
+    for (let i = 0; i < 200; i++) {
+      const r = await k.call(Op.GETXATTR, node, Buffer.concat([u32(0), u32(0), cstr("user.a")]));
+      assert.equal(r.error, -5);
+    }
+    assert.equal(lines.length, 50);
+    assert.equal(lines[0], "GETXATTR /evil\\x0amatchlock vfs: forged\\x1b[2J: host failure");
+    assert.ok(lines.every((l) => !l.includes("\n") && !l.includes("\u001b")));
+  });
+});
