@@ -263,6 +263,15 @@ export class HostFsProvider implements Provider {
     );
   }
 
+  async fsyncdir(path: string): Promise<void> {
+    const fd = this.openPath(path, sys.O_RDONLY | sys.O_DIRECTORY);
+    try {
+      await pfsync(fd);
+    } finally {
+      sys.close(fd);
+    }
+  }
+
   async statfs(_path: string): Promise<StatFs> {
     const s = await pstatfs(sys.fdPath(this.rootFd));
     return {

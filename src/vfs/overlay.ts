@@ -362,6 +362,11 @@ export class OverlayProvider implements Provider {
     }
   }
 
+  async fsyncdir(path: string): Promise<void> {
+    const r = await this.resolve(path);
+    if (r.upper) await this.upper.fsyncdir?.(path);
+  }
+
   async statfs(path: string): Promise<StatFs> {
     void path;
     return this.upper.statfs("/");

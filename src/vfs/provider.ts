@@ -76,6 +76,8 @@ export interface Provider {
   setxattr(path: string, name: string, value: Buffer, flags: number): Promise<void>;
   listxattr(path: string): Promise<string[]>;
   removexattr(path: string, name: string): Promise<void>;
+  /** Makes a directory's entries durable (fsync of the directory), when the provider has a disk. */
+  fsyncdir?(path: string): Promise<void>;
   /** Frees what the provider holds (fds); the server calls it on DESTROY / close. */
   close?(): Promise<void>;
 }

@@ -40,6 +40,7 @@ export class ReadOnlyProvider implements Provider {
       seek: (o, w) => file.seek(o, w),
     };
   }
+  async fsyncdir(): Promise<void> {}
   statfs(path: string): Promise<StatFs> {
     return this.inner.statfs(path);
   }

@@ -225,6 +225,14 @@ export class MountRouter implements Provider {
     const r = this.must(path);
     await r.mount.provider.rmdir(r.inner);
   }
+  async fsyncdir(path: string): Promise<void> {
+    const r = this.route(path);
+    try {
+      if (r) await r.mount.provider.fsyncdir?.(r.inner);
+    } catch (e) {
+      if (!this.isSynth(path)) throw e; // a synthesised directory has nothing to sync
+    }
+  }
   async statfs(path: string): Promise<StatFs> {
     const r = this.route(path) ?? this.route("/");
     if (!r) {

@@ -674,7 +674,12 @@ export class FuseServer {
         this.handles.delete(fh);
         return undefined;
       }
-      case Op.FSYNCDIR:
+      case Op.FSYNCDIR: {
+        // git and editors fsync the directory after a rename to make it durable.
+        const node = this.node(h.nodeid);
+        await p.fsyncdir?.(this.pathOf(node));
+        return undefined;
+      }
       case Op.SYNCFS:
         return undefined;
       case Op.ACCESS: {

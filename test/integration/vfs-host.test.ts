@@ -80,6 +80,9 @@ os.rename("py/a/b/f.txt", "py/a/g.txt")
 open("py/new", "w").write("new")
 os.replace("py/new", "py/a/g.txt")
 assert open("py/a/g.txt").read() == "new"
+d = os.open("py/a", os.O_RDONLY | os.O_DIRECTORY)
+os.fsync(d)
+os.close(d)
 shutil.copytree("py/a", "py/copy")
 os.truncate("py/copy/g.txt", 10000)
 assert os.stat("py/copy/g.txt").st_size == 10000
