@@ -9,9 +9,8 @@ import {
   statfs,
   write,
 } from "node:fs";
-import { readdir } from "node:fs/promises";
 import { promisify } from "node:util";
-import { type Attr, decodeUtf8, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK } from "./fuse-abi.ts";
+import { type Attr, decodeUtf8, S_IFDIR, S_IFIFO, S_IFMT, S_IFREG, S_IFSOCK } from "./fuse-abi.ts";
 import * as sys from "./host-syscalls.ts";
 import {
   type Caller,
@@ -162,24 +161,11 @@ export class HostFsProvider implements Provider {
   async readdir(path: string): Promise<DirEntry[]> {
     const fd = this.openPath(path, sys.O_RDONLY | sys.O_DIRECTORY);
     try {
-      // The magic link reaches exactly the directory fd holds; entries are then stat'ed by name.
-      const list = await readdir(sys.fdPath(fd), { withFileTypes: true, encoding: "buffer" });
       const out: DirEntry[] = [];
-      for (const d of list) {
-        const name = decodeUtf8(d.name as unknown as Buffer);
+      for (const d of sys.readdirFd(fd)) {
+        const name = decodeUtf8(d.name);
         if (name === undefined) continue; // not UTF-8: not representable to the guest (docs/vfs.md)
-        const type = d.isDirectory()
-          ? S_IFDIR
-          : d.isFile()
-            ? S_IFREG
-            : d.isSymbolicLink()
-              ? S_IFLNK
-              : d.isFIFO()
-                ? S_IFIFO
-                : d.isSocket()
-                  ? S_IFSOCK
-                  : 0;
-        out.push({ name, type });
+        out.push({ name, type: d.type << 12, ino: d.ino });
       }
       return out;
     } finally {

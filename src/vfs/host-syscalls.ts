@@ -72,6 +72,7 @@ interface Lib {
   setxattr: Fn;
   listxattr: Fn;
   removexattr: Fn;
+  getdents64: Fn;
   errno: () => number;
 }
 
@@ -108,6 +109,7 @@ function load(): Lib {
     setxattr: c.func("int setxattr(const char *path, const char *name, void *value, size_t size, int flags)"),
     listxattr: c.func("intptr_t listxattr(const char *path, void *list, size_t size)"),
     removexattr: c.func("int removexattr(const char *path, const char *name)"),
+    getdents64: c.func("intptr_t getdents64(int fd, void *buf, size_t count)"),
     errno: () => koffi.errno(),
   };
   return lib;
@@ -295,4 +297,36 @@ export function listxattr(path: string): string[] {
 
 export function removexattr(path: string, name: string): void {
   check(load().removexattr(path, name), `removexattr ${name}`);
+}
+
+export interface RawDirent {
+  ino: bigint;
+  /** DT_* type (S_IF* >> 12), 0 when the file system does not say. */
+  type: number;
+  name: Buffer;
+}
+
+/** Every entry of an open directory fd except "." and "..", read with getdents64(2). */
+export function readdirFd(fd: number, maxEntries = 1_000_000): RawDirent[] {
+  const l = load();
+  const buf = Buffer.alloc(64 * 1024);
+  const out: RawDirent[] = [];
+  for (;;) {
+    const n = check(l.getdents64(fd, buf, buf.length), "getdents64");
+    if (n === 0) return out;
+    for (let at = 0; at < n; ) {
+      const reclen = buf.readUInt16LE(at + 16);
+      if (reclen < 20 || at + reclen > n) throw new FsError("EIO", "getdents64: bad record");
+      const nameStart = at + 19;
+      const nul = buf.indexOf(0, nameStart);
+      const name = Buffer.from(buf.subarray(nameStart, nul < 0 || nul > at + reclen ? at + reclen : nul));
+      const dot = name.length === 1 && name[0] === 0x2e;
+      const dotdot = name.length === 2 && name[0] === 0x2e && name[1] === 0x2e;
+      if (!dot && !dotdot) {
+        if (out.length >= maxEntries) throw new FsError("EFBIG", "directory has too many entries");
+        out.push({ ino: buf.readBigUInt64LE(at), type: buf.readUInt8(at + 18), name });
+      }
+      at += reclen;
+    }
+  }
 }

@@ -145,13 +145,13 @@ export class OverlayProvider implements Provider {
           if (e.name !== OPAQUE) hidden.add(e.name.slice(WHITEOUT_PREFIX.length));
           continue;
         }
-        out.set(e.name, { name: e.name, type: e.type });
+        out.set(e.name, e);
       }
     }
     if (r.lowerListed) {
       for (const e of await this.lower.readdir(path)) {
         if (reserved(e.name) || hidden.has(e.name) || out.has(e.name)) continue;
-        out.set(e.name, { name: e.name, type: e.type });
+        out.set(e.name, e.ino === undefined ? e : { ...e, ino: e.ino | LOWER_INO_TAG });
       }
     }
     return [...out.values()];

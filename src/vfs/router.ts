@@ -130,7 +130,9 @@ export class MountRouter implements Provider {
     let found = false;
     if (r) {
       try {
-        for (const e of await r.mount.provider.readdir(r.inner)) out.set(e.name, e);
+        for (const e of await r.mount.provider.readdir(r.inner)) {
+          out.set(e.name, e.ino === undefined ? e : { ...e, ino: e.ino ^ (BigInt(r.index) << 52n) });
+        }
         found = true;
       } catch (e) {
         if (!this.isSynth(path)) throw e;
@@ -141,7 +143,8 @@ export class MountRouter implements Provider {
     for (const m of this.mounts) {
       if (m.path === path || !m.path.startsWith(prefix)) continue;
       const name = components(m.path)[depth] as string;
-      out.set(name, { name, type: S_IFDIR });
+      const child = path === "/" ? `/${name}` : `${path}/${name}`;
+      out.set(name, { name, type: S_IFDIR, ino: (await this.getattr(child).catch(() => undefined))?.ino });
       found = true;
     }
     if (!found) throw new FsError("ENOENT");

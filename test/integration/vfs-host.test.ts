@@ -96,6 +96,8 @@ os.close(fd)
 assert os.path.getsize("py/sparse") == (1 << 20) + 3
 os.mkfifo("py/fifo")
 assert os.path.exists("py/fifo")
+for e in os.scandir("py/copy"):  # d_ino from READDIR(PLUS) = st_ino from LOOKUP
+    assert e.inode() == os.lstat(e.path).st_ino, e.path
 shutil.rmtree("py/copy")
 import mmap
 with open("py/mm", "wb") as f:
@@ -270,6 +272,9 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
         assert.match(shFails(mnt, "rmdir mnt/data"), /busy|Device or resource busy/i);
         assert.match(shFails(mnt, "touch mnt/ro/x"), /Read-only/);
         assert.equal(sh(mnt, "cat mnt/ro/script.sh | head -1"), "#!/bin/sh\n");
+        const inodes =
+          "import os\nfor d in ['.', 'mnt', 'mnt/data', 'mnt/ro']:\n    for e in os.scandir(d):\n        assert e.inode() == os.lstat(e.path).st_ino, e.path\nprint('ok')";
+        assert.equal(sh(mnt, `python3 -c "${inodes}"`), "ok\n");
       },
     );
     assert.deepEqual(readdirSync(data), ["top"]);
