@@ -274,6 +274,10 @@ while time.time() < end:
         await tally(p.setxattr("/race2/f", "user.y", Buffer.from("1"), 0));
         await tally(p.link("/race2/f", "/race/hl"));
         await tally(p.unlink("/race/hl"));
+        await tally(p.rename("/race2/f", "/race/moved", 0));
+        await tally(p.rename("/race/moved", "/race2/f", 0));
+        await tally(p.rename("/race/secret", "/race/secret2", 1));
+        await tally(p.unlink("/race/secret2"));
       }
     } finally {
       swapper.kill();
