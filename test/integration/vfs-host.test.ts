@@ -94,6 +94,12 @@ fd = os.open("py/sparse", os.O_CREAT | os.O_RDWR, 0o644)
 os.pwrite(fd, b"end", 1 << 20)
 os.close(fd)
 assert os.path.getsize("py/sparse") == (1 << 20) + 3
+fd = os.open("py/sparse", os.O_RDWR)
+assert os.lseek(fd, 0, os.SEEK_DATA) >= 0
+assert 0 <= os.lseek(fd, 0, os.SEEK_HOLE) <= (1 << 20) + 3
+os.posix_fallocate(fd, 0, (1 << 20) + 4096)
+assert os.fstat(fd).st_size == (1 << 20) + 4096
+os.close(fd)
 os.mkfifo("py/fifo")
 assert os.path.exists("py/fifo")
 for e in os.scandir("py/copy"):  # d_ino from READDIR(PLUS) = st_ino from LOOKUP
@@ -125,6 +131,14 @@ function toolSuite(mnt: string, src: string): void {
   );
   assert.equal(sh(mnt, "ln f h; stat -c %h f; echo z >> h; cat f"), "2\na\nz\n");
   assert.match(sh(mnt, "df -P ."), /matchlock/);
+  // Locks are the guest kernel's own (POSIX_LOCKS/FLOCK_LOCKS not negotiated): they just work.
+  assert.equal(
+    sh(
+      mnt,
+      "flock f -c 'echo locked'; python3 -c \"import fcntl; f=open('f','r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('lockf')\"",
+    ),
+    "locked\nlockf\n",
+  );
   assert.equal(sh(mnt, "setfattr -n user.k -v val f; getfattr --only-values -n user.k f"), "val");
   assert.equal(sh(mnt, 'python3 -c "$PY"'.replace("$PY", PY.replaceAll('"', '\\"'))), "ok\n");
   sh(mnt, `cp -a ${src} copied; diff -r ${src} copied`);
