@@ -1,5 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { HostFsProvider } from "./host-fs.ts";
+import { type FileEvent, InterceptProvider, type VfsRule } from "./intercept.ts";
 import { MemoryProvider } from "./memory.ts";
 import { OverlayProvider } from "./overlay.ts";
 import { FsError, type Provider } from "./provider.ts";
@@ -30,6 +31,9 @@ export interface WorkspaceConfig {
   mounts: Record<string, MountConfig>;
   /** A fresh per-VM directory for the n-th overlay mount's upper layer (created 0700 here). */
   overlayUpper: (index: number) => string;
+  /** `vfs.interception`: rules checked before operations, file events after. */
+  interception?: { rules?: VfsRule[]; emit_events?: boolean };
+  onEvent?: (event: FileEvent) => void;
 }
 
 /** The guest path relative to the workspace, as a router path ("/" for the workspace itself). */
@@ -64,8 +68,11 @@ export async function providerFor(m: MountConfig, upper: () => Promise<string>):
   return m.readonly ? new ReadOnlyProvider(p) : p;
 }
 
-/** The router serving one workspace: its mounts, and synthesised directories between them. */
-export async function buildWorkspace(config: WorkspaceConfig): Promise<MountRouter> {
+/**
+ * The provider serving one workspace: the router of its mounts (synthesised directories between
+ * them), behind the interception rules when there are any.
+ */
+export async function buildWorkspace(config: WorkspaceConfig): Promise<Provider> {
   const mounts: Mount[] = [];
   let overlays = 0;
   try {
@@ -77,7 +84,15 @@ export async function buildWorkspace(config: WorkspaceConfig): Promise<MountRout
       });
       mounts.push({ path: routerPath(config.workspace, guestPath), provider });
     }
-    return new MountRouter(mounts);
+    const router = new MountRouter(mounts);
+    const i = config.interception;
+    if (!i || ((i.rules ?? []).length === 0 && !i.emit_events)) return router;
+    return new InterceptProvider(router, {
+      rules: i.rules ?? [],
+      prefix: config.workspace,
+      emitEvents: i.emit_events ?? false,
+      ...(config.onEvent ? { onEvent: config.onEvent } : {}),
+    });
   } catch (e) {
     for (const m of mounts) await m.provider.close?.();
     throw e;
