@@ -26,6 +26,14 @@ import { type ChildMount, mountInChild, type ProviderSpec } from "../helpers/hos
 const work = mkdtempSync("/tmp/matchlock-vfs-");
 after(() => rmSync(work, { recursive: true, force: true }));
 const canMount = process.getuid?.() === 0 && existsSync("/dev/fuse");
+const hasNpm = (() => {
+  try {
+    execFileSync("sh", ["-c", "command -v npm"], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+})();
 
 let n = 0;
 async function withMount(spec: ProviderSpec, fn: (mnt: string, m: ChildMount) => void | Promise<void>) {
@@ -242,6 +250,29 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
     assert.ok(existsSync(join(upper, ".wh.gone")));
     assert.ok(existsSync(join(upper, "repo", ".git")));
     assert.ok(!existsSync(join(upper, "data.bin")), "never written: never copied up");
+  });
+
+  test("npm install (offline, local tarballs) on overlay: node_modules lands in upper", {
+    skip: !hasNpm && "no npm",
+  }, async () => {
+    const dir = join(work, "npm");
+    const lower = join(dir, "lower");
+    const upper = join(dir, "upper");
+    mkdirSync(lower, { recursive: true });
+    mkdirSync(upper);
+    const repo = join(import.meta.dirname, "..", "..");
+    sh(dir, `npm pack --silent ${repo}/node_modules/commander ${repo}/node_modules/valibot >/dev/null`);
+    writeFileSync(join(lower, "package.json"), '{"name":"p","version":"1.0.0"}\n');
+    await withMount({ kind: "overlay", lower, upper }, (mnt) => {
+      sh(mnt, `npm install --offline --no-audit --no-fund --loglevel=error ${dir}/*.tgz >/dev/null 2>&1`);
+      assert.equal(sh(mnt, 'node -e \'require("commander"); require("valibot"); console.log(1)\''), "1\n");
+      sh(
+        mnt,
+        "npm uninstall --offline --loglevel=error commander >/dev/null 2>&1; test ! -e node_modules/commander",
+      );
+    });
+    assert.deepEqual(readdirSync(lower), ["package.json"]);
+    assert.ok(existsSync(join(upper, "node_modules", "valibot", "package.json")));
   });
 
   test("read-only: reads work, every change is EROFS", async () => {
