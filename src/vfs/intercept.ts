@@ -16,7 +16,9 @@ import {
  * operation, `onEvent` gets a file event when events are on (`emit_events`) or an `after` rule matches.
  *
  * Paths are the guest's (the workspace path + the path inside it), matched with Go's filepath.Match
- * syntax (`*` and `?` never cross a `/`, `[a-z]`, `[^x]`, `\` escapes), as Matchlock does.
+ * syntax (`*` and `?` never cross a `/`, `[a-z]`, `[^x]`, `\` escapes), as Matchlock does. The
+ * matcher is hand-written: picomatch and minimatch implement shell globs (dotfiles not matched by `*`,
+ * `**`, braces), which would make the same rule match differently than in Matchlock.
  */
 
 export const VFS_OPS = [
