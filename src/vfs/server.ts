@@ -75,6 +75,8 @@ export interface FuseServerOptions {
   /** Bounds on the tables (a guest cannot grow them without limit): ENFILE / EMFILE past them. */
   maxNodes?: number;
   maxHandles?: number;
+  /** Directory entries held for open directories, in total (ENOMEM past it). */
+  maxDirEntries?: number;
   /** One line per unexpected host error (naming the op and path); default: stderr. */
   log?: (line: string) => void;
 }
@@ -181,6 +183,8 @@ export class FuseServer {
   private readonly log: (line: string) => void;
   private readonly nodes = new Map<bigint, Node>();
   private readonly handles = new Map<bigint, Handle>();
+  private readonly maxDirEntries: number;
+  private cachedEntries = 0;
   private nextNode = 2n;
   private nextHandle = 1n;
   private initialized = false;
@@ -198,6 +202,7 @@ export class FuseServer {
     this.maxWrite = Math.min(Math.max(options.maxWrite ?? 128 * 1024, 4096), MAX_READ);
     this.maxNodes = options.maxNodes ?? 1_000_000;
     this.maxHandles = options.maxHandles ?? 65_536;
+    this.maxDirEntries = options.maxDirEntries ?? 4_000_000;
     this.log = limitedLog(options.log ?? ((line) => process.stderr.write(`matchlock vfs: ${line}\n`)));
     this.nodes.set(FUSE_ROOT_ID, {
       id: FUSE_ROOT_ID,
@@ -267,6 +272,7 @@ export class FuseServer {
   async close(): Promise<void> {
     const all = [...this.handles.values()];
     this.handles.clear();
+    this.cachedEntries = 0;
     for (const hd of all) {
       if (hd.kind === "file") await hd.file.release().catch(() => {});
     }
@@ -670,7 +676,8 @@ export class FuseServer {
         return this.readdir(h, r);
       case Op.RELEASEDIR: {
         const fh = r.u64();
-        this.dirHandle(fh);
+        const hd = this.dirHandle(fh);
+        this.cachedEntries -= hd.entries?.length ?? 0;
         this.handles.delete(fh);
         return undefined;
       }
@@ -830,7 +837,13 @@ export class FuseServer {
     const dirPath = this.pathOf(hd.node);
     if (offset === 0 || hd.entries === undefined) {
       const listed = await this.provider.readdir(dirPath);
+      // Listings are kept per open directory until RELEASEDIR: bounded in total, since a guest can
+      // hold many handles open on a big directory.
+      this.cachedEntries -= hd.entries?.length ?? 0;
+      hd.entries = undefined;
+      if (this.cachedEntries + listed.length + 2 > this.maxDirEntries) fail("ENOMEM");
       hd.entries = [{ name: ".", type: S_IFDIR }, { name: "..", type: S_IFDIR }, ...listed];
+      this.cachedEntries += hd.entries.length;
     }
     const entries = hd.entries;
     const out = Buffer.alloc(size);

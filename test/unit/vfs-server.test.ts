@@ -298,3 +298,22 @@ describe("server log", () => {
     assert.ok(lines.every((l) => !l.includes("\n") && !l.includes("\u001b")));
   });
 });
+
+describe("bounded directory listings", () => {
+  test("listings held by open directories are bounded in total (ENOMEM), freed by RELEASEDIR", async () => {
+    const mem = new MemoryProvider();
+    for (let i = 0; i < 40; i++) await mem.mkdir(`/d${i}`, 0o755, CALLER);
+    const k = new FakeKernel(new FuseServer({ provider: mem, log: () => {}, maxDirEntries: 100 }));
+    await k.init();
+    const readdir = (fh: bigint) =>
+      k.call(Op.READDIR, 1n, Buffer.concat([u64(fh), u64(0), u32(4096), u32(0), u64(0), u32(0), u32(0)]));
+    const a = await k.opendir(1n);
+    const b = await k.opendir(1n);
+    const c = await k.opendir(1n);
+    assert.equal((await readdir(a)).error, 0);
+    assert.equal((await readdir(b)).error, 0);
+    assert.equal((await readdir(c)).error, -12);
+    await k.call(Op.RELEASEDIR, 1n, Buffer.concat([u64(a), u32(0), u32(0), u64(0)]));
+    assert.equal((await readdir(c)).error, 0);
+  });
+});
