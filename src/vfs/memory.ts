@@ -48,6 +48,9 @@ interface MemNode {
   children?: Map<string, MemNode>;
   target?: string;
   xattrs: Map<string, Buffer>;
+  /** Open handles: an unlinked file lives (and counts) until the last is released. */
+  opens: number;
+  freed: boolean;
 }
 
 export interface MemoryOptions {
@@ -93,6 +96,8 @@ export class MemoryProvider implements Provider {
       rdev: 0,
       size: 0,
       xattrs: new Map(),
+      opens: 0,
+      freed: false,
     };
     if ((mode & S_IFMT) === S_IFDIR) {
       n.children = new Map();
@@ -161,11 +166,18 @@ export class MemoryProvider implements Provider {
   private drop(n: MemNode): void {
     n.nlink = (n.mode & S_IFMT) === S_IFDIR ? 0 : n.nlink - 1;
     n.ctime = nowTimespec();
-    if (n.nlink <= 0) {
-      // Open handles keep the node object; its bytes leave the budget now.
-      this.bytes -= n.size;
-      this.nodes--;
-    }
+    this.maybeFree(n);
+  }
+
+  /** A node with no name and no open handle leaves the budget (its bytes and its inode). */
+  private maybeFree(n: MemNode): void {
+    if (n.nlink > 0 || n.opens > 0 || n.freed) return;
+    n.freed = true;
+    this.bytes -= n.size;
+    for (const [k, v] of n.xattrs) this.bytes -= k.length + v.length;
+    this.nodes--;
+    n.data = undefined;
+    n.size = 0;
   }
 
   async getattr(path: string): Promise<Attr> {
@@ -238,6 +250,8 @@ export class MemoryProvider implements Provider {
   private handle(n: MemNode, flags: number): FileHandle {
     const writable = (flags & O_ACCMODE) === O_WRONLY || (flags & O_ACCMODE) === O_RDWR;
     const append = (flags & O_APPEND) !== 0;
+    n.opens++;
+    let released = false;
     return {
       read: async (offset, length) => {
         if (offset >= n.size || !n.data) return Buffer.alloc(0);
@@ -256,7 +270,12 @@ export class MemoryProvider implements Provider {
       truncate: async (size) => this.applySet(n, { size }),
       fsync: async () => {},
       flush: async () => {},
-      release: async () => {},
+      release: async () => {
+        if (released) return;
+        released = true;
+        n.opens--;
+        this.maybeFree(n);
+      },
       allocate: async (mode, offset, length) => {
         if (mode !== 0) throw new FsError("EOPNOTSUPP");
         if (offset + length > n.size) this.resize(n, offset + length);
@@ -399,6 +418,10 @@ export class MemoryProvider implements Provider {
     if (flags & XATTR_CREATE && has) throw new FsError("EEXIST");
     if (flags & XATTR_REPLACE && !has) throw new FsError("ENODATA");
     if (!has && n.xattrs.size >= 128) throw new FsError("ENOSPC");
+    // Extended attributes count against the same byte budget as file data.
+    const grow = value.length + name.length - (has ? (n.xattrs.get(name)?.length ?? 0) + name.length : 0);
+    if (this.bytes + grow > this.maxBytes) throw new FsError("ENOSPC", "memory provider is full");
+    this.bytes += grow;
     n.xattrs.set(name, Buffer.from(value));
     this.touch(n, { c: true });
   }
@@ -409,7 +432,10 @@ export class MemoryProvider implements Provider {
 
   async removexattr(path: string, name: string): Promise<void> {
     const n = this.find(path);
-    if (!n.xattrs.delete(name)) throw new FsError("ENODATA");
+    const v = n.xattrs.get(name);
+    if (!v) throw new FsError("ENODATA");
+    n.xattrs.delete(name);
+    this.bytes -= v.length + name.length;
     this.touch(n, { c: true });
   }
 }

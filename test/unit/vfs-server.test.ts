@@ -317,3 +317,22 @@ describe("bounded directory listings", () => {
     assert.equal((await readdir(c)).error, 0);
   });
 });
+
+describe("memory provider budget", () => {
+  test("an unlinked file counts until its last handle is released; xattrs count too", async () => {
+    const mem = new MemoryProvider({ maxBytes: 1000 });
+    const f = await mem.create("/t", 2, 0o644, CALLER);
+    await mem.unlink("/t");
+    await f.write(0, Buffer.alloc(800));
+    await assert.rejects(
+      mem.create("/u", 2, 0o644, CALLER).then((g) => g.write(0, Buffer.alloc(300))),
+      {
+        code: "ENOSPC",
+      },
+    );
+    await f.release();
+    const g = await mem.open("/u", 2);
+    assert.equal(await g.write(0, Buffer.alloc(900)), 900);
+    await assert.rejects(mem.setxattr("/u", "user.big", Buffer.alloc(200), 0), { code: "ENOSPC" });
+  });
+});
