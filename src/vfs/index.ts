@@ -1,4 +1,5 @@
-import { mkdir } from "node:fs/promises";
+import { mkdir, stat } from "node:fs/promises";
+import { basename, dirname } from "node:path";
 import { HostFsProvider } from "./host-fs.ts";
 import { type FileEvent, InterceptProvider, type VfsRule } from "./intercept.ts";
 import { MemoryProvider } from "./memory.ts";
@@ -6,6 +7,7 @@ import { OverlayProvider } from "./overlay.ts";
 import { FsError, type Provider } from "./provider.ts";
 import { ReadOnlyProvider } from "./readonly.ts";
 import { type Mount, MountRouter } from "./router.ts";
+import { SingleFileProvider } from "./single-file.ts";
 
 /**
  * The VFS layer's entry point: builds the provider tree of one VM's workspace from its config
@@ -15,8 +17,16 @@ import { type Mount, MountRouter } from "./router.ts";
 
 export { FuseServer, type FuseServerOptions } from "./server.ts";
 export { type StreamOptions, serveStream } from "./stream.ts";
-export type { Mount, Provider };
-export { HostFsProvider, MemoryProvider, MountRouter, OverlayProvider, ReadOnlyProvider };
+export type { FileEvent, Mount, Provider, VfsRule };
+export {
+  HostFsProvider,
+  InterceptProvider,
+  MemoryProvider,
+  MountRouter,
+  OverlayProvider,
+  ReadOnlyProvider,
+  SingleFileProvider,
+};
 
 export interface MountConfig {
   type: "memory" | "host_fs" | "overlay";
@@ -47,23 +57,26 @@ export function routerPath(workspace: string, guestPath: string): string {
   return g.slice(ws.length);
 }
 
+/**
+ * One mount's provider. A host_path that is a file (not a folder) is a single-file mount: the
+ * provider of its parent directory, restricted to that one name.
+ */
 export async function providerFor(m: MountConfig, upper: () => Promise<string>): Promise<Provider> {
   let p: Provider;
-  switch (m.type) {
-    case "memory":
-      p = new MemoryProvider();
-      break;
-    case "host_fs":
-      if (!m.host_path) throw new FsError("EINVAL", "host_fs mount without host_path");
-      p = new HostFsProvider(m.host_path);
-      break;
-    case "overlay":
-      if (!m.host_path) throw new FsError("EINVAL", "overlay mount without host_path");
-      p = new OverlayProvider(
-        new ReadOnlyProvider(new HostFsProvider(m.host_path)),
-        new HostFsProvider(await upper()),
-      );
-      break;
+  if (m.type === "memory") {
+    p = new MemoryProvider();
+  } else {
+    if (!m.host_path) throw new FsError("EINVAL", `${m.type} mount without host_path`);
+    const file = !(await stat(m.host_path)).isDirectory();
+    const dir = file ? dirname(m.host_path) : m.host_path;
+    p =
+      m.type === "host_fs"
+        ? new HostFsProvider(dir)
+        : new OverlayProvider(
+            new ReadOnlyProvider(new HostFsProvider(dir)),
+            new HostFsProvider(await upper()),
+          );
+    if (file) p = new SingleFileProvider(p, basename(m.host_path));
   }
   return m.readonly ? new ReadOnlyProvider(p) : p;
 }

@@ -1,4 +1,6 @@
+import { join } from "node:path";
 import { HostFsProvider } from "../../src/vfs/host-fs.ts";
+import { buildWorkspace } from "../../src/vfs/index.ts";
 import { MemoryProvider } from "../../src/vfs/memory.ts";
 import { OverlayProvider } from "../../src/vfs/overlay.ts";
 import type { Provider } from "../../src/vfs/provider.ts";
@@ -22,6 +24,14 @@ async function build(spec: ProviderSpec): Promise<Provider> {
         new ReadOnlyProvider(new HostFsProvider(spec.lower)),
         new HostFsProvider(spec.upper),
       );
+    case "workspace":
+      return buildWorkspace({
+        workspace: spec.workspace,
+        mounts: spec.mounts,
+        overlayUpper: (i) => join(spec.upperBase, `mount-${i}`),
+        ...(spec.interception ? { interception: spec.interception } : {}),
+        onEvent: (e) => process.stderr.write(`event ${JSON.stringify(e)}\n`),
+      });
     case "router": {
       const mounts = [];
       for (const m of spec.mounts) mounts.push({ path: m.guestPath, provider: await build(m.spec) });

@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { closeSync, openSync, read, writeSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
+import type { MountConfig, VfsRule } from "../../src/vfs/index.ts";
 import type { FuseServer } from "../../src/vfs/server.ts";
 
 /**
@@ -108,7 +109,15 @@ export type ProviderSpec =
   | { kind: "memory" }
   | { kind: "host_fs"; root: string; readonly?: boolean }
   | { kind: "overlay"; lower: string; upper: string }
-  | { kind: "router"; mounts: { guestPath: string; spec: ProviderSpec }[] };
+  | { kind: "router"; mounts: { guestPath: string; spec: ProviderSpec }[] }
+  /** The production wiring (buildWorkspace) from the vfs config shapes. */
+  | {
+      kind: "workspace";
+      workspace: string;
+      mounts: Record<string, MountConfig>;
+      upperBase: string;
+      interception?: { rules?: VfsRule[]; emit_events?: boolean };
+    };
 
 export interface ChildMount {
   mountpoint: string;

@@ -324,4 +324,45 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
     );
     assert.deepEqual(readdirSync(data), ["top"]);
   });
+
+  test("workspace wiring (buildWorkspace): single-file mounts, read-only, overlay file, interception", async () => {
+    const dir = join(work, "ws");
+    mkdirSync(join(dir, "host"), { recursive: true });
+    const cfg = join(dir, "host", "config.json");
+    const ro = join(dir, "host", "ro.txt");
+    const ov = join(dir, "host", "ov.txt");
+    writeFileSync(cfg, "{}\n");
+    writeFileSync(ro, "ro\n");
+    writeFileSync(ov, "ov\n");
+    writeFileSync(join(dir, "host", "other"), "not mounted");
+    let logOf: ChildMount | undefined;
+    await withMount(
+      {
+        kind: "workspace",
+        workspace: "/workspace",
+        upperBase: join(dir, "upper"),
+        mounts: {
+          "/workspace": { type: "memory" },
+          "/workspace/config.json": { type: "host_fs", host_path: cfg },
+          "/workspace/etc/ro.txt": { type: "host_fs", host_path: ro, readonly: true },
+          "/workspace/ov.txt": { type: "overlay", host_path: ov },
+        },
+        interception: { rules: [{ ops: ["create"], path: "/workspace/*.secret", action: "block" }] },
+      },
+      (mnt, m) => {
+        assert.equal(sh(mnt, "ls; ls etc"), "config.json\netc\nov.txt\nro.txt\n");
+        sh(mnt, "echo '{\"a\":1}' > config.json; cat etc/ro.txt; echo more >> ov.txt; touch free.txt");
+        assert.match(shFails(mnt, "echo x > etc/ro.txt"), /Read-only/);
+        assert.match(shFails(mnt, "touch x.secret"), /Operation not permitted/);
+        assert.match(shFails(mnt, "cat config.json/x"), /Not a directory/);
+        assert.match(shFails(mnt, "rm config.json"), /busy/i);
+        logOf = m;
+      },
+    );
+    assert.match(logOf?.log() ?? "", /blocked by a vfs interception rule: create \/workspace\/x.secret/);
+    assert.equal(readFileSync(cfg, "utf8"), '{"a":1}\n');
+    assert.equal(readFileSync(ov, "utf8"), "ov\n", "overlay leaves the host file alone");
+    assert.equal(readFileSync(join(dir, "upper", "mount-0", "ov.txt"), "utf8"), "ov\nmore\n");
+    assert.deepEqual(readdirSync(join(dir, "upper", "mount-0")), ["ov.txt"]);
+  });
 });

@@ -20,6 +20,7 @@ import { OverlayProvider } from "../../src/vfs/overlay.ts";
 import { FsError } from "../../src/vfs/provider.ts";
 import { ReadOnlyProvider } from "../../src/vfs/readonly.ts";
 import { FuseServer } from "../../src/vfs/server.ts";
+import { SingleFileProvider } from "../../src/vfs/single-file.ts";
 import { FakeKernel } from "../helpers/fuse-client.ts";
 
 /**
@@ -198,6 +199,24 @@ describe("host_fs containment (hostile guest)", () => {
       assert.ok(lstatSync(join(root, "shadow")).isSymbolicLink(), "host copy untouched");
     } finally {
       await o.close();
+    }
+    sentinelIntact();
+  });
+
+  test("single-file mount: only that name is reachable; a symlink put in its place is not followed", async () => {
+    const f = new SingleFileProvider(new HostFsProvider(join(root, "d")), "f");
+    try {
+      assert.equal((await f.getattr("/")).size, 6);
+      await refused(f.getattr("/up"), ["ENOTDIR"]);
+      await refused(f.readdir("/"), ["ENOTDIR"]);
+      await refused(f.create("/x", O_WRONLY, 0o644, CALLER), ["ENOTDIR"]);
+      await refused(f.unlink("/"), ["EBUSY"]);
+      const link = new SingleFileProvider(new HostFsProvider(root), "secretlink");
+      await refused(link.open("/", O_RDWR));
+      await refused(link.setattr("/", { size: 0 }, CALLER));
+      await link.close();
+    } finally {
+      await f.close();
     }
     sentinelIntact();
   });
