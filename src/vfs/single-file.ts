@@ -69,16 +69,16 @@ export class SingleFileProvider implements Provider {
     this.map(path);
     throw new FsError(path === "/" ? "EBUSY" : "ENOTDIR");
   }
-  async create(path: string): Promise<FileHandle> {
+  async create(path: string, _flags?: number, _mode?: number, _caller?: Caller): Promise<FileHandle> {
     return await this.noNames(path);
   }
-  async mkdir(path: string): Promise<void> {
+  async mkdir(path: string, _mode?: number, _caller?: Caller): Promise<void> {
     return await this.noNames(path);
   }
-  async mknod(path: string): Promise<void> {
+  async mknod(path: string, _mode?: number, _rdev?: number, _caller?: Caller): Promise<void> {
     return await this.noNames(path);
   }
-  async symlink(_target: string, path: string): Promise<void> {
+  async symlink(_target: string, path: string, _caller?: Caller): Promise<void> {
     return await this.noNames(path);
   }
   async link(_oldPath: string, newPath: string): Promise<void> {
@@ -90,7 +90,7 @@ export class SingleFileProvider implements Provider {
   async rmdir(path: string): Promise<void> {
     return await this.noNames(path);
   }
-  async rename(oldPath: string): Promise<void> {
+  async rename(oldPath: string, _newPath?: string, _flags?: number): Promise<void> {
     return await this.noNames(oldPath);
   }
   async close(): Promise<void> {
