@@ -873,7 +873,7 @@ export class FuseServer {
       } catch {
         continue; // gone since the listing: skip it
       }
-      if (hd.node.gone) fail("ENOENT");
+      if (hd.node.gone) break; // removed meanwhile: send what is counted so far
       let n: Node;
       try {
         n = this.remember(hd.node, e.name, attr);
