@@ -595,8 +595,18 @@ export class FuseServer {
           await file.release().catch(() => {});
           throw e;
         }
-        const n = this.remember(dir, name, attr);
-        const fh = this.addFile(file, n);
+        // The handle first: if the table is full, no lookup has been counted for a failed reply.
+        const fh = this.addFile(file, dir);
+        let n: Node;
+        try {
+          n = this.remember(dir, name, attr);
+        } catch (e) {
+          this.handles.delete(fh);
+          await file.release().catch(() => {});
+          throw e;
+        }
+        const hd = this.handles.get(fh);
+        if (hd?.kind === "file") hd.node = n;
         return [entryOut(n.id, GENERATION, attr, this.entryTtl, this.attrTtl), openOut(fh, 0)];
       }
       case Op.READ: {
