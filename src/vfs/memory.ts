@@ -196,7 +196,10 @@ export class MemoryProvider implements Provider {
       this.resize(n, set.size);
       this.touch(n, { m: true });
     }
-    if (set.mode !== undefined) n.mode = (n.mode & S_IFMT) | (set.mode & 0o7777);
+    if (set.mode !== undefined) {
+      if ((n.mode & S_IFMT) === S_IFLNK) throw new FsError("ELOOP"); // as host_fs: modes of links are fixed
+      n.mode = (n.mode & S_IFMT) | (set.mode & 0o7777);
+    }
     if (set.uid !== undefined) n.uid = set.uid;
     if (set.gid !== undefined) n.gid = set.gid;
     if (set.atime !== undefined) n.atime = set.atime === "now" ? nowTimespec() : set.atime;

@@ -31,6 +31,8 @@ type Step =
   | { op: "mkdir" | "unlink" | "rmdir"; p: string }
   | { op: "write"; p: string; at: number; data: string; excl: boolean }
   | { op: "truncate"; p: string; size: number }
+  | { op: "chmod"; p: string; mode: number }
+  | { op: "xattr"; p: string; value: string; flags: number }
   | { op: "rename"; p: string; q: string; flags: number }
   | { op: "link"; p: string; q: string }
   | { op: "symlink"; p: string; target: string };
@@ -47,6 +49,17 @@ const step: fc.Arbitrary<Step> = fc.oneof(
     excl: fc.boolean(),
   }),
   fc.record({ op: fc.constant("truncate" as const), p: path, size: fc.nat(30) }),
+  fc.record({
+    op: fc.constant("chmod" as const),
+    p: path,
+    mode: fc.constantFrom(0o600, 0o755, 0o700, 0o1777),
+  }),
+  fc.record({
+    op: fc.constant("xattr" as const),
+    p: path,
+    value: fc.constantFrom("", "v", "value"),
+    flags: fc.constantFrom(0, 1, 2),
+  }),
   fc.record({ op: fc.constant("rename" as const), p: path, q: path, flags: fc.constantFrom(0, 0, 1, 2) }),
   fc.record({ op: fc.constant("link" as const), p: path, q: path }),
   fc.record({ op: fc.constant("symlink" as const), p: path, target: fc.constantFrom("x", "/etc", "../a") }),
@@ -76,6 +89,12 @@ async function apply(p: Provider, s: Step): Promise<string> {
       case "truncate":
         await p.setattr(s.p, { size: s.size }, CALLER);
         break;
+      case "chmod":
+        await p.setattr(s.p, { mode: s.mode }, CALLER);
+        break;
+      case "xattr":
+        await p.setxattr(s.p, "user.k", Buffer.from(s.value), s.flags);
+        break;
       case "rename":
         await p.rename(s.p, s.q, s.flags);
         break;
@@ -101,6 +120,13 @@ async function tree(p: Provider, dir = "/", out: string[] = []): Promise<string[
     const child = dir === "/" ? `/${n}` : `${dir}/${n}`;
     const a = await p.getattr(child);
     const type = a.mode & S_IFMT;
+    if (type !== S_IFLNK) {
+      const x = await p.getxattr(child, "user.k").then(
+        (v) => v.toString(),
+        () => "-",
+      );
+      out.push(`${child} mode ${(a.mode & 0o7777).toString(8)} xattr ${x}`);
+    }
     if (type === S_IFDIR) {
       out.push(`${child}/`);
       await tree(p, child, out);
@@ -127,7 +153,7 @@ const SEED: Step[] = [
 describe("providers agree with Linux (model-based)", () => {
   test("property: memory and overlay behave like host_fs step by step", async () => {
     await fc.assert(
-      fc.asyncProperty(fc.array(step, { maxLength: 25 }), async (steps) => {
+      fc.asyncProperty(fc.array(step, { maxLength: 30 }), async (steps) => {
         const dir = join(base, String(seq++));
         for (const d of ["ref", "lower", "upper"]) mkdirSync(join(dir, d), { recursive: true });
         const ref = new HostFsProvider(join(dir, "ref"));
