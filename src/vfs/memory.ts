@@ -416,6 +416,7 @@ export class MemoryProvider implements Provider {
 
   async setxattr(path: string, name: string, value: Buffer, flags: number): Promise<void> {
     const n = this.find(path);
+    if ((n.mode & S_IFMT) === S_IFLNK) throw new FsError("EPERM"); // Linux: no user.* xattrs on symlinks
     if (value.length > XATTR_SIZE_MAX) throw new FsError("E2BIG");
     const has = n.xattrs.has(name);
     if (flags & XATTR_CREATE && has) throw new FsError("EEXIST");
