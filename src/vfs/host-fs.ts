@@ -10,7 +10,7 @@ import {
   write,
 } from "node:fs";
 import { promisify } from "node:util";
-import { type Attr, decodeUtf8, S_IFDIR, S_IFIFO, S_IFMT, S_IFREG, S_IFSOCK } from "./fuse-abi.ts";
+import { type Attr, decodeUtf8, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK } from "./fuse-abi.ts";
 import * as sys from "./host-syscalls.ts";
 import {
   type Caller,
@@ -271,13 +271,23 @@ export class HostFsProvider implements Provider {
     };
   }
 
+  private isSymlink(path: string): boolean {
+    try {
+      return (this.at(path, (dfd, name) => sys.statx(dfd, name)).mode & S_IFMT) === S_IFLNK;
+    } catch {
+      return false;
+    }
+  }
+
   /** fn on the /proc path of an O_PATH fd of `path`; a symlink (ELOOP) gets `onSymlink`. */
   private withProcPath<T>(path: string, fn: (p: string) => T, onSymlink: () => T): T {
     let fd: number;
     try {
       fd = this.openPath(path);
     } catch (e) {
-      if (e instanceof FsError && e.code === "ELOOP") return onSymlink();
+      // ELOOP for the last component being a symlink gets the symlink answer; ELOOP from a symlink
+      // used as a directory on the way stays ELOOP.
+      if (e instanceof FsError && e.code === "ELOOP" && this.isSymlink(path)) return onSymlink();
       throw e;
     }
     try {
