@@ -519,3 +519,27 @@ export function initOut(o: InitOut): Buffer {
   b.writeUInt16LE(o.maxPages, 28);
   return b;
 }
+
+/** Notification codes (fuse_out_header.error of a message with unique 0, server → kernel). */
+export const Notify = {
+  INVAL_INODE: 2,
+  INVAL_ENTRY: 3,
+} as const;
+
+/** FUSE_NOTIFY_INVAL_INODE: drop the attributes and cached pages [off, off+len) of a node (len 0: to the end). */
+export function notifyInvalInode(nodeid: bigint, off = 0n, len = 0n): Buffer {
+  const b = Buffer.alloc(24);
+  b.writeBigUInt64LE(nodeid, 0);
+  b.writeBigInt64LE(off, 8);
+  b.writeBigInt64LE(len, 16);
+  return outMessage(0n, Notify.INVAL_INODE, b);
+}
+
+/** FUSE_NOTIFY_INVAL_ENTRY: drop the cached name → node answer (or its absence) of parent/name. */
+export function notifyInvalEntry(parent: bigint, name: Buffer): Buffer {
+  const b = Buffer.alloc(16 + name.length + 1);
+  b.writeBigUInt64LE(parent, 0);
+  b.writeUInt32LE(name.length, 8);
+  name.copy(b, 16);
+  return outMessage(0n, Notify.INVAL_ENTRY, b);
+}

@@ -19,6 +19,8 @@ import {
   type InHeader,
   Init,
   initOut,
+  notifyInvalEntry,
+  notifyInvalInode,
   Op,
   openOut,
   outMessage,
@@ -266,6 +268,26 @@ export class FuseServer {
       this.log(`${OP_NAMES.get(h.opcode) ?? h.opcode} ${where}: ${(e as Error)?.message ?? String(e)}`);
     }
     return errno;
+  }
+
+  /**
+   * Notifications telling the guest kernel to forget what it cached about `path` (a provider path,
+   * e.g. a host file changed behind the guest's back): its attributes and pages if the kernel knows
+   * the node, and the name in its parent directory. The transport writes them to the kernel like
+   * replies (unique 0), never from inside a request's handling. Empty when the kernel knows nothing.
+   */
+  invalidate(path: string): Buffer[] {
+    if (!this.initialized || this.destroyed) return [];
+    const out: Buffer[] = [];
+    let dir: Node | undefined = this.nodes.get(FUSE_ROOT_ID);
+    const parts = path === "/" ? [] : path.slice(1).split("/");
+    for (let i = 0; i < parts.length && dir; i++) {
+      const name = parts[i] as string;
+      if (i === parts.length - 1) out.push(notifyInvalEntry(dir.id, Buffer.from(name)));
+      dir = dir.children?.get(name);
+    }
+    if (dir && this.nodes.has(dir.id)) out.unshift(notifyInvalInode(dir.id));
+    return out;
   }
 
   /** Releases every open handle and the provider (the end of the session). */

@@ -24,6 +24,8 @@ export interface Served {
   done: Promise<string | undefined>;
   /** Requests handled so far. */
   readonly requests: number;
+  /** Sends notifications (FuseServer.invalidate) to the guest kernel through the relay. */
+  notify(messages: Buffer[]): void;
 }
 
 export function serveStream(server: FuseServer, stream: Duplex, options: StreamOptions = {}): Served {
@@ -82,6 +84,9 @@ export function serveStream(server: FuseServer, stream: Duplex, options: StreamO
     done,
     get requests() {
       return requests;
+    },
+    notify: (messages) => {
+      for (const m of messages) if (!stream.destroyed) stream.write(m);
     },
   };
 }

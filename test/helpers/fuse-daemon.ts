@@ -40,9 +40,12 @@ async function build(spec: ProviderSpec): Promise<Provider> {
   }
 }
 
-const [mountpoint, json] = process.argv.slice(2);
-if (!mountpoint || !json) throw new Error("usage: fuse-daemon.ts <mountpoint> <spec>");
-const server = new FuseServer({ provider: await build(JSON.parse(json) as ProviderSpec) });
+const [mountpoint, json, serverJson] = process.argv.slice(2);
+if (!mountpoint || !json) throw new Error("usage: fuse-daemon.ts <mountpoint> <spec> [server options]");
+const server = new FuseServer({
+  provider: await build(JSON.parse(json) as ProviderSpec),
+  ...(JSON.parse(serverJson ?? "{}") as { entryTimeout?: number; attrTimeout?: number }),
+});
 const served = serveDevFuse(server, mountpoint);
 // The test process died or is done with us: never leave a dead mount behind.
 const bail = () => {
@@ -50,6 +53,19 @@ const bail = () => {
   setTimeout(() => process.exit(0), 2000).unref();
 };
 process.stdin.on("end", bail);
+// Commands from the test, one per line: `inval <path>` → notifications to the kernel.
+let pendingInput = "";
+process.stdin.on("data", (d: Buffer) => {
+  pendingInput += d.toString();
+  for (let nl = pendingInput.indexOf("\n"); nl >= 0; nl = pendingInput.indexOf("\n")) {
+    const line = pendingInput.slice(0, nl);
+    pendingInput = pendingInput.slice(nl + 1);
+    if (line.startsWith("inval ")) {
+      served.notify(server.invalidate(line.slice(6)));
+      process.stdout.write("invalidated\n");
+    }
+  }
+});
 process.stdin.on("error", bail);
 process.stdin.resume();
 process.on("SIGTERM", bail);

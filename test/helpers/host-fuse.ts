@@ -56,6 +56,8 @@ export interface Served {
   /** Resolves when the kernel ends the session (unmount, abort). */
   done: Promise<void>;
   requests: number;
+  /** Writes notifications (FuseServer.invalidate) to the kernel. */
+  notify(messages: Buffer[]): void;
 }
 
 /** Mounts /dev/fuse at `mountpoint` and serves it with `server` until the session ends. */
@@ -68,7 +70,19 @@ export function serveDevFuse(server: FuseServer, mountpoint: string, readers = 4
     closeSync(fd);
     throw new Error(`mount fuse at ${mountpoint}: errno ${errno}`);
   }
-  const state: Served = { done: Promise.resolve(), requests: 0 };
+  const state: Served = {
+    done: Promise.resolve(),
+    requests: 0,
+    notify: (messages) => {
+      for (const m of messages) {
+        try {
+          writeSync(fd, m);
+        } catch {
+          // ENOENT: the kernel no longer knows that node; ENODEV: unmounted.
+        }
+      }
+    },
+  };
   let live = readers;
   let finish: () => void = () => {};
   state.done = new Promise<void>((resolve) => {
@@ -122,6 +136,8 @@ export type ProviderSpec =
 export interface ChildMount {
   mountpoint: string;
   child: ChildProcess;
+  /** Has the server invalidate the kernel's caches for a provider path (FuseServer.invalidate). */
+  invalidate(path: string): Promise<void>;
   /** What the server logged (stderr). */
   log: () => string;
   /** Unmounts (MNT_DETACH) and waits for the child to exit; safe to call twice. */
@@ -131,8 +147,12 @@ export interface ChildMount {
 const daemon = fileURLToPath(new URL("./fuse-daemon.ts", import.meta.url));
 
 /** Spawns a server process for `spec` mounted at `mountpoint`; resolves once the mount answers. */
-export async function mountInChild(spec: ProviderSpec, mountpoint: string): Promise<ChildMount> {
-  const child = spawn(process.execPath, [daemon, mountpoint, JSON.stringify(spec)], {
+export async function mountInChild(
+  spec: ProviderSpec,
+  mountpoint: string,
+  server: { entryTimeout?: number; attrTimeout?: number } = {},
+): Promise<ChildMount> {
+  const child = spawn(process.execPath, [daemon, mountpoint, JSON.stringify(spec), JSON.stringify(server)], {
     // stdin stays open while we live: the child unmounts and exits when it closes (we died).
     stdio: ["pipe", "pipe", "pipe"],
     env: { ...process.env, UV_THREADPOOL_SIZE: "16" },
@@ -143,12 +163,27 @@ export async function mountInChild(spec: ProviderSpec, mountpoint: string): Prom
     if (err.length > 1_000_000) err = err.slice(-500_000);
   });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-  await new Promise<void>((resolve, reject) => {
-    let out = "";
-    child.stdout?.on("data", (d: Buffer) => {
-      out += d.toString();
-      if (out.includes("ready\n")) resolve();
+  let out = "";
+  const waiters: (() => void)[] = [];
+  child.stdout?.on("data", (d: Buffer) => {
+    out += d.toString();
+    for (const w of waiters.splice(0)) w();
+  });
+  const waitFor = (line: string) =>
+    new Promise<void>((resolve) => {
+      const check = () => {
+        const at = out.indexOf(`${line}\n`);
+        if (at < 0) {
+          waiters.push(check);
+          return;
+        }
+        out = out.slice(at + line.length + 1);
+        resolve();
+      };
+      check();
     });
+  await new Promise<void>((resolve, reject) => {
+    void waitFor("ready").then(resolve);
     child.once("exit", (code) => reject(new Error(`fuse daemon exited (${code}) before ready: ${err}`)));
   });
   let stopped = false;
@@ -156,6 +191,10 @@ export async function mountInChild(spec: ProviderSpec, mountpoint: string): Prom
     mountpoint,
     child,
     log: () => err,
+    invalidate: async (path) => {
+      child.stdin?.write(`inval ${path}\n`);
+      await waitFor("invalidated");
+    },
     stop: async () => {
       if (stopped) return;
       stopped = true;

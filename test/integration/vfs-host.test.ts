@@ -365,4 +365,28 @@ describe("vfs on the host kernel (/dev/fuse)", { skip: !canMount && "needs root 
     assert.equal(readFileSync(join(dir, "upper", "mount-0", "ov.txt"), "utf8"), "ov\nmore\n");
     assert.deepEqual(readdirSync(join(dir, "upper", "mount-0")), ["ov.txt"]);
   });
+
+  test("notifications: a host change behind the guest's back shows after FuseServer.invalidate", async () => {
+    const host = join(work, "notify");
+    mkdirSync(host);
+    writeFileSync(join(host, "f"), "one");
+    const mnt = join(work, `mnt${n++}`);
+    mkdirSync(mnt);
+    // Hour-long cache timeouts: without a notification, the kernel keeps its answers.
+    const m = await mountInChild({ kind: "host_fs", root: host }, mnt, {
+      entryTimeout: 3600,
+      attrTimeout: 3600,
+    });
+    try {
+      assert.equal(sh(mnt, "stat -c %s f; cat f; test ! -e g && echo no-g"), "3\none" + "no-g\n");
+      writeFileSync(join(host, "f"), "three!");
+      writeFileSync(join(host, "g"), "new");
+      assert.equal(sh(mnt, "stat -c %s f; test ! -e g && echo still-no-g"), "3\nstill-no-g\n", "cached");
+      await m.invalidate("/f");
+      await m.invalidate("/g");
+      assert.equal(sh(mnt, "stat -c %s f; cat f; cat g"), "6\nthree!new");
+    } finally {
+      await m.stop();
+    }
+  });
 });
