@@ -68,7 +68,7 @@ async function main(): Promise<void> {
   // The baseline has no sockets to serve: drop the agent/QMP chardevs it cannot use.
   const rawArgs = qemuArgv(
     spec,
-    { agentSocket: "", qmpSocket: "", consoleLog: join(scratch, "console.log") },
+    { agentSocket: "", qmpSocket: "", vfsSocket: "", consoleLog: join(scratch, "console.log") },
     {
       khz: await hostTscKhz(),
     },

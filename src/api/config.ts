@@ -175,7 +175,6 @@ function isEmptyValue(x: unknown): boolean {
  */
 export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
-  if (config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0) out.push("vfs mounts");
   if (config.vfs.interception !== undefined) out.push("vfs interception");
   if (!isEmptyValue(config.vfs.direct_mounts)) out.push("vfs.direct_mounts");
   if (config.network.policy_script) out.push("network.policy_script");

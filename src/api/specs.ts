@@ -1,4 +1,5 @@
 import { isIP } from "node:net";
+import { resolve as resolvePath } from "node:path";
 import { isValidHostname } from "./config.ts";
 import { InvalidArgumentError } from "./errors.ts";
 
@@ -116,4 +117,46 @@ export function parseSecretSpec(
     .map((h) => h.trim())
     .filter((h) => h !== "");
   return { name, value, hosts };
+}
+
+/** What `-v` makes: a `vfs.mounts` entry under its guest path. */
+export interface VolumeSpec {
+  guestPath: string;
+  mount: { type: "host_fs" | "overlay"; host_path: string; readonly?: boolean };
+}
+
+/**
+ * `-v HOST:GUEST[:MODE]`, Matchlock's syntax: MODE is `overlay` (the default: the guest changes a
+ * copy-on-write view, the host copy stays as it was), `host_fs` (live, read-write) or `ro` /
+ * `readonly` (live, read-only). A relative GUEST is inside the workspace. The host path is made
+ * absolute against the current directory; whether it exists is checked at create.
+ */
+export function parseVolumeSpec(spec: string, workspace: string, cwd = process.cwd()): VolumeSpec {
+  const parts = spec.split(":");
+  const modes: Record<string, { type: "host_fs" | "overlay"; readonly?: boolean }> = {
+    overlay: { type: "overlay" },
+    host_fs: { type: "host_fs" },
+    ro: { type: "host_fs", readonly: true },
+    readonly: { type: "host_fs", readonly: true },
+  };
+  const last = parts[parts.length - 1] ?? "";
+  const mode = parts.length >= 3 && Object.hasOwn(modes, last) ? modes[last] : undefined;
+  if (parts.length > 3 || (parts.length === 3 && mode === undefined) || parts.length < 2) {
+    throw new InvalidArgumentError(
+      `invalid -v "${spec}": expected HOST:GUEST[:MODE]`,
+      "MODE is overlay (default), host_fs or ro, e.g. -v ./repo:/workspace/repo:host_fs",
+    );
+  }
+  const [host = "", guest = ""] = parts;
+  if (host === "" || guest === "") {
+    throw new InvalidArgumentError(`invalid -v "${spec}": the host and the guest path must not be empty`);
+  }
+  const guestPath = guest.startsWith("/") ? guest : `${workspace.replace(/\/+$/, "")}/${guest}`;
+  return {
+    guestPath: guestPath.length > 1 ? guestPath.replace(/\/+$/, "") : guestPath,
+    mount: {
+      ...(mode ?? { type: "overlay" }),
+      host_path: resolvePath(cwd, host),
+    },
+  };
 }

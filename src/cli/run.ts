@@ -16,6 +16,7 @@ import {
   parsePortSpec,
   parsePrivateHost,
   parseSecretSpec,
+  parseVolumeSpec,
   splitHosts,
   validateAddress,
 } from "../api/specs.ts";
@@ -30,6 +31,7 @@ import {
   validateUser,
   validateWorkdir,
 } from "../sandbox/command.ts";
+import { DEFAULT_WORKSPACE } from "../sandbox/host-folders.ts";
 import { DEFAULT_GRACE_MS, type ExecOptions, execRequest, Sandbox } from "../sandbox/sandbox.ts";
 import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
 import { boolValue, collect, durationMs, positiveInt, positiveNumber } from "./parse.ts";
@@ -60,6 +62,8 @@ interface RunFlags {
   secret: string[];
   networkIntercept?: boolean;
   networkRules?: string;
+  volume: string[];
+  workspace?: string;
   accel?: string;
   gracefulShutdown: number;
   publish: string[];
@@ -157,6 +161,18 @@ export function registerRun(program: Command): void {
         "paths and response bodies); see docs/network-hooks.md",
     )
     .option(
+      "-v, --volume <HOST:GUEST[:MODE]>",
+      "share a host folder or file under the workspace (repeatable). MODE: overlay (default: the guest\n" +
+        "changes a copy-on-write view, the host copy stays as it was), host_fs (live, read-write) or ro\n" +
+        "(live, read-only). The host never follows a link out of the folder",
+      collect,
+      [],
+    )
+    .option(
+      "--workspace <path>",
+      "where the guest sees the shared folders (default /workspace; -v guest paths go inside it)",
+    )
+    .option(
       "-p, --publish <[LOCAL:]REMOTE>",
       "forward a host port to a guest port (over the agent channel)",
       collect,
@@ -205,6 +221,19 @@ function secretsOf(specs: readonly string[]): Record<string, { value: string; ho
     out[name] = { value, hosts };
   }
   return out;
+}
+
+/** `-v` and `--workspace` as the config's `vfs`; a guest path given twice is a mistake. */
+function volumesOf(flags: RunFlags): NonNullable<SandboxConfigInput["vfs"]> {
+  const workspace = flags.workspace ?? DEFAULT_WORKSPACE;
+  const mounts: NonNullable<NonNullable<SandboxConfigInput["vfs"]>["mounts"]> = {};
+  for (const spec of flags.volume) {
+    const v = parseVolumeSpec(spec, workspace);
+    if (Object.hasOwn(mounts, v.guestPath))
+      throw new InvalidArgumentError(`-v: ${v.guestPath} is given twice`);
+    mounts[v.guestPath] = v.mount;
+  }
+  return { workspace, mounts };
 }
 
 /** Rule files are small; a larger one is a mistake (or not a rule file). */
@@ -280,6 +309,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
     },
     env: await buildEnv(flags),
   };
+  if (flags.volume.length > 0 || flags.workspace !== undefined) input.vfs = volumesOf(flags);
   if (flags.image !== undefined) input.image = flags.image;
   const config = parseSandboxConfig(input);
   const entrypoint =

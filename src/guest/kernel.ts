@@ -23,6 +23,7 @@ export const GUEST_MODULES = [
   "overlay",
   "virtio-rng",
   "virtio_net",
+  "fuse",
 ];
 
 export interface KernelInfo {

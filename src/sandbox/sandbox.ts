@@ -36,6 +36,7 @@ import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
 import { EVENTS_FILE, EventLog } from "./event-log.ts";
 import { crashPoint } from "./faults.ts";
 import { installGuestCa } from "./guest-ca.ts";
+import { HostFolders, hostFoldersRequested } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
@@ -112,6 +113,8 @@ export class Sandbox {
   readonly networkEnv: Record<string, string>;
   /** Every network decision; `events.jsonl` in the VM dir and RPC `event` notifications. */
   readonly events: EventLog;
+  /** Host folders served to the guest over FUSE; undefined when none were asked for. */
+  private readonly folders: HostFolders | undefined;
 
   private constructor(init: {
     id: string;
@@ -127,6 +130,7 @@ export class Sandbox {
     network: VmNetwork | undefined;
     networkEnv: Record<string, string>;
     events: EventLog;
+    folders: HostFolders | undefined;
   }) {
     this.id = init.id;
     this.dir = init.dir;
@@ -142,6 +146,7 @@ export class Sandbox {
     this.network = init.network;
     this.networkEnv = init.networkEnv;
     this.events = init.events;
+    this.folders = init.folders;
     const ctl = new AbortController();
     this.deadline = ctl.signal;
     const t = init.config.resources.lifetime_seconds;
@@ -206,7 +211,12 @@ export class Sandbox {
     const resources: Resources = {
       vm_dir: dir,
       disks: [upper],
-      sockets: [qp.agentSocket, qp.qmpSocket, relaySocket],
+      sockets: [
+        qp.agentSocket,
+        qp.qmpSocket,
+        relaySocket,
+        ...(hostFoldersRequested(config) ? [qp.vfsSocket] : []),
+      ],
       qemu: { cmdline_marker: `${dir}/` },
       owner,
       ...(plan
@@ -224,6 +234,7 @@ export class Sandbox {
 
     let vm: RunningVm | undefined;
     let network: VmNetwork | undefined;
+    let folders: HostFolders | undefined;
     const events = new EventLog(join(dir, EVENTS_FILE));
     let phase: "create" | "start" = "create";
     try {
@@ -239,6 +250,7 @@ export class Sandbox {
           onEvent: (e) => events.emit(e),
         });
       }
+      if (hostFoldersRequested(config)) folders = await HostFolders.prepare(config, dir);
       state.lifecycle.transition(id, "created");
       crashPoint("created");
 
@@ -255,6 +267,7 @@ export class Sandbox {
           `matchlock.time=${Math.floor(Date.now() / 1000)}`,
           `matchlock.rootfstype=${image.fstype}`,
           ...(plan ? [guestKernelArg(plan)] : []),
+          ...(folders ? [folders.kernelArg] : []),
         ],
         cpus: config.resources.cpus,
         memoryMb: config.resources.memory_mb,
@@ -264,7 +277,9 @@ export class Sandbox {
         ],
         accel,
         ...(network ? { nic: network.nic } : {}),
+        ...(folders ? { vfs: true } : {}),
       });
+      if (folders && vm.vfs) folders.serve(vm.vfs);
       const qemu = { pid: vm.pid, start_time: procStartTime(vm.pid) ?? 0 };
       writeRuntimeFile(dir, { owner, qemu, relay_socket: relaySocket });
       state.lifecycle.transition(id, "starting", {
@@ -293,6 +308,7 @@ export class Sandbox {
         network,
         networkEnv,
         events,
+        folders,
       });
       await sandbox.writeNetworkFiles();
       if (policy) await installGuestCa(sandbox.agent, policy.ca.certPem);
@@ -307,6 +323,7 @@ export class Sandbox {
       });
       await vm?.stop(0).catch(() => {});
       await network?.close().catch(() => {});
+      await folders?.close().catch(() => {});
       await finishCleanup(state, id, { removeDir: true, removeRecords: true }).catch(() => {});
       if (ownsState) state.close();
       throw e;
@@ -477,6 +494,8 @@ export class Sandbox {
       } catch (e) {
         this.state.lifecycle.transition(this.id, "stop_failed", { error: messageOf(e) });
       }
+      // After the VM: its last requests may still be answered until QEMU is gone.
+      await this.folders?.close().catch(() => {});
       this.state.vms.setStatus(this.id, died === undefined ? "stopped" : "crashed");
       try {
         await finishCleanup(this.state, this.id, { removeDir: remove, removeRecords: remove });

@@ -1,4 +1,4 @@
-import { mkdir, stat } from "node:fs/promises";
+import { chmod, chown, mkdir, stat } from "node:fs/promises";
 import { basename, dirname } from "node:path";
 import { HostFsProvider } from "./host-fs.ts";
 import { type FileEvent, InterceptProvider, type VfsRule } from "./intercept.ts";
@@ -69,13 +69,16 @@ export async function providerFor(m: MountConfig, upper: () => Promise<string>):
     if (!m.host_path) throw new FsError("EINVAL", `${m.type} mount without host_path`);
     const file = !(await stat(m.host_path)).isDirectory();
     const dir = file ? dirname(m.host_path) : m.host_path;
-    p =
-      m.type === "host_fs"
-        ? new HostFsProvider(dir)
-        : new OverlayProvider(
-            new ReadOnlyProvider(new HostFsProvider(dir)),
-            new HostFsProvider(await upper()),
-          );
+    if (m.type === "host_fs") p = new HostFsProvider(dir);
+    else {
+      // The overlay's root is its upper directory: it takes the folder's mode and owner, so the
+      // guest sees the folder as it is (the VM dir around it is private already).
+      const upperDir = await upper();
+      const root = await stat(dir);
+      await chmod(upperDir, root.mode & 0o7777);
+      await chown(upperDir, root.uid, root.gid);
+      p = new OverlayProvider(new ReadOnlyProvider(new HostFsProvider(dir)), new HostFsProvider(upperDir));
+    }
     if (file) p = new SingleFileProvider(p, basename(m.host_path));
   }
   return m.readonly ? new ReadOnlyProvider(p) : p;

@@ -24,6 +24,8 @@ export interface VmSpec {
   accel: Accel;
   /** A virtio-net NIC on an existing TAP; none means the guest has only loopback. */
   nic?: { tap: string; mac: string };
+  /** A second virtio-serial port, "vfs", for the guest's FUSE relay (host folders). */
+  vfs?: boolean;
   /** Extra arguments for the hypervisor (tests and experiments; not part of any user interface). */
   extraArgs?: string[];
 }
@@ -37,6 +39,8 @@ export interface RunningVm {
   readonly pid: number;
   /** The `agent` channel, connected (the guest may still be booting). */
   readonly agent: Duplex;
+  /** The `vfs` channel when the spec asked for one: raw FUSE messages both ways. */
+  readonly vfs: Duplex | undefined;
   readonly consoleLog: string;
   /** Settles when the VM process has exited. */
   readonly exited: Promise<VmExit>;

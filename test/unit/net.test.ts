@@ -214,7 +214,7 @@ describe("network flags and config", () => {
       disks: [],
       accel: "tcg" as const,
     };
-    const paths = { agentSocket: "a", qmpSocket: "q", consoleLog: "c" };
+    const paths = { agentSocket: "a", qmpSocket: "q", vfsSocket: "v", consoleLog: "c" };
     const withNic = qemuArgv(
       { ...spec, nic: { tap: "fc-0a1b2c3d", mac: "AA:FC:00:00:00:01" } },
       paths,

@@ -20,6 +20,7 @@ const spec: VmSpec = {
 const paths = {
   agentSocket: "/tmp/vm/agent.sock",
   qmpSocket: "/tmp/vm/qmp.sock",
+  vfsSocket: "/tmp/vm/vfs.sock",
   consoleLog: "/tmp/vm/console.log",
 };
 
@@ -52,5 +53,13 @@ describe("QEMU command line", () => {
     assert.match(a, /socket,id=agent,path=\/tmp\/vm\/agent\.sock /);
     assert.match(a, /virtserialport,chardev=agent,name=agent/);
     assert.match(a, /-mon chardev=qmp,mode=control/);
+    assert.doesNotMatch(a, /vfs/, "no vfs port unless host folders are asked for");
+  });
+
+  test("host folders add a second port, vfs, on its own client socket", () => {
+    const a = qemuArgv({ ...spec, vfs: true }, paths, undefined).join(" ");
+    assert.match(a, /virtio-serial-device,max_ports=3/);
+    assert.match(a, /socket,id=vfs,path=\/tmp\/vm\/vfs\.sock /);
+    assert.match(a, /virtserialport,chardev=vfs,name=vfs/);
   });
 });

@@ -6,6 +6,7 @@ export const QEMU_BINARY = "qemu-system-x86_64";
 
 export interface QemuPaths {
   agentSocket: string;
+  vfsSocket: string;
   qmpSocket: string;
   consoleLog: string;
 }
@@ -92,7 +93,7 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
     "-device",
     "virtio-rng-device",
     "-device",
-    "virtio-serial-device,max_ports=2",
+    `virtio-serial-device,max_ports=${spec.vfs ? 3 : 2}`,
     "-chardev",
     `socket,id=agent,path=${optValue(paths.agentSocket)}`,
     "-device",
@@ -102,6 +103,14 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
     "-mon",
     "chardev=qmp,mode=control",
   );
+  if (spec.vfs) {
+    args.push(
+      "-chardev",
+      `socket,id=vfs,path=${optValue(paths.vfsSocket)}`,
+      "-device",
+      "virtserialport,chardev=vfs,name=vfs",
+    );
+  }
   if (spec.extraArgs) args.push(...spec.extraArgs);
   return args;
 }

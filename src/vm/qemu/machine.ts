@@ -15,6 +15,7 @@ const SPAWN_TIMEOUT_MS = 15_000;
 export function qemuPaths(dir: string): QemuPaths {
   return {
     agentSocket: join(dir, "agent.sock"),
+    vfsSocket: join(dir, "vfs.sock"),
     qmpSocket: join(dir, "qmp.sock"),
     consoleLog: join(dir, "console.log"),
   };
@@ -45,6 +46,7 @@ export class QemuBackend implements VmBackend {
     const qemuLog = join(spec.dir, "qemu.log");
     const agentL = await listenOnce(p.agentSocket);
     const qmpL = await listenOnce(p.qmpSocket);
+    const vfsL = spec.vfs ? await listenOnce(p.vfsSocket) : undefined;
     const argv = qemuArgv(spec, p, spec.accel === "tcg" ? { khz: await hostTscKhz() } : undefined);
     await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
 
@@ -84,7 +86,7 @@ export class QemuBackend implements VmBackend {
     let timer: NodeJS.Timeout | undefined;
     try {
       const sockets = await Promise.race([
-        Promise.all([agentL.conn, qmpL.conn]),
+        Promise.all([agentL.conn, qmpL.conn, vfsL?.conn]),
         exited.then(async (e): Promise<never> => {
           throw new VmBootError(`QEMU exited during start (${describeExit(e)})`, {
             hint: await diagnostics(),
@@ -97,7 +99,7 @@ export class QemuBackend implements VmBackend {
           );
         }),
       ]);
-      const [agent, qmpSock] = sockets;
+      const [agent, qmpSock, vfs] = sockets;
       const qmp = new QmpClient(qmpSock);
       await qmp.init().catch(async (e: unknown) => {
         // QEMU connects its sockets before loading the kernel; a bad kernel makes it exit right here.
@@ -108,7 +110,7 @@ export class QemuBackend implements VmBackend {
         const why = exit ? `QEMU exited during start (${describeExit(exit)})` : `QEMU stopped answering QMP`;
         throw new VmBootError(why, { cause: e, hint: await diagnostics() });
       });
-      return new QemuVm(child, agent, qmp, exited, p.consoleLog, diagnostics);
+      return new QemuVm(child, agent, vfs, qmp, exited, p.consoleLog, diagnostics);
     } catch (e) {
       child.kill("SIGKILL");
       await exited;
@@ -117,6 +119,7 @@ export class QemuBackend implements VmBackend {
       clearTimeout(timer);
       closeServer(agentL.server, p.agentSocket);
       closeServer(qmpL.server, p.qmpSocket);
+      if (vfsL) closeServer(vfsL.server, p.vfsSocket);
     }
   }
 }
@@ -128,6 +131,7 @@ function describeExit(e: VmExit): string {
 class QemuVm implements RunningVm {
   readonly pid: number;
   readonly agent: Socket;
+  readonly vfs: Socket | undefined;
   readonly exited: Promise<VmExit>;
   readonly consoleLog: string;
   readonly diagnostics: () => Promise<string>;
@@ -138,6 +142,7 @@ class QemuVm implements RunningVm {
   constructor(
     child: ChildProcess,
     agent: Socket,
+    vfs: Socket | undefined,
     qmp: QmpClient,
     exited: Promise<VmExit>,
     consoleLog: string,
@@ -147,6 +152,7 @@ class QemuVm implements RunningVm {
     this.pid = child.pid;
     this.child = child;
     this.agent = agent;
+    this.vfs = vfs;
     this.qmp = qmp;
     this.consoleLog = consoleLog;
     this.diagnostics = diagnostics;

@@ -1,0 +1,115 @@
+import { appendFileSync } from "node:fs";
+import { stat } from "node:fs/promises";
+import { isAbsolute, join, posix, resolve } from "node:path";
+import type { Duplex } from "node:stream";
+import type { SandboxConfig } from "../api/config.ts";
+import { InvalidArgumentError, messageOf } from "../api/errors.ts";
+import { buildWorkspace, FuseServer, serveStream } from "../vfs/index.ts";
+
+/**
+ * Host folders in a sandbox (issue #13, docs/vfs.md): the config's `vfs.workspace` and
+ * `vfs.mounts` become one FUSE file system the guest mounts at the workspace; its requests come
+ * over the VM's "vfs" port and are answered here by the VFS server (src/vfs), which never follows
+ * a link out of a mount's root. Overlay mounts write to per-VM upper directories in the VM dir, so
+ * the host copy stays as it was.
+ */
+
+/** Matchlock's default workspace when mounts are given without one. */
+export const DEFAULT_WORKSPACE = "/workspace";
+/** The server's log of host errors and refusals (op and path), in the VM dir. */
+export const VFS_LOG = "vfs.log";
+
+/** A guest path that can go on the kernel command line and means one place: absolute, normalised. */
+const GUEST_PATH = /^(\/[A-Za-z0-9._@+-]+)+$/;
+
+export function hostFoldersRequested(config: SandboxConfig): boolean {
+  return config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0;
+}
+
+function checkGuestPath(what: string, p: string): string {
+  const normal = posix.normalize(p);
+  if (!GUEST_PATH.test(p) || normal !== p || p.split("/").includes("..")) {
+    throw new InvalidArgumentError(
+      `${what} ${JSON.stringify(p)} is not a plain absolute guest path`,
+      "use letters, digits and . _ - @ + between slashes, e.g. /workspace/repo",
+    );
+  }
+  return p;
+}
+
+export class HostFolders {
+  readonly workspace: string;
+  readonly server: FuseServer;
+  private readonly log: (line: string) => void;
+
+  private constructor(workspace: string, server: FuseServer, log: (line: string) => void) {
+    this.workspace = workspace;
+    this.server = server;
+    this.log = log;
+  }
+
+  /**
+   * Checks the mounts (guest paths inside the workspace, host paths that exist) and builds the
+   * server. Host paths are resolved against the current directory. `dir` is the VM dir (created).
+   */
+  static async prepare(config: SandboxConfig, dir: string): Promise<HostFolders> {
+    const workspace = checkGuestPath("vfs.workspace", config.vfs.workspace || DEFAULT_WORKSPACE);
+    const mounts: Record<string, SandboxConfig["vfs"]["mounts"][string]> = {};
+    for (const [guestPath, m] of Object.entries(config.vfs.mounts)) {
+      checkGuestPath("mount", guestPath);
+      if (guestPath !== workspace && !guestPath.startsWith(`${workspace}/`)) {
+        throw new InvalidArgumentError(
+          `mount ${guestPath} is not inside the workspace ${workspace}`,
+          "mount below the workspace, or choose another with --workspace",
+        );
+      }
+      if (m.type === "memory") {
+        mounts[guestPath] = m;
+        continue;
+      }
+      if (!m.host_path)
+        throw new InvalidArgumentError(`mount ${guestPath}: a ${m.type} mount needs host_path`);
+      const hostPath = isAbsolute(m.host_path) ? m.host_path : resolve(m.host_path);
+      try {
+        await stat(hostPath);
+      } catch (e) {
+        throw new InvalidArgumentError(`mount ${guestPath}: host path ${hostPath}: ${messageOf(e)}`);
+      }
+      mounts[guestPath] = { ...m, host_path: hostPath };
+    }
+    let provider: Awaited<ReturnType<typeof buildWorkspace>>;
+    try {
+      provider = await buildWorkspace({
+        workspace,
+        mounts,
+        overlayUpper: (i) => join(dir, "vfs", `upper-${i}`),
+      });
+    } catch (e) {
+      throw new InvalidArgumentError(`host folders: ${messageOf(e)}`);
+    }
+    const logFile = join(dir, VFS_LOG);
+    const log = (line: string) => {
+      try {
+        appendFileSync(logFile, `${line}\n`);
+      } catch {}
+    };
+    return new HostFolders(workspace, new FuseServer({ provider, log }), log);
+  }
+
+  /** The kernel argument that makes the guest mount the workspace and relay it over "vfs". */
+  get kernelArg(): string {
+    return `matchlock.vfs=${this.workspace}`;
+  }
+
+  /** Answers the guest's FUSE requests from the VM's "vfs" port until it closes. */
+  serve(port: Duplex): void {
+    const served = serveStream(this.server, port);
+    served.done.then((why) => {
+      if (why) this.log(`vfs channel closed: ${why}`);
+    });
+  }
+
+  close(): Promise<void> {
+    return this.server.close();
+  }
+}

@@ -1,0 +1,156 @@
+import assert from "node:assert/strict";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { Client, Sandbox } from "../../src/sdk/index.ts";
+import { runCli, tempHome } from "../helpers/cli.ts";
+
+/**
+ * Host folders in real VMs (issue #13): `run -v` in its three modes and with a single file, the
+ * guest kernel's FUSE mount answered by the host over the "vfs" port; links that point out of a
+ * folder never reach the host's files; bad -v values are refused before anything boots; the SDK's
+ * mount builders over RPC.
+ */
+
+const h = tempHome();
+const root = mkdtempSync(join(tmpdir(), "matchlock-folders-"));
+const repo = join(root, "repo");
+const outside = join(root, "outside");
+
+before(() => {
+  mkdirSync(join(repo, "src"), { recursive: true });
+  writeFileSync(join(repo, "README"), "from the host\n");
+  writeFileSync(join(repo, "src", "main.c"), "int main(void) { return 0; }\n");
+  mkdirSync(outside);
+  writeFileSync(join(outside, "secret"), "host-only secret\n");
+  writeFileSync(join(root, "config.json"), '{"k":1}\n');
+  // Links that point out of the folder, as a hostile repository could carry them.
+  symlinkSync("../outside", join(repo, "up"));
+  symlinkSync(outside, join(repo, "abs"));
+});
+after(() => {
+  rmSync(root, { recursive: true, force: true });
+  h.cleanup();
+});
+
+/** `matchlock run ARGS -- sh -c SCRIPT` from `root`: exit code and output. */
+async function run(args: string[], script: string): Promise<{ code: number | null; out: string }> {
+  const r = await runCli(["run", ...args, "--", "sh", "-c", script], {
+    env: h.env,
+    cwd: root,
+    timeoutMs: 240_000,
+  });
+  return { code: r.code, out: r.stdout.toString() + r.stderr };
+}
+
+describe("run -v", () => {
+  test("overlay (the default): the guest reads and changes the folder; the host copy stays as it was", async () => {
+    const r = await run(
+      ["-v", "./repo:repo"],
+      "cat /workspace/repo/README; echo changed > /workspace/repo/README; echo new > /workspace/repo/src/new.c; " +
+        "rm /workspace/repo/src/main.c; mkdir -p /workspace/repo/a/b; cat /workspace/repo/README; ls /workspace/repo/src; " +
+        "stat -c '%a' /workspace/repo",
+    );
+    assert.equal(r.code, 0, r.out);
+    assert.equal(r.out, "from the host\nchanged\nnew.c\n755\n");
+    assert.equal(readFileSync(join(repo, "README"), "utf8"), "from the host\n");
+    assert.ok(existsSync(join(repo, "src", "main.c")));
+    assert.ok(!existsSync(join(repo, "src", "new.c")));
+    assert.ok(!existsSync(join(repo, "a")));
+  });
+
+  test("host_fs: live both ways; ro: reads, and EROFS on every write", async () => {
+    const r = await run(
+      ["-v", "./repo:/workspace/live:host_fs", "-v", "./repo:/workspace/ro:ro"],
+      "echo from-guest > /workspace/live/guest.txt && mv /workspace/live/guest.txt /workspace/live/moved.txt; " +
+        "cat /workspace/ro/moved.txt; echo x > /workspace/ro/nope 2>&1; rm /workspace/ro/README 2>&1; echo done",
+    );
+    assert.equal(r.code, 0, r.out);
+    assert.match(r.out, /^from-guest\n/);
+    assert.match(r.out, /can't create \/workspace\/ro\/nope: Read-only file system/);
+    assert.match(r.out, /Read-only file system/);
+    assert.equal(readFileSync(join(repo, "moved.txt"), "utf8"), "from-guest\n");
+    assert.ok(existsSync(join(repo, "README")));
+    rmSync(join(repo, "moved.txt"));
+  });
+
+  test("a single file, and a folder next to it, under one workspace", async () => {
+    const r = await run(
+      ["--workspace", "/work", "-v", "./config.json:/work/config.json:ro", "-v", "./repo:/work/src/repo"],
+      "cat /work/config.json; ls /work; ls /work/src; cat /work/src/repo/README",
+    );
+    assert.equal(r.code, 0, r.out);
+    assert.equal(r.out, '{"k":1}\nconfig.json\nsrc\nrepo\nfrom the host\n');
+  });
+
+  test("links out of the folder lead nowhere on the host, in every mode", async () => {
+    for (const mode of ["overlay", "host_fs", "ro"]) {
+      const r = await run(
+        ["-v", `./repo:/workspace/repo:${mode}`],
+        "cat /workspace/repo/up/secret /workspace/repo/abs/secret 2>&1; readlink /workspace/repo/up; echo end",
+      );
+      assert.equal(r.code, 0, r.out);
+      assert.doesNotMatch(r.out, /host-only secret/, mode);
+      // The guest resolves links in its own tree: ../outside from the workspace is not the host's folder.
+      assert.match(r.out, /\.\.\/outside\nend\n$/, mode);
+    }
+  });
+
+  test("bad -v values are refused with one line before anything boots", async () => {
+    const cases: Array<[string[], RegExp]> = [
+      [["-v", "./missing:/workspace/m"], /mount \/workspace\/m: host path .*missing: .*no such file/i],
+      [["-v", "./repo:/elsewhere"], /mount \/elsewhere is not inside the workspace \/workspace/],
+      [
+        ["-v", "./repo:/workspace/r:rw"],
+        /invalid -v ".\/repo:\/workspace\/r:rw": expected HOST:GUEST\[:MODE\]/,
+      ],
+      [["-v", "./repo"], /expected HOST:GUEST/],
+      [["--workspace", "/work space", "-v", "./repo:x"], /is not a plain absolute guest path/],
+      [["-v", "./repo:r", "-v", "./repo:/workspace/r"], /\/workspace\/r is given twice/],
+    ];
+    const before = h.vmDirs().length;
+    for (const [args, message] of cases) {
+      const r = await runCli(["run", ...args, "--", "true"], { env: h.env, cwd: root });
+      assert.notEqual(r.code, 0, args.join(" "));
+      assert.match(r.stderr, message, args.join(" "));
+      assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+    }
+    assert.equal(h.vmDirs().length, before);
+  });
+});
+
+test("the SDK: mountHostDir, mountOverlay and withWorkspace over RPC", async () => {
+  const c = new Client({ env: h.env });
+  try {
+    await c.launch(
+      new Sandbox()
+        .withWorkspace("/data")
+        .mountHostDir("/data/live", repo)
+        .mountOverlay("/data/snap", repo)
+        .mountMemory("/data/tmp"),
+    );
+    const r = await c.exec(
+      "echo sdk > /data/live/sdk.txt; echo snap > /data/snap/snap.txt; echo mem > /data/tmp/m; cat /data/tmp/m /data/live/README",
+    );
+    assert.equal(r.exitCode, 0, r.stderr);
+    assert.equal(r.stdout, "mem\nfrom the host\n");
+    const files = (await c.listFiles("/data/live")).map((f) => f.name);
+    assert.ok(files.includes("sdk.txt") && files.includes("README"), files.join(","));
+  } finally {
+    await c.close();
+    await c.remove();
+  }
+  assert.equal(readFileSync(join(repo, "sdk.txt"), "utf8"), "sdk\n");
+  assert.ok(!readdirSync(repo).includes("snap.txt"));
+  rmSync(join(repo, "sdk.txt"));
+});
