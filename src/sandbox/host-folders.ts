@@ -104,7 +104,7 @@ export class HostFolders {
   /** Answers the guest's FUSE requests from the VM's "vfs" port until it closes. */
   serve(port: Duplex): void {
     const served = serveStream(this.server, port);
-    served.done.then((why) => {
+    void served.done.then((why) => {
       if (why) this.log(`vfs channel closed: ${why}`);
     });
   }
