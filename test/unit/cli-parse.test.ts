@@ -80,9 +80,12 @@ describe("sandbox config", () => {
     ]);
     assert.throws(() => parseSandboxConfig({ id: "vm-12345678" }), /id: the VM id is chosen by matchlock/);
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({})), []);
-    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/workspace" } })), [
-      "vfs mounts",
-    ]);
+    // Host folders are built; their interception rules (file hooks) are not yet.
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/workspace" } })), []);
+    assert.deepEqual(
+      unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/w", interception: { rules: [] } } })),
+      ["vfs interception"],
+    );
   });
 });
 
