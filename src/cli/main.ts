@@ -2,6 +2,7 @@
 import { Command, CommanderError } from "commander";
 import { isMatchlockError } from "../api/errors.ts";
 import { guardStdio } from "./attach.ts";
+import { registerChangeCommands } from "./changes.ts";
 import { registerDiagnose } from "./diagnose.ts";
 import { registerExec } from "./exec.ts";
 import { registerImage } from "./image.ts";
@@ -38,6 +39,7 @@ guardStdio();
 registerRun(program);
 registerExec(program);
 registerVmCommands(program);
+registerChangeCommands(program);
 registerImage(program);
 registerPull(program);
 registerRpc(program);

@@ -1,9 +1,10 @@
 import { appendFileSync } from "node:fs";
-import { stat } from "node:fs/promises";
-import { isAbsolute, join, posix, resolve } from "node:path";
+import { mkdir, stat, writeFile } from "node:fs/promises";
+import { basename, dirname, isAbsolute, join, posix, resolve } from "node:path";
 import type { Duplex } from "node:stream";
 import type { SandboxConfig } from "../api/config.ts";
 import { InvalidArgumentError, messageOf } from "../api/errors.ts";
+import type { Attr } from "../vfs/fuse-abi.ts";
 import { buildWorkspace, FuseServer, serveStream } from "../vfs/index.ts";
 
 /**
@@ -35,6 +36,68 @@ function checkGuestPath(what: string, p: string): string {
     );
   }
   return p;
+}
+
+/** Where the n-th overlay mount keeps its changes and their bases, in the VM dir. */
+export function overlayPaths(vmDir: string, index: number): { upper: string; base: string } {
+  return { upper: join(vmDir, "vfs", `upper-${index}`), base: join(vmDir, "vfs", `base-${index}.jsonl`) };
+}
+
+/** `<vm dir>/vfs/overlays.json`: what `matchlock diff` / `apply` need once the VM is gone. */
+export const OVERLAYS_FILE = "overlays.json";
+
+/** One overlay mount, as recorded for diff/apply. */
+export interface OverlayRecord {
+  index: number;
+  guest_path: string;
+  /** The host folder (or, for a single file, its parent folder). */
+  host_dir: string;
+  /** A single-file mount: the one name of host_dir it shows. */
+  file?: string;
+}
+
+/**
+ * What the host had at a path when the guest first changed it: enough to tell, at apply, whether
+ * the host copy changed since (size, mtime to the nanosecond, inode), or that nothing was there.
+ */
+export type BaseRecord =
+  | { path: string; absent: true }
+  | { path: string; type: "file" | "dir" | "link" | "other"; size: number; mtime_ns: string; ino: string };
+
+function baseRecord(path: string, lower: Attr | undefined): BaseRecord {
+  if (lower === undefined) return { path, absent: true };
+  const fmt = lower.mode & 0o170000;
+  const type = fmt === 0o100000 ? "file" : fmt === 0o040000 ? "dir" : fmt === 0o120000 ? "link" : "other";
+  const mtime = BigInt(lower.mtime.sec) * 1_000_000_000n + BigInt(lower.mtime.nsec);
+  return {
+    path,
+    type,
+    size: lower.size,
+    mtime_ns: mtime.toString(),
+    ino: (lower.ino & ~(1n << 62n)).toString(),
+  };
+}
+
+async function recordOverlays(
+  dir: string,
+  mounts: Record<string, SandboxConfig["vfs"]["mounts"][string]>,
+): Promise<OverlayRecord[]> {
+  const out: OverlayRecord[] = [];
+  for (const [guestPath, m] of Object.entries(mounts)) {
+    if (m.type !== "overlay" || !m.host_path) continue;
+    const isFile = !(await stat(m.host_path)).isDirectory();
+    out.push({
+      index: out.length,
+      guest_path: guestPath,
+      host_dir: isFile ? dirname(m.host_path) : m.host_path,
+      ...(isFile ? { file: basename(m.host_path) } : {}),
+    });
+  }
+  if (out.length > 0) {
+    await mkdir(join(dir, "vfs"), { recursive: true, mode: 0o700 });
+    await writeFile(join(dir, "vfs", OVERLAYS_FILE), `${JSON.stringify(out, null, 2)}\n`);
+  }
+  return out;
 }
 
 export class HostFolders {
@@ -77,12 +140,21 @@ export class HostFolders {
       }
       mounts[guestPath] = { ...m, host_path: hostPath };
     }
+    await recordOverlays(dir, mounts);
     let provider: Awaited<ReturnType<typeof buildWorkspace>>;
     try {
       provider = await buildWorkspace({
         workspace,
         mounts,
-        overlayUpper: (i) => join(dir, "vfs", `upper-${i}`),
+        overlayUpper: (i) => overlayPaths(dir, i).upper,
+        overlayBase: (i) => {
+          const file = overlayPaths(dir, i).base;
+          return (path, lower) => {
+            try {
+              appendFileSync(file, `${JSON.stringify(baseRecord(path, lower))}\n`);
+            } catch {}
+          };
+        },
       });
     } catch (e) {
       throw new InvalidArgumentError(`host folders: ${messageOf(e)}`);

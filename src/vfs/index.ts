@@ -3,7 +3,7 @@ import { basename, dirname } from "node:path";
 import { HostFsProvider } from "./host-fs.ts";
 import { type FileEvent, InterceptProvider, type VfsRule } from "./intercept.ts";
 import { MemoryProvider } from "./memory.ts";
-import { OverlayProvider } from "./overlay.ts";
+import { type BaseRecorder, OverlayProvider } from "./overlay.ts";
 import { FsError, type Provider } from "./provider.ts";
 import { ReadOnlyProvider } from "./readonly.ts";
 import { type Mount, MountRouter } from "./router.ts";
@@ -41,6 +41,8 @@ export interface WorkspaceConfig {
   mounts: Record<string, MountConfig>;
   /** A fresh per-VM directory for the n-th overlay mount's upper layer (created 0700 here). */
   overlayUpper: (index: number) => string;
+  /** Told what the host had at each path the guest changes in the n-th overlay, before the change. */
+  overlayBase?: (index: number) => BaseRecorder;
   /** `vfs.interception`: rules checked before operations, file events after. */
   interception?: { rules?: VfsRule[]; emit_events?: boolean };
   onEvent?: (event: FileEvent) => void;
@@ -61,7 +63,11 @@ export function routerPath(workspace: string, guestPath: string): string {
  * One mount's provider. A host_path that is a file (not a folder) is a single-file mount: the
  * provider of its parent directory, restricted to that one name.
  */
-export async function providerFor(m: MountConfig, upper: () => Promise<string>): Promise<Provider> {
+export async function providerFor(
+  m: MountConfig,
+  upper: () => Promise<string>,
+  onBase?: BaseRecorder,
+): Promise<Provider> {
   let p: Provider;
   if (m.type === "memory") {
     p = new MemoryProvider();
@@ -77,7 +83,11 @@ export async function providerFor(m: MountConfig, upper: () => Promise<string>):
       const root = await stat(dir);
       await chmod(upperDir, root.mode & 0o7777);
       await chown(upperDir, root.uid, root.gid);
-      p = new OverlayProvider(new ReadOnlyProvider(new HostFsProvider(dir)), new HostFsProvider(upperDir));
+      p = new OverlayProvider(
+        new ReadOnlyProvider(new HostFsProvider(dir)),
+        new HostFsProvider(upperDir),
+        onBase,
+      );
     }
     if (file) p = new SingleFileProvider(p, basename(m.host_path));
   }
@@ -93,11 +103,16 @@ export async function buildWorkspace(config: WorkspaceConfig): Promise<Provider>
   let overlays = 0;
   try {
     for (const [guestPath, m] of Object.entries(config.mounts)) {
-      const provider = await providerFor(m, async () => {
-        const dir = config.overlayUpper(overlays++);
-        await mkdir(dir, { recursive: true, mode: 0o700 });
-        return dir;
-      });
+      const index = overlays;
+      const provider = await providerFor(
+        m,
+        async () => {
+          const dir = config.overlayUpper(overlays++);
+          await mkdir(dir, { recursive: true, mode: 0o700 });
+          return dir;
+        },
+        m.type === "overlay" ? config.overlayBase?.(index) : undefined,
+      );
       mounts.push({ path: routerPath(config.workspace, guestPath), provider });
     }
     const router = new MountRouter(mounts);

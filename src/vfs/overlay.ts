@@ -70,14 +70,29 @@ function reserved(name: string): boolean {
   return name.startsWith(WHITEOUT_PREFIX);
 }
 
+/**
+ * What the host had at a path when the guest first changed it (undefined: nothing there): told once
+ * per path, before the change. `matchlock apply` refuses to overwrite a host file that changed since.
+ */
+export type BaseRecorder = (path: string, lower: Attr | undefined) => void;
+
 export class OverlayProvider implements Provider {
   private readonly lower: Provider;
   private readonly upper: Provider;
   private readonly copying = new Map<string, Promise<void>>();
+  private readonly onBase: BaseRecorder | undefined;
+  private readonly based = new Set<string>();
 
-  constructor(lower: Provider, upper: Provider) {
+  constructor(lower: Provider, upper: Provider, onBase?: BaseRecorder) {
     this.lower = lower;
     this.upper = upper;
+    this.onBase = onBase;
+  }
+
+  private async recordBase(path: string, lower?: Attr | null): Promise<void> {
+    if (!this.onBase || this.based.has(path)) return;
+    this.based.add(path);
+    this.onBase(path, lower === null ? await tryGet(this.lower, path) : lower);
   }
 
   async close(): Promise<void> {
@@ -179,6 +194,7 @@ export class OverlayProvider implements Provider {
   private async doCopyUp(path: string, r: Resolved, noData: boolean): Promise<void> {
     const lower = r.lower as Attr;
     if (path !== "/") await this.copyUp(splitPath(path).dir);
+    await this.recordBase(path, lower);
     const type = lower.mode & S_IFMT;
     const owner: Caller = { uid: lower.uid, gid: lower.gid, pid: 0 };
     if (type === S_IFDIR) {
@@ -228,6 +244,7 @@ export class OverlayProvider implements Provider {
     if (!isDir(parent.attr)) throw new FsError("ENOTDIR");
     if (await this.tryResolve(path)) throw new FsError("EEXIST");
     await this.copyUp(dir);
+    await this.recordBase(path, null);
     const wh = this.whiteout(path);
     if (await tryGet(this.upper, wh)) {
       await this.upper.unlink(wh);
@@ -238,6 +255,7 @@ export class OverlayProvider implements Provider {
 
   private async addWhiteout(path: string): Promise<void> {
     await this.copyUp(splitPath(path).dir);
+    await this.recordBase(path, null);
     const f = await this.upper.create(this.whiteout(path), O_WRONLY | O_CREAT, 0o600, ROOT);
     await f.release();
   }

@@ -154,3 +154,79 @@ test("the SDK: mountHostDir, mountOverlay and withWorkspace over RPC", async () 
   assert.ok(!readdirSync(repo).includes("snap.txt"));
   rmSync(join(repo, "sdk.txt"));
 });
+
+test("diff and apply: the guest's overlay changes reviewed, written back, host changes made meanwhile kept", async () => {
+  const proj = join(root, "proj");
+  mkdirSync(join(proj, "sub"), { recursive: true });
+  writeFileSync(join(proj, "a.txt"), "one\ntwo\n");
+  writeFileSync(join(proj, "del.txt"), "delete me\n");
+  writeFileSync(join(proj, "c.txt"), "base\n");
+  writeFileSync(join(proj, "sub", "x.txt"), "x\n");
+  symlinkSync("../outside", join(proj, "lnk"));
+  const ml = (args: string[]) => runCli(args, { env: h.env, cwd: root, timeoutMs: 240_000 });
+  const started = await ml(["run", "-d", "-v", "./proj:proj", "--", "sleep", "3600"]);
+  assert.equal(started.code, 0, started.stderr);
+  const id = started.stdout.toString().trim();
+  try {
+    const changed = await ml([
+      "exec",
+      id,
+      "--",
+      "sh",
+      "-c",
+      "cd /workspace/proj && printf 'one\\nTWO\\n' > a.txt && echo new > new.txt && rm del.txt && " +
+        "mkdir -p d/e && echo deep > d/e/f.txt && echo guest > c.txt && " +
+        // A link replaced by a directory: apply must replace the host's link, never write through it.
+        "rm lnk && mkdir lnk && echo pwned > lnk/secret",
+    ]);
+    assert.equal(changed.code, 0, changed.stderr);
+    // The host changes c.txt after the guest did: applying the guest's c.txt would lose it.
+    writeFileSync(join(proj, "c.txt"), "host edit\n");
+
+    const names = await ml(["diff", id, "--name-only"]);
+    assert.equal(names.code, 0, names.stderr);
+    const list = names.stdout.toString();
+    for (const want of [
+      /^M \/workspace\/proj\/a\.txt$/m,
+      /^A \/workspace\/proj\/new\.txt$/m,
+      /^D \/workspace\/proj\/del\.txt$/m,
+      /^A \/workspace\/proj\/d \(dir\)$/m,
+      /^A \/workspace\/proj\/d\/e\/f\.txt$/m,
+      /^M \/workspace\/proj\/c\.txt {3}! changed on the host since the guest first changed it$/m,
+    ]) {
+      assert.match(list, want);
+    }
+    assert.doesNotMatch(list, /sub\/x\.txt/, "untouched files are not changes");
+    const full = (await ml(["diff", id, "--path", "/workspace/proj/a.txt"])).stdout.toString();
+    assert.match(full, /^-two$/m);
+    assert.match(full, /^\+TWO$/m);
+
+    assert.equal((await ml(["kill", id])).code, 0);
+    const applied = await ml(["apply", id]);
+    assert.equal(applied.code, 1, "a skipped conflict fails the command");
+    assert.match(applied.stdout.toString(), /skipped M .*c\.txt: changed on the host since .*--force/);
+    assert.equal(readFileSync(join(proj, "a.txt"), "utf8"), "one\nTWO\n");
+    assert.equal(readFileSync(join(proj, "new.txt"), "utf8"), "new\n");
+    assert.ok(!existsSync(join(proj, "del.txt")));
+    assert.equal(readFileSync(join(proj, "d", "e", "f.txt"), "utf8"), "deep\n");
+    assert.equal(readFileSync(join(proj, "c.txt"), "utf8"), "host edit\n");
+    assert.equal(readFileSync(join(proj, "lnk", "secret"), "utf8"), "pwned\n");
+    assert.equal(
+      readFileSync(join(outside, "secret"), "utf8"),
+      "host-only secret\n",
+      "nothing through the link",
+    );
+    assert.deepEqual(
+      readdirSync(proj).filter((n) => n.startsWith(".matchlock-apply")),
+      [],
+      "no temporary files left",
+    );
+
+    const forced = await ml(["apply", id, "--path", "/workspace/proj/c.txt", "--force"]);
+    assert.equal(forced.code, 0, forced.stdout.toString());
+    assert.equal(readFileSync(join(proj, "c.txt"), "utf8"), "guest\n");
+  } finally {
+    await ml(["kill", id]);
+    await ml(["rm", id]);
+  }
+});
