@@ -58,6 +58,26 @@ async function tryLstat(path: string): Promise<Stats | undefined> {
   }
 }
 
+/**
+ * Whether every folder on the way from `hostDir` to `rel` is a real directory (no symlink): only
+ * then is the host path inside the folder. A path behind a host symlink is treated as absent, so
+ * nothing outside the folder is ever read, compared or written.
+ */
+async function insideFolder(hostDir: string, rel: string): Promise<boolean> {
+  let at = hostDir;
+  for (const part of rel.split("/").filter(Boolean).slice(0, -1)) {
+    at = join(at, part);
+    const st = await tryLstat(at);
+    if (!st?.isDirectory()) return false;
+  }
+  return true;
+}
+
+/** lstat of a path inside the folder; undefined when absent or behind a host symlink. */
+async function hostLstat(hostDir: string, rel: string): Promise<Stats | undefined> {
+  return (await insideFolder(hostDir, rel)) ? tryLstat(join(hostDir, rel)) : undefined;
+}
+
 /** Byte-equal files, read a piece at a time. */
 async function sameContent(a: string, b: string): Promise<boolean> {
   const [fa, fb] = await Promise.all([open(a, "r"), open(b, "r")]);
@@ -103,9 +123,15 @@ async function readBases(file: string): Promise<Map<string, BaseRecord>> {
 }
 
 /** Why the host copy at `hostPath` is not what the guest based its change on, if it is not. */
-async function conflictOf(base: BaseRecord | undefined, hostPath: string): Promise<string | undefined> {
+async function conflictOf(
+  base: BaseRecord | undefined,
+  hostDir: string,
+  rel: string,
+): Promise<string | undefined> {
   if (base === undefined) return undefined; // nothing recorded (a VM from before bases were kept)
-  const now = await lstat(hostPath, { bigint: true }).catch(() => undefined);
+  const now = (await insideFolder(hostDir, rel))
+    ? await lstat(join(hostDir, rel), { bigint: true }).catch(() => undefined)
+    : undefined;
   if ("absent" in base) return now ? "created on the host since the guest made it" : undefined;
   if (!now) return "deleted on the host since the guest changed it";
   if (base.type === "dir" && now.isDirectory()) return undefined;
@@ -123,7 +149,7 @@ async function mountChanges(vmDir: string, o: OverlayRecord): Promise<OverlayCha
     o.file !== undefined ? o.guest_path : `${o.guest_path.replace(/\/$/, "")}${rel === "/" ? "" : rel}`;
   const add = async (kind: ChangeKind, type: EntryType, rel: string, upperPath?: string) => {
     const hostPath = join(o.host_dir, rel);
-    const conflict = await conflictOf(bases.get(rel), hostPath);
+    const conflict = await conflictOf(bases.get(rel), o.host_dir, rel);
     out.push({
       kind,
       type,
@@ -160,7 +186,7 @@ async function mountChanges(vmDir: string, o: OverlayRecord): Promise<OverlayCha
         const child = `${prefix}/${name}`;
         if (o.file !== undefined && child !== `/${o.file}`) continue;
         seen.add(name);
-        const low = lowerListed ? await tryLstat(join(o.host_dir, child)) : undefined;
+        const low = lowerListed ? await hostLstat(o.host_dir, child) : undefined;
         if (low) await add("deleted", typeOf(low), child);
         continue;
       }
@@ -168,7 +194,7 @@ async function mountChanges(vmDir: string, o: OverlayRecord): Promise<OverlayCha
       if (o.file !== undefined && child !== `/${o.file}`) continue;
       seen.add(e.name);
       const up = join(upper, child);
-      const low = lowerListed ? await tryLstat(join(o.host_dir, child)) : undefined;
+      const low = lowerListed ? await hostLstat(o.host_dir, child) : undefined;
       const type = typeOf(e);
       if (e.isDirectory()) {
         if (!low?.isDirectory()) {
@@ -229,7 +255,9 @@ export async function textDiff(c: OverlayChange): Promise<string | undefined> {
     return b.subarray(0, 8192).includes(0) ? undefined : b.toString("utf8");
   };
   if (c.type !== "file") return undefined;
-  const before = c.kind === "added" ? "" : await read(c.hostPath);
+  const hostDir = c.hostPath.slice(0, c.hostPath.length - c.rel.length);
+  const inside = await insideFolder(hostDir, c.rel);
+  const before = c.kind === "added" || !inside ? "" : await read(c.hostPath);
   const after = c.kind === "deleted" ? "" : await read(c.upperPath);
   if (before === undefined || after === undefined) return undefined;
   return createTwoFilesPatch(`host${c.guestPath}`, `guest${c.guestPath}`, before, after, "", "", {
