@@ -77,10 +77,26 @@ export const MountSchema = strictObject({
   readonly: v.optional(v.boolean(), false),
 });
 
+/** Matchlock's VFS hook rule; ops and the path glob are checked by the VFS layer (compileRules). */
+export const VfsRuleSchema = strictObject({
+  name: v.optional(v.string()),
+  phase: v.optional(v.picklist(["before", "after"])),
+  ops: v.nullish(v.array(v.string())),
+  path: v.optional(v.string()),
+  action: v.optional(v.picklist(["allow", "block"])),
+  timeout_ms: v.optional(v.number()),
+});
+
 export const VfsSchema = strictObject({
   workspace: v.optional(v.string()),
   mounts: v.optional(v.record(v.string(), MountSchema), {}),
-  interception: v.optional(v.unknown()),
+  /** File hooks: `before` rules allow or block (EPERM) operations; events after them. */
+  interception: v.nullish(
+    strictObject({
+      emit_events: v.optional(v.boolean(), false),
+      rules: v.nullish(v.array(VfsRuleSchema)),
+    }),
+  ),
   /** Matchlock's, unused there: accepted when empty, refused (unsupportedFeatures) when not. */
   direct_mounts: v.optional(v.unknown()),
 });
@@ -175,7 +191,6 @@ function isEmptyValue(x: unknown): boolean {
  */
 export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
-  if (config.vfs.interception !== undefined) out.push("vfs interception");
   if (!isEmptyValue(config.vfs.direct_mounts)) out.push("vfs.direct_mounts");
   if (config.network.policy_script) out.push("network.policy_script");
   if (config.extra_disks.length > 0) out.push("extra_disks");

@@ -39,9 +39,30 @@ export const NetworkEventSchema = v.object({
 });
 export type NetworkEvent = v.InferOutput<typeof NetworkEventSchema>;
 
+/** A file operation in the host folders (`vfs.interception` with `emit_events` or an after rule). */
+export const FileEventSchema = v.object({
+  type: v.literal("file"),
+  timestamp: v.number(),
+  file: v.object({
+    op: v.string(),
+    /** The guest path. */
+    path: v.string(),
+    /** Bytes read or written, else the file's size after the op (0 when unknown). */
+    size: v.number(),
+    mode: v.number(),
+    uid: v.number(),
+    gid: v.number(),
+  }),
+});
+export type FileEvent = v.InferOutput<typeof FileEventSchema>;
+
 /** Every event a sandbox emits (the RPC `event` notification's params). */
-export const SandboxEventSchema = NetworkEventSchema;
+export const SandboxEventSchema = v.variant("type", [NetworkEventSchema, FileEventSchema]);
 export type SandboxEvent = v.InferOutput<typeof SandboxEventSchema>;
+
+export function fileEvent(file: FileEvent["file"]): FileEvent {
+  return { type: "file", timestamp: Math.floor(Date.now() / 1000), file };
+}
 
 export function networkEvent(
   body: Omit<NetworkEventBody, "status_code" | "request_bytes" | "response_bytes" | "duration_ms"> &
@@ -56,8 +77,9 @@ export function networkEvent(
 
 /** One line for people: `12:00:01 BLOCKED https api.evil.test:443 — not in the allow-list`. */
 export function describeEvent(e: SandboxEvent): string {
-  const n = e.network;
   const time = new Date(e.timestamp * 1000).toISOString().slice(11, 19);
+  if (e.type === "file") return `${time} file ${e.file.op} ${e.file.path} ${e.file.size}B`;
+  const n = e.network;
   const target = n.url !== "" ? `${n.method} ${n.url}`.trim() : n.port ? `${n.host}:${n.port}` : n.host;
   if (n.blocked) return `${time} BLOCKED ${n.protocol} ${target} — ${n.block_reason ?? "blocked"}`;
   const status = n.status_code ? ` ${n.status_code}` : "";

@@ -68,7 +68,7 @@ export function registerNetworkCommands(program: Command): void {
       const { dir, owner } = await locateVm(id);
       const file = join(dir, EVENTS_FILE);
       const print = (e: SandboxEvent) => {
-        if (flags.blocked && !e.network.blocked) return;
+        if (flags.blocked && (e.type !== "network" || !e.network.blocked)) return;
         process.stdout.write(flags.json ? `${JSON.stringify(e)}\n` : `${escapeControls(describeEvent(e))}\n`);
       };
       const reader = new EventFileReader(file);

@@ -4,8 +4,9 @@ import { basename, dirname, isAbsolute, join, posix, resolve } from "node:path";
 import type { Duplex } from "node:stream";
 import type { SandboxConfig } from "../api/config.ts";
 import { InvalidArgumentError, messageOf } from "../api/errors.ts";
+import type { FileEvent } from "../api/events.ts";
 import type { Attr } from "../vfs/fuse-abi.ts";
-import { buildWorkspace, FuseServer, serveStream } from "../vfs/index.ts";
+import { buildWorkspace, FuseServer, serveStream, type VfsRule } from "../vfs/index.ts";
 
 /**
  * Host folders in a sandbox (issue #13, docs/vfs.md): the config's `vfs.workspace` and
@@ -24,7 +25,12 @@ export const VFS_LOG = "vfs.log";
 const GUEST_PATH = /^(\/[A-Za-z0-9._@+-]+)+$/;
 
 export function hostFoldersRequested(config: SandboxConfig): boolean {
-  return config.vfs.workspace !== undefined || Object.keys(config.vfs.mounts).length > 0;
+  const i = config.vfs.interception;
+  return (
+    config.vfs.workspace !== undefined ||
+    Object.keys(config.vfs.mounts).length > 0 ||
+    (i !== undefined && i !== null && (i.emit_events || (i.rules ?? []).length > 0))
+  );
 }
 
 function checkGuestPath(what: string, p: string): string {
@@ -36,6 +42,26 @@ function checkGuestPath(what: string, p: string): string {
     );
   }
   return p;
+}
+
+/** `vfs.interception` as the VFS layer takes it (nulls, Go's empty values, dropped). */
+function interceptionOf(
+  config: SandboxConfig,
+  onEvent: ((e: FileEvent["file"]) => void) | undefined,
+): Pick<Parameters<typeof buildWorkspace>[0], "interception" | "onEvent"> {
+  const i = config.vfs.interception;
+  if (!i) return {};
+  const rules: VfsRule[] = (i.rules ?? []).map((r) => ({
+    ...(r.name ? { name: r.name } : {}),
+    ...(r.phase ? { phase: r.phase } : {}),
+    ...(r.ops ? { ops: r.ops } : {}),
+    ...(r.path ? { path: r.path } : {}),
+    ...(r.action ? { action: r.action } : {}),
+  }));
+  return {
+    interception: { rules, emit_events: i.emit_events },
+    ...(onEvent ? { onEvent: (e) => onEvent({ ...e }) } : {}),
+  };
 }
 
 /** Where the n-th overlay mount keeps its changes and their bases, in the VM dir. */
@@ -115,7 +141,11 @@ export class HostFolders {
    * Checks the mounts (guest paths inside the workspace, host paths that exist) and builds the
    * server. Host paths are resolved against the current directory. `dir` is the VM dir (created).
    */
-  static async prepare(config: SandboxConfig, dir: string): Promise<HostFolders> {
+  static async prepare(
+    config: SandboxConfig,
+    dir: string,
+    onEvent?: (e: FileEvent["file"]) => void,
+  ): Promise<HostFolders> {
     const workspace = checkGuestPath("vfs.workspace", config.vfs.workspace || DEFAULT_WORKSPACE);
     const mounts: Record<string, SandboxConfig["vfs"]["mounts"][string]> = {};
     for (const [guestPath, m] of Object.entries(config.vfs.mounts)) {
@@ -147,6 +177,7 @@ export class HostFolders {
         workspace,
         mounts,
         overlayUpper: (i) => overlayPaths(dir, i).upper,
+        ...interceptionOf(config, onEvent),
         overlayBase: (i) => {
           const file = overlayPaths(dir, i).base;
           return (path, lower) => {

@@ -3,6 +3,7 @@ import { mkdir, open } from "node:fs/promises";
 import { join } from "node:path";
 import type { ImageConfig, SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf, VmBootError } from "../api/errors.ts";
+import { fileEvent } from "../api/events.ts";
 import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
 import {
@@ -250,7 +251,9 @@ export class Sandbox {
           onEvent: (e) => events.emit(e),
         });
       }
-      if (hostFoldersRequested(config)) folders = await HostFolders.prepare(config, dir);
+      if (hostFoldersRequested(config)) {
+        folders = await HostFolders.prepare(config, dir, (f) => events.emit(fileEvent(f)));
+      }
       state.lifecycle.transition(id, "created");
       crashPoint("created");
 

@@ -10,7 +10,7 @@
 import "./node-check.ts";
 
 export type { SandboxConfigInput as SandboxConfig } from "../api/config.ts";
-export type { NetworkEvent, NetworkEventBody, SandboxEvent } from "../api/events.ts";
+export type { FileEvent, NetworkEvent, NetworkEventBody, SandboxEvent } from "../api/events.ts";
 export {
   type BinaryLike,
   type CallOptions,
@@ -48,4 +48,5 @@ export {
   type PortForwardSpec,
   Sandbox,
   type SandboxExtras,
+  type VfsInterceptionConfig,
 } from "./sandbox.ts";

@@ -1,4 +1,5 @@
 import type { SandboxConfigInput } from "../api/config.ts";
+import { InvalidArgumentError } from "../api/errors.ts";
 import {
   type CompiledNetworkHook,
   compileNetworkInterception,
@@ -43,6 +44,18 @@ export interface NetworkHookFilter {
   methods?: string[];
   path?: string;
   timeoutMs?: number;
+}
+
+/** Matchlock's `withVFSInterception` argument (rules without callbacks). */
+export interface VfsInterceptionConfig {
+  emitEvents?: boolean;
+  rules?: Array<{
+    name?: string;
+    phase?: "before" | "after";
+    ops?: string[];
+    path?: string;
+    action?: "allow" | "block";
+  }>;
 }
 
 /** What a builder carries besides the create config. */
@@ -278,6 +291,31 @@ export class Sandbox {
   addSecret(name: string, value: string, ...hosts: string[]): Sandbox {
     return this.net((n) => {
       n.secrets = { ...n.secrets, [name]: { value, hosts } };
+    });
+  }
+
+  /**
+   * Matchlock's VFS interception: `before` rules allow or block (EPERM) file operations in the host
+   * folders; `emitEvents` sends a `file` event (ClientOptions.onEvent) after each operation. Rules
+   * with callbacks (`hook`) are not supported here and are refused.
+   */
+  withVFSInterception(config: VfsInterceptionConfig): Sandbox {
+    const rules = (config.rules ?? []).map((r, i) => {
+      if ("hook" in r || "dangerousHook" in r || "mutateHook" in r || "actionHook" in r) {
+        throw new InvalidArgumentError(
+          `vfs interception rule ${i + 1}: callback hooks are not supported; use action allow or block`,
+        );
+      }
+      return {
+        ...(r.name ? { name: r.name } : {}),
+        ...(r.phase ? { phase: r.phase } : {}),
+        ...(r.ops && r.ops.length > 0 ? { ops: [...r.ops] } : {}),
+        ...(r.path ? { path: r.path } : {}),
+        ...(r.action ? { action: r.action } : {}),
+      };
+    });
+    return this.vfs((v) => {
+      v.interception = { ...(config.emitEvents ? { emit_events: true } : {}), rules };
     });
   }
 

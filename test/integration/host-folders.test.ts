@@ -12,7 +12,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { Client, Sandbox } from "../../src/sdk/index.ts";
+import { Client, Sandbox, type SandboxEvent } from "../../src/sdk/index.ts";
 import { runCli, tempHome } from "../helpers/cli.ts";
 
 /**
@@ -228,5 +228,61 @@ test("diff and apply: the guest's overlay changes reviewed, written back, host c
   } finally {
     await ml(["kill", id]);
     await ml(["rm", id]);
+  }
+});
+
+test("vfs.interception: a before rule blocks creates with EPERM; file events reach the SDK's onEvent", async () => {
+  const events: SandboxEvent[] = [];
+  const c = new Client({ env: h.env, onEvent: (e) => events.push(e) });
+  try {
+    await c.launch(
+      new Sandbox().mountHostDir("/workspace/live", repo).withVFSInterception({
+        emitEvents: true,
+        rules: [
+          {
+            name: "no-env",
+            phase: "before",
+            ops: ["create"],
+            path: "/workspace/live/*.env",
+            action: "block",
+          },
+        ],
+      }),
+    );
+    const r = await c.exec(
+      "echo x > /workspace/live/prod.env; echo status=$?; echo ok > /workspace/live/allowed.txt; cat /workspace/live/allowed.txt",
+    );
+    assert.match(r.stderr, /prod\.env: Operation not permitted/);
+    assert.equal(r.stdout, "status=1\nok\n");
+    await new Promise((res) => setTimeout(res, 500));
+  } finally {
+    await c.close();
+    await c.remove();
+  }
+  assert.ok(!existsSync(join(repo, "prod.env")), "the blocked file never reached the host");
+  rmSync(join(repo, "allowed.txt"));
+  const files = events.filter((e) => e.type === "file");
+  assert.ok(
+    files.some((e) => e.file.op === "create" && e.file.path === "/workspace/live/allowed.txt"),
+    JSON.stringify(files.slice(0, 5)),
+  );
+  assert.ok(
+    files.some(
+      (e) => e.file.op === "write" && e.file.path === "/workspace/live/allowed.txt" && e.file.size === 3,
+    ),
+  );
+  // Creating the file in the workspace view is checked against the rule, and bad rules never boot.
+  const bad = new Client({ env: h.env });
+  try {
+    await assert.rejects(
+      bad.launch(
+        new Sandbox()
+          .mountMemory("/workspace/m")
+          .withVFSInterception({ rules: [{ ops: ["explode"], action: "block" }] }),
+      ),
+      /unknown op "explode"/,
+    );
+  } finally {
+    await bad.close();
   }
 });
