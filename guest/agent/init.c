@@ -24,6 +24,9 @@ static char cmd_hostname[256], cmd_time[64], cmd_rootfstype[64] = "ext4";
 static char cmd_net[96]; /* matchlock.net=GUEST/PREFIX,GATEWAY,MTU: the host's choice for eth0 */
 static int cmd_probe; /* matchlock.probe=1: the host's accelerator test; say so and power off */
 static char cmd_vfs[512]; /* matchlock.vfs=PATH: mount the host's FUSE file system there (vfs.c) */
+#define MAX_EXTRA_DISKS 20
+static char cmd_disk[MAX_EXTRA_DISKS][320]; /* matchlock.disk=vdX:PATH:ro|rw, one per extra disk */
+static int n_disks;
 
 static void parse_cmdline(void)
 {
@@ -48,6 +51,8 @@ static void parse_cmdline(void)
 			cmd_probe = 1;
 		else if (!strncmp(tok, "matchlock.vfs=", 14))
 			snprintf(cmd_vfs, sizeof cmd_vfs, "%s", tok + 14);
+		else if (!strncmp(tok, "matchlock.disk=", 15) && n_disks < MAX_EXTRA_DISKS)
+			snprintf(cmd_disk[n_disks++], sizeof cmd_disk[0], "%s", tok + 15);
 	}
 }
 
@@ -277,6 +282,22 @@ void init_system(void)
 		}
 		if (clock_settime(CLOCK_REALTIME, &ts) < 0)
 			console("clock_settime: %s", strerror(errno));
+	}
+
+	/* extra disks (volumes, raw ext4 images) where the host says; not fatal: a command sees the error */
+	for (int i = 0; i < n_disks; i++) {
+		char dev[32], *path = strchr(cmd_disk[i], ':'), *mode = path ? strrchr(path + 1, ':') : NULL;
+		if (!path || !mode || path - cmd_disk[i] >= 16) {
+			console("matchlock.disk=%s: not vdX:PATH:ro|rw", cmd_disk[i]);
+			continue;
+		}
+		*path++ = 0;
+		*mode++ = 0;
+		snprintf(dev, sizeof dev, "/dev/%.16s", cmd_disk[i]);
+		wait_for(dev, 5000);
+		if (mkdir_p(path, 0755, (uid_t)-1, (gid_t)-1) < 0 ||
+		    mount(dev, path, "ext4", MS_NOSUID | MS_NODEV | (strcmp(mode, "ro") ? 0 : MS_RDONLY), NULL) < 0)
+			console("mount %s on %s: %s", dev, path, strerror(errno));
 	}
 
 	if (*cmd_vfs)

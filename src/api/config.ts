@@ -193,7 +193,6 @@ export function unsupportedFeatures(config: SandboxConfig): string[] {
   const out: string[] = [];
   if (!isEmptyValue(config.vfs.direct_mounts)) out.push("vfs.direct_mounts");
   if (config.network.policy_script) out.push("network.policy_script");
-  if (config.extra_disks.length > 0) out.push("extra_disks");
   if (config.privileged) out.push("privileged");
   return out;
 }

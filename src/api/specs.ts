@@ -160,3 +160,28 @@ export function parseVolumeSpec(spec: string, workspace: string, cwd = process.c
     },
   };
 }
+
+/**
+ * `--disk HOST.ext4:GUEST[:ro]` or `--disk @NAME:GUEST[:ro]` (a volume, found by `volume`): an
+ * `extra_disks` entry. The host path is made absolute against the current directory.
+ */
+export function parseDiskSpec(
+  spec: string,
+  volume: (name: string) => string,
+  cwd = process.cwd(),
+): { host_path: string; guest_mount: string; readonly: boolean } {
+  const parts = spec.split(":");
+  const ro = parts.length === 3 && (parts[2] === "ro" || parts[2] === "readonly");
+  if (parts.length < 2 || parts.length > 3 || (parts.length === 3 && !ro) || !parts[0] || !parts[1]) {
+    throw new InvalidArgumentError(
+      `invalid --disk "${spec}": expected HOST.ext4:GUEST[:ro] or @NAME:GUEST[:ro]`,
+      "e.g. --disk ./scratch.ext4:/mnt/scratch:ro or --disk @cache:/var/cache",
+    );
+  }
+  const [host = "", guest = ""] = parts;
+  return {
+    host_path: host.startsWith("@") ? volume(host.slice(1)) : resolvePath(cwd, host),
+    guest_mount: guest,
+    readonly: ro,
+  };
+}

@@ -15,6 +15,7 @@ import { registerRun } from "./run.ts";
 import { registerSetup } from "./setup.ts";
 import { registerVersion, VERSION } from "./version.ts";
 import { registerVmCommands } from "./vms.ts";
+import { registerVolumeCommands } from "./volume.ts";
 
 /**
  * The CLI edge: every command registers itself; every error becomes one clear line and exit 1,
@@ -40,6 +41,7 @@ registerRun(program);
 registerExec(program);
 registerVmCommands(program);
 registerChangeCommands(program);
+registerVolumeCommands(program);
 registerImage(program);
 registerPull(program);
 registerRpc(program);

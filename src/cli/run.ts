@@ -10,8 +10,10 @@ import {
 } from "../api/config.ts";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import type { NetworkInterceptionInput } from "../api/network-hooks.ts";
+import { paths } from "../api/paths.ts";
 import {
   parseAddHost,
+  parseDiskSpec,
   parseDnsServers,
   parsePortSpec,
   parsePrivateHost,
@@ -33,6 +35,7 @@ import {
 } from "../sandbox/command.ts";
 import { DEFAULT_WORKSPACE } from "../sandbox/host-folders.ts";
 import { DEFAULT_GRACE_MS, type ExecOptions, execRequest, Sandbox } from "../sandbox/sandbox.ts";
+import { volumePath } from "../sandbox/volumes.ts";
 import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
 import { boolValue, collect, durationMs, positiveInt, positiveNumber } from "./parse.ts";
 import { pullProgress } from "./progress.ts";
@@ -64,6 +67,7 @@ interface RunFlags {
   networkRules?: string;
   volume: string[];
   workspace?: string;
+  disk: string[];
   accel?: string;
   gracefulShutdown: number;
   publish: string[];
@@ -165,6 +169,12 @@ export function registerRun(program: Command): void {
       "share a host folder or file under the workspace (repeatable). MODE: overlay (default: the guest\n" +
         "changes a copy-on-write view, the host copy stays as it was), host_fs (live, read-write) or ro\n" +
         "(live, read-only). The host never follows a link out of the folder",
+      collect,
+      [],
+    )
+    .option(
+      "--disk <HOST.ext4|@NAME:GUEST[:ro]>",
+      "attach an ext4 image, or the volume NAME (`matchlock volume create`), at a guest path (repeatable)",
       collect,
       [],
     )
@@ -310,6 +320,8 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
     env: await buildEnv(flags),
   };
   if (flags.volume.length > 0 || flags.workspace !== undefined) input.vfs = volumesOf(flags);
+  if (flags.disk.length > 0)
+    input.extra_disks = flags.disk.map((d) => parseDiskSpec(d, (name) => volumePath(name, paths())));
   if (flags.image !== undefined) input.image = flags.image;
   const config = parseSandboxConfig(input);
   const entrypoint =

@@ -233,6 +233,11 @@ export const BOOT_PARAMS = {
     value: "1",
     meaning: "the host's accelerator probe: print `MATCHLOCK-PROBE-OK` on the console and power off",
   },
+  "matchlock.disk": {
+    value: "vdX:PATH:ro|rw",
+    meaning:
+      "an extra disk (a volume or raw ext4 image): mount `/dev/vdX` (ext4, nosuid, nodev) at PATH, read-only with `ro`; one parameter per disk, at most 20; failures are logged, not fatal",
+  },
   "matchlock.vfs": {
     value: "PATH",
     meaning:

@@ -33,7 +33,7 @@ export function hostFoldersRequested(config: SandboxConfig): boolean {
   );
 }
 
-function checkGuestPath(what: string, p: string): string {
+export function checkGuestPath(what: string, p: string): string {
   const normal = posix.normalize(p);
   if (!GUEST_PATH.test(p) || normal !== p || p.split("/").includes("..")) {
     throw new InvalidArgumentError(

@@ -35,6 +35,7 @@ import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
 import { finishCleanup } from "./cleanup.ts";
 import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
 import { EVENTS_FILE, EventLog } from "./event-log.ts";
+import { prepareExtraDisks } from "./extra-disks.ts";
 import { crashPoint } from "./faults.ts";
 import { installGuestCa } from "./guest-ca.ts";
 import { HostFolders, hostFoldersRequested } from "./host-folders.ts";
@@ -254,6 +255,7 @@ export class Sandbox {
       if (hostFoldersRequested(config)) {
         folders = await HostFolders.prepare(config, dir, (f) => events.emit(fileEvent(f)));
       }
+      const extraDisks = await prepareExtraDisks(config, folders?.workspace);
       state.lifecycle.transition(id, "created");
       crashPoint("created");
 
@@ -271,12 +273,14 @@ export class Sandbox {
           `matchlock.rootfstype=${image.fstype}`,
           ...(plan ? [guestKernelArg(plan)] : []),
           ...(folders ? [folders.kernelArg] : []),
+          ...extraDisks.map((d) => d.kernelArg),
         ],
         cpus: config.resources.cpus,
         memoryMb: config.resources.memory_mb,
         disks: [
           { path: image.rootfs, readonly: true },
           { path: upper, readonly: false },
+          ...extraDisks.map((d) => d.disk),
         ],
         accel,
         ...(network ? { nic: network.nic } : {}),
@@ -477,6 +481,29 @@ export class Sandbox {
    * `--rm`) the VM dir and its records go too; without it the VM stays listed as stopped, with its
    * logs, until `matchlock rm`. Safe to call more than once.
    */
+  /**
+   * What the guest wrote to its extra disks may still be in its page cache, and the VM is stopped,
+   * not shut down: a `sync` first (at most 2 s, as Matchlock), so volumes keep their data. The upper
+   * disk needs none (it goes with the VM) and host folders are written through.
+   */
+  private async syncWritableDisks(): Promise<void> {
+    if (!this.config.extra_disks.some((d) => !d.readonly) || this.deathCause !== undefined) return;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const h = this.exec({ argv: ["sync"], tty: false, stdin: false });
+      await Promise.race([
+        h.done,
+        new Promise((resolve) => {
+          timer = setTimeout(resolve, 2000);
+        }),
+      ]);
+    } catch {
+      // a VM that cannot sync is stopped anyway
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   close(opts: { remove?: boolean; graceMs?: number } = {}): Promise<void> {
     this.closing ??= (async () => {
       const remove = opts.remove ?? true;
@@ -486,6 +513,7 @@ export class Sandbox {
       await this.network?.close().catch(() => {});
       this.state.lifecycle.transition(this.id, "stopping");
       crashPoint("stopping");
+      await this.syncWritableDisks();
       this.agent.close();
       // A VM that died on its own is recorded as a failure with its cause, and listed as crashed:
       // a SIGKILLed QEMU or a kernel panic must not look like a normal stop.

@@ -286,3 +286,50 @@ test("vfs.interception: a before rule blocks creates with EPERM; file events rea
     await bad.close();
   }
 });
+
+test("volumes and raw disks: data stays for the next VM, ro is read-only, one writer at a time, bad --disk refused", async () => {
+  const ml = (args: string[]) => runCli(args, { env: h.env, cwd: root, timeoutMs: 240_000 });
+  assert.equal((await ml(["volume", "create", "cache", "--size", "64"])).code, 0);
+  const ls = await ml(["volume", "ls", "--json"]);
+  const vols = JSON.parse(ls.stdout.toString()) as Array<{ name: string; size_mb: number }>;
+  assert.deepEqual(
+    vols.map((v) => [v.name, v.size_mb]),
+    [["cache", 64]],
+  );
+  const first = await run(["--disk", "@cache:/var/cache/app"], "echo kept > /var/cache/app/f");
+  assert.equal(first.code, 0, first.out);
+  const second = await run(
+    ["--disk", "@cache:/var/cache/app:ro"],
+    "cat /var/cache/app/f; echo x > /var/cache/app/g 2>&1; echo end",
+  );
+  assert.match(second.out, /^kept\nend\n/);
+  assert.match(second.out, /can't create \/var\/cache\/app\/g: Read-only file system/);
+
+  // One writer at a time: a running VM has the volume; a second is refused, and so is rm.
+  const holder = await ml(["run", "-d", "--disk", "@cache:/data", "--", "sleep", "600"]);
+  assert.equal(holder.code, 0, holder.stderr);
+  const id = holder.stdout.toString().trim();
+  try {
+    const both = await run(["--disk", "@cache:/data"], "true");
+    assert.notEqual(both.code, 0);
+    assert.match(both.out, /Failed to get "write" lock/);
+    const rm = await ml(["volume", "rm", "cache"]);
+    assert.notEqual(rm.code, 0);
+    assert.match(rm.stderr, new RegExp(`volume cache is attached to ${id}`));
+  } finally {
+    await ml(["kill", id]);
+  }
+  assert.equal((await ml(["volume", "rm", "cache"])).code, 0);
+
+  for (const [args, message] of [
+    [["--disk", "/etc/hostname:/mnt/x"], /disk \/etc\/hostname is not an ext2\/3\/4 image/],
+    [["--disk", "@nothere:/mnt/x"], /nothere\.ext4: ENOENT/],
+    [["--disk", "./x.ext4"], /invalid --disk ".\/x\.ext4": expected HOST\.ext4:GUEST\[:ro\]/],
+    [["-v", "./repo:r", "--disk", "@c:/workspace/d"], /disk mount \/workspace\/d overlaps the workspace \/workspace/],
+  ] as const) {
+    const r = await ml(["run", ...args, "--", "true"]);
+    assert.notEqual(r.code, 0, args.join(" "));
+    assert.match(r.stderr, message, args.join(" "));
+    assert.doesNotMatch(r.stderr, /\n\s+at /);
+  }
+});

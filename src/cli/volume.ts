@@ -1,0 +1,58 @@
+import type { Command } from "commander";
+import { paths } from "../api/paths.ts";
+import { createVolume, DEFAULT_VOLUME_MB, listVolumes, removeVolume } from "../sandbox/volumes.ts";
+import { openState } from "../state/store.ts";
+import { positiveInt } from "./parse.ts";
+import { table } from "./table.ts";
+
+/** `matchlock volume create|ls|rm`: named ext4 volumes that outlive VMs (`run --disk @NAME:/path`). */
+export function registerVolumeCommands(program: Command): void {
+  const volume = program
+    .command("volume")
+    .summary("named disks that outlive VMs")
+    .description(
+      "Named ext4 volumes in ~/.matchlock/volumes, sparse (they take host disk space as they fill).\n" +
+        "Attach one with `matchlock run --disk @NAME:/guest/path[:ro]`; what the guest writes there stays\n" +
+        "for the next VM. QEMU refuses a second VM writing a volume that one already has.",
+    );
+  volume
+    .command("create")
+    .summary("create an empty volume")
+    .argument("<name>", "letters, digits, '.', '_' and '-'")
+    .option("--size <MB>", "size in MB (sparse)", positiveInt, DEFAULT_VOLUME_MB)
+    .action(async (name: string, flags: { size: number }) => {
+      const path = await createVolume(name, flags.size, paths());
+      process.stdout.write(`${path}\n`);
+    });
+  volume
+    .command("ls")
+    .summary("list volumes")
+    .option("--json", "one JSON array")
+    .action(async (flags: { json?: boolean }) => {
+      const vols = await listVolumes(paths());
+      if (flags.json) {
+        process.stdout.write(`${JSON.stringify(vols, null, 2)}\n`);
+        return;
+      }
+      const rows = vols.map((v) => [
+        v.name,
+        `${v.size_mb} MB`,
+        `${(v.used_bytes / 1024 / 1024).toFixed(1)} MB`,
+        v.path,
+      ]);
+      process.stdout.write(`${table([["NAME", "SIZE", "USED", "PATH"], ...rows])}\n`);
+    });
+  volume
+    .command("rm")
+    .summary("remove volumes no running VM has")
+    .argument("<names...>")
+    .action(async (names: string[]) => {
+      const p = paths();
+      const s = openState(p);
+      try {
+        for (const name of names) await removeVolume(name, p, s);
+      } finally {
+        s.close();
+      }
+    });
+}
