@@ -267,7 +267,7 @@ describe("rpc and exec refuse what they would otherwise ignore", () => {
         [{ mounts: { "/w": { type: "memory" } } }, [/\bmounts\b/, /unknown key/, /vfs\.mounts/]],
         [{ resources: { memory: 4096 } }, [/resources\.memory\b/, /unknown key/, /memory_mb/]],
         [{ image: "" }, [/image/, /empty/]],
-        [{ extra_disks: [{ host_path: "/tmp/x.ext4", guest_mount: "/mnt" }] }, [/extra_disks/]],
+        [{ privileged: true }, [/not supported by this version of matchlock: privileged/]],
       ];
       let id = 0;
       for (const [params, messages] of cases) {

@@ -325,7 +325,10 @@ test("volumes and raw disks: data stays for the next VM, ro is read-only, one wr
     [["--disk", "/etc/hostname:/mnt/x"], /disk \/etc\/hostname is not an ext2\/3\/4 image/],
     [["--disk", "@nothere:/mnt/x"], /nothere\.ext4: ENOENT/],
     [["--disk", "./x.ext4"], /invalid --disk ".\/x\.ext4": expected HOST\.ext4:GUEST\[:ro\]/],
-    [["-v", "./repo:r", "--disk", "@c:/workspace/d"], /disk mount \/workspace\/d overlaps the workspace \/workspace/],
+    [
+      ["-v", "./repo:r", "--disk", "@c:/workspace/d"],
+      /disk mount \/workspace\/d overlaps the workspace \/workspace/,
+    ],
   ] as const) {
     const r = await ml(["run", ...args, "--", "true"]);
     assert.notEqual(r.code, 0, args.join(" "));

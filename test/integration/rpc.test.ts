@@ -164,12 +164,12 @@ describe("rpc protocol robustness (raw wire)", () => {
 
   test("a config asking for a feature this version lacks is refused, naming it", async () => {
     const w = new Wire();
-    w.request(1, "create", { extra_disks: [{ host_path: "/tmp/d.ext4", guest_mount: "/mnt/d" }] });
+    w.request(1, "create", { privileged: true });
     const r = await w.response(1);
     assert.equal(errCode(r), RPC_CODES.INVALID_PARAMS);
     assert.match(
       (r.error as { message: string }).message,
-      /not supported by this version of matchlock: extra_disks/,
+      /not supported by this version of matchlock: privileged/,
     );
     w.child.stdin.end();
     await w.closed();

@@ -80,12 +80,13 @@ describe("sandbox config", () => {
     ]);
     assert.throws(() => parseSandboxConfig({ id: "vm-12345678" }), /id: the VM id is chosen by matchlock/);
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({})), []);
-    // Host folders are built; their interception rules (file hooks) are not yet.
+    // Host folders, file hooks and extra disks are built; a privileged VM is not.
     assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/workspace" } })), []);
     assert.deepEqual(
       unsupportedFeatures(parseSandboxConfig({ vfs: { workspace: "/w", interception: { rules: [] } } })),
-      ["vfs interception"],
+      [],
     );
+    assert.deepEqual(unsupportedFeatures(parseSandboxConfig({ privileged: true })), ["privileged"]);
   });
 });
 
