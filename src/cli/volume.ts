@@ -1,6 +1,12 @@
 import type { Command } from "commander";
 import { paths } from "../api/paths.ts";
-import { createVolume, DEFAULT_VOLUME_MB, listVolumes, removeVolume } from "../sandbox/volumes.ts";
+import {
+  copyVolume,
+  createVolume,
+  DEFAULT_VOLUME_MB,
+  listVolumes,
+  removeVolume,
+} from "../sandbox/volumes.ts";
 import { openState } from "../state/store.ts";
 import { positiveInt } from "./parse.ts";
 import { table } from "./table.ts";
@@ -11,7 +17,8 @@ export function registerVolumeCommands(program: Command): void {
     .command("volume")
     .summary("named disks that outlive VMs")
     .description(
-      "Named ext4 volumes in ~/.matchlock/volumes, sparse (they take host disk space as they fill).\n" +
+      "Named ext4 volumes in ~/.matchlock/volumes, sparse (they take host disk space as they fill); `gc`\n" +
+        "and `prune` never touch them.\n" +
         "Attach one with `matchlock run --disk @NAME:/guest/path[:ro]`; what the guest writes there stays\n" +
         "for the next VM. QEMU refuses a second VM writing a volume that one already has.",
     );
@@ -41,6 +48,20 @@ export function registerVolumeCommands(program: Command): void {
         v.path,
       ]);
       process.stdout.write(`${table([["NAME", "SIZE", "USED", "PATH"], ...rows])}\n`);
+    });
+  volume
+    .command("cp")
+    .summary("copy a volume into a new one")
+    .argument("<src>", "an existing volume")
+    .argument("<dst>", "the new volume's name")
+    .action(async (src: string, dst: string) => {
+      const p = paths();
+      const s = openState(p);
+      try {
+        process.stdout.write(`${await copyVolume(src, dst, p, s)}\n`);
+      } finally {
+        s.close();
+      }
     });
   volume
     .command("rm")

@@ -2,6 +2,7 @@ import { mkdir, readdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
+import { runCommand } from "../host/command.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
 import type { StateStore } from "../state/store.ts";
 import { effectiveStatus } from "./reconcile.ts";
@@ -84,6 +85,28 @@ export function vmsUsing(path: string, s: StateStore): string[] {
       }
     })
     .map((row) => row.id);
+}
+
+/** A new volume DST with SRC's contents (sparse copy); SRC must not be open for writing in a VM. */
+export async function copyVolume(src: string, dst: string, p: Paths, s: StateStore): Promise<string> {
+  const from = volumePath(src, p);
+  const to = volumePath(dst, p);
+  if (!(await stat(from).catch(() => undefined))) throw new InvalidArgumentError(`no volume ${src}`);
+  if (await stat(to).catch(() => undefined)) throw new InvalidArgumentError(`volume ${dst} exists`);
+  const users = vmsUsing(from, s);
+  if (users.length > 0) {
+    throw new InvalidArgumentError(
+      `volume ${src} is attached to ${users.join(", ")}`,
+      "stop those VMs first: a copy of a disk in use may be torn",
+    );
+  }
+  try {
+    await runCommand("cp", ["--sparse=always", from, to], { errorCode: "INVALID_ARGUMENT" });
+  } catch (e) {
+    await rm(to, { force: true });
+    throw e;
+  }
+  return to;
 }
 
 export async function removeVolume(name: string, p: Paths, s: StateStore): Promise<void> {

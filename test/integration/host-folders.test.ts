@@ -93,6 +93,53 @@ describe("run -v", () => {
     assert.equal(r.out, '{"k":1}\nconfig.json\nsrc\nrepo\nfrom the host\n');
   });
 
+  test("symlink attacks from inside the guest on a live folder never reach host files outside it", async () => {
+    const r = await run(
+      ["-v", "./repo:/workspace/live:host_fs"],
+      "cd /workspace/live && ln -s / esc && ln -s ../../outside up2 && echo pwn > esc/tmp/pwned-by-guest; " +
+        "cat up2/secret 2>&1; mkdir d && ln -s /etc d/l && mv d/l d/etc-link && cat d/etc-link/hostname >/dev/null; " +
+        "ln ../config.json hard 2>&1; rm -rf d esc up2; echo done",
+    );
+    assert.equal(r.code, 0, r.out);
+    assert.match(r.out, /done\n$/);
+    assert.doesNotMatch(r.out, /host-only secret/);
+    // The guest wrote through its own link into its own /tmp, never the host's.
+    assert.ok(!existsSync("/tmp/pwned-by-guest"));
+    assert.equal(readFileSync(join(outside, "secret"), "utf8"), "host-only secret\n");
+    assert.deepEqual(
+      readdirSync(repo).filter((n) => ["esc", "up2", "d", "hard"].includes(n)),
+      [],
+    );
+  });
+
+  test("a host folder removed while mounted gives errors in the guest, never a hang", async () => {
+    const gone = join(root, "gone");
+    mkdirSync(gone);
+    writeFileSync(join(gone, "f"), "x\n");
+    const ml = (args: string[]) => runCli(args, { env: h.env, cwd: root, timeoutMs: 120_000 });
+    const started = await ml(["run", "-d", "-v", "./gone:/workspace/g:host_fs", "--", "sleep", "600"]);
+    assert.equal(started.code, 0, started.stderr);
+    const id = started.stdout.toString().trim();
+    try {
+      assert.equal((await ml(["exec", id, "--", "cat", "/workspace/g/f"])).stdout.toString(), "x\n");
+      rmSync(gone, { recursive: true });
+      const t0 = Date.now();
+      const r = await ml([
+        "exec",
+        id,
+        "--",
+        "sh",
+        "-c",
+        "sleep 1.5; ls /workspace/g; cat /workspace/g/f; echo new > /workspace/g/n; echo end",
+      ]);
+      assert.ok(Date.now() - t0 < 60_000, "answered");
+      assert.match(r.stdout.toString(), /end\n$/);
+      assert.match(r.stderr, /No such file or directory|Stale file handle/);
+    } finally {
+      await ml(["kill", id]);
+    }
+  });
+
   test("links out of the folder lead nowhere on the host, in every mode", async () => {
     for (const mode of ["overlay", "host_fs", "ro"]) {
       const r = await run(
@@ -304,6 +351,18 @@ test("volumes and raw disks: data stays for the next VM, ro is read-only, one wr
   );
   assert.match(second.out, /^kept\nend\n/);
   assert.match(second.out, /can't create \/var\/cache\/app\/g: Read-only file system/);
+
+  // A copy has the data; gc and prune never touch volumes.
+  assert.equal((await ml(["volume", "cp", "cache", "cache2"])).code, 0);
+  assert.equal((await ml(["gc"])).code, 0);
+  assert.equal((await ml(["prune"])).code, 0);
+  const names = (
+    JSON.parse((await ml(["volume", "ls", "--json"])).stdout.toString()) as Array<{ name: string }>
+  ).map((v) => v.name);
+  assert.deepEqual(names, ["cache", "cache2"]);
+  const copied = await run(["--disk", "@cache2:/c:ro"], "cat /c/f");
+  assert.equal(copied.out, "kept\n");
+  assert.equal((await ml(["volume", "rm", "cache2"])).code, 0);
 
   // One writer at a time: a running VM has the volume; a second is refused, and so is rm.
   const holder = await ml(["run", "-d", "--disk", "@cache:/data", "--", "sleep", "600"]);
