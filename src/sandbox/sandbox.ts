@@ -477,11 +477,6 @@ export class Sandbox {
   }
 
   /**
-   * Stops the VM and reclaims its host resources, recording each step. With `remove` (the default,
-   * `--rm`) the VM dir and its records go too; without it the VM stays listed as stopped, with its
-   * logs, until `matchlock rm`. Safe to call more than once.
-   */
-  /**
    * What the guest wrote to its extra disks may still be in its page cache, and the VM is stopped,
    * not shut down: a `sync` first (at most 2 s, as Matchlock), so volumes keep their data. The upper
    * disk needs none (it goes with the VM) and host folders are written through.
@@ -504,6 +499,11 @@ export class Sandbox {
     }
   }
 
+  /**
+   * Stops the VM and reclaims its host resources, recording each step. With `remove` (the default,
+   * `--rm`) the VM dir and its records go too; without it the VM stays listed as stopped, with its
+   * logs, until `matchlock rm`. Safe to call more than once.
+   */
   close(opts: { remove?: boolean; graceMs?: number } = {}): Promise<void> {
     this.closing ??= (async () => {
       const remove = opts.remove ?? true;
