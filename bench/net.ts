@@ -340,6 +340,27 @@ const median = (xs: number[]) => pct(xs, 50);
 const plus = (ms: number) => `${ms >= 0 ? "+" : ""}${fmt(ms)}`;
 const p50p99 = (xs: number[]) => `p50 ${fmt(pct(xs, 50))}  p99 ${fmt(pct(xs, 99))}`;
 
+/**
+ * `GET https://example.test/` on one kept-alive connection per path (4a, 4e): a first round warms
+ * the owners up and is not counted, then RUNS rounds alternate; the latencies by path.
+ */
+async function keptAlive(paths: HttpsPath[]): Promise<number[][]> {
+  const n = String(Math.ceil(REQUESTS / RUNS));
+  const once = async (q: HttpsPath) => {
+    const r = await client<{ ms: number[]; sockets: number }>(q.ns, [
+      "https-keepalive",
+      FAKE.web,
+      "example.test",
+      q.ca,
+      n,
+    ]);
+    if (r.sockets !== 1) throw new Error(`${q.label}: kept-alive requests used ${r.sockets} connections`);
+    return r.ms;
+  };
+  await rotate(paths, 1, once);
+  return (await rotate(paths, RUNS, once)).map((xs) => xs.flat());
+}
+
 /** Section 4: `servers` are the pids of the fake internet's server process and of the cheap HTTPS source. */
 async function https(paths: HttpsPath[], servers: { fake: number; cheap: number }): Promise<void> {
   const target = (cheap: boolean) => (cheap ? [CHEAP.ip, CHEAP.name] : [FAKE.web, "example.test"]);
@@ -347,18 +368,7 @@ async function https(paths: HttpsPath[], servers: { fake: number; cheap: number 
   const goal = (q: HttpsPath, text: string) => (q.label === "intercept proxy" ? `  (goal ${text})` : "");
 
   // a. kept-alive requests (a first round warms the owners up, not counted)
-  const keepAlive = async (q: HttpsPath) => {
-    const r = await client<{ ms: number[]; sockets: number }>(q.ns, [
-      "https-keepalive",
-      ...target(false),
-      q.ca,
-      n,
-    ]);
-    if (r.sockets !== 1) throw new Error(`${q.label}: kept-alive requests used ${r.sockets} connections`);
-    return r.ms;
-  };
-  await rotate(paths, 1, keepAlive);
-  const keep = (await rotate(paths, RUNS, keepAlive)).map((xs) => xs.flat());
+  const keep = await keptAlive(paths);
   for (const [k, q] of paths.entries()) {
     row(`HTTPS GET / kept alive, ${q.label} (${keep[k]?.length})`, p50p99(keep[k] ?? []));
   }
@@ -491,20 +501,7 @@ async function hooks(t: Topology, tmp: string, children: ChildProcessWithoutNull
       children.push(owner);
       paths.push({ label, ns: g.ns, ca, owner: owner.pid as number });
     }
-    const n = String(Math.ceil(REQUESTS / RUNS));
-    const keepAlive = async (q: HttpsPath) => {
-      const r = await client<{ ms: number[]; sockets: number }>(q.ns, [
-        "https-keepalive",
-        FAKE.web,
-        "example.test",
-        q.ca,
-        n,
-      ]);
-      if (r.sockets !== 1) throw new Error(`${q.label}: kept-alive requests used ${r.sockets} connections`);
-      return r.ms;
-    };
-    await rotate(paths, 1, keepAlive);
-    const keep = (await rotate(paths, RUNS, keepAlive)).map((xs) => xs.flat());
+    const keep = await keptAlive(paths);
     for (const [k, q] of paths.entries()) {
       row(`hooks: GET / kept alive, ${q.label} (${keep[k]?.length})`, p50p99(keep[k] ?? []));
     }
