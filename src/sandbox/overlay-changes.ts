@@ -36,8 +36,10 @@ export interface OverlayChange {
   type: EntryType;
   /** Where the guest saw it, e.g. /workspace/repo/src/main.c. */
   guestPath: string;
-  /** The host file it changes. */
+  /** The host file it changes: `hostDir` + `rel`. */
   hostPath: string;
+  /** The mount's host folder (for a single file, its parent). */
+  hostDir: string;
   /** Inside the mount, with a leading slash. */
   rel: string;
   /** The guest's version (absent for deletions). */
@@ -155,6 +157,7 @@ async function mountChanges(vmDir: string, o: OverlayRecord): Promise<OverlayCha
       type,
       guestPath: guestOf(rel),
       hostPath,
+      hostDir: o.host_dir,
       rel,
       ...(upperPath === undefined ? {} : { upperPath }),
       ...(conflict === undefined ? {} : { conflict }),
@@ -255,8 +258,7 @@ export async function textDiff(c: OverlayChange): Promise<string | undefined> {
     return b.subarray(0, 8192).includes(0) ? undefined : b.toString("utf8");
   };
   if (c.type !== "file") return undefined;
-  const hostDir = c.hostPath.slice(0, c.hostPath.length - c.rel.length);
-  const inside = await insideFolder(hostDir, c.rel);
+  const inside = await insideFolder(c.hostDir, c.rel);
   const before = c.kind === "added" || !inside ? "" : await read(c.hostPath);
   const after = c.kind === "deleted" ? "" : await read(c.upperPath);
   if (before === undefined || after === undefined) return undefined;
@@ -272,20 +274,12 @@ export interface ApplyResult {
   reason?: string;
 }
 
-/** Refuses a target whose way from the folder goes through a symlink on the host. */
-async function checkNoLinkOnTheWay(hostDir: string, rel: string): Promise<void> {
-  const parts = rel.split("/").filter(Boolean);
-  let at = hostDir;
-  for (const part of parts.slice(0, -1)) {
-    at = join(at, part);
-    const st = await tryLstat(at);
-    if (st?.isSymbolicLink())
-      throw new Error(`${at} is a symlink on the host; nothing is written through it`);
+async function applyOne(c: OverlayChange): Promise<void> {
+  if (!(await insideFolder(c.hostDir, c.rel))) {
+    throw new Error(
+      `a symlink (or no folder) on the host is on the way to ${c.hostPath}; nothing is written through it`,
+    );
   }
-}
-
-async function applyOne(c: OverlayChange, hostDir: string): Promise<void> {
-  await checkNoLinkOnTheWay(hostDir, c.rel);
   const now = await tryLstat(c.hostPath);
   if (c.kind === "deleted") {
     if (!now) return;
@@ -302,7 +296,7 @@ async function applyOne(c: OverlayChange, hostDir: string): Promise<void> {
   }
   if (now?.isDirectory()) throw new Error(`${c.hostPath} is a directory on the host`);
   const tmp = join(
-    hostDir,
+    c.hostDir,
     c.rel,
     `../.matchlock-apply-${process.pid}-${Math.random().toString(36).slice(2)}`,
   );
@@ -342,7 +336,6 @@ export async function applyOverlayChanges(
     if (d !== 0) return d;
     return a.kind === "deleted" ? b.hostPath.localeCompare(a.hostPath) : a.hostPath.localeCompare(b.hostPath);
   });
-  const dirOf = new Map(overlays.map((o) => [o.guest_path, o.host_dir]));
   const results: ApplyResult[] = [];
   for (const c of changes) {
     if (c.conflict && !opts.force) {
@@ -353,9 +346,8 @@ export async function applyOverlayChanges(
       results.push({ change: c, applied: false, reason: "dry run" });
       continue;
     }
-    const hostDir = c.hostPath.slice(0, c.hostPath.length - c.rel.length) || (dirOf.get(c.guestPath) ?? "/");
     try {
-      await applyOne(c, hostDir);
+      await applyOne(c);
       results.push({ change: c, applied: true });
     } catch (e) {
       results.push({ change: c, applied: false, reason: messageOf(e) });
