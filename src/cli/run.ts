@@ -33,6 +33,7 @@ import {
   validateUser,
   validateWorkdir,
 } from "../sandbox/command.ts";
+import { RUN_LOG } from "../sandbox/entrypoint.ts";
 import { DEFAULT_WORKSPACE } from "../sandbox/host-folders.ts";
 import { DEFAULT_GRACE_MS, type ExecOptions, execRequest, Sandbox } from "../sandbox/sandbox.ts";
 import { volumePath } from "../sandbox/volumes.ts";
@@ -440,7 +441,7 @@ async function runToLog(
   flags: RunFlags,
   signals: SignalRelay,
 ): Promise<number> {
-  const log = createWriteStream(join(sandbox.dir, "run.log"), { flags: "a", mode: 0o600 });
+  const log = createWriteStream(join(sandbox.dir, RUN_LOG), { flags: "a", mode: 0o600 });
   const handle = sandbox.exec(
     {
       argv,

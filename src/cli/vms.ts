@@ -5,6 +5,7 @@ import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { parseVmId } from "../api/ids.ts";
 import { type Paths, paths, vmDir } from "../api/paths.ts";
+import { VM_LOG_FILES } from "../sandbox/entrypoint.ts";
 import {
   adoptVmDir,
   effectiveStatus,
@@ -143,12 +144,12 @@ export function registerVmCommands(program: Command): void {
 
   program
     .command("log")
-    .summary("print a VM's console and run output")
+    .summary("print a VM's console, run output and launched entrypoint's output")
     .argument("<id>")
     .option("-f, --follow", "keep printing as the logs grow, until the VM stops")
     .action(async (id: string, flags: { follow?: boolean }) => {
       const { dir, owner } = await locateVm(id);
-      const files = ["console.log", "run.log"].map((f) => join(dir, f));
+      const files = VM_LOG_FILES.map((f) => join(dir, f));
       if (!files.some((f) => existsSync(f)))
         throw new MatchlockError("INVALID_ARGUMENT", `${id} has no logs (removed?)`);
       await followLogs(files, flags.follow === true ? () => isAlive(owner) : () => false);

@@ -22,7 +22,7 @@ import { describeIssue } from "../api/schema.ts";
 import { splitHosts } from "../api/specs.ts";
 import { type ExecHandle, MAX_READ_FILE, type OutputSink } from "../guest/agent-client.ts";
 import { whenWritable } from "../host/drain.ts";
-import { ENTRYPOINT_LOG, launchEntrypoint } from "../sandbox/entrypoint.ts";
+import { launchEntrypoint, VM_LOG_FILES } from "../sandbox/entrypoint.ts";
 import { DEFAULT_GRACE_MS, Sandbox } from "../sandbox/sandbox.ts";
 import { LineSplitter } from "./lines.ts";
 
@@ -508,7 +508,7 @@ export class RpcServer {
   /** The VM's logs (console, then command output of a detached run); at most the last 64 MiB of each. */
   private async readLog(sb: Sandbox): Promise<Buffer> {
     const parts = await Promise.all(
-      LOG_FILES.map(async (f) => {
+      VM_LOG_FILES.map(async (f) => {
         const path = join(sb.dir, f);
         const size = await stat(path).then(
           (st) => st.size,
@@ -530,7 +530,7 @@ export class RpcServer {
     req.stop = () => {
       stopped = true;
     };
-    const files = LOG_FILES.map((f) => ({ path: join(sb.dir, f), offset: 0 }));
+    const files = VM_LOG_FILES.map((f) => ({ path: join(sb.dir, f), offset: 0 }));
     while (!stopped && this.sandbox === sb) {
       let grew = false;
       for (const f of files) {
@@ -655,7 +655,6 @@ export class RpcServer {
   }
 }
 
-const LOG_FILES = ["console.log", "run.log", ENTRYPOINT_LOG];
 const LOG_CHUNK = 1024 * 1024;
 
 /** Up to `length` bytes of a file from `offset`; nothing if it does not exist (yet). */

@@ -13,6 +13,13 @@ import type { Sandbox } from "./sandbox.ts";
  */
 
 export const ENTRYPOINT_LOG = "entrypoint.log";
+/** A detached `run`'s command output, in the VM dir. */
+export const RUN_LOG = "run.log";
+/**
+ * A VM's logs in the order they are shown (`matchlock log`, RPC `log` / `log_stream`): the console,
+ * a detached run's output, the launched entrypoint's output.
+ */
+export const VM_LOG_FILES = ["console.log", RUN_LOG, ENTRYPOINT_LOG] as const;
 /** A launched entrypoint that ends non-zero sooner than this fails the create (Matchlock's 500 ms). */
 export const ENTRYPOINT_SETTLE_MS = 500;
 /** How much of its output an early failure quotes. */

@@ -1,6 +1,6 @@
 import { mkdir, readdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { InvalidArgumentError } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { runCommand } from "../host/command.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
@@ -33,9 +33,7 @@ export function volumePath(name: string, p: Paths): string {
 export async function createVolume(name: string, sizeMb: number, p: Paths): Promise<string> {
   const path = volumePath(name, p);
   if (await stat(path).catch(() => undefined)) {
-    throw new MatchlockError("INVALID_ARGUMENT", `volume ${name} exists`, {
-      hint: `matchlock volume rm ${name} first`,
-    });
+    throw new InvalidArgumentError(`volume ${name} exists`, `matchlock volume rm ${name} first`);
   }
   await mkdir(volumesDir(p), { recursive: true, mode: 0o700 });
   try {
