@@ -178,6 +178,7 @@ void tcp_event(struct tcp *t, short rev);
 /* ---------- init.c ---------- */
 
 void init_system(void);
+void do_set_identity(uint32_t stream, const unsigned char *p, uint32_t len);
 int open_port(const char *name);
 
 /* ---------- vfs.c ---------- */

@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/random.h>
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
@@ -21,12 +22,42 @@
 #include <unistd.h>
 
 static char cmd_hostname[256], cmd_time[64], cmd_rootfstype[64] = "ext4";
+static int cmd_fuse; /* matchlock.fuse=1: load fuse now, host folders come later (a snapshot template) */
 static char cmd_net[96]; /* matchlock.net=GUEST/PREFIX,GATEWAY,MTU: the host's choice for eth0 */
 static int cmd_probe; /* matchlock.probe=1: the host's accelerator test; say so and power off */
 static char cmd_vfs[512]; /* matchlock.vfs=PATH: mount the host's FUSE file system there (vfs.c) */
 #define MAX_EXTRA_DISKS 20
 static char cmd_disk[MAX_EXTRA_DISKS][320]; /* matchlock.disk=vdX:PATH:ro|rw, one per extra disk */
 static int n_disks;
+
+/* One word of matchlock.NAME=VALUE, from the kernel command line or a SET_IDENTITY frame. */
+static void parse_param(const char *tok)
+{
+	if (!strncmp(tok, "matchlock.hostname=", 19))
+		snprintf(cmd_hostname, sizeof cmd_hostname, "%s", tok + 19);
+	else if (!strncmp(tok, "matchlock.time=", 15))
+		snprintf(cmd_time, sizeof cmd_time, "%s", tok + 15);
+	else if (!strncmp(tok, "matchlock.rootfstype=", 21))
+		snprintf(cmd_rootfstype, sizeof cmd_rootfstype, "%s", tok + 21);
+	else if (!strncmp(tok, "matchlock.net=", 14))
+		snprintf(cmd_net, sizeof cmd_net, "%s", tok + 14);
+	else if (!strcmp(tok, "matchlock.probe=1"))
+		cmd_probe = 1;
+	else if (!strcmp(tok, "matchlock.fuse=1"))
+		cmd_fuse = 1;
+	else if (!strncmp(tok, "matchlock.vfs=", 14))
+		snprintf(cmd_vfs, sizeof cmd_vfs, "%s", tok + 14);
+	else if (!strncmp(tok, "matchlock.disk=", 15) && n_disks < MAX_EXTRA_DISKS)
+		snprintf(cmd_disk[n_disks++], sizeof cmd_disk[0], "%s", tok + 15);
+}
+
+/* Splits `buf` (modified) on blanks. */
+static void parse_params(char *buf)
+{
+	char *save = NULL;
+	for (char *tok = strtok_r(buf, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save))
+		parse_param(tok);
+}
 
 static void parse_cmdline(void)
 {
@@ -38,22 +69,7 @@ static void parse_cmdline(void)
 	if (n <= 0)
 		return;
 	buf[n] = 0;
-	for (char *tok = strtok(buf, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
-		if (!strncmp(tok, "matchlock.hostname=", 19))
-			snprintf(cmd_hostname, sizeof cmd_hostname, "%s", tok + 19);
-		else if (!strncmp(tok, "matchlock.time=", 15))
-			snprintf(cmd_time, sizeof cmd_time, "%s", tok + 15);
-		else if (!strncmp(tok, "matchlock.rootfstype=", 21))
-			snprintf(cmd_rootfstype, sizeof cmd_rootfstype, "%s", tok + 21);
-		else if (!strncmp(tok, "matchlock.net=", 14))
-			snprintf(cmd_net, sizeof cmd_net, "%s", tok + 14);
-		else if (!strcmp(tok, "matchlock.probe=1"))
-			cmd_probe = 1;
-		else if (!strncmp(tok, "matchlock.vfs=", 14))
-			snprintf(cmd_vfs, sizeof cmd_vfs, "%s", tok + 14);
-		else if (!strncmp(tok, "matchlock.disk=", 15) && n_disks < MAX_EXTRA_DISKS)
-			snprintf(cmd_disk[n_disks++], sizeof cmd_disk[0], "%s", tok + 15);
-	}
+	parse_params(buf);
 }
 
 static void xmount(const char *src, const char *dst, const char *type, unsigned long flags, const char *data)
@@ -89,7 +105,7 @@ static void load_modules(void)
 		char path[512];
 		size_t l = strlen(names[i]);
 		snprintf(path, sizeof path, "/lib/modules/%s", names[i]);
-		if (!*cmd_vfs && l > 8 && !strcmp(names[i] + l - 8, "-fuse.ko")) {
+		if (!*cmd_vfs && !cmd_fuse && l > 8 && !strcmp(names[i] + l - 8, "-fuse.ko")) {
 			unlink(path); /* FUSE only serves host folders: no need to load it without them */
 			free(names[i]);
 			continue;
@@ -176,6 +192,8 @@ static void configure_eth0(void)
 	if (s >= 0)
 		close(s);
 }
+
+static void apply_identity(void);
 
 static void set_console(void)
 {
@@ -267,6 +285,13 @@ void init_system(void)
 	if (s >= 0)
 		close(s);
 
+	apply_identity();
+}
+
+/* What makes this VM itself: network, hostname, clock, extra disks, host folders. At boot from the
+ * kernel command line; in a clone restored from a snapshot from SET_IDENTITY (which reseeds first). */
+static void apply_identity(void)
+{
 	configure_eth0();
 
 	if (*cmd_hostname && sethostname(cmd_hostname, strlen(cmd_hostname)) < 0)
@@ -299,9 +324,51 @@ void init_system(void)
 		    mount(dev, path, "ext4", MS_NOSUID | MS_NODEV | (strcmp(mode, "ro") ? 0 : MS_RDONLY), NULL) < 0)
 			console("mount %s on %s: %s", dev, path, strerror(errno));
 	}
+	n_disks = 0;
 
 	if (*cmd_vfs)
 		start_vfs(cmd_vfs, open_port("vfs"));
+}
+
+/*
+ * SET_IDENTITY: a clone restored from a snapshot shares its template's memory, so its random state,
+ * clock, hostname and addresses are the template's. First the host's entropy, credited to the
+ * kernel's pool and forced into the CRNG (clones would otherwise share their first random bytes and
+ * UUIDs), then the boot parameters this VM would have had. Payload: u32 n, n bytes of entropy, then
+ * the parameters (matchlock.NAME=VALUE words). Answered by RESULT.
+ */
+void do_set_identity(uint32_t stream, const unsigned char *p, uint32_t len)
+{
+	struct {
+		int entropy_count;
+		int buf_size;
+		unsigned char buf[512];
+	} ent;
+	char params[4096];
+	uint32_t n = len >= 4 ? get_u32(p) : UINT32_MAX;
+	if (n > sizeof ent.buf || len - 4 < n || len - 4 - n >= sizeof params) {
+		send_result(stream, EINVAL, "SET_IDENTITY: bad payload");
+		return;
+	}
+	memcpy(ent.buf, p + 4, n);
+	ent.entropy_count = (int)n * 8;
+	ent.buf_size = (int)n;
+	int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, RNDADDENTROPY, &ent) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0) {
+		int err = errno;
+		if (fd >= 0)
+			close(fd);
+		send_result(stream, err, "SET_IDENTITY: reseed the kernel's random generator");
+		return;
+	}
+	close(fd);
+	memset(&ent, 0, sizeof ent);
+	memcpy(params, p + 4 + n, len - 4 - n);
+	params[len - 4 - n] = 0;
+	cmd_hostname[0] = cmd_time[0] = cmd_net[0] = cmd_vfs[0] = 0;
+	parse_params(params);
+	apply_identity();
+	send_result(stream, 0, "");
 }
 
 /* The virtio-serial port with this name ("agent", "vfs"); ports are announced asynchronously, so

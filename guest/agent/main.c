@@ -80,6 +80,12 @@ void handle_frame(uint8_t type, uint32_t stream, const unsigned char *p, uint32_
 		else if ((f = find_rfile(stream)))
 			ack(&f->unacked, get_u32(p));
 		break;
+	case H_SET_IDENTITY:
+		if (is_init)
+			do_set_identity(stream, p, len);
+		else
+			send_result(stream, EPERM, "SET_IDENTITY: not PID 1 in a VM");
+		break;
 	case H_SHUTDOWN:
 		sync();
 		if (!is_init) {

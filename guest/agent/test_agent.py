@@ -267,6 +267,15 @@ def t_ping(a):
     assert a.recv(s) == (GuestMsg.PONG, b"")
 
 
+def t_set_identity_only_in_a_vm(a):
+    # In --stdio mode the agent is not the VM's init: it must not touch the host's clock or RNG.
+    s = a.stream()
+    a.send(HostMsg.SET_IDENTITY, s, struct.pack("<I", 4) + b"abcd" + b"matchlock.hostname=x")
+    typ, p = a.recv(s)
+    assert typ == GuestMsg.RESULT and struct.unpack("<i", p[:4])[0] == errno.EPERM, (GUEST_NAMES.get(typ), p)
+    t_ping(a)  # still serving
+
+
 def t_exit_codes(a):
     ok(a.run(["echo", "hello", "world"]), b"hello world\n")
     for c in (0, 1, 7):
@@ -1141,7 +1150,7 @@ def main():
     typ, p = a.recv(0, timeout=30)
     assert typ == GuestMsg.READY and p == AGENT_VERSION.encode(), (typ, p)
     print(f"READY {p.decode()!r}")
-    tests = [t_ping, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
+    tests = [t_ping, t_set_identity_only_in_a_vm, t_exit_codes, t_signal, t_stdout_stderr, t_stdin_10m, t_stdin_closed, t_env_cwd,
              t_users, t_tty, t_exec_errors, t_many, t_concurrent_streams, t_grandchild, t_output_before_exit, t_files, t_write_file_replace_link,
              t_output_backpressure, t_output_after_exit_waits_for_acks, t_read_file_backpressure_and_cancel,
              t_write_file_enospc_leaves_nothing,

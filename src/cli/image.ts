@@ -4,8 +4,18 @@ import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
 import { paths } from "../api/paths.ts";
 import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
+import { normalizeReference } from "../image/reference.ts";
 import type { ImageStore } from "../image/store.ts";
+import { removeTemplate } from "../sandbox/snapshots.ts";
 import { table } from "./table.ts";
+import { withState } from "./vms.ts";
+
+/** A removed image's snapshots go with it: nothing would restore them again. */
+function removeImageSnapshots(ref: string): Promise<void> {
+  return withState(async (s) => {
+    for (const row of s.snapshots.list()) if (row.image === ref) await removeTemplate(s, row);
+  });
+}
 
 /** `matchlock image import|ls|rm|gc`: the local image store. */
 
@@ -121,11 +131,13 @@ export function registerImage(program: Command): void {
     .summary("remove image tags (their blobs are freed by `image gc`)")
     .argument("<tags...>")
     .action((tags: string[]) =>
-      withStore((s) => {
+      withStore(async (s) => {
         let missing = 0;
         for (const t of tags) {
-          if (s.remove(t)) process.stdout.write(`${t}\n`);
-          else {
+          if (s.remove(t)) {
+            process.stdout.write(`${t}\n`);
+            await removeImageSnapshots(normalizeReference(t));
+          } else {
             process.stderr.write(`matchlock: no image ${t}\n`);
             missing++;
           }

@@ -70,10 +70,17 @@ interface RunFlags {
   workspace?: string;
   disk: string[];
   accel?: string;
+  cold?: boolean;
   gracefulShutdown: number;
   publish: string[];
   address: string[];
   pull?: boolean;
+}
+
+/** The one progress line worth a user's attention in `run`: why this start takes longer. */
+function snapshotNotice(message: string): void {
+  if (message.startsWith("building a snapshot") && process.stderr.isTTY)
+    process.stderr.write(`matchlock: ${message}\n`);
 }
 
 export function registerRun(program: Command): void {
@@ -95,7 +102,13 @@ export function registerRun(program: Command): void {
         "connect; HTTP and HTTPS are terminated by matchlock's proxy (the guest trusts a per-VM CA, installed\n" +
         "for it) and secrets are swapped in on the wire: the guest sees SANDBOX_SECRET_… placeholders, and\n" +
         "only requests to the secret's hosts carry the real value. `matchlock events ID` says why a request\n" +
-        "was blocked; `matchlock allow-list add|delete ID HOSTS` changes the list while the VM runs.",
+        "was blocked; `matchlock allow-list add|delete ID HOSTS` changes the list while the VM runs.\n\n" +
+        "Fast starts: the first run of an image (per memory, CPUs, disk size, network or not, folders or not)\n" +
+        "boots it once more to save a snapshot; later runs restore a copy of that snapshot in a fraction of a\n" +
+        "cold boot, then give it its own entropy, clock, hostname, address and folders. --cold (or\n" +
+        "MATCHLOCK_COLD=1) boots from scratch; --disk always does (extra disks are attached at boot). A\n" +
+        "snapshot that cannot be restored falls back to a cold boot, with the reason in the VM's boot.log.\n" +
+        "`matchlock snapshot ls|rm|gc` manages them.",
     )
     .usage("[options] [--] [command...]")
     .argument("[command...]", "command and arguments (default: the image's Entrypoint + Cmd)")
@@ -195,6 +208,7 @@ export function registerRun(program: Command): void {
       collect,
       [],
     )
+    .option("--cold", "boot from scratch instead of restoring the image's snapshot (see Fast starts)")
     .addOption(
       new Option("--accel <kind>", "accelerator (default: probed; env MATCHLOCK_ACCEL)").choices([
         "kvm",
@@ -358,7 +372,9 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
             config,
             ...(flags.accel ? { accel: flags.accel } : {}),
             ...(flags.pull ? { pull: true } : {}),
+            ...(flags.cold ? { cold: true } : {}),
             onPullProgress: progress.onProgress,
+            onProgress: snapshotNotice,
             ...(runsCommand ? { firstCommand: firstExec } : {}),
           }),
           (sb) => sb.close(),

@@ -1,12 +1,17 @@
 import { join } from "node:path";
 import type { Command } from "commander";
-import { paths } from "../api/paths.ts";
+import { parseSandboxConfig } from "../api/config.ts";
+import { type Paths, paths } from "../api/paths.ts";
 import { buildAgent } from "../guest/agent-build.ts";
-import { buildInitramfs } from "../guest/initramfs.ts";
+import { buildInitramfs, loadInitramfs } from "../guest/initramfs.ts";
 import { installKernel, loadKernel } from "../guest/kernel.ts";
 import { aptInstall, missingPackages } from "../host/packages.ts";
-import { buildDefaultImage, DEFAULT_IMAGE } from "../image/default-image.ts";
+import { buildDefaultImage, DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
+import { findOrBuildTemplate, templateInputs, variantOf } from "../sandbox/snapshots.ts";
+import { openState } from "../state/store.ts";
+import type { Accel } from "../vm/backend.ts";
 import { chooseAccel } from "../vm/qemu/accel.ts";
+import { QemuBackend } from "../vm/qemu/machine.ts";
 
 /**
  * `matchlock setup`: everything a fresh Debian host needs to run a sandbox, idempotent. Each step
@@ -19,7 +24,8 @@ export function registerSetup(program: Command): void {
     .summary("provision this host: packages, kernel, guest agent, initramfs, default image")
     .description(
       "Install what matchlock needs (Debian packages with apt-get, the cloud kernel with apt-get download),\n" +
-        "build the static guest agent and the initramfs, build the default image, and probe the accelerator.\n" +
+        "build the static guest agent and the initramfs, build the default image, probe the accelerator, and\n" +
+        "save the default image's snapshot (fast starts).\n" +
         "Files land under ~/.cache/matchlock (MATCHLOCK_CACHE moves it). Run it as root. Safe to run again:\n" +
         "steps that are done are skipped.",
     )
@@ -27,6 +33,28 @@ export function registerSetup(program: Command): void {
     .action(async (flags: { skipPackages?: boolean }) => {
       await setup(flags.skipPackages === true);
     });
+}
+
+/** The default image's snapshot, so that the first `run` is already a fast one. */
+async function buildDefaultSnapshot(p: Paths, accel: Accel, vmlinux: string): Promise<string> {
+  const image = await loadDefaultImage(p);
+  if (!image) return "skipped: no default image";
+  const state = openState(p);
+  try {
+    const found = await findOrBuildTemplate(
+      p,
+      state,
+      await templateInputs(
+        { kernel: vmlinux, initramfs: await loadInitramfs(p), image, accel },
+        variantOf(parseSandboxConfig({})),
+      ),
+      { backend: new QemuBackend(), bootTimeoutMs: 120_000, progress: () => {} },
+    );
+    if (!found.template) return `not built (${found.reason}); runs boot cold until one is`;
+    return `${DEFAULT_IMAGE} ${found.template.key} (${found.built ? "built" : "ok"})`;
+  } finally {
+    state.close();
+  }
 }
 
 function step(name: string, state: string): void {
@@ -70,6 +98,9 @@ async function setup(skipPackages: boolean): Promise<void> {
     { ...process.env, MATCHLOCK_ACCEL: "" },
   );
   step("accelerator", `${accel.accel}: ${accel.reason}`);
+
+  const snap = await buildDefaultSnapshot(p, accel.accel, kernel.vmlinux);
+  step("snapshot", snap);
 
   const secs = ((Date.now() - started) / 1000).toFixed(1);
   process.stderr.write(`ready in ${secs} s. Try: matchlock run -- echo hello\n`);

@@ -17,6 +17,7 @@ import {
   sweepOrphanProcesses,
   unrecordedVmDirs,
 } from "../sandbox/reconcile.ts";
+import { sweepTemplates } from "../sandbox/snapshots.ts";
 import { isAlive } from "../state/procs.ts";
 import { openState, repairState, type StateStore, stateDbPath, stateError } from "../state/store.ts";
 import { VmNotFoundError, type VmRow } from "../state/vms.ts";
@@ -25,7 +26,7 @@ import { table } from "./table.ts";
 /** list, get, inspect, log, kill, rm, prune, gc: the VMs recorded in state.db. */
 
 /** Runs `fn` on state.db; SQLite finding the file corrupt on the way becomes one line and a hint. */
-async function withState<T>(fn: (s: StateStore, p: Paths) => Promise<T> | T): Promise<T> {
+export async function withState<T>(fn: (s: StateStore, p: Paths) => Promise<T> | T): Promise<T> {
   const p = paths();
   const s = openState(p);
   try {
@@ -282,6 +283,8 @@ async function gc(s: StateStore, p: Paths, id: string | undefined, forceRunning:
     for (const v of releaseOrphanSubnets(s)) process.stdout.write(`${v}  cleaned  released orphan subnet\n`);
     for (const n of await sweepOrphanNetworks(s))
       process.stdout.write(`${n.id}  cleaned  deleted orphan ${n.what}\n`);
+    for (const t of await sweepTemplates(s, p))
+      process.stdout.write(`snapshot ${t.key}  removed  ${t.why}\n`);
   }
   if (failures > 0) process.exitCode = 1;
 }

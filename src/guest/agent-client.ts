@@ -378,6 +378,21 @@ export class AgentClient {
     return JSON.parse(r.data.toString("utf8")) as unknown;
   }
 
+  /**
+   * A clone restored from a snapshot becomes this VM: `entropy` (≤ 512 bytes) is credited to the
+   * guest kernel's pool and its CRNG reseeded, then the boot parameters are applied as at boot.
+   */
+  async setIdentity(entropy: Buffer, params: readonly string[]): Promise<void> {
+    const head = Buffer.alloc(4);
+    head.writeUInt32LE(entropy.length);
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, 0);
+    this.send(HostMsg.SET_IDENTITY, stream, Buffer.concat([head, entropy, Buffer.from(params.join(" "))]));
+    const r = await result;
+    if (r.errno !== 0)
+      throw new MatchlockError("VM_FAILED", r.message || `set identity failed (errno ${r.errno})`);
+  }
+
   /** Asks the guest to sync and power off. */
   shutdown(): void {
     if (!this.failure) this.send(HostMsg.SHUTDOWN, 0);

@@ -108,6 +108,15 @@ export const HOST_MESSAGES = {
       "intercept mode). The relay greets with `matchlock-relay 3`",
     relayOnly: true,
   },
+  SET_IDENTITY: {
+    code: 0x11,
+    payload:
+      "u32 n, n bytes of entropy (≤ 512), boot parameters (`matchlock.NAME=VALUE` words, blank-separated)",
+    meaning:
+      "sent once to a VM restored from a snapshot, before anything else runs: the entropy is credited to the kernel's " +
+      "pool and the CRNG reseeded (`RNDADDENTROPY`, `RNDRESEEDCRNG`), then the parameters are applied as at boot " +
+      "(`matchlock.net`, `.hostname`, `.time`, `.disk`, `.vfs`); answered by RESULT",
+  },
 } as const satisfies Record<string, MessageSpec>;
 
 /** Guest → host. */
@@ -237,6 +246,11 @@ export const BOOT_PARAMS = {
     value: "vdX:PATH:ro|rw",
     meaning:
       "an extra disk (a volume or raw ext4 image): mount `/dev/vdX` (ext4, nosuid, nodev) at PATH, read-only with `ro`; one parameter per disk, at most 20; failures are logged, not fatal",
+  },
+  "matchlock.fuse": {
+    value: "1",
+    meaning:
+      "load `fuse` at boot even without `matchlock.vfs` (a snapshot template whose clones get host folders through SET_IDENTITY)",
   },
   "matchlock.vfs": {
     value: "PATH",

@@ -1,8 +1,8 @@
 import { appendFileSync } from "node:fs";
-import { mkdir, open } from "node:fs/promises";
+import { mkdir, open, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { ImageConfig, SandboxConfig } from "../api/config.ts";
-import { MatchlockError, messageOf, VmBootError } from "../api/errors.ts";
+import { MatchlockError, messageOf } from "../api/errors.ts";
 import { fileEvent } from "../api/events.ts";
 import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
@@ -32,6 +32,7 @@ import { openState, type StateStore } from "../state/store.ts";
 import type { Accel, RunningVm, VmBackend, VmExit } from "../vm/backend.ts";
 import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
+import { waitReady } from "./agent-ready.ts";
 import { finishCleanup } from "./cleanup.ts";
 import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
 import { EVENTS_FILE, EventLog } from "./event-log.ts";
@@ -42,6 +43,14 @@ import { HostFolders, hostFoldersRequested } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
+import {
+  adoptClone,
+  findOrBuildTemplate,
+  prepareClone,
+  restoreSpec,
+  templateInputs,
+  variantOf,
+} from "./snapshots.ts";
 
 /** One VM from create to close: the sandbox layer every front end (CLI, RPC) drives. */
 
@@ -64,6 +73,8 @@ export interface CreateOptions {
    * bytes, working directory) as soon as the image is known, before anything is created or booted.
    */
   firstCommand?: (image: ImageConfig) => ExecOptions | undefined;
+  /** Boot cold even when a snapshot could be restored (`--cold`; also MATCHLOCK_COLD=1). */
+  cold?: boolean;
 }
 
 export interface ExecOptions {
@@ -217,6 +228,7 @@ export class Sandbox {
         qp.agentSocket,
         qp.qmpSocket,
         relaySocket,
+        join(dir, "migrate.sock"), // a restoring QEMU's, for a moment
         ...(hostFoldersRequested(config) ? [qp.vfsSocket] : []),
       ],
       qemu: { cmdline_marker: `${dir}/` },
@@ -239,9 +251,16 @@ export class Sandbox {
     let folders: HostFolders | undefined;
     const events = new EventLog(join(dir, EVENTS_FILE));
     let phase: "create" | "start" = "create";
+    const recordQemu = (started: RunningVm): void => {
+      const qemu = { pid: started.pid, start_time: procStartTime(started.pid) ?? 0 };
+      writeRuntimeFile(dir, { owner, qemu, relay_socket: relaySocket });
+      state.lifecycle.transition(id, "starting", {
+        resources: { qemu: { ...qemu, cmdline_marker: `${dir}/` } },
+      });
+      crashPoint("starting");
+    };
     try {
       await mkdir(dir, { recursive: true, mode: 0o700 });
-      await makeEmptyExt4(upper, config.resources.disk_size_mb);
       if (plan) {
         progress(`network ${plan.subnet} on ${plan.tap}${policy ? " (intercept mode)" : ""}`);
         network = await VmNetwork.start(plan, {
@@ -259,48 +278,95 @@ export class Sandbox {
       state.lifecycle.transition(id, "created");
       crashPoint("created");
 
+      // What makes the VM itself: boot parameters for a cold boot, SET_IDENTITY for a clone.
+      const identity = () => [
+        `matchlock.hostname=${hostname}`,
+        `matchlock.time=${(Date.now() / 1000).toFixed(3)}`,
+        ...(plan ? [guestKernelArg(plan)] : []),
+        ...(folders ? [folders.kernelArg] : []),
+      ];
+      const backend = opts.backend ?? new QemuBackend();
+      const blocker = restoreBlocker(opts, config);
+      const found = blocker
+        ? { template: undefined, reason: blocker }
+        : await findOrBuildTemplate(
+            p,
+            state,
+            await templateInputs({ kernel: kernel.vmlinux, initramfs, image, accel }, variantOf(config)),
+            { backend, bootTimeoutMs, progress },
+          );
+
       phase = "start";
       state.lifecycle.transition(id, "starting");
-      progress(`booting ${id} (${accel})`);
-      vm = await (opts.backend ?? new QemuBackend()).start({
-        id,
-        dir,
-        kernel: kernel.vmlinux,
-        initramfs,
-        kernelArgs: [
-          `matchlock.hostname=${hostname}`,
-          `matchlock.time=${Math.floor(Date.now() / 1000)}`,
-          `matchlock.rootfstype=${image.fstype}`,
-          ...(plan ? [guestKernelArg(plan)] : []),
-          ...(folders ? [folders.kernelArg] : []),
-          ...extraDisks.map((d) => d.kernelArg),
-        ],
-        cpus: config.resources.cpus,
-        memoryMb: config.resources.memory_mb,
-        disks: [
-          { path: image.rootfs, readonly: true },
-          { path: upper, readonly: false },
-          ...extraDisks.map((d) => d.disk),
-        ],
-        accel,
-        ...(network ? { nic: network.nic } : {}),
-        ...(folders ? { vfs: true } : {}),
-      });
-      if (folders && vm.vfs) folders.serve(vm.vfs);
-      const qemu = { pid: vm.pid, start_time: procStartTime(vm.pid) ?? 0 };
-      writeRuntimeFile(dir, { owner, qemu, relay_socket: relaySocket });
-      state.lifecycle.transition(id, "starting", {
-        resources: { qemu: { ...qemu, cmdline_marker: `${dir}/` } },
-      });
-      crashPoint("starting");
-
+      const bootLog = join(dir, "boot.log");
+      const note = (line: string) => {
+        try {
+          appendFileSync(bootLog, `${new Date().toISOString()} ${line}\n`);
+        } catch {}
+      };
       const agentLog = join(dir, "agent.log");
-      const agent = new AgentClient(vm.agent, (line) => {
+      const logAgent = (line: string) => {
         try {
           appendFileSync(agentLog, `${line}\n`);
         } catch {}
-      });
-      await waitReady(agent, vm, bootTimeoutMs);
+      };
+      let agent: AgentClient | undefined;
+      if (found.template) {
+        progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
+        try {
+          await prepareClone(found.template, dir, upper);
+          vm = await backend.start(
+            restoreSpec(found.template, { id, dir, upper, ...(network ? { tap: network.nic.tap } : {}) }),
+          );
+          agent = new AgentClient(vm.agent, logAgent);
+          if (folders && vm.vfs) folders.serve(vm.vfs);
+          recordQemu(vm);
+          crashPoint("restoring");
+          await adoptClone(agent, vm, identity(), bootTimeoutMs);
+          note(`restored from snapshot ${found.template.key}`);
+        } catch (e) {
+          // Any failure falls back to a cold boot; the reason stays in the VM's boot.log.
+          note(`snapshot ${found.template.key} could not be restored (${messageOf(e)}); booting cold`);
+          progress(`snapshot restore failed (${messageOf(e)}); booting cold`);
+          agent?.close();
+          agent = undefined;
+          await vm?.stop(0).catch(() => {});
+          vm = undefined;
+        }
+      } else {
+        note(`cold boot: ${found.reason}`);
+      }
+      if (!vm || !agent) {
+        await rm(upper, { force: true }); // a failed restore's copy
+        await rm(qp.consoleLog, { force: true });
+        await makeEmptyExt4(upper, config.resources.disk_size_mb);
+        progress(`booting ${id} (${accel})`);
+        vm = await backend.start({
+          id,
+          dir,
+          kernel: kernel.vmlinux,
+          initramfs,
+          kernelArgs: [
+            ...identity(),
+            `matchlock.rootfstype=${image.fstype}`,
+            ...extraDisks.map((d) => d.kernelArg),
+          ],
+          cpus: config.resources.cpus,
+          memoryMb: config.resources.memory_mb,
+          disks: [
+            { path: image.rootfs, readonly: true },
+            { path: upper, readonly: false },
+            ...extraDisks.map((d) => d.disk),
+          ],
+          accel,
+          ...(network ? { nic: network.nic } : {}),
+          ...(folders ? { vfs: true } : {}),
+        });
+        agent = new AgentClient(vm.agent, logAgent);
+        if (folders && vm.vfs) folders.serve(vm.vfs);
+        recordQemu(vm);
+        await waitReady(agent, vm, bootTimeoutMs);
+      }
       const sandbox = new Sandbox({
         id,
         dir,
@@ -677,32 +743,10 @@ function envBootTimeout(): number | undefined {
   return s * 1000;
 }
 
-async function waitReady(agent: AgentClient, vm: RunningVm, timeoutMs: number): Promise<void> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    await Promise.race([
-      agent.ready.catch(async (e: unknown): Promise<never> => {
-        // The agent channel closed: the VM is going down. Report why, with its console.
-        await Promise.race([vm.exited, new Promise((r) => setTimeout(r, 1000))]);
-        throw new VmBootError(`the VM failed before its agent was ready (${(e as Error).message})`, {
-          hint: await vm.diagnostics(),
-        });
-      }),
-      vm.exited.then(async (e): Promise<never> => {
-        const how = e.signal ? `was killed by ${e.signal}` : `exited (code ${e.code})`;
-        throw new VmBootError(`the VM ${how} before its agent was ready`, { hint: await vm.diagnostics() });
-      }),
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(async () => {
-          reject(
-            new VmBootError(`the VM did not boot within ${timeoutMs / 1000} s`, {
-              hint: `${await vm.diagnostics()}\n(raise the limit with MATCHLOCK_BOOT_TIMEOUT=seconds)`.trim(),
-            }),
-          );
-        }, timeoutMs);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
+/** Why this sandbox boots cold instead of from a snapshot; undefined when it can be restored. */
+function restoreBlocker(opts: CreateOptions, config: SandboxConfig): string | undefined {
+  if (opts.cold) return "--cold";
+  if (process.env.MATCHLOCK_COLD === "1") return "MATCHLOCK_COLD=1";
+  if ((config.extra_disks ?? []).length > 0) return "extra disks are attached at boot";
+  return undefined;
 }

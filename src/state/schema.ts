@@ -73,3 +73,31 @@ CREATE TABLE IF NOT EXISTS vm_lifecycle_head (
     },
   ],
 };
+
+/**
+ * Ours (Matchlock has no snapshots): one row per snapshot template, written before its files exist
+ * (`building`, with the building process as owner) and marked `ready` once they are complete, so
+ * `gc` can tell a finished template from the remains of a crashed build.
+ */
+export const SNAPSHOT_MIGRATIONS: ModuleMigrations = {
+  module: "snapshots",
+  migrations: [
+    {
+      version: 1,
+      name: "create_snapshot_templates",
+      sql: `
+CREATE TABLE IF NOT EXISTS snapshot_templates (
+  key TEXT PRIMARY KEY,
+  image TEXT NOT NULL,
+  dir TEXT NOT NULL,
+  status TEXT NOT NULL,
+  owner_pid INTEGER NOT NULL DEFAULT 0,
+  owner_start_time INTEGER NOT NULL DEFAULT 0,
+  inputs_json TEXT NOT NULL DEFAULT '{}',
+  bytes INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL,
+  last_used_at TEXT NOT NULL DEFAULT ''
+);`,
+    },
+  ],
+};

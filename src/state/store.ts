@@ -2,7 +2,8 @@ import { join } from "node:path";
 import type { Paths } from "../api/paths.ts";
 import { asDbError, checkDb, type Db, type DbHealth, moveAside, openDb } from "./db.ts";
 import { LifecycleStore } from "./lifecycle.ts";
-import { LIFECYCLE_MIGRATIONS, STATE_MIGRATIONS } from "./schema.ts";
+import { LIFECYCLE_MIGRATIONS, SNAPSHOT_MIGRATIONS, STATE_MIGRATIONS } from "./schema.ts";
+import { SnapshotStore } from "./snapshots.ts";
 import { SubnetStore } from "./subnets.ts";
 import { VmStore } from "./vms.ts";
 
@@ -12,6 +13,7 @@ export interface StateStore {
   readonly vms: VmStore;
   readonly lifecycle: LifecycleStore;
   readonly subnets: SubnetStore;
+  readonly snapshots: SnapshotStore;
   close(): void;
 }
 
@@ -28,7 +30,7 @@ export const STATE_RECOVER_HINT =
   "and rebuilds the records of the VMs still on disk from their dirs and QEMU processes";
 
 export function openState(p: Paths): StateStore {
-  const db = openDb(stateDbPath(p), [STATE_MIGRATIONS, LIFECYCLE_MIGRATIONS], {
+  const db = openDb(stateDbPath(p), [STATE_MIGRATIONS, LIFECYCLE_MIGRATIONS, SNAPSHOT_MIGRATIONS], {
     recoverHint: STATE_RECOVER_HINT,
   });
   return {
@@ -36,6 +38,7 @@ export function openState(p: Paths): StateStore {
     vms: new VmStore(db),
     lifecycle: new LifecycleStore(db),
     subnets: new SubnetStore(db),
+    snapshots: new SnapshotStore(db),
     close: () => db.close(),
   };
 }

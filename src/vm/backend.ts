@@ -26,6 +26,13 @@ export interface VmSpec {
   nic?: { tap: string; mac: string };
   /** A second virtio-serial port, "vfs", for the guest's FUSE relay (host folders). */
   vfs?: boolean;
+  /**
+   * Guest RAM in a file instead of anonymous memory. `shared`: the guest's writes reach the file (a
+   * snapshot template); otherwise the file is mapped private, copy-on-write (a clone of a template).
+   */
+  ram?: { file: string; shared: boolean };
+  /** Restore instead of booting: load the device state saved by `RunningVm.snapshot` and continue. */
+  restoreFrom?: string;
   /** Extra arguments for the hypervisor (tests and experiments; not part of any user interface). */
   extraArgs?: string[];
 }
@@ -46,6 +53,12 @@ export interface RunningVm {
   readonly exited: Promise<VmExit>;
   /** The last lines the hypervisor and the guest console printed, for error messages. */
   diagnostics(): Promise<string>;
+  /**
+   * Pauses the guest for good and saves its device state to `stateFile`; RAM in a shared file
+   * (`VmSpec.ram`) is left out, the file is the snapshot's memory. The VM must never run again
+   * (clones map its RAM file): the caller stops it.
+   */
+  snapshot(stateFile: string): Promise<void>;
   /** Stops the VM (graceful quit, then kill after `graceMs`) and waits for it to exit. */
   stop(graceMs?: number): Promise<void>;
 }

@@ -60,6 +60,7 @@ describe("agent protocol: one definition", () => {
           CLOSE: 0x0d,
           ACK: 0x0e,
           ALLOW_LIST: 0x0f,
+          SET_IDENTITY: 0x11,
         },
         GuestMsg: {
           READY: 0x80,
@@ -97,6 +98,7 @@ describe("agent protocol: one definition", () => {
       "matchlock.net",
       "matchlock.probe",
       "matchlock.disk",
+      "matchlock.fuse",
       "matchlock.vfs",
     ]);
   });

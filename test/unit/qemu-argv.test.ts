@@ -62,4 +62,28 @@ describe("QEMU command line", () => {
     assert.match(a, /socket,id=vfs,path=\/tmp\/vm\/vfs\.sock /);
     assert.match(a, /virtserialport,chardev=vfs,name=vfs/);
   });
+
+  test("a snapshot template's RAM is a shared file; a clone maps it private and waits for its state", () => {
+    const tpl = qemuArgv({ ...spec, ram: { file: "/s/k,1/ram", shared: true } }, paths, undefined);
+    assert.match(tpl[tpl.indexOf("-M") + 1] as string, /,memory-backend=ram$/);
+    assert.equal(
+      tpl[tpl.indexOf("-object") + 1],
+      "memory-backend-file,id=ram,size=256M,mem-path=/s/k,,1/ram,share=on",
+    );
+    assert.ok(!tpl.includes("-incoming"));
+    const clone = qemuArgv(
+      { ...spec, ram: { file: "/s/k/ram", shared: false }, restoreFrom: "/s/k/state" },
+      paths,
+      undefined,
+    );
+    assert.match(clone.join(" "), /mem-path=\/s\/k\/ram,share=off/);
+    assert.equal(clone[clone.indexOf("-incoming") + 1], "defer");
+    // Apart from the RAM file's sharing and -incoming, the clone's devices are the template's.
+    const strip = (a: string[]) =>
+      a
+        .join(" ")
+        .replace(/share=\w+/, "")
+        .replace(" -incoming defer", "");
+    assert.equal(strip(clone).replace("/s/k/ram", "/s/k,,1/ram"), strip(tpl));
+  });
 });

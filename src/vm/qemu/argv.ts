@@ -50,7 +50,7 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
   const args = [
     "-M",
     // rtc=on: without an RTC the kernel spends ~2 s (two 1 s timeouts) probing for one.
-    "microvm,x-option-roms=off,rtc=on,isa-serial=on",
+    `microvm,x-option-roms=off,rtc=on,isa-serial=on${spec.ram ? ",memory-backend=ram" : ""}`,
     "-accel",
     spec.accel,
     "-cpu",
@@ -70,7 +70,8 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
     "-append",
     kernelCmdline(spec, tsc),
     "-chardev",
-    `file,id=console,path=${optValue(paths.consoleLog)}`,
+    // append: a restored clone's log starts with its template's boot, copied in before QEMU starts.
+    `file,id=console,path=${optValue(paths.consoleLog)},append=on`,
     "-serial",
     "chardev:console",
   ];
@@ -111,6 +112,13 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
       "virtserialport,chardev=vfs,name=vfs",
     );
   }
+  if (spec.ram) {
+    args.push(
+      "-object",
+      `memory-backend-file,id=ram,size=${spec.memoryMb}M,mem-path=${optValue(spec.ram.file)},share=${spec.ram.shared ? "on" : "off"}`,
+    );
+  }
+  if (spec.restoreFrom !== undefined) args.push("-incoming", "defer");
   if (spec.extraArgs) args.push(...spec.extraArgs);
   return args;
 }

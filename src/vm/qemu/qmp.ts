@@ -26,7 +26,7 @@ export class QmpClient {
   private greeted: Promise<void>;
   private onGreeting: (() => void) | undefined;
   private closedError: Error | undefined;
-  readonly events: QmpEvent[] = [];
+  private readonly waiters = new Set<(e: QmpEvent | Error) => void>();
   private readonly sock: Socket;
 
   constructor(sock: Socket) {
@@ -54,6 +54,28 @@ export class QmpClient {
       this.pending.set(id, { resolve, reject });
       const msg = args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
       this.sock.write(`${JSON.stringify(msg)}\n`);
+    });
+  }
+
+  /**
+   * The first event from now on that `match` accepts. Rejects when the connection closes or after
+   * `timeoutMs`, naming `what`.
+   */
+  waitEvent(what: string, match: (e: QmpEvent) => boolean, timeoutMs: number): Promise<QmpEvent> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters.delete(waiter);
+        reject(new MatchlockError("VM_FAILED", `QMP: no ${what} within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      const waiter = (e: QmpEvent | Error): void => {
+        if (!(e instanceof Error) && !match(e)) return;
+        clearTimeout(timer);
+        this.waiters.delete(waiter);
+        if (e instanceof Error) reject(e);
+        else resolve(e);
+      };
+      this.waiters.add(waiter);
     });
   }
 
@@ -89,7 +111,8 @@ export class QmpClient {
       return;
     }
     if (typeof msg.event === "string") {
-      this.events.push({ event: msg.event, data: msg.data });
+      const e = { event: msg.event, data: msg.data };
+      for (const w of [...this.waiters]) w(e);
       return;
     }
     const id = typeof msg.id === "number" ? msg.id : undefined;
@@ -108,5 +131,6 @@ export class QmpClient {
     this.onGreeting?.();
     for (const p of this.pending.values()) p.reject(this.closedError);
     this.pending.clear();
+    for (const w of [...this.waiters]) w(this.closedError);
   }
 }
