@@ -19,7 +19,8 @@ import {
  * Paths are the guest's (the workspace path + the path inside it), matched with Go's filepath.Match
  * syntax (`*` and `?` never cross a `/`, `[a-z]`, `[^x]`, `\` escapes), as Matchlock does. The
  * matcher is hand-written: picomatch and minimatch implement shell globs (dotfiles not matched by `*`,
- * `**`, braces), which would make the same rule match differently than in Matchlock.
+ * `**`, braces), which would make the same rule match differently than in Matchlock. (The SDK's
+ * local callback rules do use minimatch: Matchlock's TypeScript SDK matches those that way.)
  */
 
 export { VFS_OPS, type VfsOp } from "../api/vfs-ops.ts";
