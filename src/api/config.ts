@@ -157,6 +157,9 @@ export const SandboxConfigSchema = strictObject(
 export type SandboxConfigInput = v.InferInput<typeof SandboxConfigSchema>;
 export type SandboxConfig = v.InferOutput<typeof SandboxConfigSchema>;
 export type ImageConfig = v.InferOutput<typeof ImageConfigSchema>;
+/** A `vfs.interception` rule and the whole section as a client sends them (the SDK builds these). */
+export type VfsRuleInput = v.InferInput<typeof VfsRuleSchema>;
+export type VfsInterceptionInput = NonNullable<v.InferInput<typeof VfsSchema>["interception"]>;
 
 /**
  * An issue in `network.interception` as compileHooks names it (`invalid network interception:

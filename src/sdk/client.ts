@@ -21,8 +21,12 @@ import { describeIssue } from "../api/schema.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { whenWritable } from "../host/drain.ts";
 import { LineSplitter } from "../rpc/lines.ts";
+import { type BinaryLike, toBuffer } from "./bytes.ts";
+import { MatchlockError, RPCError, type VfsHookError } from "./errors.ts";
 import { NetworkHookServer } from "./network-hooks.ts";
 import { Sandbox } from "./sandbox.ts";
+import { VfsHookRunner } from "./vfs-hook-runner.ts";
+import { VFS_HOOK_OP_READ, VFS_HOOK_OP_READDIR, VFS_HOOK_OP_WRITE } from "./vfs-hooks.ts";
 
 /**
  * The TypeScript SDK: drives one sandbox through a `matchlock rpc` child process (MATCHLOCK_BIN to
@@ -30,7 +34,8 @@ import { Sandbox } from "./sandbox.ts";
  * aborting sends `cancel`, which stops the guest command (SIGTERM, then SIGKILL).
  */
 
-export type BinaryLike = string | Buffer | Uint8Array;
+export type { BinaryLike } from "./bytes.ts";
+export { MatchlockError, RPCError } from "./errors.ts";
 export type StreamWriter = NodeJS.WritableStream | ((chunk: Buffer) => void);
 export type StreamReader =
   | NodeJS.ReadableStream
@@ -47,6 +52,13 @@ export interface ClientOptions {
    * blocked with its reason). Events a slow program does not take are dropped by the server.
    */
   onEvent?: (event: SandboxEvent) => void;
+  /**
+   * Ours: called when a VFS after hook (`hook`, `dangerousHook`) throws or passes its timeoutMs
+   * (VfsHookError, code VFS_HOOK_FAILED / VFS_HOOK_TIMEOUT, the error it threw as `cause`). Such
+   * errors never fail a client call; without this option each is a process warning on stderr
+   * (Matchlock's SDK drops them silently).
+   */
+  onHookError?: (error: VfsHookError) => void;
 }
 
 export interface CallOptions {
@@ -106,26 +118,6 @@ export interface PortForwardBinding {
   remotePort: number;
 }
 
-/** An error the server answered with; `code` is the JSON-RPC code (-32000 VM failed, …). */
-export class RPCError extends Error {
-  readonly code: number;
-  constructor(code: number, message: string) {
-    super(message);
-    this.name = "RPCError";
-    this.code = code;
-  }
-}
-
-/** A client-side failure: the rpc process died, a timeout, an abort. `stderr` holds what it printed last. */
-export class MatchlockError extends Error {
-  readonly stderr: string;
-  constructor(message: string, stderr = "") {
-    super(stderr ? `${message}\n--- matchlock rpc stderr ---\n${stderr.trimEnd()}` : message);
-    this.name = "MatchlockError";
-    this.stderr = stderr;
-  }
-}
-
 /** The JSON-RPC error codes (PROTOCOLS.md §2), from the one declaration the server uses too. */
 export const RPC_CODES = RpcCode;
 
@@ -173,10 +165,6 @@ function childEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
   return { MATCHLOCK_NODE: process.execPath, ...env };
 }
 
-function toBuffer(c: BinaryLike): Buffer {
-  return typeof c === "string" ? Buffer.from(c, "utf8") : Buffer.isBuffer(c) ? c : Buffer.from(c);
-}
-
 /** An iterator over stdin or resize sources: streams, (async) iterables, or one buffer/string. */
 function sourceIterator<T>(src: AsyncIterable<T> | Iterable<T> | T): AsyncIterator<T> {
   if (src !== null && typeof src === "object" && Symbol.asyncIterator in src) {
@@ -213,6 +201,8 @@ export class Client {
   private deadError: MatchlockError | undefined;
   /** Serves the launched sandbox's network hook callbacks. */
   private hookServer: NetworkHookServer | undefined;
+  /** Runs the launched sandbox's local VFS hooks (undefined: it has none). */
+  private vfsHooks: VfsHookRunner | undefined;
 
   constructor(options: ClientOptions = {}) {
     this.options = options;
@@ -224,12 +214,13 @@ export class Client {
   }
 
   /**
-   * Boots a sandbox from the builder; serves its network hook callbacks (until close, or the next
-   * launch) and sets up its port forwards. Returns the VM id.
+   * Boots a sandbox from the builder; serves its network hook callbacks and runs its local VFS
+   * hooks (until close, or the next launch) and sets up its port forwards. Returns the VM id.
    */
   async launch(sandbox: Sandbox = new Sandbox(), opts: CallOptions = {}): Promise<string> {
     const config = sandbox.options();
     const { callbacks } = sandbox.networkHooks();
+    const vfsHooks = sandbox.vfsHooks();
     let server: NetworkHookServer | undefined;
     if (callbacks.size > 0) {
       server = await NetworkHookServer.start(callbacks);
@@ -249,6 +240,8 @@ export class Client {
     // A second launch replaced the first VM (as in Matchlock): its callbacks are no longer called.
     const previous = this.hookServer;
     this.hookServer = server;
+    // As Matchlock: the new VM's VFS hooks from now on, the previous VM's no longer.
+    this.vfsHooks = VfsHookRunner.of(vfsHooks, this, (e) => this.reportHookError(e));
     await previous?.close();
     if (sandbox.portForwards.length > 0) {
       await this.portForwardMappings(sandbox.portForwards, [...sandbox.portForwardAddresses], opts);
@@ -302,24 +295,44 @@ export class Client {
     );
   }
 
+  /**
+   * Writes a file in the guest (parent directories created), mode 0644 unless `opts.mode`. The
+   * sandbox's actionHooks (op write) may refuse it and its mutateHooks change what is written.
+   */
   async writeFile(
     path: string,
     content: BinaryLike,
     opts: CallOptions & { mode?: number } = {},
   ): Promise<void> {
-    await this.call(
-      "write_file",
-      { path, content: toBuffer(content).toString("base64"), mode: opts.mode ?? 0o644 },
-      opts,
-    );
+    await this.writeFileMode(path, content, opts.mode ?? 0o644, opts);
   }
 
+  /** Matchlock's: writeFile with the mode as an argument. */
+  async writeFileMode(
+    path: string,
+    content: BinaryLike,
+    mode: number,
+    opts: CallOptions = {},
+  ): Promise<void> {
+    let data = toBuffer(content);
+    const hooks = this.vfsHooks;
+    if (hooks) {
+      await hooks.checkAction(VFS_HOOK_OP_WRITE, path, data.length, mode);
+      data = await hooks.mutateWrite(path, data, mode);
+    }
+    await this.call("write_file", { path, content: data.toString("base64"), mode }, opts);
+  }
+
+  /** A file's content; the sandbox's actionHooks (op read) may refuse it. */
   async readFile(path: string, opts: CallOptions = {}): Promise<Buffer> {
+    await this.vfsHooks?.checkAction(VFS_HOOK_OP_READ, path, 0, 0);
     const r = await this.call("read_file", { path }, opts);
     return fromBase64(r.content);
   }
 
+  /** A directory's entries; the sandbox's actionHooks (op readdir) may refuse it. */
   async listFiles(path: string, opts: CallOptions = {}): Promise<FileInfo[]> {
+    await this.vfsHooks?.checkAction(VFS_HOOK_OP_READDIR, path, 0, 0);
     const r = await this.call("list_files", { path }, opts);
     return r.files.map((f) => ({
       name: f.name,
@@ -363,6 +376,8 @@ export class Client {
   async close(timeoutSeconds = 0, opts: CallOptions = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // As Matchlock: no hook runs once closing starts (the VM's last events are not the program's business).
+    this.vfsHooks = undefined;
     try {
       await this.stop(timeoutSeconds, opts);
     } finally {
@@ -573,6 +588,7 @@ export class Client {
       try {
         this.options.onEvent?.(n.params);
       } catch {}
+      if (n.params.type === "file") this.vfsHooks?.onFileEvent(n.params.file);
       return;
     }
     const p = typeof n.params.id === "number" ? this.pending.get(n.params.id) : undefined;
@@ -690,6 +706,12 @@ export class Client {
         }
       });
     });
+  }
+
+  /** Where after-hook failures go: the program's onHookError, else a process warning. */
+  private reportHookError(e: VfsHookError): void {
+    if (this.options.onHookError) this.options.onHookError(e);
+    else process.emitWarning(e);
   }
 
   private async waitExit(ms: number): Promise<boolean> {

@@ -1,11 +1,15 @@
 import type { SandboxConfigInput } from "../api/config.ts";
-import { InvalidArgumentError } from "../api/errors.ts";
 import {
   type CompiledNetworkHook,
   compileNetworkInterception,
   type NetworkHookFunc,
   type NetworkHookRule,
 } from "./network-hooks.ts";
+import {
+  type CompiledVfsInterception,
+  compileVfsInterception,
+  type VFSInterceptionConfig,
+} from "./vfs-hooks.ts";
 
 /**
  * The immutable sandbox builder: every `with…` returns a new Sandbox, so a base definition can be
@@ -46,17 +50,8 @@ export interface NetworkHookFilter {
   timeoutMs?: number;
 }
 
-/** Matchlock's `withVFSInterception` argument (rules without callbacks). */
-export interface VfsInterceptionConfig {
-  emitEvents?: boolean;
-  rules?: Array<{
-    name?: string;
-    phase?: "before" | "after";
-    ops?: string[];
-    path?: string;
-    action?: "allow" | "block";
-  }>;
-}
+/** Matchlock's `withVFSInterception` argument (our earlier name for VFSInterceptionConfig). */
+export type VfsInterceptionConfig = VFSInterceptionConfig;
 
 /** What a builder carries besides the create config. */
 export interface SandboxExtras {
@@ -65,6 +60,8 @@ export interface SandboxExtras {
   portForwardAddresses?: readonly string[];
   /** Network hook rules; the callbacks among them are served by the client (not JSON). */
   networkHookRules?: readonly NetworkHookRule[];
+  /** VFS interception as given (callbacks are functions, not JSON); compiled into the config by options(). */
+  vfsInterception?: VFSInterceptionConfig | undefined;
 }
 
 type Net = NonNullable<SandboxConfigInput["network"]>;
@@ -77,6 +74,8 @@ export class Sandbox {
   readonly portForwardAddresses: readonly string[];
   /** Network hook rules in the order given (static ones and callbacks). */
   readonly networkHookRules: readonly NetworkHookRule[];
+  /** The withVFSInterception config (static rules and local callbacks), if any. */
+  readonly vfsInterception: VFSInterceptionConfig | undefined;
 
   /** `image` omitted: the default image built by `matchlock setup`. */
   constructor(image?: string, config: SandboxConfigInput = {}, extras: SandboxExtras = {}) {
@@ -84,18 +83,32 @@ export class Sandbox {
     this.portForwards = Object.freeze([...(extras.portForwards ?? [])]);
     this.portForwardAddresses = Object.freeze([...(extras.portForwardAddresses ?? [])]);
     this.networkHookRules = Object.freeze([...(extras.networkHookRules ?? [])]);
+    this.vfsInterception = extras.vfsInterception;
   }
 
   /**
    * The create config (a copy). Hook rules are in `network.interception` with their callback ids;
-   * `callback_socket` is filled in by the client that serves the callbacks.
+   * `callback_socket` is filled in by the client that serves the callbacks. VFS rules: the static
+   * ones in `vfs.interception` (with `emit_events` when there are local after hooks), the local
+   * callbacks never.
    */
   options(): SandboxConfigInput {
     const config = structuredClone(this.config);
     if (this.networkHookRules.length > 0) {
       config.network = { ...config.network, interception: this.networkHooks().wire };
     }
+    if (this.vfsInterception !== undefined) {
+      const { wire } = this.vfsHooks();
+      const { interception: _replaced, ...vfs } = config.vfs ?? {};
+      if (wire) config.vfs = { ...vfs, interception: wire };
+      else if (config.vfs) config.vfs = vfs;
+    }
     return config;
+  }
+
+  /** The VFS wire config and local hooks (compiled anew: callbacks are functions, not data). */
+  vfsHooks(): CompiledVfsInterception {
+    return compileVfsInterception(this.vfsInterception);
   }
 
   /** The wire rules and the callbacks by id (compiled anew: callbacks are functions, not data). */
@@ -108,6 +121,7 @@ export class Sandbox {
       portForwards: patch.portForwards ?? this.portForwards,
       portForwardAddresses: patch.portForwardAddresses ?? this.portForwardAddresses,
       networkHookRules: patch.networkHookRules ?? this.networkHookRules,
+      vfsInterception: "vfsInterception" in patch ? patch.vfsInterception : this.vfsInterception,
     };
   }
 
@@ -295,28 +309,26 @@ export class Sandbox {
   }
 
   /**
-   * Matchlock's VFS interception: `before` rules allow or block (EPERM) file operations in the host
-   * folders; `emitEvents` sends a `file` event (ClientOptions.onEvent) after each operation. Rules
-   * with callbacks (`hook`) are not supported here and are refused.
+   * Matchlock's VFS interception (replaces an earlier one). Static rules go to the server: `before`
+   * rules allow or block (EPERM) the guest's operations in the host folders, `emitEvents` sends a
+   * `file` event (ClientOptions.onEvent) after each. Rules with a callback run in this program
+   * (src/sdk/vfs-hooks.ts, docs/vfs.md): `hook` / `dangerousHook` after the guest's operations,
+   * `actionHook` / `mutateHook` before the client's own writeFile / readFile / listFiles. Rules are
+   * checked when the sandbox is launched (or options() is called).
    */
-  withVFSInterception(config: VfsInterceptionConfig): Sandbox {
-    const rules = (config.rules ?? []).map((r, i) => {
-      if ("hook" in r || "dangerousHook" in r || "mutateHook" in r || "actionHook" in r) {
-        throw new InvalidArgumentError(
-          `vfs interception rule ${i + 1}: callback hooks are not supported; use action allow or block`,
-        );
-      }
-      return {
-        ...(r.name ? { name: r.name } : {}),
-        ...(r.phase ? { phase: r.phase } : {}),
-        ...(r.ops && r.ops.length > 0 ? { ops: [...r.ops] } : {}),
-        ...(r.path ? { path: r.path } : {}),
-        ...(r.action ? { action: r.action } : {}),
-      };
-    });
-    return this.vfs((v) => {
-      v.interception = { ...(config.emitEvents ? { emit_events: true } : {}), rules };
-    });
+  withVFSInterception(config: VFSInterceptionConfig): Sandbox {
+    // A copy of the lists (callbacks kept by reference), so later changes to the caller's arrays do
+    // not reach this builder; unknown keys are kept for compile to name.
+    const copy: VFSInterceptionConfig =
+      config !== null && typeof config === "object"
+        ? {
+            ...config,
+            ...(Array.isArray(config.rules)
+              ? { rules: config.rules.map((r) => (r !== null && typeof r === "object" ? { ...r } : r)) }
+              : {}),
+          }
+        : config;
+    return new Sandbox(undefined, this.config, this.extras({ vfsInterception: copy }));
   }
 
   withWorkspace(path: string): Sandbox {

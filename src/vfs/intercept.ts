@@ -1,3 +1,4 @@
+import { canonicalVfsOp, VFS_OPS, type VfsOp } from "../api/vfs-ops.ts";
 import type { Attr } from "./fuse-abi.ts";
 import {
   type Caller,
@@ -18,31 +19,11 @@ import {
  * Paths are the guest's (the workspace path + the path inside it), matched with Go's filepath.Match
  * syntax (`*` and `?` never cross a `/`, `[a-z]`, `[^x]`, `\` escapes), as Matchlock does. The
  * matcher is hand-written: picomatch and minimatch implement shell globs (dotfiles not matched by `*`,
- * `**`, braces), which would make the same rule match differently than in Matchlock.
+ * `**`, braces), which would make the same rule match differently than in Matchlock. (The SDK's
+ * local callback rules do use minimatch: Matchlock's TypeScript SDK matches those that way.)
  */
 
-export const VFS_OPS = [
-  "stat",
-  "readdir",
-  "open",
-  "create",
-  "mkdir",
-  "chmod",
-  "remove",
-  "remove_all",
-  "rename",
-  "symlink",
-  "readlink",
-  "read",
-  "write",
-  "close",
-  "sync",
-  "truncate",
-] as const;
-export type VfsOp = (typeof VFS_OPS)[number];
-
-/** Spellings Matchlock accepts besides the canonical ones. */
-const ALIASES: Record<string, VfsOp> = { read_dir: "readdir", removeall: "remove_all" };
+export { VFS_OPS, type VfsOp } from "../api/vfs-ops.ts";
 
 export interface VfsRule {
   name?: string;
@@ -120,11 +101,11 @@ export function compileRules(rules: VfsRule[]): Compiled[] {
     if (r.ops && r.ops.length > 0) {
       ops = new Set();
       for (const o of r.ops) {
-        const op = ALIASES[o] ?? o;
-        if (!(VFS_OPS as readonly string[]).includes(op)) {
+        const op = canonicalVfsOp(o);
+        if (op === undefined) {
           throw new Error(`${who}.ops: unknown op ${JSON.stringify(o)} (one of ${VFS_OPS.join(", ")})`);
         }
-        ops.add(op as VfsOp);
+        ops.add(op);
       }
     }
     let path: RegExp | undefined;
