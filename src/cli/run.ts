@@ -22,7 +22,7 @@ import {
   splitHosts,
   validateAddress,
 } from "../api/specs.ts";
-import { writeSink } from "../guest/agent-client.ts";
+import { type ExecHandle, writeSink } from "../guest/agent-client.ts";
 import {
   parseEnvFile,
   parseEnvSpec,
@@ -385,9 +385,12 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       // With --rm=false and no command, the VM just stays up to be used with `matchlock exec`.
       if (runsCommand) {
         const argv = resolveArgv(sandbox.imageConfig, command, entrypoint);
-        const terminate = (h: Parameters<typeof sandbox.terminate>[0]) =>
-          sandbox.terminate(h, flags.gracefulShutdown);
-        if (detachedChild) status = await runToLog(sandbox, argv, flags, signals);
+        // A signal (or --timeout) ends the run: a paused VM runs again so its command ends gracefully.
+        const terminate = async (h: Parameters<typeof sandbox.terminate>[0]) => {
+          await sandbox.resume().catch(() => {});
+          await sandbox.terminate(h, flags.gracefulShutdown);
+        };
+        if (detachedChild) status = await runToLog(sandbox, argv, terminate, flags, signals);
         else {
           const size = terminalSize();
           const output = new TerminalOutput();
@@ -438,6 +441,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
 async function runToLog(
   sandbox: Sandbox,
   argv: string[],
+  terminate: (h: ExecHandle) => Promise<void>,
   flags: RunFlags,
   signals: SignalRelay,
 ): Promise<number> {
@@ -451,7 +455,7 @@ async function runToLog(
     { onStdout: writeSink(log), onStderr: writeSink(log) },
   );
   signals.onSignal = () => {
-    sandbox.terminate(handle, flags.gracefulShutdown).catch(() => {});
+    terminate(handle).catch(() => {});
   };
   const r = await handle.done
     .catch(async (e: unknown): Promise<never> => {

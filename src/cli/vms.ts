@@ -9,10 +9,12 @@ import { VM_LOG_FILES } from "../sandbox/entrypoint.ts";
 import {
   adoptVmDir,
   effectiveStatus,
+  isStoppedStatus,
   ownerOf,
   type ReconcileResult,
   reconcileVm,
   releaseOrphanSubnets,
+  type ShownStatus,
   sweepOrphanNetworks,
   sweepOrphanProcesses,
   unrecordedVmDirs,
@@ -45,6 +47,12 @@ export async function locateVm(id: string): Promise<{ dir: string; owner: Return
     const lc = s.lifecycle.current(id);
     return { dir: lc?.resources.vm_dir ?? vmDir(id, p), owner: ownerOf(row, lc) };
   });
+}
+
+/** A recorded VM's status as `list` shows it (VmNotFoundError if there is no such VM). */
+export async function statusOf(id: string): Promise<ShownStatus> {
+  parseVmId(id);
+  return withState((s) => effectiveStatus(mustGet(s, id), s.lifecycle.current(id)));
 }
 
 function mustGet(s: StateStore, id: string): VmRow {
@@ -82,14 +90,14 @@ function printResult(r: ReconcileResult, note = ""): void {
   for (const f of r.failedSteps) process.stdout.write(`    failed step ${f}\n`);
 }
 
-const isStopped = (s: StateStore, r: VmRow) => effectiveStatus(r, s.lifecycle.current(r.id)) !== "running";
+const isStopped = (s: StateStore, r: VmRow) => isStoppedStatus(effectiveStatus(r, s.lifecycle.current(r.id)));
 
 export function registerVmCommands(program: Command): void {
   program
     .command("list")
     .alias("ls")
     .summary("list VMs")
-    .option("--running", "only running VMs")
+    .option("--running", "only live VMs: running and paused ones (STATUS says which)")
     .option("--json", "a JSON array of {id, status, image, created_at, pid}, for scripts")
     .action((flags: { running?: boolean; json?: boolean }) =>
       withState((s) => {
@@ -102,7 +110,7 @@ export function registerVmCommands(program: Command): void {
             created_at: r.created_at,
             pid: r.pid,
           }))
-          .filter((v) => !flags.running || v.status === "running");
+          .filter((v) => !flags.running || !isStoppedStatus(v.status));
         if (flags.json) {
           process.stdout.write(`${JSON.stringify(vms, null, 2)}\n`);
           return;

@@ -46,6 +46,14 @@ export interface RunningVm {
   readonly exited: Promise<VmExit>;
   /** The last lines the hypervisor and the guest console printed, for error messages. */
   diagnostics(): Promise<string>;
+  /**
+   * Freezes the guest's vCPUs (QMP `stop`): nothing runs in the guest and the hypervisor uses no CPU
+   * for it, while its memory, devices and host-side connections stay as they are. Resolves once the
+   * vCPUs are stopped.
+   */
+  pause(): Promise<void>;
+  /** Lets a paused guest run again (QMP `cont`) from where it stopped. */
+  resume(): Promise<void>;
   /** Stops the VM (graceful quit, then kill after `graceMs`) and waits for it to exit. */
   stop(graceMs?: number): Promise<void>;
 }
