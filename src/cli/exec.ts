@@ -29,7 +29,8 @@ export function registerExec(program: Command): void {
     .description(
       "Run a command in a VM started by another matchlock process (`run -d` or `run --rm=false`), through\n" +
         "the exec relay socket in its VM dir. The exit code is the command's. Ctrl-C cancels the command\n" +
-        "(SIGTERM, then SIGKILL after the grace period); the VM keeps running.",
+        "(SIGTERM, then SIGKILL after the grace period); the VM keeps running. A paused VM refuses it\n" +
+        "(`matchlock resume` it first).",
     )
     .usage("[options] ID [--] command...")
     .argument("<id>", "VM id (see `matchlock list`)")

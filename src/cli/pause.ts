@@ -42,7 +42,7 @@ export function registerPauseCommands(program: Command): void {
         "QEMU uses no CPU for it. Memory, disks, host folders and connections are kept; `matchlock list`\n" +
         "shows it as paused. While paused, exec, port-forward and file operations are refused (commands\n" +
         "already running just wait); allow-list changes and logs work. `matchlock resume` lets it go on\n" +
-        "exactly where it stopped (its clock is then behind by the pause).\n\n" +
+        "exactly where it stopped (its clock does not advance while paused).\n\n" +
         "Pausing a paused VM does nothing and says so; a stopped or crashed VM is refused. The --timeout\n" +
         "lifetime keeps running while paused (the VM still holds its memory and disks). Stopping a paused\n" +
         "VM (`matchlock kill`, Ctrl-C on its run, its lifetime running out) resumes it first so that its\n" +

@@ -316,8 +316,10 @@ async function removeNamed(s: StateStore, id: string): Promise<boolean> {
     printError(new VmNotFoundError(id));
     return false;
   }
-  if (!isStopped(s, row)) {
-    process.stderr.write(`matchlock: ${id} is running; stop it first with \`matchlock kill ${id}\`\n`);
+  const status = effectiveStatus(row, s.lifecycle.current(id));
+  if (!isStoppedStatus(status)) {
+    // running or paused: either way alive, and a kill stops it (a paused one is resumed to stop).
+    process.stderr.write(`matchlock: ${id} is ${status}; stop it first with \`matchlock kill ${id}\`\n`);
     return false;
   }
   const outcome = await removeVm(s, id);

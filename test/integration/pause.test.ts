@@ -98,7 +98,7 @@ describe("pause and resume through the CLI", () => {
     // A paused VM is alive: rm refuses it, prune and rm --stopped leave it alone.
     const rm = await cli(["rm", id]);
     assert.equal(rm.code, 1);
-    assert.match(rm.stderr, /is running/);
+    assert.match(rm.stderr, new RegExp(`${id} is paused; stop it first with \`matchlock kill ${id}\``));
     assert.equal((await cli(["prune"])).code, 0);
     assert.equal((await cli(["rm", "--stopped"])).code, 0);
     assert.equal(listRows((await cli(["list"])).stdout.toString()).get(id), "paused");

@@ -276,7 +276,13 @@ describe("the relay's PAUSE frame", () => {
     const server = await RelayServer.listen(path, target);
     const client = new AgentClient(connect(path));
     assert.equal(await client.ready, RELAY_VERSION);
-    return { client, close: () => (client.close(), server.close()) };
+    return {
+      client,
+      close: () => {
+        client.close();
+        server.close();
+      },
+    };
   }
 
   test("a client pauses, asks, resumes, each answered {paused, changed}; exec meanwhile gets the paused error", async () => {
