@@ -8,7 +8,7 @@ import {
   parseSandboxConfig,
   type SandboxConfigInput,
 } from "../api/config.ts";
-import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
 import type { NetworkInterceptionInput } from "../api/network-hooks.ts";
 import { paths } from "../api/paths.ts";
 import {
@@ -457,6 +457,13 @@ async function runToLog(
   signals.onSignal = () => {
     terminate(handle).catch(() => {});
   };
+  // --timeout: the lifetime ends the command here as Ctrl-C would (the foreground run's attach does
+  // the same); the VM is closed after it. A VM that died aborts the deadline too: done says how.
+  const onDeadline = () => {
+    if (sandbox.died === undefined) log.write(`matchlock: ${messageOf(sandbox.deadline.reason)}\n`);
+    terminate(handle).catch(() => {});
+  };
+  sandbox.deadline.addEventListener("abort", onDeadline, { once: true });
   const r = await handle.done
     .catch(async (e: unknown): Promise<never> => {
       // The VM died under the command, say: the log is where a detached run's user looks.
@@ -466,6 +473,7 @@ async function runToLog(
     })
     .finally(() => {
       signals.onSignal = undefined;
+      sandbox.deadline.removeEventListener("abort", onDeadline);
     });
   if (r.startError) log.write(`matchlock: ${r.startError}\n`);
   log.write(`matchlock: command exited with ${r.exitCode}\n`);

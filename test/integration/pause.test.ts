@@ -185,6 +185,26 @@ describe("pause and resume through the CLI", () => {
     assert.deepEqual(leftovers(h.env, id), []);
     assert.equal((await cli(["rm", id])).code, 0);
   });
+
+  test("the --timeout lifetime keeps running while paused: the VM is resumed, its command stopped, nothing left", async () => {
+    const id = (await cli(["run", "-d", "--no-network", "--timeout", "8", "--", "sleep", "600"])).stdout
+      .toString()
+      .trim();
+    assert.equal((await cli(["pause", id])).code, 0);
+    await waitFor(
+      "the lifetime to end the paused VM",
+      async () => listRows((await cli(["list"])).stdout.toString()).get(id) === "stopped",
+    );
+    const log = readFileSync(join(h.home, "vms", id, "run.log"), "utf8");
+    assert.match(log, /the 8 s limit \(--timeout\) ran out/);
+    assert.match(
+      log,
+      /command exited with 143/,
+      "SIGTERM reached the command: the VM was resumed to stop it",
+    );
+    assert.deepEqual(leftovers(h.env, id), []);
+    assert.equal((await cli(["rm", id])).code, 0);
+  });
 });
 
 describe("pause and resume through RPC (SDK)", () => {
