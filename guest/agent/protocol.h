@@ -37,6 +37,7 @@ enum host_msg {
 	H_CLOSE = 0x0D, /* empty */
 	H_ACK = 0x0E, /* u32 n */
 	H_ALLOW_LIST = 0x0F, /* relay only, never sent to a guest */
+	H_PAUSE = 0x10, /* relay only, never sent to a guest */
 	H_SET_IDENTITY = 0x11, /* u32 n, n bytes of entropy (≤ 512), boot parameters (matchlock.NAME=VALUE words, blank-separated) */
 };
 

@@ -38,6 +38,7 @@ class HostMsg:
     CLOSE = 0x0D  # empty
     ACK = 0x0E  # u32 n
     ALLOW_LIST = 0x0F  # relay only
+    PAUSE = 0x10  # relay only
     SET_IDENTITY = 0x11  # u32 n, n bytes of entropy (≤ 512), boot parameters (matchlock.NAME=VALUE words, blank-separated)
 
 
@@ -76,6 +77,7 @@ HOST_NAMES = {
     0x0D: "CLOSE",
     0x0E: "ACK",
     0x0F: "ALLOW_LIST",
+    0x10: "PAUSE",
     0x11: "SET_IDENTITY",
 }
 

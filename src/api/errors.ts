@@ -9,6 +9,8 @@ export type ErrorCode =
   | "SETUP_FAILED" // a setup step failed
   | "IMAGE_NOT_FOUND"
   | "VM_NOT_FOUND" // no VM with this id is recorded (never was, or already removed)
+  | "VM_NOT_RUNNING" // the VM is stopped, crashed or stopping: pause/resume and guest operations cannot reach it
+  | "VM_PAUSED" // the VM is paused (`matchlock pause`): nothing runs in the guest until it is resumed
   | "DB_CORRUPT" // state.db (or metadata.db) is not a usable SQLite database; the hint says how to recover
   | "VM_BOOT_FAILED" // QEMU exited or the agent never said READY before the deadline
   | "VM_FAILED" // the VM died or misbehaved after boot
@@ -60,6 +62,38 @@ export class UnsupportedNodeError extends MatchlockError {
   constructor(message: string) {
     super("UNSUPPORTED_NODE", message);
     this.name = "UnsupportedNodeError";
+  }
+}
+
+/**
+ * A guest operation (exec, file transfer, port forward) on a paused VM. Refused rather than left
+ * waiting: the caller paused it, or someone else did, and either way the fix is to resume it.
+ */
+export class VmPausedError extends MatchlockError {
+  readonly vmId: string;
+  constructor(vmId: string) {
+    super("VM_PAUSED", `VM ${vmId} is paused: resume it first with \`matchlock resume ${vmId}\``, {
+      hint: "a paused VM runs nothing; `matchlock list` shows it as paused",
+    });
+    this.name = "VmPausedError";
+    this.vmId = vmId;
+  }
+}
+
+/** Pause or resume of a VM that is not running: stopped, crashed (its owner is gone) or stopping. */
+export class VmNotRunningError extends MatchlockError {
+  readonly vmId: string;
+  readonly status: string;
+  constructor(vmId: string, status: string) {
+    super("VM_NOT_RUNNING", `VM ${vmId} is not running (${status})`, {
+      hint:
+        status === "stopping"
+          ? "it is being stopped"
+          : "only a running VM can be paused or resumed; `matchlock list` shows each VM's status",
+    });
+    this.name = "VmNotRunningError";
+    this.vmId = vmId;
+    this.status = status;
   }
 }
 

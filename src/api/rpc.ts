@@ -103,6 +103,9 @@ export const RpcMethods = {
   }),
   cancel: strictObject({ id: v.union([v.number(), v.string()]) }),
   close: v.optional(strictObject({ timeout_seconds: v.optional(v.number()) }), {}),
+  // Ours (Matchlock has no pause): freeze / thaw the VM's vCPUs.
+  pause: v.optional(strictObject({}), {}),
+  resume: v.optional(strictObject({}), {}),
 } as const;
 
 export type RpcMethod = keyof typeof RpcMethods;
@@ -162,6 +165,8 @@ export const RpcResults = {
   }),
   cancel: v.object({ cancelled: v.boolean() }),
   close: Empty,
+  pause: v.object({ paused: v.boolean(), changed: v.boolean() }),
+  resume: v.object({ paused: v.boolean(), changed: v.boolean() }),
 } as const satisfies Record<RpcMethod, v.GenericSchema>;
 
 export type RpcResult<M extends RpcMethod> = v.InferOutput<(typeof RpcResults)[M]>;

@@ -2,7 +2,7 @@ import { existsSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { type Command, Option } from "commander";
-import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { InvalidArgumentError, MatchlockError, VmPausedError } from "../api/errors.ts";
 import { vmDir } from "../api/paths.ts";
 import { AgentClient, type ExecHandle, terminateExec } from "../guest/agent-client.ts";
 import { parseEnvSpec, validateUser, validateWorkdir } from "../sandbox/command.ts";
@@ -29,7 +29,8 @@ export function registerExec(program: Command): void {
     .description(
       "Run a command in a VM started by another matchlock process (`run -d` or `run --rm=false`), through\n" +
         "the exec relay socket in its VM dir. The exit code is the command's. Ctrl-C cancels the command\n" +
-        "(SIGTERM, then SIGKILL after the grace period); the VM keeps running.",
+        "(SIGTERM, then SIGKILL after the grace period); the VM keeps running. A paused VM refuses it\n" +
+        "(`matchlock resume` it first).",
     )
     .usage("[options] ID [--] command...")
     .argument("<id>", "VM id (see `matchlock list`)")
@@ -100,6 +101,25 @@ export async function connectRelay(id: string): Promise<AgentClient> {
   return client;
 }
 
+/** The first relay protocol with the PAUSE frame; an older owner cannot pause (and is never paused). */
+export const PAUSE_RELAY = 4;
+
+/** The relay's protocol number from its greeting (`matchlock-relay N`), 0 if it has none. */
+export function relayVersion(greeting: string): number {
+  const m = /^matchlock-relay (\d+)$/.exec(greeting);
+  return m ? Number(m[1]) : 0;
+}
+
+/**
+ * `exec`, `port-forward` and the like call this on their relay connection before touching the
+ * guest: one clear error for a paused VM, instead of a command that waits until someone resumes it.
+ * (The owner refuses guest operations on a paused VM too; this adds the hint and the exit code 1.)
+ */
+export async function refuseIfPaused(client: AgentClient, id: string): Promise<void> {
+  if (relayVersion(await client.ready) < PAUSE_RELAY) return;
+  if ((await client.pauseVm("status")).paused) throw new VmPausedError(id);
+}
+
 /** How long the VM's owner has to greet an exec client. */
 const RELAY_READY_MS = 10_000;
 
@@ -113,6 +133,12 @@ async function execInVm(id: string, command: string[], flags: ExecFlags): Promis
   if (flags.workdir !== undefined) validateWorkdir(flags.workdir);
   const env = flags.env.map((spec) => parseEnvSpec(spec).join("="));
   const client = await connectRelay(id);
+  try {
+    await refuseIfPaused(client, id);
+  } catch (e) {
+    client.close("paused");
+    throw e;
+  }
   const signals = new SignalRelay();
   const output = new TerminalOutput();
   try {

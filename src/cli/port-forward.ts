@@ -3,7 +3,7 @@ import { InvalidArgumentError } from "../api/errors.ts";
 import { parseVmId } from "../api/ids.ts";
 import { parsePortSpec, validateAddress } from "../api/specs.ts";
 import { PortForwarder } from "../sandbox/port-forward.ts";
-import { connectRelay } from "./exec.ts";
+import { connectRelay, refuseIfPaused } from "./exec.ts";
 import { collect } from "./parse.ts";
 
 /** `matchlock port-forward ID [LOCAL:]REMOTE…`: host ports into a running VM, through its relay. */
@@ -24,6 +24,12 @@ export function registerPortForward(program: Command): void {
       if (forwards.length === 0) throw new InvalidArgumentError("give at least one [LOCAL:]REMOTE port");
       const addresses = flags.address.length > 0 ? flags.address.map(validateAddress) : ["127.0.0.1"];
       const client = await connectRelay(id);
+      try {
+        await refuseIfPaused(client, id);
+      } catch (e) {
+        client.close("paused");
+        throw e;
+      }
       const forwarder = new PortForwarder((port, io) => client.tcpConnect(port, io));
       for (const b of await forwarder.add(forwards, addresses)) {
         process.stdout.write(`forwarding ${b.address}:${b.localPort} -> ${id}:${b.remotePort}\n`);

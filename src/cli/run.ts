@@ -8,7 +8,7 @@ import {
   parseSandboxConfig,
   type SandboxConfigInput,
 } from "../api/config.ts";
-import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
+import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
 import type { NetworkInterceptionInput } from "../api/network-hooks.ts";
 import { paths } from "../api/paths.ts";
 import {
@@ -22,7 +22,7 @@ import {
   splitHosts,
   validateAddress,
 } from "../api/specs.ts";
-import { writeSink } from "../guest/agent-client.ts";
+import { type ExecHandle, writeSink } from "../guest/agent-client.ts";
 import {
   parseEnvFile,
   parseEnvSpec,
@@ -401,9 +401,12 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
       // With --rm=false and no command, the VM just stays up to be used with `matchlock exec`.
       if (runsCommand) {
         const argv = resolveArgv(sandbox.imageConfig, command, entrypoint);
-        const terminate = (h: Parameters<typeof sandbox.terminate>[0]) =>
-          sandbox.terminate(h, flags.gracefulShutdown);
-        if (detachedChild) status = await runToLog(sandbox, argv, flags, signals);
+        // A signal (or --timeout) ends the run: a paused VM runs again so its command ends gracefully.
+        const terminate = async (h: Parameters<typeof sandbox.terminate>[0]) => {
+          await sandbox.resume().catch(() => {});
+          await sandbox.terminate(h, flags.gracefulShutdown);
+        };
+        if (detachedChild) status = await runToLog(sandbox, argv, terminate, flags, signals);
         else {
           const size = terminalSize();
           const output = new TerminalOutput();
@@ -454,6 +457,7 @@ async function runCommandInVm(command: string[], flags: RunFlags): Promise<numbe
 async function runToLog(
   sandbox: Sandbox,
   argv: string[],
+  terminate: (h: ExecHandle) => Promise<void>,
   flags: RunFlags,
   signals: SignalRelay,
 ): Promise<number> {
@@ -467,8 +471,15 @@ async function runToLog(
     { onStdout: writeSink(log), onStderr: writeSink(log) },
   );
   signals.onSignal = () => {
-    sandbox.terminate(handle, flags.gracefulShutdown).catch(() => {});
+    terminate(handle).catch(() => {});
   };
+  // --timeout: the lifetime ends the command here as Ctrl-C would (the foreground run's attach does
+  // the same); the VM is closed after it. A VM that died aborts the deadline too: done says how.
+  const onDeadline = () => {
+    if (sandbox.died === undefined) log.write(`matchlock: ${messageOf(sandbox.deadline.reason)}\n`);
+    terminate(handle).catch(() => {});
+  };
+  sandbox.deadline.addEventListener("abort", onDeadline, { once: true });
   const r = await handle.done
     .catch(async (e: unknown): Promise<never> => {
       // The VM died under the command, say: the log is where a detached run's user looks.
@@ -478,6 +489,7 @@ async function runToLog(
     })
     .finally(() => {
       signals.onSignal = undefined;
+      sandbox.deadline.removeEventListener("abort", onDeadline);
     });
   if (r.startError) log.write(`matchlock: ${r.startError}\n`);
   log.write(`matchlock: command exited with ${r.exitCode}\n`);

@@ -9,10 +9,12 @@ import { VM_LOG_FILES } from "../sandbox/entrypoint.ts";
 import {
   adoptVmDir,
   effectiveStatus,
+  isStoppedStatus,
   ownerOf,
   type ReconcileResult,
   reconcileVm,
   releaseOrphanSubnets,
+  type ShownStatus,
   sweepOrphanNetworks,
   sweepOrphanProcesses,
   unrecordedVmDirs,
@@ -46,6 +48,12 @@ export async function locateVm(id: string): Promise<{ dir: string; owner: Return
     const lc = s.lifecycle.current(id);
     return { dir: lc?.resources.vm_dir ?? vmDir(id, p), owner: ownerOf(row, lc) };
   });
+}
+
+/** A recorded VM's status as `list` shows it (VmNotFoundError if there is no such VM). */
+export async function statusOf(id: string): Promise<ShownStatus> {
+  parseVmId(id);
+  return withState((s) => effectiveStatus(mustGet(s, id), s.lifecycle.current(id)));
 }
 
 function mustGet(s: StateStore, id: string): VmRow {
@@ -83,14 +91,14 @@ function printResult(r: ReconcileResult, note = ""): void {
   for (const f of r.failedSteps) process.stdout.write(`    failed step ${f}\n`);
 }
 
-const isStopped = (s: StateStore, r: VmRow) => effectiveStatus(r, s.lifecycle.current(r.id)) !== "running";
+const isStopped = (s: StateStore, r: VmRow) => isStoppedStatus(effectiveStatus(r, s.lifecycle.current(r.id)));
 
 export function registerVmCommands(program: Command): void {
   program
     .command("list")
     .alias("ls")
     .summary("list VMs")
-    .option("--running", "only running VMs")
+    .option("--running", "only live VMs: running and paused ones (STATUS says which)")
     .option("--json", "a JSON array of {id, status, image, created_at, pid}, for scripts")
     .action((flags: { running?: boolean; json?: boolean }) =>
       withState((s) => {
@@ -103,7 +111,7 @@ export function registerVmCommands(program: Command): void {
             created_at: r.created_at,
             pid: r.pid,
           }))
-          .filter((v) => !flags.running || v.status === "running");
+          .filter((v) => !flags.running || !isStoppedStatus(v.status));
         if (flags.json) {
           process.stdout.write(`${JSON.stringify(vms, null, 2)}\n`);
           return;
@@ -311,8 +319,10 @@ async function removeNamed(s: StateStore, id: string): Promise<boolean> {
     printError(new VmNotFoundError(id));
     return false;
   }
-  if (!isStopped(s, row)) {
-    process.stderr.write(`matchlock: ${id} is running; stop it first with \`matchlock kill ${id}\`\n`);
+  const status = effectiveStatus(row, s.lifecycle.current(id));
+  if (!isStoppedStatus(status)) {
+    // running or paused: either way alive, and a kill stops it (a paused one is resumed to stop).
+    process.stderr.write(`matchlock: ${id} is ${status}; stop it first with \`matchlock kill ${id}\`\n`);
     return false;
   }
   const outcome = await removeVm(s, id);

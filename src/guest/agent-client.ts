@@ -393,6 +393,22 @@ export class AgentClient {
       throw new MatchlockError("VM_FAILED", r.message || `set identity failed (errno ${r.errno})`);
   }
 
+  /**
+   * Relay clients only: pauses or resumes the VM in its owner, or asks whether it is paused (the
+   * relay must greet with `matchlock-relay 4` or later: see `relayVersion`).
+   */
+  async pauseVm(op: "pause" | "resume" | "status"): Promise<{ paused: boolean; changed: boolean }> {
+    const stream = this.allocStream();
+    const result = this.fileOp(stream, MAX_LIST_BYTES);
+    this.send(HostMsg.PAUSE, stream, Buffer.from(JSON.stringify({ op })));
+    const r = await result;
+    if (r.errno !== 0) throw new MatchlockError("VM_FAILED", r.message || `${op} failed`);
+    const answer = JSON.parse(r.data.toString("utf8")) as { paused?: unknown; changed?: unknown };
+    if (typeof answer.paused !== "boolean" || typeof answer.changed !== "boolean")
+      throw new AgentProtocolError(`the relay answered ${op} with ${r.data.toString("utf8").slice(0, 200)}`);
+    return { paused: answer.paused, changed: answer.changed };
+  }
+
   /** Asks the guest to sync and power off. */
   shutdown(): void {
     if (!this.failure) this.send(HostMsg.SHUTDOWN, 0);

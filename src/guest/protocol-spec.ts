@@ -105,7 +105,17 @@ export const HOST_MESSAGES = {
     meaning:
       "**relay only** (never sent to a guest): changes the VM's allow-list in the owning process; answered with DATA " +
       "(JSON `{added\\|removed, allowed_hosts}`) then RESULT (errno 22 and a message on a bad pattern or a VM not in " +
-      "intercept mode). The relay greets with `matchlock-relay 3`",
+      "intercept mode). The relay greets with `matchlock-relay 4`",
+    relayOnly: true,
+  },
+  PAUSE: {
+    code: 0x10,
+    payload: 'JSON `{op: "pause"\\|"resume"\\|"status"}`',
+    meaning:
+      "**relay only** (never sent to a guest): pauses or resumes the VM in the owning process (QMP `stop` / `cont`), " +
+      "or asks whether it is paused; answered with DATA (JSON `{paused, changed}`: the state after it, and whether " +
+      "this frame changed it) then RESULT (errno 22 on an unknown op; 5 and a message when the VM cannot change: " +
+      "stopping, or dead). From `matchlock-relay 4` on; an older relay answers with a LOG line only",
     relayOnly: true,
   },
   SET_IDENTITY: {

@@ -232,6 +232,8 @@ export class RpcServer {
       return {};
     },
     cancel: (p) => this.cancel(p),
+    pause: async () => (await this.vm()).pause(),
+    resume: async () => (await this.vm()).resume(),
     exec: async (p, req) => {
       const r = await this.exec("exec", p, req);
       return {

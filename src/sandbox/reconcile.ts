@@ -41,10 +41,27 @@ export function ownerAlive(row: VmRow | undefined, lc: LifecycleRecord | undefin
   return isAlive(ownerOf(row, lc));
 }
 
-/** What `list` shows: a `running` row whose owner is dead is `crashed`. */
-export function effectiveStatus(row: VmRow, lc: LifecycleRecord | undefined): VmStatus {
-  if (row.status === "running" && !ownerAlive(row, lc)) return "crashed";
-  return row.status;
+/** What `list` and `get` show: the row's status, and `paused` for a running VM that is paused (ours). */
+export type ShownStatus = VmStatus | "paused";
+
+/**
+ * What `list` shows: a `running` row whose owner is dead is `crashed` (paused or not: a paused VM
+ * dies with its owner like any other); a running one whose lifecycle records a pause is `paused`.
+ */
+export function effectiveStatus(row: VmRow, lc: LifecycleRecord | undefined): ShownStatus {
+  if (row.status !== "running") return row.status;
+  if (!ownerAlive(row, lc)) return "crashed";
+  return isPaused(lc) ? "paused" : "running";
+}
+
+/** The lifecycle records a pause: phase running with `paused_at` (LifecycleStore.setPaused). */
+export function isPaused(lc: LifecycleRecord | undefined): boolean {
+  return lc?.phase === "running" && lc.resources.paused_at !== undefined;
+}
+
+/** Stopped or crashed: what `rm --stopped` and `prune` remove. A paused VM is alive, never stopped. */
+export function isStoppedStatus(s: ShownStatus): boolean {
+  return s === "stopped" || s === "crashed";
 }
 
 export type ReconcileOutcome = "cleaned" | "skipped" | "failed";

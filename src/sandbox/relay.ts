@@ -25,6 +25,7 @@ import {
   HostMsg,
   readU32,
 } from "../guest/protocol.ts";
+import type { PauseState } from "./pause.ts";
 import type { ExecOptions } from "./sandbox.ts";
 
 /**
@@ -41,7 +42,7 @@ import type { ExecOptions } from "./sandbox.ts";
  * data is read off its socket only as fast as the VM takes it. Memory per client stays bounded.
  */
 
-export const RELAY_VERSION = "matchlock-relay 3";
+export const RELAY_VERSION = "matchlock-relay 4";
 /** Bytes of a client's data (stdin, TCP, file writes) in flight to the VM before we stop reading its socket. */
 const INBOUND_HIGH_WATER = 1024 * 1024;
 const ECANCELED = 125;
@@ -55,6 +56,9 @@ export interface RelayTarget {
   tcpConnect(port: number, io: TcpIO): Promise<TcpStream>;
   allowListAdd(hosts: readonly string[]): unknown;
   allowListDelete(hosts: readonly string[]): unknown;
+  readonly paused: boolean;
+  pause(): Promise<PauseState>;
+  resume(): Promise<PauseState>;
 }
 
 /**
@@ -260,6 +264,9 @@ class RelayConnection {
       case HostMsg.ALLOW_LIST:
         this.changeAllowList(f);
         return;
+      case HostMsg.PAUSE:
+        this.changePause(f);
+        return;
       case HostMsg.TCP_DATA: {
         const data = Buffer.from(f.payload);
         const connecting = this.tcp.get(f.stream);
@@ -307,6 +314,24 @@ class RelayConnection {
     } catch (e) {
       this.send(GuestMsg.RESULT, f.stream, encodeResult(22, messageOf(e)));
     }
+  }
+
+  /** PAUSE `{op}`: the owner pauses or resumes its VM, or says whether it is paused. */
+  private changePause(f: Frame): void {
+    const answer = (r: PauseState) => {
+      this.send(GuestMsg.DATA, f.stream, Buffer.from(JSON.stringify(r)));
+      this.send(GuestMsg.RESULT, f.stream, encodeResult(0, ""));
+    };
+    let op: unknown;
+    try {
+      op = (JSON.parse(f.payload.toString("utf8")) as { op?: unknown }).op;
+    } catch {}
+    if (op === "status") answer({ paused: this.target.paused, changed: false });
+    else if (op === "pause" || op === "resume") {
+      (op === "pause" ? this.target.pause() : this.target.resume()).then(answer, (e: unknown) =>
+        this.send(GuestMsg.RESULT, f.stream, encodeResult(5, messageOf(e))),
+      );
+    } else this.send(GuestMsg.RESULT, f.stream, encodeResult(22, `unknown pause op ${String(op)}`));
   }
 
   private startExec(f: Frame): void {

@@ -2,7 +2,7 @@ import { appendFileSync } from "node:fs";
 import { mkdir, open, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { ImageConfig, SandboxConfig } from "../api/config.ts";
-import { MatchlockError, messageOf } from "../api/errors.ts";
+import { MatchlockError, messageOf, VmNotRunningError } from "../api/errors.ts";
 import { fileEvent } from "../api/events.ts";
 import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
@@ -41,6 +41,7 @@ import { crashPoint } from "./faults.ts";
 import { installGuestCa } from "./guest-ca.ts";
 import { HostFolders, hostFoldersRequested } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
+import { type PauseState, VmPause } from "./pause.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
 import {
@@ -128,6 +129,8 @@ export class Sandbox {
   readonly events: EventLog;
   /** Host folders served to the guest over FUSE; undefined when none were asked for. */
   private readonly folders: HostFolders | undefined;
+  /** Pause and resume; made on first use (see `pausing`). */
+  private pauser: VmPause | undefined;
 
   private constructor(init: {
     id: string;
@@ -409,6 +412,7 @@ export class Sandbox {
    * If the VM dies under (or before) the command, `done` rejects saying how it died.
    */
   exec(opts: ExecOptions, io: ExecIO = {}): ExecHandle {
+    this.refuseIfPaused();
     const req = execRequest(opts, this);
     let handle: ExecHandle;
     try {
@@ -469,25 +473,33 @@ export class Sandbox {
     await terminateExec(handle, graceMs);
   }
 
-  writeFile(path: string, data: Buffer, mode?: number): Promise<void> {
+  // The guest operations below refuse a paused VM (VmPausedError) rather than wait for a resume;
+  // the async ones reject, never throw, so that every caller sees the refusal the same way.
+
+  async writeFile(path: string, data: Buffer, mode?: number): Promise<void> {
+    this.refuseIfPaused();
     return this.agent.writeFile(path, data, mode);
   }
 
   /** A guest file in memory; one larger than `limit` (default 64 MiB) is refused. */
-  readFile(path: string, limit?: number): Promise<Buffer> {
+  async readFile(path: string, limit?: number): Promise<Buffer> {
+    this.refuseIfPaused();
     return this.agent.readFile(path, limit);
   }
 
   /** A guest file of any size, streamed to `sink` under flow control. */
-  readFileStream(path: string, sink: OutputSink): Promise<void> {
+  async readFileStream(path: string, sink: OutputSink): Promise<void> {
+    this.refuseIfPaused();
     return this.agent.readFileStream(path, sink);
   }
 
   openWrite(path: string, mode?: number): FileWriter {
+    this.refuseIfPaused();
     return this.agent.openWrite(path, mode);
   }
 
-  listFiles(path: string): Promise<DirEntry[]> {
+  async listFiles(path: string): Promise<DirEntry[]> {
+    this.refuseIfPaused();
     return this.agent.listDir(path);
   }
 
@@ -495,15 +507,62 @@ export class Sandbox {
     return this.agent.ping();
   }
 
-  /** A TCP connection to a port on the guest's loopback, over the agent channel (no NIC needed). */
-  tcpConnect(port: number, io: TcpIO): Promise<TcpStream> {
+  /**
+   * A TCP connection to a port on the guest's loopback, over the agent channel (no NIC needed).
+   * Refused while paused: a forwarded port's new connections are reset, established ones wait.
+   */
+  async tcpConnect(port: number, io: TcpIO): Promise<TcpStream> {
+    this.refuseIfPaused();
     return this.agent.tcpConnect(port, io);
   }
 
   /** Forwards host ports into the guest until the sandbox closes. */
-  portForward(forwards: PortForward[], addresses?: string[]): Promise<PortBinding[]> {
-    this.forwarder ??= new PortForwarder((port, io) => this.agent.tcpConnect(port, io));
+  async portForward(forwards: PortForward[], addresses?: string[]): Promise<PortBinding[]> {
+    this.refuseIfPaused();
+    this.forwarder ??= new PortForwarder((port, io) => this.tcpConnect(port, io));
     return this.forwarder.add(forwards, addresses);
+  }
+
+  /** Whether the VM is paused (`pause`). */
+  get paused(): boolean {
+    return this.pauser?.paused ?? false;
+  }
+
+  /**
+   * Freezes the guest (QMP `stop`): its processes, clock and timers stand still and QEMU uses no
+   * CPU for it, while memory, disks, the network's host side and every connection stay. Recorded
+   * in the lifecycle (list shows `paused`). Guest operations are refused until `resume`; commands
+   * already running simply wait. Idempotent. The lifetime limit (`--timeout`) keeps running: a
+   * paused VM still holds all its host resources.
+   */
+  pause(): Promise<PauseState> {
+    return this.pausing().change(true);
+  }
+
+  /** Lets a paused guest run again from where it stopped. Idempotent. */
+  resume(): Promise<PauseState> {
+    return this.pausing().change(false);
+  }
+
+  private refuseIfPaused(): void {
+    this.pauser?.refuseIfPaused();
+  }
+
+  private pausing(): VmPause {
+    this.pauser ??= new VmPause({
+      id: this.id,
+      vm: this.vm,
+      record: (since) => this.state.lifecycle.setPaused(this.id, since),
+      refusal: (closing) => {
+        if (this.deathCause !== undefined) return this.deathError(this.deathCause);
+        return this.closing && !closing ? new VmNotRunningError(this.id, "stopping") : undefined;
+      },
+      failure: async (e) => {
+        const why = await this.deathReason();
+        return why === undefined ? e : this.deathError(why, e);
+      },
+    });
+    return this.pauser;
   }
 
   get vmPid(): number {
@@ -576,6 +635,9 @@ export class Sandbox {
       this.cancelDeadline();
       this.relay?.close();
       this.forwarder?.close();
+      // A paused guest could neither end its commands gracefully nor sync its disks: let it run.
+      // Queued behind a pause in flight, so none can be left in place (a no-op when not paused).
+      await this.pauser?.change(false, { closing: true }).catch(() => {});
       await this.network?.close().catch(() => {});
       this.state.lifecycle.transition(this.id, "stopping");
       crashPoint("stopping");

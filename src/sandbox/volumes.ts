@@ -5,7 +5,7 @@ import type { Paths } from "../api/paths.ts";
 import { runCommand } from "../host/command.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
 import type { StateStore } from "../state/store.ts";
-import { effectiveStatus } from "./reconcile.ts";
+import { effectiveStatus, isStoppedStatus } from "./reconcile.ts";
 
 /**
  * Named volumes: sparse ext4 images in `~/.matchlock/volumes/NAME.ext4` that outlive VMs, attached
@@ -69,11 +69,11 @@ export async function listVolumes(p: Paths): Promise<VolumeInfo[]> {
   return out;
 }
 
-/** The running VMs that have this disk image attached. */
+/** The live VMs (running or paused: a paused VM keeps its disks open) that have this disk image attached. */
 export function vmsUsing(path: string, s: StateStore): string[] {
   return s.vms
     .list()
-    .filter((row) => effectiveStatus(row, s.lifecycle.current(row.id)) === "running")
+    .filter((row) => !isStoppedStatus(effectiveStatus(row, s.lifecycle.current(row.id))))
     .filter((row) => {
       try {
         const config = JSON.parse(row.config_json) as { extra_disks?: Array<{ host_path?: string }> };

@@ -360,6 +360,20 @@ export class Client {
     return { removed: r.removed, allowedHosts: r.allowed_hosts };
   }
 
+  /**
+   * Freezes the VM (ours; Matchlock has no pause): nothing runs in it and QEMU uses no CPU until
+   * `resume`. Meanwhile exec, file and port-forward calls fail (-32000, "… is paused"); calls already
+   * running wait. Idempotent: `changed` says whether this call paused it. `close` resumes it first.
+   */
+  async pause(opts: CallOptions = {}): Promise<{ paused: boolean; changed: boolean }> {
+    return this.call("pause", {}, opts);
+  }
+
+  /** Lets a paused VM run again from where it stopped. Idempotent: `changed` is false if it was not paused. */
+  async resume(opts: CallOptions = {}): Promise<{ paused: boolean; changed: boolean }> {
+    return this.call("resume", {}, opts);
+  }
+
   /** `"8080:80"` forwards host 127.0.0.1:8080 to guest port 80; `"80"` uses the same port; `"0:80"` any free port. */
   async portForward(...specs: string[]): Promise<PortForwardBinding[]> {
     return this.portForwardMappings(specs.map(portSpec), undefined, {});

@@ -63,6 +63,13 @@ export interface Resources {
   gateway_ip?: string;
   guest_ip?: string;
   subnet_cidr?: string;
+  /**
+   * Not a resource: set (to when) while the VM is paused, absent otherwise. Matchlock has no
+   * pause; its readers parse resources_json into a struct and skip keys they do not know, so this
+   * is where a pause can be recorded without a phase or a vms.status value they would misread
+   * (see `LifecycleStore.setPaused`).
+   */
+  paused_at?: string;
 }
 
 export interface CleanupStep {
@@ -168,6 +175,30 @@ export class LifecycleStore {
           patch.error ?? (phase === "cleaning" || phase === "cleaned" ? (cur?.last_error ?? "") : ""),
         resources: { ...(cur?.resources ?? {}), ...(patch.resources ?? {}) },
         cleanup: { ...(cur?.cleanup ?? {}), ...(patch.cleanup ?? {}) },
+      };
+      this.insert(rec);
+      return rec;
+    });
+  }
+
+  /**
+   * Records a pause (`since`, an ISO time) or a resume (undefined) of a running VM as a new version
+   * in phase `running`: a pause is not a phase of Matchlock's lifecycle, and its tools must go on
+   * seeing a live VM as running (never stopped: its `rm` would delete a VM that still runs). The
+   * history shows when it was paused and resumed. Refused unless the VM is running.
+   */
+  setPaused(vmId: string, since: string | undefined): LifecycleRecord {
+    return writeTx(this.db, () => {
+      const cur = this.current(vmId);
+      if (cur?.phase !== "running")
+        throw new InvalidTransitionError(vmId, cur?.phase ?? "creating", "running");
+      const { paused_at: _was, ...resources } = cur.resources;
+      const rec: LifecycleRecord = {
+        ...cur,
+        version: this.nextVersion(vmId, "next"),
+        updated_at: nowIso(),
+        last_error: "",
+        resources: since === undefined ? resources : { ...resources, paused_at: since },
       };
       this.insert(rec);
       return rec;

@@ -1,5 +1,4 @@
 import {
-  close as closeFd,
   fdatasync,
   fstatSync,
   fsync,

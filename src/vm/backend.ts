@@ -59,6 +59,14 @@ export interface RunningVm {
    * (clones map its RAM file): the caller stops it.
    */
   snapshot(stateFile: string): Promise<void>;
+  /**
+   * Freezes the guest's vCPUs (QMP `stop`): nothing runs in the guest and the hypervisor uses no CPU
+   * for it, while its memory, devices and host-side connections stay as they are. Resolves once the
+   * vCPUs are stopped.
+   */
+  pause(): Promise<void>;
+  /** Lets a paused guest run again (QMP `cont`) from where it stopped. */
+  resume(): Promise<void>;
   /** Stops the VM (graceful quit, then kill after `graceMs`) and waits for it to exit. */
   stop(graceMs?: number): Promise<void>;
 }

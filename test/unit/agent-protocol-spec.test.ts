@@ -60,6 +60,7 @@ describe("agent protocol: one definition", () => {
           CLOSE: 0x0d,
           ACK: 0x0e,
           ALLOW_LIST: 0x0f,
+          PAUSE: 0x10,
           SET_IDENTITY: 0x11,
         },
         GuestMsg: {

@@ -122,6 +122,8 @@ describe("RPC params refuse keys they do not know", () => {
       port_forward: { forwards: [{ local_port: 1, remote_port: 2 }], addresses: ["127.0.0.1"] },
       cancel: { id: 1 },
       close: { timeout_seconds: 2 },
+      pause: {},
+      resume: {},
     };
     for (const [method, params] of Object.entries(valid) as Array<[keyof typeof RpcMethods, object]>) {
       assert.ok(v.safeParse(RpcMethods[method], params).success, `${method} refused valid params`);

@@ -100,6 +100,9 @@ describe("every command that takes a VM id refuses one that is a path", () => {
     ["rm", "vm-0a1b2c3d", "../evil"],
     ["gc", "../evil"],
     ["port-forward", "../evil", "18080:80"],
+    ["pause", "../evil"],
+    ["resume", "../evil"],
+    ["pause", "vm-0a1b2c3d", "../evil"],
   ];
   for (const args of commands) {
     test(`matchlock ${args.join(" ")}: one line naming the bad id, exit 1, the socket outside is never reached`, async () => {

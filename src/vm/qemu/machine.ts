@@ -244,6 +244,16 @@ class QemuVm implements RunningVm {
     }
   }
 
+  // QMP's `stop` returns once every vCPU thread has left the guest, so "paused" is true on return;
+  // `cont` on a running VM (or `stop` on a paused one) is a no-op for QEMU, never an error.
+  async pause(): Promise<void> {
+    await this.qmp.execute("stop");
+  }
+
+  async resume(): Promise<void> {
+    await this.qmp.execute("cont");
+  }
+
   async stop(graceMs = 2000): Promise<void> {
     if (!this.done) {
       // The upper disk is thrown away with the VM, so nothing needs flushing: ask QEMU to quit.
