@@ -48,6 +48,11 @@ describe("QEMU command line", () => {
     assert.doesNotMatch(kernelCmdline(spec, { khz: 0 }), /tsc_early_khz/);
   });
 
+  test("the crypto self-tests are skipped, under TCG and KVM alike", () => {
+    assert.match(kernelCmdline(spec, { khz: 2_100_000 }), /(^| )cryptomgr\.notests=1( |$)/);
+    assert.match(kernelCmdline({ ...spec, accel: "kvm" }, undefined), /(^| )cryptomgr\.notests=1( |$)/);
+  });
+
   test("the agent port is a virtserialport named agent on a client socket", () => {
     const a = qemuArgv(spec, paths, undefined).join(" ");
     assert.match(a, /socket,id=agent,path=\/tmp\/vm\/agent\.sock /);

@@ -26,6 +26,9 @@ export function kernelCmdline(spec: VmSpec, tsc: TscHints | undefined): string {
     "rdinit=/init",
     "i8042.noaux",
     "i8042.nokbd",
+    // No boot-time self-tests of the kernel's crypto algorithms: they cost ~0.3 s of a TCG boot and
+    // check the distribution kernel's own code, which does not change from boot to boot.
+    "cryptomgr.notests=1",
   ];
   if (spec.accel === "tcg" && tsc && tsc.khz > 0) {
     // Early TSC calibration fails at random on a busy host under TCG and the guest hangs; giving the
