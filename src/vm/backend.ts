@@ -26,6 +26,11 @@ export interface VmSpec {
   nic?: { tap: string; mac: string };
   /** A second virtio-serial port, "vfs", for the guest's FUSE relay (host folders). */
   vfs?: boolean;
+  /**
+   * A virtio-rng device feeding the guest's CRNG. Unset: the backend decides (only a guest CPU
+   * without RDRAND needs one); tests set it to exercise the device anyway.
+   */
+  rng?: boolean;
   /** Extra arguments for the hypervisor (tests and experiments; not part of any user interface). */
   extraArgs?: string[];
 }

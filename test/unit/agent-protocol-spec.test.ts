@@ -96,6 +96,7 @@ describe("agent protocol: one definition", () => {
       "matchlock.rootfstype",
       "matchlock.net",
       "matchlock.probe",
+      "matchlock.rng",
       "matchlock.disk",
       "matchlock.vfs",
     ]);

@@ -7,6 +7,7 @@ import { MatchlockError, VmBootError } from "../../api/errors.ts";
 import type { RunningVm, VmBackend, VmExit, VmSpec } from "../backend.ts";
 import { QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
 import { QmpClient } from "./qmp.ts";
+import { guestNeedsRng } from "./rng.ts";
 import { hostTscKhz } from "./tsc.ts";
 
 /** How long QEMU gets to start and connect its sockets (not the guest boot, which is the caller's). */
@@ -47,7 +48,12 @@ export class QemuBackend implements VmBackend {
     const agentL = await listenOnce(p.agentSocket);
     const qmpL = await listenOnce(p.qmpSocket);
     const vfsL = spec.vfs ? await listenOnce(p.vfsSocket) : undefined;
-    const argv = qemuArgv(spec, p, spec.accel === "tcg" ? { khz: await hostTscKhz() } : undefined);
+    const rng = spec.rng ?? (await guestNeedsRng(spec.accel));
+    const argv = qemuArgv(
+      { ...spec, rng },
+      p,
+      spec.accel === "tcg" ? { khz: await hostTscKhz() } : undefined,
+    );
     await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
 
     // detached: QEMU gets its own session, so a Ctrl-C on the terminal reaches us (who stop the guest
