@@ -262,7 +262,7 @@ export class Sandbox {
       phase = "start";
       state.lifecycle.transition(id, "starting");
       progress(`booting ${id} (${accel})`);
-      vm = await (opts.backend ?? new QemuBackend()).start({
+      vm = await (opts.backend ?? new QemuBackend({ cacheDir: p.cache })).start({
         id,
         dir,
         kernel: kernel.vmlinux,

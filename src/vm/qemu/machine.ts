@@ -4,6 +4,7 @@ import { appendFile, readFile, rm } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { MatchlockError, VmBootError } from "../../api/errors.ts";
+import { paths } from "../../api/paths.ts";
 import type { RunningVm, VmBackend, VmExit, VmSpec } from "../backend.ts";
 import { QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
 import { QmpClient } from "./qmp.ts";
@@ -39,8 +40,18 @@ function closeServer(server: Server, path: string): void {
   rm(path, { force: true }).catch(() => {});
 }
 
+export interface QemuBackendOptions {
+  /** The cache dir (Paths.cache), where host facts such as the TSC frequency are kept across runs. */
+  cacheDir?: string;
+}
+
 export class QemuBackend implements VmBackend {
   readonly name = "qemu";
+  readonly #tscCache: string;
+
+  constructor(opts: QemuBackendOptions = {}) {
+    this.#tscCache = join(opts.cacheDir ?? paths().cache, "tsc.json");
+  }
 
   async start(spec: VmSpec): Promise<RunningVm> {
     const p = qemuPaths(spec.dir);
@@ -52,7 +63,7 @@ export class QemuBackend implements VmBackend {
     const argv = qemuArgv(
       { ...spec, rng },
       p,
-      spec.accel === "tcg" ? { khz: await hostTscKhz() } : undefined,
+      spec.accel === "tcg" ? { khz: await hostTscKhz(this.#tscCache) } : undefined,
     );
     await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
 
