@@ -3,7 +3,6 @@ import type { Readable } from "node:stream";
 import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
 import { paths } from "../api/paths.ts";
-import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
 import type { ImageStore } from "../image/store.ts";
 import { table } from "./table.ts";
 
@@ -86,6 +85,7 @@ export function registerImage(program: Command): void {
     .option("--json", "a JSON array of {tag, scope, digest, size, created_at}, for scripts")
     .action((flags: { json?: boolean }) =>
       withStore(async (s) => {
+        const { DEFAULT_IMAGE, loadDefaultImage } = await import("../image/default-image.ts");
         if (flags.json) {
           const builtin = (await loadDefaultImage(paths()))
             ? [{ tag: DEFAULT_IMAGE, scope: "builtin", digest: "", size: 0, created_at: "" }]

@@ -1,12 +1,6 @@
 import { join } from "node:path";
 import type { Command } from "commander";
 import { paths } from "../api/paths.ts";
-import { buildAgent } from "../guest/agent-build.ts";
-import { buildInitramfs } from "../guest/initramfs.ts";
-import { installKernel, loadKernel } from "../guest/kernel.ts";
-import { aptInstall, missingPackages } from "../host/packages.ts";
-import { buildDefaultImage, DEFAULT_IMAGE } from "../image/default-image.ts";
-import { chooseAccel } from "../vm/qemu/accel.ts";
 
 /**
  * `matchlock setup`: everything a fresh Debian host needs to run a sandbox, idempotent. Each step
@@ -34,6 +28,24 @@ function step(name: string, state: string): void {
 }
 
 async function setup(skipPackages: boolean): Promise<void> {
+  // Loaded when setup runs, not for `matchlock --help`.
+  const [
+    { buildAgent },
+    { buildInitramfs },
+    { installKernel, loadKernel },
+    packages,
+    image,
+    { chooseAccel },
+  ] = await Promise.all([
+    import("../guest/agent-build.ts"),
+    import("../guest/initramfs.ts"),
+    import("../guest/kernel.ts"),
+    import("../host/packages.ts"),
+    import("../image/default-image.ts"),
+    import("../vm/qemu/accel.ts"),
+  ]);
+  const { aptInstall, missingPackages } = packages;
+  const { buildDefaultImage, DEFAULT_IMAGE } = image;
   const p = paths();
   const log = (line: string) => process.stderr.write(`    … ${line}\n`);
   const started = Date.now();

@@ -8,6 +8,7 @@ import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
 import {
   AgentClient,
+  DEFAULT_GRACE_MS,
   type ExecHandle,
   type ExecIO,
   type FileWriter,
@@ -80,8 +81,8 @@ export interface ExecOptions {
   cols?: number;
 }
 
-/** Grace between SIGTERM and SIGKILL when a command is cancelled. */
-export const DEFAULT_GRACE_MS = 3000;
+// Declared with terminateExec, so that the CLI's flag defaults need not load this module.
+export { DEFAULT_GRACE_MS };
 
 export class Sandbox {
   readonly id: string;
