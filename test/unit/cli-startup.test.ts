@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
@@ -77,4 +77,11 @@ describe("CLI start-up", () => {
     assert.ok(!files.some((f) => f.includes("node_modules/@peculiar/")), "no x509 outside intercept mode");
   });
 
+  test("the compile cache lands in the cache dir, and an unusable one is no error", () => {
+    loaded(["--version"]);
+    assert.ok(readdirSync(join(scratch, "cache", "node-compile-cache")).length > 0);
+    const file = join(scratch, "a-file");
+    writeFileSync(file, "");
+    loaded(["--version"], { MATCHLOCK_CACHE: file }); // status 0 checked inside
+  });
 });
