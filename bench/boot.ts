@@ -2,7 +2,12 @@
  * bench/boot: how much `matchlock run -- true` costs over booting the same kernel + initramfs with raw
  * QEMU to an init that powers off at once (the agent's probe mode), both measured in this run, in
  * alternation (machines here are noisy). Also the exec round trip in a running VM and the host memory
- * of an idle VM. Usage: npm run bench:boot [-- --runs N]
+ * of an idle VM. Usage: npm run bench:boot [-- --runs N] [--baseline DIR --baseline-cache DIR]
+ *
+ * --baseline DIR: another checkout (built, `npm ci` done) whose `bin/matchlock` is measured in the
+ * same rounds, alternating, as "before": `run -- true` and `--version` of both, with per-round
+ * ratios. --baseline-cache: that checkout's own MATCHLOCK_CACHE (set up with its own `matchlock
+ * setup`: its initramfs may differ). This checkout uses MATCHLOCK_CACHE as usual.
  */
 import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -21,7 +26,14 @@ import { hostTscKhz } from "../src/vm/qemu/tsc.ts";
 
 const runsArg = process.argv.indexOf("--runs");
 const RUNS = runsArg > 0 ? Number(process.argv[runsArg + 1]) : 10;
-const CLI = fileURLToPath(new URL("../dist/cli/main.js", import.meta.url));
+/** What users run: the launcher, so its own start-up is measured too. */
+const CLI = fileURLToPath(new URL("../bin/matchlock", import.meta.url));
+const arg = (name: string): string | undefined => {
+  const i = process.argv.indexOf(name);
+  return i > 0 ? process.argv[i + 1] : undefined;
+};
+const BASELINE = arg("--baseline");
+const BASELINE_CACHE = arg("--baseline-cache");
 
 function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -81,21 +93,74 @@ async function main(): Promise<void> {
   );
   const raw: number[] = [];
   const run: number[] = [];
-  // Warm the page cache and the CLI once each; not counted.
+  const version: number[] = [];
+  const before = BASELINE ? join(BASELINE, "bin", "matchlock") : undefined;
+  const beforeEnv = {
+    ...env,
+    MATCHLOCK_HOME: join(scratch, "home-baseline"),
+    ...(BASELINE_CACHE ? { MATCHLOCK_CACHE: BASELINE_CACHE } : {}),
+  };
+  const runBefore: number[] = [];
+  const versionBefore: number[] = [];
+  // Warm the page cache, the CLIs and their compile caches once each; not counted.
   await timed(QEMU_BINARY, baselineArgs);
-  await timed(process.execPath, [CLI, "run", "--", "true"], env);
+  await timed(CLI, ["run", "--", "true"], env);
+  await timed(CLI, ["--version"], env);
+  if (before) {
+    await timed(before, ["run", "--", "true"], beforeEnv);
+    await timed(before, ["--version"], beforeEnv);
+  }
   for (let i = 0; i < RUNS; i++) {
     const b = await timed(QEMU_BINARY, baselineArgs);
     if (!readFileSync(join(scratch, "console.log"), "utf8").includes(PROBE_MARKER)) {
       throw new Error("baseline guest did not reach init");
     }
     raw.push(b.ms);
-    run.push((await timed(process.execPath, [CLI, "run", "--", "true"], env)).ms);
+    // Before and after swap places every round, so neither always runs on the warmer machine.
+    const pair = async (xs: number[], ys: number[], f: (b: boolean) => Promise<number>) => {
+      if (!before || i % 2 === 0) xs.push(await f(false));
+      if (before) ys.push(await f(true));
+      if (before && i % 2 === 1) xs.push(await f(false));
+    };
+    await pair(run, runBefore, async (b) =>
+      b
+        ? (await timed(before as string, ["run", "--", "true"], beforeEnv)).ms
+        : (await timed(CLI, ["run", "--", "true"], env)).ms,
+    );
+    await pair(version, versionBefore, async (b) =>
+      b
+        ? (await timed(before as string, ["--version"], beforeEnv)).ms
+        : (await timed(CLI, ["--version"], env)).ms,
+    );
   }
   const ratio = pct(run, 50) / pct(raw, 50);
   console.log(`raw QEMU boot to init + poweroff  median ${fmt(pct(raw, 50))}  p90 ${fmt(pct(raw, 90))}`);
   console.log(`matchlock run -- true            median ${fmt(pct(run, 50))}  p90 ${fmt(pct(run, 90))}`);
   console.log(`ratio (run / raw, medians)        ${ratio.toFixed(2)}  (goal ≤ 1.30)`);
+  console.log(
+    `matchlock --version              median ${fmt(pct(version, 50))}  p90 ${fmt(pct(version, 90))}`,
+  );
+  if (before) {
+    const paired = (a: number[], b: number[]) =>
+      pct(
+        a.map((x, k) => x / (b[k] as number)),
+        50,
+      ).toFixed(3);
+    console.log(`baseline ${BASELINE}:`);
+    console.log(
+      `  run -- true   before median ${fmt(pct(runBefore, 50))} → after ${fmt(pct(run, 50))}: ` +
+        `ratio of medians ${(pct(run, 50) / pct(runBefore, 50)).toFixed(3)}, median paired ratio ${paired(run, runBefore)}`,
+    );
+    console.log(
+      `  --version     before median ${fmt(pct(versionBefore, 50))} → after ${fmt(pct(version, 50))}: ` +
+        `ratio of medians ${(pct(version, 50) / pct(versionBefore, 50)).toFixed(3)}, median paired ratio ${paired(version, versionBefore)}`,
+    );
+    console.log(`  raw / before run: ${(pct(runBefore, 50) / pct(raw, 50)).toFixed(2)}`);
+  }
+  if (process.argv.includes("--boot-only")) {
+    rmSync(scratch, { recursive: true, force: true });
+    return;
+  }
 
   const sb = await Sandbox.create({
     config: parseSandboxConfig({ network: { no_network: true } }),

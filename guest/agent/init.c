@@ -26,6 +26,7 @@ static int cmd_fuse; /* matchlock.fuse=1: load fuse now, host folders come later
 static char cmd_net[96]; /* matchlock.net=GUEST/PREFIX,GATEWAY,MTU: the host's choice for eth0 */
 static int cmd_probe; /* matchlock.probe=1: the host's accelerator test; say so and power off */
 static char cmd_vfs[512]; /* matchlock.vfs=PATH: mount the host's FUSE file system there (vfs.c) */
+static int cmd_rng; /* matchlock.rng=1: the host gave a virtio-rng device (the CPU has no RDRAND) */
 #define MAX_EXTRA_DISKS 20
 static char cmd_disk[MAX_EXTRA_DISKS][320]; /* matchlock.disk=vdX:PATH:ro|rw, one per extra disk */
 static int n_disks;
@@ -45,6 +46,8 @@ static void parse_param(const char *tok)
 		cmd_probe = 1;
 	else if (!strcmp(tok, "matchlock.fuse=1"))
 		cmd_fuse = 1;
+	else if (!strcmp(tok, "matchlock.rng=1"))
+		cmd_rng = 1;
 	else if (!strncmp(tok, "matchlock.vfs=", 14))
 		snprintf(cmd_vfs, sizeof cmd_vfs, "%s", tok + 14);
 	else if (!strncmp(tok, "matchlock.disk=", 15) && n_disks < MAX_EXTRA_DISKS)
@@ -84,6 +87,19 @@ static int cmp_str(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t l = strlen(s), n = strlen(suffix);
+	return l >= n && !strcmp(s + l - n, suffix);
+}
+
+/* Drivers of devices the host adds only when needed: not loaded without them (each costs boot time). */
+static int unneeded_module(const char *name)
+{
+	return (!*cmd_vfs && !cmd_fuse && ends_with(name, "-fuse.ko")) || /* FUSE only serves host folders */
+	       (!cmd_rng && ends_with(name, "-virtio_rng.ko")); /* RDRAND seeds the CRNG */
+}
+
 /* The host names modules NN-name.ko in dependency order: load them in lexical order. */
 static void load_modules(void)
 {
@@ -103,10 +119,9 @@ static void load_modules(void)
 		qsort(names, n, sizeof *names, cmp_str);
 	for (size_t i = 0; i < n; i++) {
 		char path[512];
-		size_t l = strlen(names[i]);
 		snprintf(path, sizeof path, "/lib/modules/%s", names[i]);
-		if (!*cmd_vfs && !cmd_fuse && l > 8 && !strcmp(names[i] + l - 8, "-fuse.ko")) {
-			unlink(path); /* FUSE only serves host folders: no need to load it without them */
+		if (unneeded_module(names[i])) {
+			unlink(path);
 			free(names[i]);
 			continue;
 		}

@@ -1,13 +1,6 @@
 import type { Command } from "commander";
-import {
-  applyOverlayChanges,
-  type OverlayChange,
-  overlayChanges,
-  selected,
-  textDiff,
-} from "../sandbox/overlay-changes.ts";
+import type { OverlayChange } from "../sandbox/overlay-changes.ts";
 import { collect } from "./parse.ts";
-import { locateVm } from "./vms.ts";
 
 /**
  * `matchlock diff ID` and `matchlock apply ID`: review what a VM changed in its overlay mounts and
@@ -16,6 +9,15 @@ import { locateVm } from "./vms.ts";
  */
 
 const MARK: Record<OverlayChange["kind"], string> = { added: "A", modified: "M", deleted: "D" };
+
+/** What the commands run on, loaded when one runs (state.db, the diff library): not for --help. */
+async function load() {
+  const [{ locateVm }, changes] = await Promise.all([
+    import("./vm-records.ts"),
+    import("../sandbox/overlay-changes.ts"),
+  ]);
+  return { locateVm, ...changes };
+}
 
 function line(c: OverlayChange): string {
   const type = c.type === "file" ? "" : ` (${c.type})`;
@@ -38,6 +40,7 @@ export function registerChangeCommands(program: Command): void {
     .option("--name-only", "the list without the text diffs")
     .option("--json", "one JSON array of changes")
     .action(async (id: string, flags: { path: string[]; nameOnly?: boolean; json?: boolean }) => {
+      const { locateVm, overlayChanges, selected, textDiff } = await load();
       const { dir } = await locateVm(id);
       const changes = (await overlayChanges(dir)).filter((c) => selected(c, flags.path));
       if (flags.json) {
@@ -70,6 +73,7 @@ export function registerChangeCommands(program: Command): void {
     .option("--force", "overwrite host files that changed since the guest first touched them")
     .option("--dry-run", "say what would be applied, change nothing")
     .action(async (id: string, flags: { path: string[]; force?: boolean; dryRun?: boolean }) => {
+      const { locateVm, applyOverlayChanges } = await load();
       const { dir } = await locateVm(id);
       const results = await applyOverlayChanges(dir, {
         paths: flags.path,

@@ -4,9 +4,7 @@ import { join } from "node:path";
 import { type Command, Option } from "commander";
 import { InvalidArgumentError, MatchlockError, VmPausedError } from "../api/errors.ts";
 import { vmDir } from "../api/paths.ts";
-import { AgentClient, type ExecHandle, terminateExec } from "../guest/agent-client.ts";
-import { parseEnvSpec, validateUser, validateWorkdir } from "../sandbox/command.ts";
-import { DEFAULT_GRACE_MS } from "../sandbox/sandbox.ts";
+import { AgentClient, DEFAULT_GRACE_MS, type ExecHandle, terminateExec } from "../guest/agent-client.ts";
 import { readRuntimeFile } from "../state/runtime-file.ts";
 import { attach, SignalRelay, TerminalOutput, terminalSize } from "./attach.ts";
 import { collect, durationMs } from "./parse.ts";
@@ -129,6 +127,8 @@ async function execInVm(id: string, command: string[], flags: ExecFlags): Promis
   if (tty && interactive && !process.stdin.isTTY) {
     throw new InvalidArgumentError("the input device is not a TTY", "drop -t, or run from a terminal");
   }
+  // With valibot: loaded when a command is to run, not for --help (exec.ts is loaded for that).
+  const { parseEnvSpec, validateUser, validateWorkdir } = await import("../sandbox/command.ts");
   if (flags.user !== undefined) validateUser(flags.user);
   if (flags.workdir !== undefined) validateWorkdir(flags.workdir);
   const env = flags.env.map((spec) => parseEnvSpec(spec).join("="));

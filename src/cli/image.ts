@@ -3,21 +3,23 @@ import type { Readable } from "node:stream";
 import type { Command } from "commander";
 import { InvalidArgumentError, MatchlockError, messageOf } from "../api/errors.ts";
 import { paths } from "../api/paths.ts";
-import { DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
-import { normalizeReference } from "../image/reference.ts";
 import type { ImageStore } from "../image/store.ts";
-import { removeTemplate } from "../sandbox/snapshots.ts";
 import { table } from "./table.ts";
-import { withState } from "./vms.ts";
+
+/** `matchlock image import|ls|rm|gc`: the local image store. */
 
 /** A removed image's snapshots go with it: nothing would restore them again. */
-function removeImageSnapshots(ref: string): Promise<void> {
-  return withState(async (s) => {
+async function removeImageSnapshots(tag: string): Promise<void> {
+  const [{ normalizeReference }, { removeTemplate }, { withState }] = await Promise.all([
+    import("../image/reference.ts"),
+    import("../sandbox/snapshots.ts"),
+    import("./vm-records.ts"),
+  ]);
+  const ref = normalizeReference(tag);
+  await withState(async (s) => {
     for (const row of s.snapshots.list()) if (row.image === ref) await removeTemplate(s, row);
   });
 }
-
-/** `matchlock image import|ls|rm|gc`: the local image store. */
 
 /** Opens the store for one command; loaded on demand, so other commands do not pay for it at start-up. */
 async function withStore<T>(fn: (s: ImageStore) => Promise<T> | T): Promise<T> {
@@ -96,6 +98,7 @@ export function registerImage(program: Command): void {
     .option("--json", "a JSON array of {tag, scope, digest, size, created_at}, for scripts")
     .action((flags: { json?: boolean }) =>
       withStore(async (s) => {
+        const { DEFAULT_IMAGE, loadDefaultImage } = await import("../image/default-image.ts");
         if (flags.json) {
           const builtin = (await loadDefaultImage(paths()))
             ? [{ tag: DEFAULT_IMAGE, scope: "builtin", digest: "", size: 0, created_at: "" }]
@@ -136,7 +139,7 @@ export function registerImage(program: Command): void {
         for (const t of tags) {
           if (s.remove(t)) {
             process.stdout.write(`${t}\n`);
-            await removeImageSnapshots(normalizeReference(t));
+            await removeImageSnapshots(t);
           } else {
             process.stderr.write(`matchlock: no image ${t}\n`);
             missing++;

@@ -2,14 +2,12 @@ import { closeSync, existsSync, openSync, readSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { StringDecoder } from "node:string_decoder";
 import type { Command } from "commander";
-import { describeEvent, type SandboxEvent } from "../api/events.ts";
+import type { SandboxEvent } from "../api/events.ts";
 import { parseVmId } from "../api/ids.ts";
-import { splitHosts } from "../api/specs.ts";
 import { EVENTS_FILE } from "../sandbox/event-log.ts";
 import { isAlive } from "../state/procs.ts";
 import { connectRelay } from "./exec.ts";
 import { escapeControls } from "./parse.ts";
-import { locateVm } from "./vms.ts";
 
 /**
  * `matchlock allow-list add|delete ID HOSTS` (Matchlock's command, through the VM's relay) and
@@ -32,6 +30,7 @@ export function registerNetworkCommands(program: Command): void {
       .argument("<hosts...>", "host globs: github.com,*.githubusercontent.com")
       .action(async (id: string, hosts: string[]) => {
         parseVmId(id);
+        const { splitHosts } = await import("../api/specs.ts"); // valibot: not for --help
         const list = splitHosts(hosts);
         const client = await connectRelay(id);
         try {
@@ -65,6 +64,10 @@ export function registerNetworkCommands(program: Command): void {
     .option("--json", "one JSON event per line (Matchlock's event shape)")
     .option("--blocked", "only blocked requests")
     .action(async (id: string, flags: { follow?: boolean; json?: boolean; blocked?: boolean }) => {
+      const [{ locateVm }, { describeEvent }] = await Promise.all([
+        import("./vm-records.ts"),
+        import("../api/events.ts"),
+      ]);
       const { dir, owner } = await locateVm(id);
       const file = join(dir, EVENTS_FILE);
       const print = (e: SandboxEvent) => {

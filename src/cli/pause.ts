@@ -1,9 +1,7 @@
 import type { Command } from "commander";
 import { MatchlockError, VmNotRunningError } from "../api/errors.ts";
 import { parseVmId } from "../api/ids.ts";
-import { isStoppedStatus } from "../sandbox/reconcile.ts";
 import { connectRelay, PAUSE_RELAY, relayVersion } from "./exec.ts";
-import { statusOf } from "./vms.ts";
 
 /**
  * `matchlock pause ID…` / `matchlock resume ID…` (ours; Docker's names): the VM's owner freezes or
@@ -12,6 +10,11 @@ import { statusOf } from "./vms.ts";
 
 async function changePause(id: string, op: "pause" | "resume"): Promise<void> {
   parseVmId(id);
+  // Loaded when the command runs: `matchlock --help` never opens SQLite.
+  const [{ isStoppedStatus }, { statusOf }] = await Promise.all([
+    import("../sandbox/reconcile.ts"),
+    import("./vm-records.ts"),
+  ]);
   // From state.db first: an unknown VM and a stopped or crashed one get their own clear error.
   const status = await statusOf(id);
   if (isStoppedStatus(status)) throw new VmNotRunningError(id, status);

@@ -1,8 +1,6 @@
 import type { Command } from "commander";
 import { InvalidArgumentError } from "../api/errors.ts";
 import { parseVmId } from "../api/ids.ts";
-import { parsePortSpec, validateAddress } from "../api/specs.ts";
-import { PortForwarder } from "../sandbox/port-forward.ts";
 import { connectRelay, refuseIfPaused } from "./exec.ts";
 import { collect } from "./parse.ts";
 
@@ -20,6 +18,10 @@ export function registerPortForward(program: Command): void {
     .option("--address <ip>", "host address to listen on (repeatable)", collect, [])
     .action(async (id: string, specs: string[], flags: { address: string[] }) => {
       parseVmId(id); // before it names a socket path
+      const [{ parsePortSpec, validateAddress }, { PortForwarder }] = await Promise.all([
+        import("../api/specs.ts"),
+        import("../sandbox/port-forward.ts"),
+      ]);
       const forwards = specs.map(parsePortSpec);
       if (forwards.length === 0) throw new InvalidArgumentError("give at least one [LOCAL:]REMOTE port");
       const addresses = flags.address.length > 0 ? flags.address.map(validateAddress) : ["127.0.0.1"];

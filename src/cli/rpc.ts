@@ -1,5 +1,4 @@
 import type { Command } from "commander";
-import { RpcServer } from "../rpc/server.ts";
 
 /** `matchlock rpc`: the JSON-RPC server on stdio that SDKs drive. */
 export function registerRpc(program: Command): void {
@@ -20,6 +19,7 @@ export function registerRpc(program: Command): void {
           `matchlock rpc: internal error (ignored): ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`,
         );
       });
+      const { RpcServer } = await import("../rpc/server.ts"); // the sandbox: not loaded for --help
       const max = Number(process.env.MATCHLOCK_RPC_MAX_LINE);
       const server = new RpcServer({
         input: process.stdin,

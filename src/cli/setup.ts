@@ -1,17 +1,7 @@
 import { join } from "node:path";
 import type { Command } from "commander";
-import { parseSandboxConfig } from "../api/config.ts";
 import { type Paths, paths } from "../api/paths.ts";
-import { buildAgent } from "../guest/agent-build.ts";
-import { buildInitramfs, loadInitramfs } from "../guest/initramfs.ts";
-import { installKernel, loadKernel } from "../guest/kernel.ts";
-import { aptInstall, missingPackages } from "../host/packages.ts";
-import { buildDefaultImage, DEFAULT_IMAGE, loadDefaultImage } from "../image/default-image.ts";
-import { findOrBuildTemplate, templateInputs, variantOf } from "../sandbox/snapshots.ts";
-import { openState } from "../state/store.ts";
 import type { Accel } from "../vm/backend.ts";
-import { chooseAccel } from "../vm/qemu/accel.ts";
-import { QemuBackend } from "../vm/qemu/machine.ts";
 
 /**
  * `matchlock setup`: everything a fresh Debian host needs to run a sandbox, idempotent. Each step
@@ -37,6 +27,21 @@ export function registerSetup(program: Command): void {
 
 /** The default image's snapshot, so that the first `run` is already a fast one. */
 async function buildDefaultSnapshot(p: Paths, accel: Accel, vmlinux: string): Promise<string> {
+  const [
+    { parseSandboxConfig },
+    { loadInitramfs },
+    { loadDefaultImage, DEFAULT_IMAGE },
+    snapshots,
+    { openState },
+  ] = await Promise.all([
+    import("../api/config.ts"),
+    import("../guest/initramfs.ts"),
+    import("../image/default-image.ts"),
+    import("../sandbox/snapshots.ts"),
+    import("../state/store.ts"),
+  ]);
+  const { findOrBuildTemplate, templateInputs, variantOf } = snapshots;
+  const { QemuBackend } = await import("../vm/qemu/machine.ts");
   const image = await loadDefaultImage(p);
   if (!image) return "skipped: no default image";
   const state = openState(p);
@@ -45,10 +50,10 @@ async function buildDefaultSnapshot(p: Paths, accel: Accel, vmlinux: string): Pr
       p,
       state,
       await templateInputs(
-        { kernel: vmlinux, initramfs: await loadInitramfs(p), image, accel },
+        { cacheDir: p.cache, kernel: vmlinux, initramfs: await loadInitramfs(p), image, accel },
         variantOf(parseSandboxConfig({})),
       ),
-      { backend: new QemuBackend(), bootTimeoutMs: 120_000, progress: () => {} },
+      { backend: new QemuBackend({ cacheDir: p.cache }), bootTimeoutMs: 120_000, progress: () => {} },
     );
     if (!found.template) return `not built (${found.reason}); runs boot cold until one is`;
     return `${DEFAULT_IMAGE} ${found.template.key} (${found.built ? "built" : "ok"})`;
@@ -62,6 +67,24 @@ function step(name: string, state: string): void {
 }
 
 async function setup(skipPackages: boolean): Promise<void> {
+  // Loaded when setup runs, not for `matchlock --help`.
+  const [
+    { buildAgent },
+    { buildInitramfs },
+    { installKernel, loadKernel },
+    packages,
+    image,
+    { chooseAccel },
+  ] = await Promise.all([
+    import("../guest/agent-build.ts"),
+    import("../guest/initramfs.ts"),
+    import("../guest/kernel.ts"),
+    import("../host/packages.ts"),
+    import("../image/default-image.ts"),
+    import("../vm/qemu/accel.ts"),
+  ]);
+  const { aptInstall, missingPackages } = packages;
+  const { buildDefaultImage, DEFAULT_IMAGE } = image;
   const p = paths();
   const log = (line: string) => process.stderr.write(`    … ${line}\n`);
   const started = Date.now();

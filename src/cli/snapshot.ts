@@ -1,13 +1,21 @@
 import type { Command } from "commander";
 import { InvalidArgumentError } from "../api/errors.ts";
-import { isStale, removeTemplate, sweepTemplates } from "../sandbox/snapshots.ts";
 import type { TemplateRow } from "../state/snapshots.ts";
 import { table } from "./table.ts";
-import { withState } from "./vms.ts";
 
-/** `matchlock snapshot ls|rm|gc`: the snapshot templates that make starts fast. */
+/**
+ * `matchlock snapshot ls|rm|gc`: the snapshot templates that make starts fast. Their work is loaded
+ * when one runs: `matchlock --help` never opens SQLite.
+ */
+const load = async () => {
+  const [snapshots, records] = await Promise.all([
+    import("../sandbox/snapshots.ts"),
+    import("./vm-records.ts"),
+  ]);
+  return { ...snapshots, withState: records.withState };
+};
 
-function describe(row: TemplateRow): Record<string, unknown> {
+function describe(row: TemplateRow, isStale: (r: TemplateRow) => boolean): Record<string, unknown> {
   const i = JSON.parse(row.inputs_json) as {
     memoryMb?: number;
     cpus?: number;
@@ -47,9 +55,10 @@ export function registerSnapshotCommands(program: Command): void {
     .alias("list")
     .summary("list snapshots")
     .option("--json", "one JSON array")
-    .action((flags: { json?: boolean }) =>
-      withState((s) => {
-        const rows = s.snapshots.list().map(describe);
+    .action(async (flags: { json?: boolean }) => {
+      const { withState, isStale } = await load();
+      await withState((s) => {
+        const rows = s.snapshots.list().map((r) => describe(r, isStale));
         if (flags.json) {
           process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
           return;
@@ -64,8 +73,8 @@ export function registerSnapshotCommands(program: Command): void {
           String(r.last_used_at || r.created_at),
         ]);
         process.stdout.write(`${table([["KEY", "IMAGE", "STATUS", "VM", "SIZE", "LAST USED"], ...lines])}\n`);
-      }),
-    );
+      });
+    });
   snapshot
     .command("rm")
     .alias("remove")
@@ -73,10 +82,11 @@ export function registerSnapshotCommands(program: Command): void {
     .argument("[keys...]", "snapshot keys (from `snapshot ls`)")
     .option("--image <ref>", "every snapshot of this image")
     .option("--all", "every snapshot")
-    .action((keys: string[], flags: { image?: string; all?: boolean }) =>
-      withState(async (s) => {
-        if (keys.length === 0 && !flags.image && !flags.all)
-          throw new InvalidArgumentError("name the snapshots to remove", "give keys, --image REF or --all");
+    .action(async (keys: string[], flags: { image?: string; all?: boolean }) => {
+      if (keys.length === 0 && !flags.image && !flags.all)
+        throw new InvalidArgumentError("name the snapshots to remove", "give keys, --image REF or --all");
+      const { withState, removeTemplate } = await load();
+      await withState(async (s) => {
         const rows = s.snapshots.list();
         const chosen = rows.filter(
           (r) => flags.all || keys.includes(r.key) || (flags.image !== undefined && r.image === flags.image),
@@ -87,14 +97,15 @@ export function registerSnapshotCommands(program: Command): void {
           process.stdout.write(`${r.key}\n`);
         }
         if (unknown.length > 0) throw new InvalidArgumentError(`no snapshot ${unknown.join(", ")}`);
-      }),
-    );
+      });
+    });
   snapshot
     .command("gc")
     .summary("remove stale snapshots and the remains of interrupted builds")
-    .action(() =>
-      withState(async (s, p) => {
+    .action(async () => {
+      const { withState, sweepTemplates } = await load();
+      await withState(async (s, p) => {
         for (const r of await sweepTemplates(s, p)) process.stdout.write(`${r.key}  removed  ${r.why}\n`);
-      }),
-    );
+      });
+    });
 }

@@ -1,17 +1,20 @@
 import type { Command } from "commander";
 import { paths } from "../api/paths.ts";
-import {
-  copyVolume,
-  createVolume,
-  DEFAULT_VOLUME_MB,
-  listVolumes,
-  removeVolume,
-} from "../sandbox/volumes.ts";
-import { openState } from "../state/store.ts";
 import { positiveInt } from "./parse.ts";
 import { table } from "./table.ts";
 
 /** `matchlock volume create|ls|rm`: named ext4 volumes that outlive VMs (`run --disk @NAME:/path`). */
+
+const DEFAULT_VOLUME_MB = 1024;
+
+/** The volumes and state.db, loaded when a command runs: `matchlock --help` never opens SQLite. */
+async function load() {
+  const [volumes, { openState }] = await Promise.all([
+    import("../sandbox/volumes.ts"),
+    import("../state/store.ts"),
+  ]);
+  return { ...volumes, openState };
+}
 export function registerVolumeCommands(program: Command): void {
   const volume = program
     .command("volume")
@@ -28,6 +31,7 @@ export function registerVolumeCommands(program: Command): void {
     .argument("<name>", "letters, digits, '.', '_' and '-'")
     .option("--size <MB>", "size in MB (sparse)", positiveInt, DEFAULT_VOLUME_MB)
     .action(async (name: string, flags: { size: number }) => {
+      const { createVolume } = await load();
       const path = await createVolume(name, flags.size, paths());
       process.stdout.write(`${path}\n`);
     });
@@ -36,6 +40,7 @@ export function registerVolumeCommands(program: Command): void {
     .summary("list volumes")
     .option("--json", "one JSON array")
     .action(async (flags: { json?: boolean }) => {
+      const { listVolumes } = await load();
       const vols = await listVolumes(paths());
       if (flags.json) {
         process.stdout.write(`${JSON.stringify(vols, null, 2)}\n`);
@@ -55,6 +60,7 @@ export function registerVolumeCommands(program: Command): void {
     .argument("<src>", "an existing volume")
     .argument("<dst>", "the new volume's name")
     .action(async (src: string, dst: string) => {
+      const { copyVolume, openState } = await load();
       const p = paths();
       const s = openState(p);
       try {
@@ -68,6 +74,7 @@ export function registerVolumeCommands(program: Command): void {
     .summary("remove volumes no running VM has")
     .argument("<names...>")
     .action(async (names: string[]) => {
+      const { removeVolume, openState } = await load();
       const p = paths();
       const s = openState(p);
       try {

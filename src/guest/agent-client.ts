@@ -686,6 +686,9 @@ const ERRNO_NAMES: Record<number, string> = {
   113: "EHOSTUNREACH",
 };
 
+/** Grace between SIGTERM and SIGKILL when a command is cancelled. */
+export const DEFAULT_GRACE_MS = 3000;
+
 /** SIGTERM to a command's process group, then SIGKILL if it still runs after `graceMs`; waits for its end. */
 export async function terminateExec(handle: ExecHandle, graceMs: number): Promise<void> {
   handle.signal(15);

@@ -252,6 +252,11 @@ export const BOOT_PARAMS = {
     value: "1",
     meaning: "the host's accelerator probe: print `MATCHLOCK-PROBE-OK` on the console and power off",
   },
+  "matchlock.rng": {
+    value: "1",
+    meaning:
+      "the host gave the VM a virtio-rng device (it does so only for a CPU without RDRAND): load `virtio_rng`, which is skipped otherwise",
+  },
   "matchlock.disk": {
     value: "vdX:PATH:ro|rw",
     meaning:

@@ -16,6 +16,7 @@ export const HOST_PACKAGES: HostPackage[] = [
   { name: "kmod", why: "modinfo, to order the guest's kernel modules" },
   { name: "gcc", why: "compiles the guest agent" },
   { name: "libc6-dev", why: "static C library for the guest agent" },
+  { name: "binutils", why: "objcopy: strips the guest's kernel modules for a faster boot" },
   { name: "util-linux", why: "setpriv: QEMU dies with its owning process" },
   { name: "attr", why: "setfattr: images keep their file capabilities and xattrs" },
   { name: "iproute2", why: "ip: creates each VM's TAP device" },

@@ -2,7 +2,6 @@ import type { SandboxConfig } from "../api/config.ts";
 import { InvalidArgumentError } from "../api/errors.ts";
 import { compileHooks } from "../net/hooks.ts";
 import { AllowList, hostPatternProblem } from "../net/host-policy.ts";
-import { MitmCa } from "../net/mitm-ca.ts";
 import { newPlaceholder, type Secret, SecretBook, validateSecret } from "../net/secrets.ts";
 import type { InterceptPolicy } from "../net/vm-network.ts";
 
@@ -77,6 +76,9 @@ export async function prepareNetworkPolicy(config: SandboxConfig): Promise<Prepa
   const hooks = compileHooks(n.interception);
   const book = new SecretBook(secrets);
   const allow = new AllowList([...n.allowed_hosts, ...book.hosts()]);
+  // Loaded here, not at the top: @peculiar/x509 is ~200 files and only intercept mode needs a CA,
+  // so a plain `run` (and every other command) starts without it.
+  const { MitmCa } = await import("../net/mitm-ca.ts");
   const ca = await MitmCa.create();
   const redacted: SandboxConfig["network"]["secrets"] = {};
   for (const s of secrets) redacted[s.name] = { placeholder: s.placeholder, hosts: s.hosts };

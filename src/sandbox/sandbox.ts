@@ -8,6 +8,7 @@ import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
 import {
   AgentClient,
+  DEFAULT_GRACE_MS,
   type ExecHandle,
   type ExecIO,
   type FileWriter,
@@ -92,8 +93,8 @@ export interface ExecOptions {
   cols?: number;
 }
 
-/** Grace between SIGTERM and SIGKILL when a command is cancelled. */
-export const DEFAULT_GRACE_MS = 3000;
+// Declared with terminateExec, so that the CLI's flag defaults need not load this module.
+export { DEFAULT_GRACE_MS };
 
 export class Sandbox {
   readonly id: string;
@@ -288,14 +289,17 @@ export class Sandbox {
         ...(plan ? [guestKernelArg(plan)] : []),
         ...(folders ? [folders.kernelArg] : []),
       ];
-      const backend = opts.backend ?? new QemuBackend();
+      const backend = opts.backend ?? new QemuBackend({ cacheDir: p.cache });
       const blocker = restoreBlocker(opts, config);
       const found = blocker
         ? { template: undefined, reason: blocker }
         : await findOrBuildTemplate(
             p,
             state,
-            await templateInputs({ kernel: kernel.vmlinux, initramfs, image, accel }, variantOf(config)),
+            await templateInputs(
+              { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
+              variantOf(config),
+            ),
             { backend, bootTimeoutMs, progress },
           );
 

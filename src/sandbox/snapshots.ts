@@ -113,6 +113,8 @@ function qemuId(): string {
 }
 
 export interface TemplateContext {
+  /** The cache dir (the TSC frequency is cached there, as the QEMU backend does). */
+  cacheDir: string;
   kernel: string;
   initramfs: string;
   image: ResolvedImage;
@@ -130,7 +132,7 @@ export async function templateInputs(
     initramfs: fileId(ctx.initramfs),
     image: { ref: ctx.image.ref, rootfs: fileId(ctx.image.rootfs), fstype: ctx.image.fstype },
     accel: ctx.accel,
-    tscKhz: ctx.accel === "tcg" ? await hostTscKhz() : 0,
+    tscKhz: ctx.accel === "tcg" ? await hostTscKhz(join(ctx.cacheDir, "tsc.json")) : 0,
     ...variant,
     kernelArgs: [`matchlock.rootfstype=${ctx.image.fstype}`, ...(variant.vfs ? ["matchlock.fuse=1"] : [])],
   };

@@ -14,7 +14,6 @@ import { effectiveStatus, isStoppedStatus } from "./reconcile.ts";
  */
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
-export const DEFAULT_VOLUME_MB = 1024;
 
 export function volumesDir(p: Paths): string {
   return join(p.home, "volumes");

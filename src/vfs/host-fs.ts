@@ -1,13 +1,4 @@
-import {
-  fdatasync,
-  fstatSync,
-  fsync,
-  ftruncate,
-  openSync,
-  read,
-  statfs,
-  write,
-} from "node:fs";
+import { fdatasync, fstatSync, fsync, ftruncate, openSync, read, statfs, write } from "node:fs";
 import { promisify } from "node:util";
 import { type Attr, decodeUtf8, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK } from "./fuse-abi.ts";
 import * as sys from "./host-syscalls.ts";

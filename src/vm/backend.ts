@@ -33,6 +33,11 @@ export interface VmSpec {
   ram?: { file: string; shared: boolean };
   /** Restore instead of booting: load the device state saved by `RunningVm.snapshot` and continue. */
   restoreFrom?: string;
+  /**
+   * A virtio-rng device feeding the guest's CRNG. Unset: the backend decides (only a guest CPU
+   * without RDRAND needs one); tests set it to exercise the device anyway.
+   */
+  rng?: boolean;
   /** Extra arguments for the hypervisor (tests and experiments; not part of any user interface). */
   extraArgs?: string[];
 }

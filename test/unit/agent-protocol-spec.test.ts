@@ -98,6 +98,7 @@ describe("agent protocol: one definition", () => {
       "matchlock.rootfstype",
       "matchlock.net",
       "matchlock.probe",
+      "matchlock.rng",
       "matchlock.disk",
       "matchlock.fuse",
       "matchlock.vfs",

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import type { VmSpec } from "../../src/vm/backend.ts";
 import { kernelCmdline, qemuArgv } from "../../src/vm/qemu/argv.ts";
+import { guestNeedsRng } from "../../src/vm/qemu/rng.ts";
 
 const spec: VmSpec = {
   id: "vm-00000000",
@@ -46,6 +47,32 @@ describe("QEMU command line", () => {
     assert.match(tcg, /matchlock\.hostname=h$/);
     assert.doesNotMatch(kernelCmdline({ ...spec, accel: "kvm" }, { khz: 2_100_000 }), /tsc_early_khz/);
     assert.doesNotMatch(kernelCmdline(spec, { khz: 0 }), /tsc_early_khz/);
+  });
+
+  test("the crypto self-tests are skipped, under TCG and KVM alike", () => {
+    assert.match(kernelCmdline(spec, { khz: 2_100_000 }), /(^| )cryptomgr\.notests=1( |$)/);
+    assert.match(kernelCmdline({ ...spec, accel: "kvm" }, undefined), /(^| )cryptomgr\.notests=1( |$)/);
+  });
+
+  test("virtio-rng only when asked for, and then the agent is told to load its driver", () => {
+    const without = qemuArgv(spec, paths, undefined);
+    assert.ok(!without.includes("virtio-rng-device"));
+    assert.doesNotMatch(kernelCmdline(spec, undefined), /matchlock\.rng/);
+    const withRng = qemuArgv({ ...spec, rng: true }, paths, undefined);
+    assert.equal(withRng[withRng.indexOf("virtio-rng-device") - 1], "-device");
+    assert.match(kernelCmdline({ ...spec, rng: true }, undefined), /(^| )matchlock\.rng=1( |$)/);
+  });
+
+  test("a guest needs virtio-rng only under KVM on a host CPU without RDRAND", async () => {
+    const cpu = (flags: string) => async () => `processor\t: 0\nflags\t\t: fpu ${flags} sse\n`;
+    assert.equal(await guestNeedsRng("tcg", cpu("")), false, "TCG's -cpu max emulates RDRAND");
+    assert.equal(await guestNeedsRng("kvm", cpu("rdrand rdseed")), false);
+    assert.equal(await guestNeedsRng("kvm", cpu("rdseed")), true);
+    assert.equal(await guestNeedsRng("kvm", cpu("nordrand_x")), true, "whole flags only");
+    const unreadable = async (): Promise<string> => {
+      throw new Error("EACCES");
+    };
+    assert.equal(await guestNeedsRng("kvm", unreadable), true, "unknown: keep the device");
   });
 
   test("the agent port is a virtserialport named agent on a client socket", () => {

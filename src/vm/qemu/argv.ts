@@ -26,7 +26,11 @@ export function kernelCmdline(spec: VmSpec, tsc: TscHints | undefined): string {
     "rdinit=/init",
     "i8042.noaux",
     "i8042.nokbd",
+    // No boot-time self-tests of the kernel's crypto algorithms: they cost ~0.3 s of a TCG boot and
+    // check the distribution kernel's own code, which does not change from boot to boot.
+    "cryptomgr.notests=1",
   ];
+  if (spec.rng) words.push("matchlock.rng=1"); // the agent loads virtio_rng only then
   if (spec.accel === "tcg" && tsc && tsc.khz > 0) {
     // Early TSC calibration fails at random on a busy host under TCG and the guest hangs; giving the
     // frequency and the delay-loop constant (HZ=250 in Debian kernels) skips both calibrations.
@@ -90,9 +94,10 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
       `virtio-net-device,netdev=net0,mac=${spec.nic.mac}`,
     );
   }
+  // Only for a guest CPU without RDRAND (see rng.ts): with it the kernel's CRNG is ready long before
+  // any module, and the device would only add a driver to load.
+  if (spec.rng) args.push("-device", "virtio-rng-device");
   args.push(
-    "-device",
-    "virtio-rng-device",
     "-device",
     `virtio-serial-device,max_ports=${spec.vfs ? 3 : 2}`,
     "-chardev",

@@ -5,9 +5,11 @@ import { createConnection, createServer, type Server, type Socket } from "node:n
 import { join } from "node:path";
 import { pipeline } from "node:stream/promises";
 import { MatchlockError, messageOf, VmBootError } from "../../api/errors.ts";
+import { paths } from "../../api/paths.ts";
 import type { RunningVm, VmBackend, VmExit, VmSpec } from "../backend.ts";
 import { QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
 import { QmpClient } from "./qmp.ts";
+import { guestNeedsRng } from "./rng.ts";
 import { hostTscKhz } from "./tsc.ts";
 
 /** How long QEMU gets to start and connect its sockets (not the guest boot, which is the caller's). */
@@ -39,8 +41,18 @@ function closeServer(server: Server, path: string): void {
   rm(path, { force: true }).catch(() => {});
 }
 
+export interface QemuBackendOptions {
+  /** The cache dir (Paths.cache), where host facts such as the TSC frequency are kept across runs. */
+  cacheDir?: string;
+}
+
 export class QemuBackend implements VmBackend {
   readonly name = "qemu";
+  readonly #tscCache: string;
+
+  constructor(opts: QemuBackendOptions = {}) {
+    this.#tscCache = join(opts.cacheDir ?? paths().cache, "tsc.json");
+  }
 
   async start(spec: VmSpec): Promise<RunningVm> {
     const p = qemuPaths(spec.dir);
@@ -48,7 +60,12 @@ export class QemuBackend implements VmBackend {
     const agentL = await listenOnce(p.agentSocket);
     const qmpL = await listenOnce(p.qmpSocket);
     const vfsL = spec.vfs ? await listenOnce(p.vfsSocket) : undefined;
-    const argv = qemuArgv(spec, p, spec.accel === "tcg" ? { khz: await hostTscKhz() } : undefined);
+    const rng = spec.rng ?? (await guestNeedsRng(spec.accel));
+    const argv = qemuArgv(
+      { ...spec, rng },
+      p,
+      spec.accel === "tcg" ? { khz: await hostTscKhz(this.#tscCache) } : undefined,
+    );
     await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
 
     // detached: QEMU gets its own session, so a Ctrl-C on the terminal reaches us (who stop the guest
