@@ -10,7 +10,7 @@
  *     one untimed status first, which refreshes the index the host wrote);
  *   - `find` over 10,000 entries.
  * Medians, and the ratio mount / VM disk (time: lower is better).
- * Usage: npm run bench:vfs-vm [-- --runs N]   (the first run builds the Debian image: ~2–5 min)
+ * Usage: npm run bench:vfs-vm [-- --runs N]   (the first run builds the Debian image: ~2–3 min)
  */
 import { execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";

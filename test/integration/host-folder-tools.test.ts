@@ -2,8 +2,8 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import {
-  chownSync,
   cpSync,
+  lchownSync,
   lstatSync,
   mkdirSync,
   mkdtempSync,
@@ -25,7 +25,7 @@ import { DEBIAN_TOOL_PACKAGES, importDebianImage } from "../helpers/debian.ts";
  * the guest's non-root user in a live (host_fs) folder, whose results the host then checks with its
  * own tools, and in an overlay folder, which the host must find exactly as it was. One VM, no
  * network, from the Debian image with git, gcc, make and pip (test/helpers/debian.ts
- * DEBIAN_TOOL_PACKAGES; its rootfs tar is cached in ~/.cache/matchlock-test, ~5 min to build once).
+ * DEBIAN_TOOL_PACKAGES; its rootfs tar, ~500 MB, is cached in ~/.cache/matchlock-test: ~2–3 min to build once).
  */
 
 const TAG = `mltest-tools-${process.pid}:12`;
@@ -92,11 +92,11 @@ function writeFiles(dir: string, files: Record<string, string>): void {
 }
 
 function chownTree(dir: string, uid: number): void {
-  chownSync(dir, uid, uid);
+  lchownSync(dir, uid, uid);
   for (const e of readdirSync(dir, { withFileTypes: true })) {
     const p = join(dir, e.name);
     if (e.isDirectory()) chownTree(p, uid);
-    else execFileSync("chown", ["-h", `${uid}:${uid}`, p]);
+    else lchownSync(p, uid, uid);
   }
 }
 
