@@ -6,7 +6,7 @@ import type { SandboxConfig } from "../api/config.ts";
 import { InvalidArgumentError, messageOf } from "../api/errors.ts";
 import type { FileEvent } from "../api/events.ts";
 import type { Attr } from "../vfs/fuse-abi.ts";
-import { buildWorkspace, FuseServer, serveStream, type VfsRule } from "../vfs/index.ts";
+import { buildWorkspace, FuseServer, overlayIndexes, serveStream, type VfsRule } from "../vfs/index.ts";
 
 /**
  * Host folders in a sandbox (issue #13, docs/vfs.md): the config's `vfs.workspace` and
@@ -109,11 +109,12 @@ async function recordOverlays(
   mounts: Record<string, SandboxConfig["vfs"]["mounts"][string]>,
 ): Promise<OverlayRecord[]> {
   const out: OverlayRecord[] = [];
-  for (const [guestPath, m] of Object.entries(mounts)) {
-    if (m.type !== "overlay" || !m.host_path) continue;
+  for (const [guestPath, index] of overlayIndexes(mounts)) {
+    const m = mounts[guestPath];
+    if (!m?.host_path) continue; // refused by prepare before this
     const isFile = !(await stat(m.host_path)).isDirectory();
     out.push({
-      index: out.length,
+      index,
       guest_path: guestPath,
       host_dir: isFile ? dirname(m.host_path) : m.host_path,
       ...(isFile ? { file: basename(m.host_path) } : {}),

@@ -377,8 +377,6 @@ export class HostFile implements FileHandle {
     await (datasync ? pfdatasync(this.live()) : pfsync(this.live()));
   }
 
-  async flush(): Promise<void> {}
-
   async release(): Promise<void> {
     const fd = this.fd;
     this.fd = -1;

@@ -60,6 +60,17 @@ export function routerPath(workspace: string, guestPath: string): string {
 }
 
 /**
+ * Guest path → n of the n-th overlay mount, in the config's order: the one numbering of the overlays'
+ * upper directories and base logs (`overlayUpper`, `overlayBase`), which the sandbox's record of
+ * overlays for diff/apply must match.
+ */
+export function overlayIndexes(mounts: Record<string, MountConfig>): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const [guestPath, m] of Object.entries(mounts)) if (m.type === "overlay") out.set(guestPath, out.size);
+  return out;
+}
+
+/**
  * One mount's provider. A host_path that is a file (not a folder) is a single-file mount: the
  * provider of its parent directory, restricted to that one name.
  */
@@ -100,18 +111,19 @@ export async function providerFor(
  */
 export async function buildWorkspace(config: WorkspaceConfig): Promise<Provider> {
   const mounts: Mount[] = [];
-  let overlays = 0;
+  const overlays = overlayIndexes(config.mounts);
   try {
     for (const [guestPath, m] of Object.entries(config.mounts)) {
-      const index = overlays;
+      const index = overlays.get(guestPath);
       const provider = await providerFor(
         m,
         async () => {
-          const dir = config.overlayUpper(overlays++);
+          if (index === undefined) throw new FsError("EINVAL", `${guestPath} is not an overlay mount`);
+          const dir = config.overlayUpper(index);
           await mkdir(dir, { recursive: true, mode: 0o700 });
           return dir;
         },
-        m.type === "overlay" ? config.overlayBase?.(index) : undefined,
+        index === undefined ? undefined : config.overlayBase?.(index),
       );
       mounts.push({ path: routerPath(config.workspace, guestPath), provider });
     }

@@ -192,7 +192,6 @@ export class InterceptProvider implements Provider {
       getattr: () => file.getattr(),
       truncate: (s) => this.run("truncate", path, () => file.truncate(s)),
       fsync: (d) => this.run("sync", path, () => file.fsync(d)),
-      flush: () => file.flush(),
       release: () => this.run("close", path, () => file.release()),
       allocate: (m, o, l) => this.run("write", path, () => file.allocate(m, o, l)),
       seek: (o, w) => file.seek(o, w),

@@ -272,7 +272,6 @@ export class MemoryProvider implements Provider {
       getattr: async () => this.attrOf(n),
       truncate: async (size) => this.applySet(n, { size }),
       fsync: async () => {},
-      flush: async () => {},
       release: async () => {
         if (released) return;
         released = true;

@@ -37,7 +37,11 @@ export interface DirEntry {
   ino?: bigint;
 }
 
-/** An open file. The server keeps it in its handle table between OPEN/CREATE and RELEASE. */
+/**
+ * An open file. The server keeps it in its handle table between OPEN/CREATE and RELEASE. No flush:
+ * writes reach the provider at once, so close(2) has nothing left to report (the server answers
+ * FLUSH with ENOSYS, which makes the kernel stop sending it).
+ */
 export interface FileHandle {
   read(offset: number, length: number): Promise<Buffer>;
   /** Returns the number of bytes written. */
@@ -45,7 +49,6 @@ export interface FileHandle {
   getattr(): Promise<Attr>;
   truncate(size: number): Promise<void>;
   fsync(datasync: boolean): Promise<void>;
-  flush(): Promise<void>;
   release(): Promise<void>;
   /** fallocate(2); providers that cannot answer EOPNOTSUPP. */
   allocate(mode: number, offset: number, length: number): Promise<void>;

@@ -34,7 +34,6 @@ export class ReadOnlyProvider implements Provider {
       getattr: () => file.getattr(),
       truncate: async () => erofs(),
       fsync: async () => {},
-      flush: () => file.flush(),
       release: () => file.release(),
       allocate: async () => erofs(),
       seek: (o, w) => file.seek(o, w),

@@ -177,7 +177,6 @@ export class MountRouter implements Provider {
       getattr: async () => this.tag(r, await file.getattr()),
       truncate: (s) => file.truncate(s),
       fsync: (d) => file.fsync(d),
-      flush: () => file.flush(),
       release: () => file.release(),
       allocate: (m, o, l) => file.allocate(m, o, l),
       seek: (o, w) => file.seek(o, w),

@@ -656,8 +656,10 @@ export class FuseServer {
         return undefined;
       }
       case Op.FLUSH:
-        await this.fileHandle(r.u64()).file.flush();
-        return undefined;
+        // Sent on every close(2), which waits for the answer: a synchronous round trip per close
+        // for nothing, since providers write through (no buffered data or deferred error to report).
+        // ENOSYS makes the kernel stop sending FLUSH on this connection (fc->no_flush).
+        throw new Reply(E.ENOSYS);
       case Op.FSYNC: {
         const fh = r.u64();
         const flags = r.u32();

@@ -14,6 +14,12 @@ import { dockerSave, type ImageSpec, makeTar } from "./images.ts";
  */
 
 export const DEBIAN_PACKAGES = "python3,python3-requests,curl,ca-certificates";
+/**
+ * The developer-tools set for the host-folder tool tests and bench/vfs-vm: git, a C toolchain with make,
+ * and pip with venv (python3-pip brings setuptools and wheel, which an offline
+ * `pip install --no-build-isolation` builds with).
+ */
+export const DEBIAN_TOOL_PACKAGES = "git,gcc,libc6-dev,make,python3-pip,python3-venv";
 export const DEBIAN_CACHE = join(homedir(), ".cache", "matchlock-test");
 /** The Debian image's CA bundle (from ca-certificates). */
 export const DEBIAN_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt";
@@ -24,6 +30,8 @@ export const GUEST_NODE = "/usr/local/bin/node";
 const MIRROR = "http://deb.debian.org/debian";
 
 export interface DebianOptions {
+  /** The packages debootstrap adds to minbase (comma-separated). Default DEBIAN_PACKAGES. */
+  packages?: string;
   /** Add a layer with the host's Node 24 at /usr/local/bin/node. Default false. */
   withNode?: boolean;
   /** The image config's User. Default "tester" (uid 1001, home /home/tester). */
@@ -80,7 +88,7 @@ export function nodeLayer(): Promise<Buffer> {
 
 /** The image's spec: the Debian layer, then (withNode) the Node layer. */
 export async function debianSpec(opts: DebianOptions = {}): Promise<ImageSpec> {
-  const layers: Buffer[] = [readFileSync(debianLayer())];
+  const layers: Buffer[] = [readFileSync(debianLayer(opts.packages))];
   if (opts.withNode) layers.push(await nodeLayer());
   return {
     layers,

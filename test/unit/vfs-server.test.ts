@@ -63,6 +63,21 @@ describe("FuseServer", () => {
     assert.equal((await k.read(o.fh, 0, 10)).body.toString(), "x");
   });
 
+  test("FLUSH answers ENOSYS (the kernel then stops sending it); what was written is there before close", async () => {
+    const { k } = await kernelFor();
+    const c = await k.create(1n, "f", 2, 0o644);
+    await k.write(c.fh, 0, Buffer.from("written"));
+    const flush = await k.call(
+      Op.FLUSH,
+      c.body.readBigUInt64LE(0),
+      Buffer.concat([u64(c.fh), u32(0), u32(0), u64(0)]),
+    );
+    assert.equal(flush.error, -38);
+    const o = await k.open((await k.lookup(1n, "f")).nodeid, 0);
+    assert.equal((await k.read(o.fh, 0, 100)).body.toString(), "written");
+    assert.equal((await k.release(c.fh)).error, 0);
+  });
+
   test("an unlinked but open file still answers GETATTR through its handle", async () => {
     const { k } = await kernelFor();
     const c = await k.create(1n, "t", 2, 0o600);
@@ -275,6 +290,50 @@ describe("workspace config", () => {
       ["x"],
     );
     await assert.rejects(r.mkdir("/x/y/z", 0o755, CALLER), { code: "EROFS" });
+  });
+});
+
+describe("overlay numbering", () => {
+  test("overlayIndexes numbers the overlay mounts alone, in config order: the upper dirs buildWorkspace asks for", async () => {
+    const { overlayIndexes, buildWorkspace } = await import("../../src/vfs/index.ts");
+    const { mkdtempSync, rmSync } = await import("node:fs");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const dir = mkdtempSync(join(tmpdir(), "vfs-overlay-index-"));
+    try {
+      const mounts = {
+        "/w/a": { type: "memory" as const },
+        "/w/b": { type: "overlay" as const, host_path: dir },
+        "/w/c": { type: "host_fs" as const, host_path: dir },
+        "/w/d": { type: "overlay" as const, host_path: dir },
+      };
+      assert.deepEqual(
+        [...overlayIndexes(mounts)],
+        [
+          ["/w/b", 0],
+          ["/w/d", 1],
+        ],
+      );
+      const asked: number[] = [];
+      const based: number[] = [];
+      const ws = await buildWorkspace({
+        workspace: "/w",
+        mounts,
+        overlayUpper: (i) => {
+          asked.push(i);
+          return join(dir, `.upper-${i}`);
+        },
+        overlayBase: (i) => {
+          based.push(i);
+          return () => {};
+        },
+      });
+      await ws.close?.();
+      assert.deepEqual(asked, [0, 1]);
+      assert.deepEqual(based, [0, 1]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
