@@ -44,21 +44,28 @@ after(async () => {
 
 const cli = (args: string[], extra: NodeJS.ProcessEnv = {}) => runCli(args, { env: { ...env, ...extra } });
 
-/** Runs `sh -c script` in a VM kept afterwards; its stdout and how it started (boot.log). */
+/**
+ * Runs `sh -c script` in a new VM (started with `run -d`, reached with `exec`, as a user would);
+ * its stdout and how it started (the VM dir's boot.log). The VM is killed and removed afterwards.
+ */
 async function runKept(
   script: string,
   flags: string[] = [],
 ): Promise<{ out: string; boot: string; id: string }> {
-  const r = await cli(["run", "--rm=false", ...flags, "--", "sh", "-c", script]);
-  assert.equal(r.code, 0, r.stderr);
-  const ids = readdirSync(p.vms).filter((d) => !seen.has(d));
-  assert.equal(ids.length, 1, `one new VM dir: ${ids}`);
-  const id = ids[0] as string;
-  seen.add(id);
-  const boot = readFileSync(join(p.vms, id, "boot.log"), "utf8");
-  return { out: r.stdout.toString(), boot, id };
+  const started = await cli(["run", "-d", ...flags, "--", "sleep", "600"]);
+  assert.equal(started.code, 0, started.stderr);
+  const id = started.stdout.toString().trim();
+  assert.match(id, /^vm-[0-9a-f]{8}$/);
+  try {
+    const r = await cli(["exec", id, "--", "sh", "-c", script]);
+    assert.equal(r.code, 0, r.stderr);
+    const boot = readFileSync(join(p.vms, id, "boot.log"), "utf8");
+    return { out: r.stdout.toString(), boot, id };
+  } finally {
+    await cli(["kill", id]);
+    await cli(["rm", id]);
+  }
 }
-const seen = new Set<string>();
 
 interface SnapshotRow {
   key: string;
@@ -136,11 +143,16 @@ describe("restored clones", () => {
     const cold = await runKept("echo ok", ["--cold"]);
     assert.equal(cold.out, "ok\n");
     assert.match(cold.boot, /cold boot: --cold/);
-    const env1 = await cli(["run", "--rm=false", "--", "true"], { MATCHLOCK_COLD: "1" });
+    const env1 = await cli(["run", "-d", "--", "sleep", "600"], { MATCHLOCK_COLD: "1" });
     assert.equal(env1.code, 0, env1.stderr);
-    const id = readdirSync(p.vms).find((d) => !seen.has(d)) as string;
-    seen.add(id);
+    const id = env1.stdout.toString().trim();
     assert.match(readFileSync(join(p.vms, id, "boot.log"), "utf8"), /cold boot: MATCHLOCK_COLD=1/);
+    await cli(["kill", id]);
+    const volume = await cli(["volume", "create", "snapvol", "--size", "64"]);
+    assert.equal(volume.code, 0, volume.stderr);
+    const disk = await runKept("echo ok", ["--disk", "@snapvol:/mnt/vol"]);
+    assert.equal(disk.out, "ok\n");
+    assert.match(disk.boot, /cold boot: extra disks are attached at boot/);
   });
 });
 
