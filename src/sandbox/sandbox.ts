@@ -321,9 +321,14 @@ export class Sandbox {
       if (found.template) {
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
         try {
-          await prepareClone(found.template, dir, upper);
+          const { devices } = await prepareClone(found.template, dir, upper);
           vm = await backend.start(
-            restoreSpec(found.template, { id, dir, upper, ...(network ? { tap: network.nic.tap } : {}) }),
+            restoreSpec(found.template, devices, {
+              id,
+              dir,
+              upper,
+              ...(network ? { tap: network.nic.tap } : {}),
+            }),
           );
           agent = new AgentClient(vm.agent, logAgent);
           if (folders && vm.vfs) folders.serve(vm.vfs);

@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, readdirSync, statSync } from "node:fs";
-import { copyFile, mkdir, rm, stat } from "node:fs/promises";
+import { copyFile, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { delimiter, join } from "node:path";
 import type { SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf } from "../api/errors.ts";
@@ -42,6 +42,8 @@ export const TEMPLATE_MAC = "02:6d:6c:00:00:02";
 const RAM_FILE = "ram";
 const STATE_FILE = "state";
 const UPPER_FILE = "upper.ext4";
+/** The template VM's device signature (`RunningVm.devices`): what a clone's must equal. */
+const DEVICES_FILE = "devices";
 /** How long a restored agent has to answer; a healthy restore answers in well under a second. */
 const RESTORE_ANSWER_MS = 15_000;
 
@@ -142,15 +144,19 @@ export function templateKey(inputs: TemplateInputs): string {
   return createHash("sha256").update(JSON.stringify(inputs)).digest("hex").slice(0, 16);
 }
 
-function templateOf(row: TemplateRow): Template {
+function template(key: string, dir: string, inputs: TemplateInputs): Template {
   return {
-    key: row.key,
-    dir: row.dir,
-    inputs: JSON.parse(row.inputs_json) as TemplateInputs,
-    ram: join(row.dir, RAM_FILE),
-    state: join(row.dir, STATE_FILE),
-    upper: join(row.dir, UPPER_FILE),
+    key,
+    dir,
+    inputs,
+    ram: join(dir, RAM_FILE),
+    state: join(dir, STATE_FILE),
+    upper: join(dir, UPPER_FILE),
   };
+}
+
+function templateOf(row: TemplateRow): Template {
+  return template(row.key, row.dir, JSON.parse(row.inputs_json) as TemplateInputs);
 }
 
 /** The spec both the template and its clones run with: the same devices in the same order. */
@@ -190,7 +196,7 @@ export async function findOrBuildTemplate(
   const row = state.snapshots.get(key);
   if (row?.status === "ready") {
     const t = templateOf(row);
-    if ([t.ram, t.state, t.upper].every((f) => existsSync(f))) {
+    if ([t.ram, t.state, t.upper, join(t.dir, DEVICES_FILE)].every((f) => existsSync(f))) {
       state.snapshots.touch(key);
       return { template: t, built: false };
     }
@@ -205,7 +211,7 @@ export async function findOrBuildTemplate(
     return { template: undefined, reason: "its snapshot is being built by another process" };
   }
   opts.progress(`building a snapshot of ${inputs.image.ref} for fast starts (once per image and size)`);
-  const t = templateOf({ ...(state.snapshots.get(key) as TemplateRow) });
+  const t = template(key, dir, inputs);
   try {
     await buildTemplate(t, opts);
     state.snapshots.markReady(key, await diskBytes(dir));
@@ -238,6 +244,7 @@ async function buildTemplate(
     await waitReady(agent, vm, opts.bootTimeoutMs);
     await agent.ping(); // the agent is in its loop, idle: nothing is in flight when the state is saved
     await vm.snapshot(t.state);
+    await writeFile(join(t.dir, DEVICES_FILE), vm.devices, { mode: 0o600 });
     crashPoint("snapshot-saved");
   } finally {
     agent.close();
@@ -258,18 +265,26 @@ async function diskBytes(dir: string): Promise<number> {
 /** The clone's spec: the template's devices, this VM's sockets, disk and TAP, the template's RAM file. */
 export function restoreSpec(
   t: Template,
+  devices: string,
   run: { id: string; dir: string; upper: string; tap?: string },
 ): VmSpec {
-  return { ...vmSpec(t, run), ram: { file: t.ram, shared: false }, restoreFrom: t.state };
+  return {
+    ...vmSpec(t, run),
+    ram: { file: t.ram, shared: false },
+    restoreFrom: t.state,
+    restoreDevices: devices,
+  };
 }
 
 /**
  * Prepares a clone's files in its VM dir: a byte-identical copy of the template's upper disk, and
  * its console log, which starts with the template's boot (the boot the clone continues from).
  */
-export async function prepareClone(t: Template, vmDir: string, upper: string): Promise<void> {
+export async function prepareClone(t: Template, vmDir: string, upper: string): Promise<{ devices: string }> {
+  const devices = await readFile(join(t.dir, DEVICES_FILE), "utf8");
   await copySparse(t.upper, upper);
   await copyFile(join(t.dir, "console.log"), join(vmDir, "console.log")).catch(() => {});
+  return { devices };
 }
 
 /**

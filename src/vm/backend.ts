@@ -34,6 +34,11 @@ export interface VmSpec {
   /** Restore instead of booting: load the device state saved by `RunningVm.snapshot` and continue. */
   restoreFrom?: string;
   /**
+   * With `restoreFrom`: the `devices` of the VM the state was saved from. A VM whose devices differ
+   * is not started (a state loaded into other devices can go wrong without an error).
+   */
+  restoreDevices?: string;
+  /**
    * A virtio-rng device feeding the guest's CRNG. Unset: the backend decides (only a guest CPU
    * without RDRAND needs one); tests set it to exercise the device anyway.
    */
@@ -54,6 +59,8 @@ export interface RunningVm {
   /** The `vfs` channel when the spec asked for one: raw FUSE messages both ways. */
   readonly vfs: Duplex | undefined;
   readonly consoleLog: string;
+  /** Machine, CPU, memory and devices, in order, without host paths: what a saved state must match. */
+  readonly devices: string;
   /** Settles when the VM process has exited. */
   readonly exited: Promise<VmExit>;
   /** The last lines the hypervisor and the guest console printed, for error messages. */

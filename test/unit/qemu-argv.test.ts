@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import type { VmSpec } from "../../src/vm/backend.ts";
-import { kernelCmdline, qemuArgv } from "../../src/vm/qemu/argv.ts";
+import type { DiskSpec, VmSpec } from "../../src/vm/backend.ts";
+import { deviceSignature, kernelCmdline, qemuArgv } from "../../src/vm/qemu/argv.ts";
 import { guestNeedsRng } from "../../src/vm/qemu/rng.ts";
 
 const spec: VmSpec = {
@@ -112,5 +112,37 @@ describe("QEMU command line", () => {
         .replace(/share=\w+/, "")
         .replace(" -incoming defer", "");
     assert.equal(strip(clone).replace("/s/k/ram", "/s/k,,1/ram"), strip(tpl));
+  });
+
+  test("the device signature ignores host paths and TAP names, and sees every device", () => {
+    const nic = { tap: "fc-00000001", mac: "02:00:00:00:00:01" };
+    const tpl = deviceSignature(
+      qemuArgv({ ...spec, nic, ram: { file: "/s/k/ram", shared: true } }, paths, { khz: 1 }),
+    );
+    const clonePaths = { ...paths, agentSocket: "/other/agent.sock", consoleLog: "/other/console.log" };
+    const clone = deviceSignature(
+      qemuArgv(
+        {
+          ...spec,
+          dir: "/other",
+          disks: [spec.disks[0] as DiskSpec, { path: "/other/upper.ext4", readonly: false }],
+          nic: { ...nic, tap: "fc-00000002" },
+          ram: { file: "/s/k/ram", shared: false },
+          restoreFrom: "/s/k/state",
+        },
+        clonePaths,
+        { khz: 1 },
+      ),
+    );
+    assert.equal(clone, tpl);
+    assert.match(tpl, /-device virtio-net-device/);
+    const withRng = deviceSignature(
+      qemuArgv({ ...spec, nic, rng: true, ram: { file: "/s/k/ram", shared: false } }, paths, { khz: 1 }),
+    );
+    assert.notEqual(withRng, tpl, "an extra device is another signature");
+    const noNic = deviceSignature(
+      qemuArgv({ ...spec, ram: { file: "/s/k/ram", shared: false } }, paths, { khz: 1 }),
+    );
+    assert.notEqual(noNic, tpl);
   });
 });

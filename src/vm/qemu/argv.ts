@@ -44,6 +44,36 @@ export function kernelCmdline(spec: VmSpec, tsc: TscHints | undefined): string {
   return words.join(" ");
 }
 
+/**
+ * What a saved device state must match: machine, CPU, memory and every device in order, without the
+ * host-side paths, sockets and TAP names that differ between a snapshot's template and its clones.
+ * QEMU may load a state into a different device set without noticing (devices sit on numbered
+ * virtio-mmio slots), so a restore compares this first.
+ */
+export function deviceSignature(argv: readonly string[]): string {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length - 1; i++) {
+    const flag = argv[i] as string;
+    const value = argv[i + 1] as string;
+    if (["-M", "-accel", "-cpu", "-smp", "-m", "-device"].includes(flag)) out.push(`${flag} ${value}`);
+    else if (flag === "-object")
+      out.push(
+        `${flag} ${value
+          .split(",")
+          .filter((o) => !/^(mem-path|share)=/.test(o))
+          .join(",")}`,
+      );
+    else if (flag === "-netdev")
+      out.push(
+        `${flag} ${value
+          .split(",")
+          .filter((o) => !o.startsWith("ifname="))
+          .join(",")}`,
+      );
+  }
+  return out.join("\n");
+}
+
 /** QEMU option values separate on commas; a literal comma is written twice. */
 export function optValue(v: string): string {
   return v.replaceAll(",", ",,");

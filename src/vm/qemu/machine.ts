@@ -7,7 +7,7 @@ import { pipeline } from "node:stream/promises";
 import { MatchlockError, messageOf, VmBootError } from "../../api/errors.ts";
 import { paths } from "../../api/paths.ts";
 import type { RunningVm, VmBackend, VmExit, VmSpec } from "../backend.ts";
-import { QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
+import { deviceSignature, QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
 import { QmpClient } from "./qmp.ts";
 import { guestNeedsRng } from "./rng.ts";
 import { hostTscKhz } from "./tsc.ts";
@@ -57,15 +57,21 @@ export class QemuBackend implements VmBackend {
   async start(spec: VmSpec): Promise<RunningVm> {
     const p = qemuPaths(spec.dir);
     const qemuLog = join(spec.dir, "qemu.log");
-    const agentL = await listenOnce(p.agentSocket);
-    const qmpL = await listenOnce(p.qmpSocket);
-    const vfsL = spec.vfs ? await listenOnce(p.vfsSocket) : undefined;
     const rng = spec.rng ?? (await guestNeedsRng(spec.accel));
     const argv = qemuArgv(
       { ...spec, rng },
       p,
       spec.accel === "tcg" ? { khz: await hostTscKhz(this.#tscCache) } : undefined,
     );
+    const devices = deviceSignature(argv);
+    if (spec.restoreFrom !== undefined && spec.restoreDevices !== devices) {
+      throw new VmBootError("the snapshot was saved from a VM with other devices than this one", {
+        hint: `saved:\n${spec.restoreDevices ?? "(unknown)"}\nthis VM:\n${devices}`,
+      });
+    }
+    const agentL = await listenOnce(p.agentSocket);
+    const qmpL = await listenOnce(p.qmpSocket);
+    const vfsL = spec.vfs ? await listenOnce(p.vfsSocket) : undefined;
     await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
 
     // detached: QEMU gets its own session, so a Ctrl-C on the terminal reaches us (who stop the guest
@@ -134,7 +140,7 @@ export class QemuBackend implements VmBackend {
         // QEMU listens here for the saved device state while restoring.
         await restore(qmp, spec.restoreFrom, join(spec.dir, "migrate.sock")).catch(failed);
       }
-      return new QemuVm(child, agent, vfs, qmp, exited, p.consoleLog, diagnostics);
+      return new QemuVm(child, agent, vfs, qmp, exited, p.consoleLog, devices, diagnostics);
     } catch (e) {
       child.kill("SIGKILL");
       await exited;
@@ -186,7 +192,8 @@ async function restore(qmp: QmpClient, stateFile: string, sock: string): Promise
   end.catch(() => {});
   await qmp.execute("migrate-incoming", { uri: `unix:${sock}` });
   const conn = createConnection(sock);
-  await pipeline(createReadStream(stateFile), conn).catch(() => {}); // QEMU's verdict is what counts
+  conn.on("error", () => {}); // QEMU may close its end early (a state it refuses): its verdict counts
+  await pipeline(createReadStream(stateFile), conn).catch(() => {});
   const status = await end;
   await rm(sock, { force: true });
   if (status !== "completed") throw new VmBootError(`restoring the snapshot ${status}`);
@@ -204,6 +211,7 @@ class QemuVm implements RunningVm {
   readonly vfs: Socket | undefined;
   readonly exited: Promise<VmExit>;
   readonly consoleLog: string;
+  readonly devices: string;
   readonly diagnostics: () => Promise<string>;
   private readonly child: ChildProcess;
   private readonly qmp: QmpClient;
@@ -216,6 +224,7 @@ class QemuVm implements RunningVm {
     qmp: QmpClient,
     exited: Promise<VmExit>,
     consoleLog: string,
+    devices: string,
     diagnostics: () => Promise<string>,
   ) {
     if (child.pid === undefined) throw new MatchlockError("VM_FAILED", "QEMU has no pid");
@@ -225,6 +234,7 @@ class QemuVm implements RunningVm {
     this.vfs = vfs;
     this.qmp = qmp;
     this.consoleLog = consoleLog;
+    this.devices = devices;
     this.diagnostics = diagnostics;
     this.exited = exited.then((e) => {
       this.done = true;
