@@ -1,6 +1,10 @@
-import { open, rm } from "node:fs/promises";
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdir, open, rename, rm } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import { MatchlockError } from "../api/errors.ts";
 import { runCommand } from "../host/command.ts";
+import { copySparse } from "../host/sparse.ts";
 
 /** ext4 images made with Debian's mke2fs (1.47.0 takes a directory for `-d`, not a tarball). */
 
@@ -58,4 +62,24 @@ export async function makeExt4FromDir(
 export async function makeEmptyExt4(out: string, sizeMb: number): Promise<void> {
   await sparseFile(out, sizeMb * 1024 * 1024);
   await runCommand(MKFS, [...COMMON, "-L", "upper", out], { errorCode: "VM_BOOT_FAILED" });
+}
+
+/**
+ * A VM's empty upper disk: a sparse copy of a blank ext4 of that size kept in `cacheDir`, made with
+ * mkfs once. Copying its few MB of metadata costs less than running mkfs for every VM, and every
+ * copy is byte-identical (the file system UUID included, which nothing shares across VMs).
+ */
+export async function makeUpperDisk(cacheDir: string, out: string, sizeMb: number): Promise<void> {
+  const blank = join(cacheDir, "upper", `blank-${sizeMb}.ext4`);
+  if (!existsSync(blank)) {
+    await mkdir(dirname(blank), { recursive: true });
+    const tmp = `${blank}.${process.pid}.${randomBytes(4).toString("hex")}`;
+    try {
+      await makeEmptyExt4(tmp, sizeMb);
+      await rename(tmp, blank); // atomic: a concurrent maker's copy is as good as ours
+    } finally {
+      await rm(tmp, { force: true });
+    }
+  }
+  await copySparse(blank, out);
 }
