@@ -268,6 +268,8 @@ describe("rpc protocol robustness (raw wire)", () => {
       await call(12, "port_forward", { forwards: [{ local_port: 0, remote_port: 80 }] });
       await call(13, "allow_list_add", { hosts: ["example.test"] });
       await call(14, "allow_list_delete", { hosts: ["example.test"] });
+      assert.deepEqual(await call(16, "pause", {}), { paused: true, changed: true });
+      assert.deepEqual(await call(17, "resume", {}), { paused: false, changed: true });
       await call(15, "close", {});
       for (const method of Object.keys(RpcResults) as RpcMethod[]) {
         if (method === "log_stream") continue; // cancelled: its answer is the -32003 error
