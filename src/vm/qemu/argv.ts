@@ -97,12 +97,10 @@ export function qemuArgv(spec: VmSpec, paths: QemuPaths, tsc: TscHints | undefin
     "-no-user-config",
     "-nographic",
     "-no-reboot",
-    "-kernel",
-    spec.kernel,
-    "-initrd",
-    spec.initramfs,
-    "-append",
-    kernelCmdline(spec, tsc),
+    // A restore loads a running guest: no kernel to load (QEMU would read the 50 MB ELF for nothing).
+    ...(spec.restoreFrom === undefined
+      ? ["-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", kernelCmdline(spec, tsc)]
+      : []),
     "-chardev",
     // append: a restored clone's log starts with its template's boot, copied in before QEMU starts.
     `file,id=console,path=${optValue(paths.consoleLog)},append=on`,
