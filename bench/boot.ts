@@ -2,7 +2,8 @@
  * bench/boot: how much `matchlock run -- true` costs over booting the same kernel + initramfs with raw
  * QEMU to an init that powers off at once (the agent's probe mode), both measured in this run, in
  * alternation (machines here are noisy). Also the exec round trip in a running VM and the host memory
- * of an idle VM. Usage: npm run bench:boot [-- --runs N] [--baseline DIR --baseline-cache DIR]
+ * of an idle VM. All cold boots (MATCHLOCK_COLD=1); bench/snapshot.ts measures restores.
+ * Usage: npm run bench:boot [-- --runs N] [--baseline DIR --baseline-cache DIR]
  *
  * --baseline DIR: another checkout (built, `npm ci` done) whose `bin/matchlock` is measured in the
  * same rounds, alternating, as "before": `run -- true` and `--version` of both, with per-round
@@ -65,7 +66,8 @@ async function main(): Promise<void> {
   const initramfs = await loadInitramfs(p);
   const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel: kernel.vmlinux, initramfs });
   const scratch = mkdtempSync(join(tmpdir(), "matchlock-bench-"));
-  const env = { ...process.env, MATCHLOCK_HOME: join(scratch, "home") };
+  // Cold boots: what is compared with a raw boot here. Restores from snapshots: bench/snapshot.ts.
+  const env = { ...process.env, MATCHLOCK_HOME: join(scratch, "home"), MATCHLOCK_COLD: "1" };
   const spec: VmSpec = {
     id: "bench",
     dir: scratch,
@@ -163,6 +165,7 @@ async function main(): Promise<void> {
   }
 
   const sb = await Sandbox.create({
+    cold: true,
     config: parseSandboxConfig({ network: { no_network: true } }),
     paths: paths(env),
   });
