@@ -1,11 +1,11 @@
 import { open } from "node:fs/promises";
-import { createRequire } from "node:module";
+import { loadLibc } from "./libc.ts";
 
 /**
  * Copies of sparse disk images that stay sparse. A VM's upper disk is a 5 GB file holding a few MB:
  * a plain copy (or copy_file_range, which ext4 fills in) would write all of it. The data extents
- * come from lseek(SEEK_DATA/SEEK_HOLE), which Node does not expose, through koffi (the project's FFI,
- * already used for openat2 and SO_ORIGINAL_DST); only those ranges are copied.
+ * come from lseek(SEEK_DATA/SEEK_HOLE), which Node does not expose (libc.ts); only those ranges are
+ * copied.
  */
 
 export interface Extent {
@@ -19,18 +19,11 @@ const ENXIO = 6;
 
 type Lseek = (fd: number, offset: bigint | number, whence: number) => bigint | number;
 let lseek: Lseek | undefined;
-let errno: (() => number) | undefined;
 
 function lib(): { lseek: Lseek; errno: () => number } {
-  if (!lseek || !errno) {
-    const koffi = createRequire(import.meta.url)("koffi") as {
-      load(path: string): { func(sig: string): unknown };
-      errno(): number;
-    };
-    lseek = koffi.load("libc.so.6").func("int64_t lseek(int, int64_t, int)") as Lseek;
-    errno = () => koffi.errno();
-  }
-  return { lseek, errno };
+  const libc = loadLibc();
+  lseek ??= libc.func("int64_t lseek(int, int64_t, int)") as Lseek;
+  return { lseek, errno: libc.errno };
 }
 
 /** The data extents of an open file, in order. A file system without SEEK_DATA gives one extent. */

@@ -1,6 +1,6 @@
 import { readFile } from "node:fs/promises";
-import { createRequire } from "node:module";
 import type { Socket } from "node:net";
+import { loadLibc } from "../host/libc.ts";
 
 /**
  * Where a DNATed guest flow was going before nftables redirected it to our listener. Node cannot ask
@@ -25,10 +25,7 @@ let getsockopt: GetSockOpt | null | undefined;
 function loadGetsockopt(): GetSockOpt | null {
   if (getsockopt !== undefined) return getsockopt;
   try {
-    const koffi = createRequire(import.meta.url)("koffi") as {
-      load(path: string): { func(sig: string): GetSockOpt };
-    };
-    getsockopt = koffi.load("libc.so.6").func("int getsockopt(int, int, int, void *, void *)");
+    getsockopt = loadLibc().func("int getsockopt(int, int, int, void *, void *)") as GetSockOpt;
   } catch {
     getsockopt = null;
   }

@@ -1,5 +1,5 @@
-import { createRequire } from "node:module";
 import { constants } from "node:os";
+import { loadLibc } from "../host/libc.ts";
 import type { Attr } from "./fuse-abi.ts";
 import { type Errno, FsError } from "./provider.ts";
 
@@ -80,11 +80,7 @@ let lib: Lib | undefined;
 
 function load(): Lib {
   if (lib) return lib;
-  const koffi = createRequire(import.meta.url)("koffi") as {
-    load(path: string): { func(sig: string): Fn };
-    errno(): number;
-  };
-  const c = koffi.load("libc.so.6");
+  const c = loadLibc();
   lib = {
     syscall4: c.func("long syscall(long nr, int dirfd, const char *path, void *how, size_t size)"),
     statx: c.func("int statx(int dirfd, const char *path, int flags, unsigned int mask, void *buf)"),
@@ -110,7 +106,7 @@ function load(): Lib {
     listxattr: c.func("intptr_t listxattr(const char *path, void *list, size_t size)"),
     removexattr: c.func("int removexattr(const char *path, const char *name)"),
     getdents64: c.func("intptr_t getdents64(int fd, void *buf, size_t count)"),
-    errno: () => koffi.errno(),
+    errno: c.errno,
   };
   return lib;
 }
