@@ -305,18 +305,9 @@ export class Sandbox {
 
       phase = "start";
       state.lifecycle.transition(id, "starting");
-      const bootLog = join(dir, "boot.log");
-      const note = (line: string) => {
-        try {
-          appendFileSync(bootLog, `${new Date().toISOString()} ${line}\n`);
-        } catch {}
-      };
-      const agentLog = join(dir, "agent.log");
-      const logAgent = (line: string) => {
-        try {
-          appendFileSync(agentLog, `${line}\n`);
-        } catch {}
-      };
+      const bootLog = appendLine(join(dir, "boot.log"));
+      const note = (line: string) => bootLog(`${new Date().toISOString()} ${line}`);
+      const logAgent = appendLine(join(dir, "agent.log"));
       let agent: AgentClient | undefined;
       if (found.template) {
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
@@ -823,4 +814,13 @@ function restoreBlocker(opts: CreateOptions, config: SandboxConfig): string | un
   if (process.env.MATCHLOCK_COLD === "1") return "MATCHLOCK_COLD=1";
   if ((config.extra_disks ?? []).length > 0) return "extra disks are attached at boot";
   return undefined;
+}
+
+/** Appends lines to a VM log file; a full disk loses the line, never the VM. */
+function appendLine(path: string): (line: string) => void {
+  return (line) => {
+    try {
+      appendFileSync(path, `${line}\n`);
+    } catch {}
+  };
 }
