@@ -246,7 +246,7 @@ export const BOOT_PARAMS = {
   "matchlock.net": {
     value: "GUEST/PREFIX,GATEWAY,MTU",
     meaning:
-      "configure `eth0`: IPv6 off, MTU, address, link up, default route (failures are logged, not fatal); without it `eth0` stays down",
+      "configure `eth0`: IPv6 off, MTU, address, link up, default route (failures are logged, not fatal); without it `eth0` stays down; `up`: IPv6 off and link up with no address (a snapshot template's, silent, so a clone only sets its address)",
   },
   "matchlock.probe": {
     value: "1",

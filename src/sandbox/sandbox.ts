@@ -36,6 +36,7 @@ import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
 import { waitReady } from "./agent-ready.ts";
 import { finishCleanup } from "./cleanup.ts";
 import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
+import { writeEtcFiles } from "./etc-files.ts";
 import { EVENTS_FILE, EventLog } from "./event-log.ts";
 import { prepareExtraDisks } from "./extra-disks.ts";
 import { crashPoint } from "./faults.ts";
@@ -43,6 +44,7 @@ import { installGuestCa } from "./guest-ca.ts";
 import { HostFolders, hostFoldersRequested } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
 import { type PauseState, VmPause } from "./pause.ts";
+import { PhaseTimer } from "./phase-timer.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
 import {
@@ -187,6 +189,7 @@ export class Sandbox {
   static async create(opts: CreateOptions): Promise<Sandbox> {
     const p = opts.paths ?? defaultPaths();
     const progress = opts.onProgress ?? (() => {});
+    const phases = new PhaseTimer();
     // From here on the config carries placeholders, never secret values (those live in the policy).
     const { config, policy, env: networkEnv } = await prepareNetworkPolicy(opts.config);
     const image = await resolveImage(p, config.image, {
@@ -195,6 +198,7 @@ export class Sandbox {
     });
     const id = newVmId();
     const hostname = config.network.hostname || id;
+    phases.mark("image");
     const imageConfig = { ...image.config, ...(config.image_config ?? {}) };
     const first = opts.firstCommand?.(imageConfig);
     if (first) validateCommand(execRequest(first, { hostname, imageConfig, config, networkEnv }));
@@ -205,6 +209,7 @@ export class Sandbox {
       { kernel: kernel.vmlinux, initramfs },
       opts.accel,
     );
+    phases.mark("kernel");
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
     const ownsState = opts.state === undefined;
@@ -249,6 +254,7 @@ export class Sandbox {
     };
     state.lifecycle.transition(id, "creating", { backend: "qemu", resources });
     crashPoint("creating");
+    phases.mark("record");
 
     let vm: RunningVm | undefined;
     let network: VmNetwork | undefined;
@@ -274,6 +280,7 @@ export class Sandbox {
           ...(policy ? { intercept: policy } : {}),
           onEvent: (e) => events.emit(e),
         });
+        phases.mark("network");
       }
       if (hostFoldersRequested(config)) {
         folders = await HostFolders.prepare(config, dir, (f) => events.emit(fileEvent(f)));
@@ -281,6 +288,7 @@ export class Sandbox {
       const extraDisks = await prepareExtraDisks(config, folders?.workspace);
       state.lifecycle.transition(id, "created");
       crashPoint("created");
+      phases.mark("folders");
 
       // What makes the VM itself: boot parameters for a cold boot, SET_IDENTITY for a clone.
       const identity = () => [
@@ -302,6 +310,7 @@ export class Sandbox {
             ),
             { backend, bootTimeoutMs, progress },
           );
+      phases.mark("snapshot");
 
       phase = "start";
       state.lifecycle.transition(id, "starting");
@@ -313,6 +322,7 @@ export class Sandbox {
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
         try {
           const { devices } = await prepareClone(found.template, dir, upper);
+          phases.mark("clone");
           vm = await backend.start(
             restoreSpec(found.template, devices, {
               id,
@@ -325,7 +335,9 @@ export class Sandbox {
           if (folders && vm.vfs) folders.serve(vm.vfs);
           recordQemu(vm);
           crashPoint("restoring");
+          phases.mark("qemu");
           await adoptClone(agent, vm, identity(), bootTimeoutMs);
+          phases.mark("identity");
           note(`restored from snapshot ${found.template.key}`);
         } catch (e) {
           // Any failure falls back to a cold boot; the reason stays in the VM's boot.log.
@@ -343,6 +355,7 @@ export class Sandbox {
         await rm(upper, { force: true }); // a failed restore's copy
         await rm(qp.consoleLog, { force: true });
         await makeUpperDisk(p.cache, upper, config.resources.disk_size_mb);
+        phases.mark("disk");
         progress(`booting ${id} (${accel})`);
         vm = await backend.start({
           id,
@@ -368,7 +381,9 @@ export class Sandbox {
         agent = new AgentClient(vm.agent, logAgent);
         if (folders && vm.vfs) folders.serve(vm.vfs);
         recordQemu(vm);
+        phases.mark("qemu");
         await waitReady(agent, vm, bootTimeoutMs);
+        phases.mark("boot");
       }
       const sandbox = new Sandbox({
         id,
@@ -386,11 +401,21 @@ export class Sandbox {
         events,
         folders,
       });
-      await sandbox.writeNetworkFiles();
-      if (policy) await installGuestCa(sandbox.agent, policy.ca.certPem);
+      await writeEtcFiles(agent, {
+        hostname,
+        addHosts: config.network.add_hosts,
+        ...(network ? { gateway: network.plan.gateway } : {}),
+      });
+      phases.mark("etc");
+      if (policy) {
+        await installGuestCa(sandbox.agent, policy.ca.certPem);
+        phases.mark("ca");
+      }
       sandbox.relay = await RelayServer.listen(relaySocket, sandbox);
       state.lifecycle.transition(id, "running");
       crashPoint("running");
+      phases.mark("running");
+      note(`ready in ${phases.summary()}`);
       return sandbox;
     } catch (e) {
       // A failed create removes everything it made, records and all: like a failed `docker run --rm`.
@@ -664,37 +689,6 @@ export class Sandbox {
     })();
     return this.closing;
   }
-
-  /**
-   * The guest's name and resolver files, in Matchlock's layout: /etc/hostname, /etc/hosts (localhost
-   * with the hostname, one line per add-host, the IPv6 lines) and /etc/resolv.conf naming the
-   * gateway (every port-53 packet lands on our DNS anyway). With no network, resolv.conf is the
-   * image's.
-   */
-  private async writeNetworkFiles(): Promise<void> {
-    // An image may ship these as symlinks (resolv.conf → systemd-resolved's stub, often dangling
-    // here): replaced by regular files, as Docker's bind mounts do, never written through.
-    const write = (path: string, text: string) =>
-      this.agent.writeFile(path, Buffer.from(text), 0o644, { replaceLink: true });
-    // At once, on their own streams: one round trip instead of three.
-    await Promise.all([
-      write("/etc/hostname", `${this.hostname}\n`),
-      write("/etc/hosts", hostsFile(this.hostname, this.config.network.add_hosts)),
-      ...(this.network ? [write("/etc/resolv.conf", `nameserver ${this.network.plan.gateway}\n`)] : []),
-    ]);
-  }
-}
-
-/** /etc/hosts as Matchlock's guest init writes it. */
-export function hostsFile(hostname: string, addHosts: ReadonlyArray<{ host: string; ip: string }>): string {
-  return [
-    `127.0.0.1\tlocalhost localhost.localdomain ${hostname}`,
-    ...addHosts.map((h) => `${h.ip}\t${h.host}`),
-    "::1\tlocalhost ip6-localhost ip6-loopback",
-    "ff02::1\tip6-allnodes",
-    "ff02::2\tip6-allrouters",
-    "",
-  ].join("\n");
 }
 
 /** The handle of a command that never started because the agent channel was already gone. */

@@ -16,6 +16,7 @@ import type { Accel, RunningVm, VmBackend, VmSpec } from "../vm/backend.ts";
 import { QEMU_BINARY } from "../vm/qemu/argv.ts";
 import { hostTscKhz } from "../vm/qemu/tsc.ts";
 import { waitReady } from "./agent-ready.ts";
+import { writeEtcFiles } from "./etc-files.ts";
 import { crashPoint } from "./faults.ts";
 import { hostFoldersRequested } from "./host-folders.ts";
 
@@ -36,7 +37,7 @@ import { hostFoldersRequested } from "./host-folders.ts";
  */
 
 /** Bumped when what a template holds changes shape (QEMU arguments, agent boot parameters). */
-const TEMPLATE_FORMAT = 1;
+const TEMPLATE_FORMAT = 2;
 /** Every clone keeps its template's MAC (it is in the device state); each VM has its own TAP. */
 export const TEMPLATE_MAC = "02:6d:6c:00:00:02";
 const RAM_FILE = "ram";
@@ -136,7 +137,11 @@ export async function templateInputs(
     accel: ctx.accel,
     tscKhz: ctx.accel === "tcg" ? await hostTscKhz(join(ctx.cacheDir, "tsc.json")) : 0,
     ...variant,
-    kernelArgs: [`matchlock.rootfstype=${ctx.image.fstype}`, ...(variant.vfs ? ["matchlock.fuse=1"] : [])],
+    kernelArgs: [
+      `matchlock.rootfstype=${ctx.image.fstype}`,
+      ...(variant.nic ? ["matchlock.net=up"] : []),
+      ...(variant.vfs ? ["matchlock.fuse=1"] : []),
+    ],
   };
 }
 
@@ -242,6 +247,13 @@ async function buildTemplate(
   const agent = new AgentClient(vm.agent);
   try {
     await waitReady(agent, vm, opts.bootTimeoutMs);
+    // Placeholders, so a clone overwrites files already in its upper layer instead of copying them
+    // up from the image: less guest code to run (untranslated under TCG) before a clone is ready.
+    await writeEtcFiles(agent, {
+      hostname: "localhost",
+      addHosts: [],
+      ...(t.inputs.nic ? { gateway: "127.0.0.1" } : {}),
+    });
     await agent.ping(); // the agent is in its loop, idle: nothing is in flight when the state is saved
     await vm.snapshot(t.state);
     await writeFile(join(t.dir, DEVICES_FILE), vm.devices, { mode: 0o600 });

@@ -10,7 +10,7 @@ import { PrivateFloor } from "../../src/net/floor.ts";
 import { ruleset, tapOfTable } from "../../src/net/host-net.ts";
 import { macAddress, tableName, tapName } from "../../src/net/names.ts";
 import { findInConntrack } from "../../src/net/original-dst.ts";
-import { hostsFile } from "../../src/sandbox/sandbox.ts";
+import { hostsFile } from "../../src/sandbox/etc-files.ts";
 import { openState } from "../../src/state/store.ts";
 import { qemuArgv } from "../../src/vm/qemu/argv.ts";
 
