@@ -138,6 +138,9 @@ export async function applyTable(spec: HostNetSpec, ports: ListenerPorts): Promi
 
 /** Deletes the table in every family (Matchlock's tables are `ip`), ignoring ones that do not exist. */
 export async function deleteTable(table: string): Promise<boolean> {
+  // Ours are `inet`: one command in the usual case, the listing only when that was not it.
+  const direct = await runCommand("nft", ["delete", "table", "inet", table], { allowFailure: true });
+  if (direct.code === 0) return true;
   const existing = (await listTables()).filter((t) => t.name === table);
   if (existing.length === 0) return false;
   const text = existing.map((t) => `delete table ${t.family} ${t.name}`).join("\n");
@@ -147,12 +150,12 @@ export async function deleteTable(table: string): Promise<boolean> {
 
 /** Deletes the TAP; false if it did not exist. */
 export async function deleteTap(tap: string): Promise<boolean> {
-  if (!(await listTaps()).some((l) => l.name === tap)) return false;
   const r = await runCommand("ip", ["link", "delete", "dev", tap], { allowFailure: true });
-  if (r.code !== 0 && (await listTaps()).some((l) => l.name === tap)) {
+  if (r.code === 0) return true;
+  if ((await listTaps()).some((l) => l.name === tap)) {
     throw new MatchlockError("NETWORK_FAILED", `ip link delete ${tap}: ${r.stderr.trim()}`);
   }
-  return r.code === 0;
+  return false;
 }
 
 export interface TapLink {

@@ -118,14 +118,17 @@ export async function cleanupResources(
   });
   // The table before the TAP (the reverse of creation): a table never outlives its TAP's owner
   // unnoticed, and `gc` treats a table without a TAP as an orphan.
-  await run("firewall_table", async () => {
-    if (!resources.firewall_table) return "skipped";
-    return (await deleteTable(resources.firewall_table)) ? "ok" : "skipped";
-  });
-  await run("tap", async () => {
-    if (!resources.tap_name) return "skipped";
-    return (await deleteTap(resources.tap_name)) ? "ok" : "skipped";
-  });
+  // Independent of each other (a removed TAP no longer matches the table's rules): at once.
+  await Promise.all([
+    run("firewall_table", async () => {
+      if (!resources.firewall_table) return "skipped";
+      return (await deleteTable(resources.firewall_table)) ? "ok" : "skipped";
+    }),
+    run("tap", async () => {
+      if (!resources.tap_name) return "skipped";
+      return (await deleteTap(resources.tap_name)) ? "ok" : "skipped";
+    }),
+  ]);
   await run("subnet", async () => (state.subnets.release(vmId) ? "ok" : "skipped"));
   await run("runtime_file", async () => {
     if (!resources.vm_dir) return "skipped";
