@@ -1,9 +1,14 @@
 /**
- * bench/boot: how much `matchlock run -- true` costs over booting the same kernel + initramfs with raw
- * QEMU to an init that powers off at once (the agent's probe mode), both measured in this run, in
- * alternation (machines here are noisy). Also the exec round trip in a running VM and the host memory
- * of an idle VM. All cold boots (MATCHLOCK_COLD=1); bench/snapshot.ts measures restores.
- * Usage: npm run bench:boot [-- --runs N] [--baseline DIR --baseline-cache DIR]
+ * bench/boot: what a sandbox's start costs, in one run, every series alternating (machines here are
+ * noisy):
+ *   - cold: `matchlock run --cold -- true` against booting the same kernel + initramfs with raw QEMU
+ *     to an init that powers off at once (the agent's probe mode), and `--version`;
+ *   - exec: the exec round trip in a running VM and the host memory of an idle VM;
+ *   - restore (bench/boot-restore.ts): restored vs. cold `run -- true`, create → ready in a long-lived
+ *     program (in-process and SDK, with and without its spare), the first exec after a restore, and
+ *     the host memory of N idle restored VMs vs. N cold ones.
+ * Usage: npm run bench:boot [-- --runs N] [--idle N] [--sections cold,exec,restore]
+ *        [--baseline DIR --baseline-cache DIR]
  *
  * --baseline DIR: another checkout (built, `npm ci` done) whose `bin/matchlock` is measured in the
  * same rounds, alternating, as "before": `run -- true` and `--version` of both, with per-round
@@ -24,6 +29,7 @@ import type { VmSpec } from "../src/vm/backend.ts";
 import { chooseAccel, PROBE_MARKER } from "../src/vm/qemu/accel.ts";
 import { QEMU_BINARY, qemuArgv } from "../src/vm/qemu/argv.ts";
 import { hostTscKhz } from "../src/vm/qemu/tsc.ts";
+import { benchRestore } from "./boot-restore.ts";
 
 const runsArg = process.argv.indexOf("--runs");
 const RUNS = runsArg > 0 ? Number(process.argv[runsArg + 1]) : 10;
@@ -34,6 +40,8 @@ const arg = (name: string): string | undefined => {
   return i > 0 ? process.argv[i + 1] : undefined;
 };
 const BASELINE = arg("--baseline");
+const IDLE = Number(arg("--idle") ?? 8);
+const SECTIONS = new Set((arg("--sections") ?? "cold,exec,restore").split(","));
 const BASELINE_CACHE = arg("--baseline-cache");
 
 function pct(xs: number[], p: number): number {
@@ -66,12 +74,34 @@ async function main(): Promise<void> {
   const initramfs = await loadInitramfs(p);
   const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel: kernel.vmlinux, initramfs });
   const scratch = mkdtempSync(join(tmpdir(), "matchlock-bench-"));
-  // Cold boots: what is compared with a raw boot here. Restores from snapshots: bench/snapshot.ts.
+  console.log(
+    `bench/boot on ${cpus().length} × ${cpus()[0]?.model ?? "?"}, accel ${accel}, ${RUNS} runs each, ` +
+      `sections ${[...SECTIONS].join(",")}`,
+  );
+  // Cold boots: what is compared with a raw boot here. Restores: the restore section.
   const env = { ...process.env, MATCHLOCK_HOME: join(scratch, "home"), MATCHLOCK_COLD: "1" };
+  try {
+    if (SECTIONS.has("cold")) await benchCold(scratch, env, { kernel: kernel.vmlinux, initramfs, accel });
+    if (SECTIONS.has("exec")) await benchExec(env);
+    if (SECTIONS.has("restore")) {
+      console.log("restore (fast starts):");
+      await benchRestore({ cli: CLI, scratch, runs: RUNS, idle: IDLE });
+    }
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
+async function benchCold(
+  scratch: string,
+  env: NodeJS.ProcessEnv,
+  boot: { kernel: string; initramfs: string; accel: VmSpec["accel"] },
+): Promise<void> {
+  const { kernel, initramfs, accel } = boot;
   const spec: VmSpec = {
     id: "bench",
     dir: scratch,
-    kernel: kernel.vmlinux,
+    kernel,
     initramfs,
     kernelArgs: ["matchlock.probe=1"],
     cpus: 1,
@@ -90,9 +120,6 @@ async function main(): Promise<void> {
   const cut = rawArgs.indexOf("virtio-serial-device,max_ports=2") - 1;
   const baselineArgs = rawArgs.slice(0, cut);
 
-  console.log(
-    `bench/boot on ${cpus().length} × ${cpus()[0]?.model ?? "?"}, accel ${accel}, ${RUNS} runs each`,
-  );
   const raw: number[] = [];
   const run: number[] = [];
   const version: number[] = [];
@@ -159,11 +186,9 @@ async function main(): Promise<void> {
     );
     console.log(`  raw / before run: ${(pct(runBefore, 50) / pct(raw, 50)).toFixed(2)}`);
   }
-  if (process.argv.includes("--boot-only")) {
-    rmSync(scratch, { recursive: true, force: true });
-    return;
-  }
+}
 
+async function benchExec(env: NodeJS.ProcessEnv): Promise<void> {
   const sb = await Sandbox.create({
     cold: true,
     config: parseSandboxConfig({ network: { no_network: true } }),
@@ -204,7 +229,6 @@ async function main(): Promise<void> {
     );
   } finally {
     await sb.close();
-    rmSync(scratch, { recursive: true, force: true });
   }
 }
 

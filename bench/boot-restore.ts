@@ -1,0 +1,125 @@
+/**
+ * The restore half of bench/boot (fast starts), alternating (machines here are noisy):
+ *   1. `matchlock run -- true` end to end, restored from the image's snapshot vs. a cold boot (--cold);
+ *   2. create → ready in a long-lived program: in-process Sandbox.create, and the SDK's
+ *      `new Client().create()` — with its warm spare `matchlock rpc` child (the default) and without
+ *      (MATCHLOCK_SDK_SPARE=0: each client starts its own) — restored vs. cold;
+ *   3. the first exec after a restore vs. after a cold boot;
+ *   4. host memory (PSS of each QEMU, from /proc/PID/smaps_rollup) of N idle restored VMs vs. N cold.
+ */
+import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { parseSandboxConfig } from "../src/api/config.ts";
+import { paths } from "../src/api/paths.ts";
+import { Sandbox } from "../src/sandbox/sandbox.ts";
+import { Client } from "../src/sdk/index.ts";
+
+export interface RestoreBenchOptions {
+  /** The launcher users run. */
+  cli: string;
+  /** A scratch dir of this run (its own MATCHLOCK_HOME goes in it). */
+  scratch: string;
+  runs: number;
+  idle: number;
+}
+
+export function pct(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))] ?? Number.NaN;
+}
+const fmt = (ms: number) => (ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(0)} ms`);
+const row = (label: string, xs: number[]) =>
+  `${label.padEnd(44)} p50 ${fmt(pct(xs, 50)).padStart(8)}  p99 ${fmt(pct(xs, 99)).padStart(8)}  (n=${xs.length})`;
+
+function timed(cli: string, args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+  const t0 = performance.now();
+  return new Promise((resolve, reject) => {
+    const c = spawn(cli, args, { stdio: ["ignore", "ignore", "pipe"], env });
+    let err = "";
+    c.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    c.on("error", reject);
+    c.on("close", (code) => (code === 0 ? resolve(performance.now() - t0) : reject(new Error(err))));
+  });
+}
+
+function pssKb(pid: number): number {
+  return Number(/^Pss:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"))?.[1] ?? 0);
+}
+
+export async function benchRestore(o: RestoreBenchOptions): Promise<void> {
+  const env: NodeJS.ProcessEnv = { ...process.env, MATCHLOCK_HOME: join(o.scratch, "home-restore") };
+  delete env.MATCHLOCK_COLD; // this section chooses per series
+  const p = paths(env);
+  const config = parseSandboxConfig({});
+  // Build the snapshot and warm the page cache; not counted.
+  await timed(o.cli, ["run", "--", "true"], env);
+  await timed(o.cli, ["run", "--cold", "--", "true"], env);
+
+  const cliRestore: number[] = [];
+  const cliCold: number[] = [];
+  for (let i = 0; i < o.runs; i++) {
+    cliRestore.push(await timed(o.cli, ["run", "--", "true"], env));
+    cliCold.push(await timed(o.cli, ["run", "--cold", "--", "true"], env));
+  }
+  console.log(row("run -- true, restored", cliRestore));
+  console.log(row("run -- true, cold (--cold)", cliCold));
+  console.log(`  ratio restored / cold (medians)  ${(pct(cliRestore, 50) / pct(cliCold, 50)).toFixed(2)}`);
+
+  const t = {
+    inRestore: [] as number[],
+    inCold: [] as number[],
+    firstRestore: [] as number[],
+    firstCold: [] as number[],
+    sdkSpare: [] as number[],
+    sdkNoSpare: [] as number[],
+    sdkCold: [] as number[],
+  };
+  const sdkCreate = async (extra: NodeJS.ProcessEnv, into: number[] | undefined) => {
+    const client = new Client({ env: { ...env, ...extra } });
+    const t0 = performance.now();
+    await client.create({});
+    into?.push(performance.now() - t0);
+    await client.close();
+    await client.remove();
+  };
+  // Round 0 warms up (and starts the SDK's spares); not counted.
+  for (let i = 0; i <= o.runs; i++) {
+    const keep = i > 0;
+    for (const cold of [false, true]) {
+      let t0 = performance.now();
+      const sb = await Sandbox.create({ config, paths: p, cold });
+      if (keep) (cold ? t.inCold : t.inRestore).push(performance.now() - t0);
+      t0 = performance.now();
+      await sb.exec({ argv: ["true"] }).done;
+      if (keep) (cold ? t.firstCold : t.firstRestore).push(performance.now() - t0);
+      await sb.close();
+    }
+    await sdkCreate({}, keep ? t.sdkSpare : undefined);
+    await sdkCreate({ MATCHLOCK_SDK_SPARE: "0" }, keep ? t.sdkNoSpare : undefined);
+    await sdkCreate({ MATCHLOCK_COLD: "1" }, keep ? t.sdkCold : undefined);
+  }
+  console.log(row("Sandbox.create → ready, restored", t.inRestore));
+  console.log(row("Sandbox.create → ready, cold", t.inCold));
+  console.log(row("SDK Client().create(), restored (spare)", t.sdkSpare));
+  console.log(row("SDK Client().create(), restored, no spare", t.sdkNoSpare));
+  console.log(row("SDK Client().create(), cold (spare)", t.sdkCold));
+  console.log(row("first exec after a restore", t.firstRestore));
+  console.log(row("first exec after a cold boot", t.firstCold));
+
+  for (const cold of [false, true]) {
+    const vms: Sandbox[] = [];
+    try {
+      for (let i = 0; i < o.idle; i++) vms.push(await Sandbox.create({ config, paths: p, cold }));
+      await new Promise((r) => setTimeout(r, 3000)); // let them settle
+      const pss = vms.map((v) => pssKb(v.vmPid) / 1024);
+      const sum = pss.reduce((a, b) => a + b, 0);
+      console.log(
+        `${o.idle} idle VMs, ${cold ? "cold    " : "restored"}  QEMU PSS ${sum.toFixed(0)} MiB in all, ` +
+          `${(sum / o.idle).toFixed(0)} MiB each`,
+      );
+    } finally {
+      for (const v of vms) await v.close();
+    }
+  }
+}
