@@ -111,9 +111,9 @@ function validateHostname(h: string): string {
 /** Set in the background process that `run -d` starts: it owns the VM and reports on fd 3. */
 const DETACHED_CHILD = "MATCHLOCK_DETACHED_CHILD";
 
-/** The one progress line worth a user's attention in `run`: why this start takes longer. */
+/** The progress lines worth a user's attention in `run`: why this start takes longer, what it removed. */
 function snapshotNotice(message: string): void {
-  if (message.startsWith("building a snapshot") && process.stderr.isTTY)
+  if (/^(building a snapshot|removed the least recently used snapshot)/.test(message) && process.stderr.isTTY)
     process.stderr.write(`matchlock: ${message}\n`);
 }
 

@@ -40,7 +40,7 @@ async function buildDefaultSnapshot(p: Paths, accel: Accel, vmlinux: string): Pr
     import("../sandbox/snapshots.ts"),
     import("../state/store.ts"),
   ]);
-  const { findOrBuildTemplate, templateInputs, variantOf } = snapshots;
+  const { findOrBuildTemplate, snapshotMaxBytes, templateInputs, variantOf } = snapshots;
   const { QemuBackend } = await import("../vm/qemu/machine.ts");
   const image = await loadDefaultImage(p);
   if (!image) return "skipped: no default image";
@@ -53,7 +53,12 @@ async function buildDefaultSnapshot(p: Paths, accel: Accel, vmlinux: string): Pr
         { cacheDir: p.cache, kernel: vmlinux, initramfs: await loadInitramfs(p), image, accel },
         variantOf(parseSandboxConfig({})),
       ),
-      { backend: new QemuBackend({ cacheDir: p.cache }), bootTimeoutMs: 120_000, progress: () => {} },
+      {
+        backend: new QemuBackend({ cacheDir: p.cache }),
+        bootTimeoutMs: 120_000,
+        progress: () => {},
+        maxBytes: snapshotMaxBytes(),
+      },
     );
     if (!found.template) return `not built (${found.reason}); runs boot cold until one is`;
     return `${DEFAULT_IMAGE} ${found.template.key} (${found.built ? "built" : "ok"})`;

@@ -48,7 +48,8 @@ export function registerSnapshotCommands(program: Command): void {
         "~/.matchlock/snapshots. `run`, RPC `create` and the SDK restore a copy of it instead of booting, one\n" +
         "per image, memory, CPUs, disk size, network or not, folders or not. It is built on first use (and by\n" +
         "`setup` for the default image), and stale once the kernel, agent, image or QEMU changes: a new one\n" +
-        "is built then, and `snapshot gc` (or `gc`) removes the old.",
+        "is built then, and `snapshot gc` (or `gc`) removes the old. Together they take at most\n" +
+        "MATCHLOCK_SNAPSHOT_MAX_MB of disk (default 2048): a new one removes the least recently used first.",
     );
   snapshot
     .command("ls")

@@ -25,7 +25,13 @@ import type { PullProgress } from "../image/registry.ts";
 import { type ResolvedImage, resolveImage } from "../image/resolve.ts";
 import { routedSubnets } from "../net/host-net.ts";
 import type { AllowList } from "../net/host-policy.ts";
-import { guestKernelArg, type NetworkPlan, planNetwork, VmNetwork } from "../net/vm-network.ts";
+import {
+  guestKernelArg,
+  type NetworkPlan,
+  type NetworkStart,
+  planNetwork,
+  VmNetwork,
+} from "../net/vm-network.ts";
 import type { Resources } from "../state/lifecycle.ts";
 import { procStartTime, selfIdentity } from "../state/procs.ts";
 import { writeRuntimeFile } from "../state/runtime-file.ts";
@@ -49,9 +55,11 @@ import { type PortBinding, type PortForward, PortForwarder } from "./port-forwar
 import { RelayServer } from "./relay.ts";
 import {
   adoptClone,
+  evictionNote,
   findOrBuildTemplate,
   prepareClone,
   restoreSpec,
+  snapshotMaxBytes,
   templateInputs,
   variantOf,
 } from "./snapshots.ts";
@@ -210,6 +218,8 @@ export class Sandbox {
       opts.accel,
     );
     phases.mark("kernel");
+    const blocker = restoreBlocker(opts, config);
+    if (!blocker) snapshotMaxBytes(); // a bad MATCHLOCK_SNAPSHOT_MAX_MB is refused before anything exists
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
     const ownsState = opts.state === undefined;
@@ -258,6 +268,7 @@ export class Sandbox {
 
     let vm: RunningVm | undefined;
     let network: VmNetwork | undefined;
+    let networkStart: NetworkStart | undefined;
     let folders: HostFolders | undefined;
     const events = new EventLog(join(dir, EVENTS_FILE));
     let phase: "create" | "start" = "create";
@@ -273,32 +284,23 @@ export class Sandbox {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       if (plan) {
         progress(`network ${plan.subnet} on ${plan.tap}${policy ? " (intercept mode)" : ""}`);
-        network = await VmNetwork.start(plan, {
+        // The TAP now; its listeners and filter while QEMU starts (a restore) or before a cold boot.
+        networkStart = VmNetwork.begin(plan, {
           config: config.network,
           owner,
           logFile: join(dir, "net.log"),
           ...(policy ? { intercept: policy } : {}),
           onEvent: (e) => events.emit(e),
         });
-        phases.mark("network");
       }
       if (hostFoldersRequested(config)) {
         folders = await HostFolders.prepare(config, dir, (f) => events.emit(fileEvent(f)));
       }
       const extraDisks = await prepareExtraDisks(config, folders?.workspace);
-      state.lifecycle.transition(id, "created");
-      crashPoint("created");
       phases.mark("folders");
-
-      // What makes the VM itself: boot parameters for a cold boot, SET_IDENTITY for a clone.
-      const identity = () => [
-        `matchlock.hostname=${hostname}`,
-        `matchlock.time=${(Date.now() / 1000).toFixed(3)}`,
-        ...(plan ? [guestKernelArg(plan)] : []),
-        ...(folders ? [folders.kernelArg] : []),
-      ];
+      // Part of creating: a failure here (building the snapshot cannot fail the sandbox, but the
+      // state store can) is a failed create.
       const backend = opts.backend ?? new QemuBackend({ cacheDir: p.cache });
-      const blocker = restoreBlocker(opts, config);
       const found = blocker
         ? { template: undefined, reason: blocker }
         : await findOrBuildTemplate(
@@ -308,9 +310,19 @@ export class Sandbox {
               { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
               variantOf(config),
             ),
-            { backend, bootTimeoutMs, progress },
+            { backend, bootTimeoutMs, progress, maxBytes: snapshotMaxBytes() },
           );
       phases.mark("snapshot");
+      state.lifecycle.transition(id, "created");
+      crashPoint("created");
+
+      // What makes the VM itself: boot parameters for a cold boot, SET_IDENTITY for a clone.
+      const identity = () => [
+        `matchlock.hostname=${hostname}`,
+        `matchlock.time=${(Date.now() / 1000).toFixed(3)}`,
+        ...(plan ? [guestKernelArg(plan)] : []),
+        ...(folders ? [folders.kernelArg] : []),
+      ];
 
       phase = "start";
       state.lifecycle.transition(id, "starting");
@@ -319,17 +331,16 @@ export class Sandbox {
       const logAgent = appendLine(join(dir, "agent.log"));
       let agent: AgentClient | undefined;
       if (found.template) {
+        for (const old of found.evicted ?? []) note(evictionNote(old));
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
         try {
           const { devices } = await prepareClone(found.template, dir, upper);
+          await networkStart?.tap;
           phases.mark("clone");
           vm = await backend.start(
-            restoreSpec(found.template, devices, {
-              id,
-              dir,
-              upper,
-              ...(network ? { tap: network.nic.tap } : {}),
-            }),
+            restoreSpec(found.template, devices, { id, dir, upper, ...(plan ? { tap: plan.tap } : {}) }),
+            // QEMU takes ~85 ms to start under TCG: the network's listeners and filter meanwhile.
+            networkStart ? { whileStarting: networkStart.complete } : {},
           );
           agent = new AgentClient(vm.agent, logAgent);
           if (folders && vm.vfs) folders.serve(vm.vfs);
@@ -340,7 +351,9 @@ export class Sandbox {
           phases.mark("identity");
           note(`restored from snapshot ${found.template.key}`);
         } catch (e) {
-          // Any failure falls back to a cold boot; the reason stays in the VM's boot.log.
+          // A network that failed fails the sandbox, however it boots.
+          await networkStart?.complete();
+          // Any other failure falls back to a cold boot; the reason stays in the VM's boot.log.
           note(`snapshot ${found.template.key} could not be restored (${messageOf(e)}); booting cold`);
           progress(`snapshot restore failed (${messageOf(e)}); booting cold`);
           agent?.close();
@@ -356,6 +369,9 @@ export class Sandbox {
         await rm(qp.consoleLog, { force: true });
         await makeUpperDisk(p.cache, upper, config.resources.disk_size_mb);
         phases.mark("disk");
+        // A cold guest runs from the spawn: its network is complete first.
+        network = await networkStart?.complete();
+        phases.mark("network");
         progress(`booting ${id} (${accel})`);
         vm = await backend.start({
           id,
@@ -385,6 +401,7 @@ export class Sandbox {
         await waitReady(agent, vm, bootTimeoutMs);
         phases.mark("boot");
       }
+      network = await networkStart?.complete(); // a restore's is complete already
       const sandbox = new Sandbox({
         id,
         dir,
@@ -423,7 +440,7 @@ export class Sandbox {
         error: messageOf(e),
       });
       await vm?.stop(0).catch(() => {});
-      await network?.close().catch(() => {});
+      await networkStart?.abandon();
       await folders?.close().catch(() => {});
       await finishCleanup(state, id, { removeDir: true, removeRecords: true }).catch(() => {});
       if (ownsState) state.close();

@@ -45,6 +45,8 @@ const STATE_FILE = "state";
 const UPPER_FILE = "upper.ext4";
 /** The template VM's device signature (`RunningVm.devices`): what a clone's must equal. */
 const DEVICES_FILE = "devices";
+/** Snapshots on disk beyond this are evicted, least recently used first (MATCHLOCK_SNAPSHOT_MAX_MB). */
+const DEFAULT_MAX_MB = 2048;
 /** How long a restored agent has to answer; a healthy restore answers in well under a second. */
 const RESTORE_ANSWER_MS = 15_000;
 
@@ -185,7 +187,9 @@ function vmSpec(t: Template, run: { id: string; dir: string; upper: string; tap?
   };
 }
 
-export type TemplateLookup = { template: Template; built: boolean } | { template: undefined; reason: string };
+export type TemplateLookup =
+  | { template: Template; built: boolean; evicted?: TemplateRow[] }
+  | { template: undefined; reason: string };
 
 /**
  * The ready template for these inputs, building it first when there is none. Nobody waits for
@@ -195,7 +199,13 @@ export async function findOrBuildTemplate(
   p: Paths,
   state: StateStore,
   inputs: TemplateInputs,
-  opts: { backend: VmBackend; bootTimeoutMs: number; progress: (m: string) => void },
+  opts: {
+    backend: VmBackend;
+    bootTimeoutMs: number;
+    progress: (m: string) => void;
+    /** The cap on all snapshots' disk use (`snapshotMaxBytes`): a new one evicts older ones. */
+    maxBytes: number;
+  },
 ): Promise<TemplateLookup> {
   const key = templateKey(inputs);
   const row = state.snapshots.get(key);
@@ -220,7 +230,9 @@ export async function findOrBuildTemplate(
   try {
     await buildTemplate(t, opts);
     state.snapshots.markReady(key, await diskBytes(dir));
-    return { template: t, built: true };
+    const evicted = await evictTemplates(state, opts.maxBytes, key);
+    for (const old of evicted) opts.progress(evictionNote(old));
+    return { template: t, built: true, evicted };
   } catch (e) {
     await rm(dir, { recursive: true, force: true }).catch(() => {});
     state.snapshots.remove(key);
@@ -332,6 +344,46 @@ export async function adoptClone(
   } finally {
     clearTimeout(timer);
   }
+}
+
+export function evictionNote(old: TemplateRow): string {
+  return `removed the least recently used snapshot ${old.key} (${old.image}) to stay within MATCHLOCK_SNAPSHOT_MAX_MB`;
+}
+
+/** The cap on snapshots' disk use, in bytes, from MATCHLOCK_SNAPSHOT_MAX_MB (default 2048). */
+export function snapshotMaxBytes(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.MATCHLOCK_SNAPSHOT_MAX_MB;
+  if (v === undefined || v === "") return DEFAULT_MAX_MB * 1024 * 1024;
+  const mb = Number(v);
+  if (!Number.isFinite(mb) || mb < 0)
+    throw new MatchlockError("INVALID_ARGUMENT", `MATCHLOCK_SNAPSHOT_MAX_MB=${v} is not a number of MiB`);
+  return mb * 1024 * 1024;
+}
+
+/**
+ * Removes ready templates, least recently used first, until those on disk take at most `maxBytes`;
+ * `keep` (the one just built) always stays. Clones running from a removed template are unaffected:
+ * their RAM mapping and disk copy outlive the files. A create that picked it a moment before falls
+ * back to a cold boot.
+ */
+export async function evictTemplates(
+  state: StateStore,
+  maxBytes: number,
+  keep: string,
+): Promise<TemplateRow[]> {
+  const ready = state.snapshots.list().filter((r) => r.status === "ready");
+  let total = ready.reduce((n, r) => n + r.bytes, 0);
+  const evicted: TemplateRow[] = [];
+  const oldestFirst = ready
+    .filter((r) => r.key !== keep)
+    .sort((a, b) => a.last_used_at.localeCompare(b.last_used_at));
+  for (const row of oldestFirst) {
+    if (total <= maxBytes) break;
+    await removeTemplate(state, row);
+    total -= row.bytes;
+    evicted.push(row);
+  }
+  return evicted;
 }
 
 /** Deletes a template's files and record; QEMU processes still building it are killed first. */

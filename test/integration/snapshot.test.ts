@@ -252,3 +252,35 @@ describe("crashes while building or restoring", () => {
     });
   }
 });
+
+describe("the cap on snapshots' disk use", () => {
+  test("a new snapshot over MATCHLOCK_SNAPSHOT_MAX_MB evicts the least recently used; a bad value is refused", async () => {
+    const before = (await snapshots()).map((r) => r.key);
+    assert.ok(before.length > 0, "earlier tests left snapshots");
+    const capped = { MATCHLOCK_SNAPSHOT_MAX_MB: "1" };
+    const started = await cli(["run", "-d", "--memory", "384", "--", "sleep", "600"], capped);
+    assert.equal(started.code, 0, started.stderr);
+    const id = started.stdout.toString().trim();
+    try {
+      const r = await cli(["exec", id, "--", "echo", "ok"]);
+      assert.equal(r.stdout.toString(), "ok\n", r.stderr);
+      const boot = readFileSync(join(p.vms, id, "boot.log"), "utf8");
+      assert.match(
+        boot,
+        /removed the least recently used snapshot [0-9a-f]{16} .* MATCHLOCK_SNAPSHOT_MAX_MB/,
+      );
+      assert.match(boot, /restored from snapshot/);
+    } finally {
+      await cli(["kill", id]);
+    }
+    const after = await snapshots();
+    assert.equal(after.length, 1, `only the new one stays: ${JSON.stringify(after)}`);
+    assert.ok(!before.includes(after[0]?.key as string));
+    assert.deepEqual(readdirSync(join(p.home, "snapshots")), [after[0]?.key]);
+
+    const bad = await cli(["run", "--", "true"], { MATCHLOCK_SNAPSHOT_MAX_MB: "lots" });
+    assert.notEqual(bad.code, 0);
+    assert.match(bad.stderr, /MATCHLOCK_SNAPSHOT_MAX_MB=lots is not a number of MiB/);
+    assert.doesNotMatch(bad.stderr, /\n\s+at /, "no stack trace");
+  });
+});
