@@ -219,7 +219,8 @@ export class Sandbox {
     );
     phases.mark("kernel");
     const blocker = restoreBlocker(opts, config);
-    if (!blocker) snapshotMaxBytes(); // a bad MATCHLOCK_SNAPSHOT_MAX_MB is refused before anything exists
+    // A bad MATCHLOCK_SNAPSHOT_MAX_MB is refused before anything exists.
+    const snapshotCap = blocker ? 0 : snapshotMaxBytes();
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
     const ownsState = opts.state === undefined;
@@ -310,7 +311,7 @@ export class Sandbox {
               { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
               variantOf(config),
             ),
-            { backend, bootTimeoutMs, progress, maxBytes: snapshotMaxBytes() },
+            { backend, bootTimeoutMs, progress, maxBytes: snapshotCap },
           );
       phases.mark("snapshot");
       state.lifecycle.transition(id, "created");
