@@ -25,6 +25,7 @@ import { type BinaryLike, toBuffer } from "./bytes.ts";
 import { MatchlockError, RPCError, type VfsHookError } from "./errors.ts";
 import { NetworkHookServer } from "./network-hooks.ts";
 import { Sandbox } from "./sandbox.ts";
+import { SparePool, type SpawnSpec, spawnRpc } from "./spare.ts";
 import { VfsHookRunner } from "./vfs-hook-runner.ts";
 import { VFS_HOOK_OP_READ, VFS_HOOK_OP_READDIR, VFS_HOOK_OP_WRITE } from "./vfs-hooks.ts";
 
@@ -59,6 +60,13 @@ export interface ClientOptions {
    * (Matchlock's SDK drops them silently).
    */
   onHookError?: (error: VfsHookError) => void;
+  /**
+   * Ours: after a create, start the next `matchlock rpc` child in the background, so the next
+   * Client with the same binary, env and cwd starts without waiting for Node and the CLI to load
+   * (~300 ms). Default true; false, or MATCHLOCK_SDK_SPARE=0 in `env` or process.env, turns it off.
+   * An idle spare never keeps the program alive.
+   */
+  spare?: boolean;
 }
 
 export interface CallOptions {
@@ -139,6 +147,9 @@ const fromBase64 = (s: string) => Buffer.from(s, "base64");
 
 const STDIN_CHUNK = 512 * 1024;
 const STDERR_TAIL = 8192;
+
+/** Idle `matchlock rpc` children, one per spawn spec: two keep e.g. a cold and a restoring setup warm. */
+const spares = new SparePool({ max: 2, stderrTail: STDERR_TAIL });
 
 function commandFor(binaryPath: string | undefined): { cmd: string; args: string[] } {
   const bin = binaryPath ?? process.env.MATCHLOCK_BIN;
@@ -253,6 +264,7 @@ export class Client {
     const r = await this.call("create", config, opts);
     if (!r.id) throw new MatchlockError("invalid create response: no id", this.stderrTail);
     this.vmIdValue = r.id;
+    this.fillSpare();
     return this.vmIdValue;
   }
 
@@ -526,13 +538,42 @@ export class Client {
     }
   }
 
+  /** What this client spawns; a spare started for the same spec is as good as a new child. */
+  private spawnSpec(): SpawnSpec {
+    const { cmd, args } = commandFor(this.options.binaryPath);
+    return {
+      cmd,
+      args: [...args, "rpc"],
+      env: childEnv(this.options.env ?? process.env),
+      cwd: process.cwd(),
+    };
+  }
+
+  private get sparesWanted(): boolean {
+    return (
+      this.options.spare !== false &&
+      this.options.env?.MATCHLOCK_SDK_SPARE !== "0" &&
+      process.env.MATCHLOCK_SDK_SPARE !== "0"
+    );
+  }
+
+  /**
+   * After a create, never before: the spare's start (Node, the CLI) must not take CPU from the VM's.
+   * On the next turn of the event loop, so the caller gets its VM first; an unref'd turn, so a
+   * program that is done exits without starting one.
+   */
+  private fillSpare(): void {
+    if (!this.sparesWanted) return;
+    const spec = this.spawnSpec();
+    setImmediate(() => spares.fill(spec)).unref();
+  }
+
   private start(): ChildProcessWithoutNullStreams {
     if (this.child) return this.child;
-    const { cmd, args } = commandFor(this.options.binaryPath);
-    const child = spawn(cmd, [...args, "rpc"], {
-      stdio: ["pipe", "pipe", "pipe"],
-      env: childEnv(this.options.env ?? process.env),
-    });
+    const spec = this.spawnSpec();
+    const adopted = this.sparesWanted ? spares.take(spec) : undefined;
+    const child = adopted?.child ?? spawnRpc(spec);
+    this.stderrTail = adopted?.stderrTail ?? "";
     this.child = child;
     const lines = new LineSplitter(512 * 1024 * 1024);
     child.stdout.on("data", (d: Buffer) => {
@@ -550,7 +591,7 @@ export class Client {
         this.pending.clear();
         resolve();
       };
-      child.once("error", (e) => done(`could not start (${cmd}): ${e.message}`));
+      child.once("error", (e) => done(`could not start (${spec.cmd}): ${e.message}`));
       child.once("close", (code, signal) =>
         done(signal ? `was killed by ${signal}` : `exited with code ${code}`),
       );
