@@ -150,6 +150,8 @@ const STDERR_TAIL = 8192;
 
 /** Idle `matchlock rpc` children, one per spawn spec: two keep e.g. a cold and a restoring setup warm. */
 const spares = new SparePool({ max: 2, stderrTail: STDERR_TAIL });
+/** The latest a spare starts after a create, however busy the client is. */
+const SPARE_DELAY_MS = 1000;
 
 function commandFor(binaryPath: string | undefined): { cmd: string; args: string[] } {
   const bin = binaryPath ?? process.env.MATCHLOCK_BIN;
@@ -210,6 +212,8 @@ export class Client {
   private closed = false;
   private vmIdValue = "";
   private deadError: MatchlockError | undefined;
+  /** The spare `matchlock rpc` to start once this client is idle (see fillSpare). */
+  private spareDue: { spec: SpawnSpec; timer: NodeJS.Timeout } | undefined;
   /** Serves the launched sandbox's network hook callbacks. */
   private hookServer: NetworkHookServer | undefined;
   /** Runs the launched sandbox's local VFS hooks (undefined: it has none). */
@@ -558,14 +562,27 @@ export class Client {
   }
 
   /**
-   * After a create, never before: the spare's start (Node, the CLI) must not take CPU from the VM's.
-   * On the next turn of the event loop, so the caller gets its VM first; an unref'd turn, so a
-   * program that is done exits without starting one.
+   * After a create, never before: the spare's start (Node and the CLI, ~300 ms of CPU) must not
+   * take CPU from the VM's start, nor from the first command in it (a restored VM's first exec is
+   * the slow one under TCG). So it starts once no call of this client is running, at the latest
+   * SPARE_DELAY_MS after the create. Unref'd: a program that is done exits without starting one.
    */
   private fillSpare(): void {
-    if (!this.sparesWanted) return;
-    const spec = this.spawnSpec();
-    setImmediate(() => spares.fill(spec)).unref();
+    if (!this.sparesWanted || this.spareDue) return;
+    const timer = setTimeout(() => this.startSpare(), SPARE_DELAY_MS).unref();
+    this.spareDue = { spec: this.spawnSpec(), timer };
+    // After the caller's continuation (microtasks) has sent its next call, if it has one.
+    setImmediate(() => {
+      if (this.pending.size === 0) this.startSpare();
+    }).unref();
+  }
+
+  private startSpare(): void {
+    const due = this.spareDue;
+    if (!due) return;
+    this.spareDue = undefined;
+    clearTimeout(due.timer);
+    spares.fill(due.spec);
   }
 
   private start(): ChildProcessWithoutNullStreams {
@@ -632,6 +649,7 @@ export class Client {
       const err = msg.error as { code?: number; message?: string } | undefined;
       if (err) p.reject(new RPCError(Number(err.code ?? RPC_CODES.INTERNAL), String(err.message ?? "error")));
       else p.resolve(msg.result);
+      if (this.spareDue && this.pending.size === 0) this.startSpare();
       return;
     }
     if (typeof msg.method !== "string" || !isServerNotification(msg.method)) return;

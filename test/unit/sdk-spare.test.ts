@@ -4,6 +4,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
+import { Client } from "../../src/sdk/index.ts";
 import { SparePool, type SpawnSpec, spawnKey } from "../../src/sdk/spare.ts";
 
 /** The SDK's pool of spare rpc children, with a stand-in rpc (no VM needed). */
@@ -138,5 +139,70 @@ describe("SparePool", () => {
     assert.ok(pid > 0);
     // The stand-in ignores SIGTERM: only the closed stdin ends it.
     await until("the spare to exit", () => gone(pid));
+  });
+});
+
+describe("Client and its spare (stand-in rpc)", () => {
+  // Logs its start; answers create at once and exec after 500 ms, as a slow first command.
+  const log = join(dir, "starts.log");
+  const bin = join(dir, "timed-rpc.mjs");
+  writeFileSync(
+    bin,
+    `import { appendFileSync } from "node:fs";
+     import { createInterface } from "node:readline";
+     appendFileSync(${JSON.stringify(log)}, process.pid + " " + Date.now() + "\\n");
+     for await (const line of createInterface({ input: process.stdin })) {
+       const m = JSON.parse(line);
+       if (m.id === undefined) continue;
+       const reply = (result) => process.stdout.write(JSON.stringify({ jsonrpc: "2.0", id: m.id, result }) + "\\n");
+       if (m.method === "create") reply({ id: "vm-0000abcd" });
+       else if (m.method === "exec") setTimeout(() => reply({ exit_code: 0, stdout: "", stderr: "", duration_ms: 1 }), 500);
+       else reply({});
+     }`,
+  );
+  writeFileSync(log, "");
+  const starts = () =>
+    readFileSync(log, "utf8")
+      .trim()
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => l.split(" ").map(Number) as [number, number]);
+  const env = { PATH: process.env.PATH ?? "" };
+
+  test("the spare starts after the create's first command, and the next Client takes it", async () => {
+    const c1 = new Client({ binaryPath: bin, env });
+    await c1.create({});
+    const created = Date.now();
+    await c1.exec("first");
+    const execDone = Date.now();
+    await until("the spare", () => starts().length === 2);
+    const [[own], [spare, spareAt]] = starts() as [[number, number], [number, number]];
+    assert.ok(spareAt >= created + 400, "not while the first command ran");
+    assert.ok(spareAt >= execDone - 20);
+    await c1.close();
+    assert.equal(existsSync(`/proc/${own}`) && !gone(own), false);
+
+    const c2 = new Client({ binaryPath: bin, env });
+    await c2.create({});
+    assert.equal(starts().length, 2, "no new child for c2: it took the spare");
+    assert.ok(!gone(spare));
+    // With no call after the create, the next spare starts at once.
+    await until("the next spare", () => starts().length === 3);
+    await c2.close();
+    await until("the taken spare to end with c2", () => gone(spare));
+  });
+
+  test("spare: false and MATCHLOCK_SDK_SPARE=0 take no spare and start none", async () => {
+    for (const opts of [
+      { binaryPath: bin, env, spare: false },
+      { binaryPath: bin, env: { ...env, MATCHLOCK_SDK_SPARE: "0" } },
+    ]) {
+      const before = starts().length;
+      const c = new Client(opts);
+      await c.create({});
+      await sleep(400);
+      assert.equal(starts().length, before + 1, "its own child only");
+      await c.close();
+    }
   });
 });
