@@ -25,7 +25,7 @@ import { type BinaryLike, toBuffer } from "./bytes.ts";
 import { MatchlockError, RPCError, type VfsHookError } from "./errors.ts";
 import { NetworkHookServer } from "./network-hooks.ts";
 import { Sandbox } from "./sandbox.ts";
-import { SparePool, type SpawnSpec, spawnRpc } from "./spare.ts";
+import { currentDir, SparePool, type SpawnSpec, spawnRpc } from "./spare.ts";
 import { VfsHookRunner } from "./vfs-hook-runner.ts";
 import { VFS_HOOK_OP_READ, VFS_HOOK_OP_READDIR, VFS_HOOK_OP_WRITE } from "./vfs-hooks.ts";
 
@@ -549,7 +549,7 @@ export class Client {
       cmd,
       args: [...args, "rpc"],
       env: childEnv(this.options.env ?? process.env),
-      cwd: process.cwd(),
+      cwd: currentDir(),
     };
   }
 

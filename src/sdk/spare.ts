@@ -18,8 +18,11 @@ export interface SpawnSpec {
   readonly cmd: string;
   readonly args: readonly string[];
   readonly env: NodeJS.ProcessEnv;
-  /** Relative host paths in a config are resolved against the child's cwd. */
-  readonly cwd: string;
+  /**
+   * Relative host paths in a config are resolved against the child's cwd. Undefined when this
+   * process's cwd is gone: the child inherits it as before.
+   */
+  readonly cwd: string | undefined;
 }
 
 /** A spare handed to a Client: referenced again, its listeners gone, with what it printed so far. */
@@ -35,11 +38,20 @@ export interface SparePoolOptions {
   readonly stderrTail: number;
 }
 
+/** This process's cwd; undefined if it was removed (process.cwd() throws then). */
+export function currentDir(): string | undefined {
+  try {
+    return process.cwd();
+  } catch {
+    return undefined;
+  }
+}
+
 export function spawnKey(spec: SpawnSpec): string {
   const env = Object.entries(spec.env)
     .filter((e): e is [string, string] => e[1] !== undefined)
     .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-  return JSON.stringify([spec.cmd, spec.args, spec.cwd, env]);
+  return JSON.stringify([spec.cmd, spec.args, spec.cwd ?? null, env]);
 }
 
 /** Starts a child as Client does (same stdio), in the spec's cwd. */
@@ -47,7 +59,7 @@ export function spawnRpc(spec: SpawnSpec): ChildProcessWithoutNullStreams {
   return spawn(spec.cmd, [...spec.args], {
     stdio: ["pipe", "pipe", "pipe"],
     env: spec.env,
-    cwd: spec.cwd,
+    ...(spec.cwd === undefined ? {} : { cwd: spec.cwd }),
   });
 }
 
