@@ -162,6 +162,7 @@ export class SparePool {
 
   /** Starts a spare for `spec` unless one is idle already. Never throws: a spare is only a time saver. */
   fill(spec: SpawnSpec): void {
+    if (spec.cwd === undefined) return; // a removed cwd: nothing tells two of them apart
     const key = spawnKey(spec);
     const have = this.spares.get(key);
     if (have?.alive) return;
