@@ -20,12 +20,17 @@ export function registerRpc(program: Command): void {
         );
       });
       const { RpcServer } = await import("../rpc/server.ts"); // the sandbox: not loaded for --help
+      const { warmUp } = await import("../rpc/warm.ts");
       const max = Number(process.env.MATCHLOCK_RPC_MAX_LINE);
       const server = new RpcServer({
         input: process.stdin,
         output: process.stdout,
         ...(Number.isInteger(max) && max > 0 ? { maxLine: max } : {}),
       });
-      await server.serve();
+      const served = server.serve();
+      // Not awaited: it stops as soon as a request (or EOF) comes in. The SDK's spare child waits
+      // idle for its first request, so a create then finds everything loaded.
+      void warmUp(() => !server.idle);
+      await served;
     });
 }

@@ -96,6 +96,8 @@ export class RpcServer {
   private gone: string | undefined;
   private shuttingDown: Promise<void> | undefined;
   private pendingStdin = 0;
+  /** Nothing has arrived on stdin yet, not even its end. */
+  private waiting = true;
   /** Bytes held by in-flight exec / read_file results (bounded by MAX_BUFFERED_TOTAL). */
   private buffered = 0;
   /** Why reading requests is paused: stdin fed to the guest faster than it takes it, stdout backed up. */
@@ -113,13 +115,20 @@ export class RpcServer {
     this.createSandbox = opts.createSandbox ?? ((config) => Sandbox.create({ config }));
   }
 
+  /** True until the first bytes (or the end) of stdin arrive: time for warm-up work. */
+  get idle(): boolean {
+    return this.waiting;
+  }
+
   /** Serves until stdin ends, then closes the VM. */
   serve(): Promise<void> {
     return new Promise((resolve) => {
       this.input.on("data", (chunk: Buffer) => {
+        this.waiting = false;
         for (const ev of this.splitter.push(chunk)) this.onLineEvent(ev);
       });
       const finish = () => {
+        this.waiting = false;
         for (const ev of this.splitter.end()) this.onLineEvent(ev);
         this.shutdown("stdin closed").then(resolve, resolve);
       };

@@ -25,6 +25,7 @@ import { type BinaryLike, toBuffer } from "./bytes.ts";
 import { MatchlockError, RPCError, type VfsHookError } from "./errors.ts";
 import { NetworkHookServer } from "./network-hooks.ts";
 import { Sandbox } from "./sandbox.ts";
+import { currentDir, SparePool, type SpawnSpec, spawnRpc } from "./spare.ts";
 import { VfsHookRunner } from "./vfs-hook-runner.ts";
 import { VFS_HOOK_OP_READ, VFS_HOOK_OP_READDIR, VFS_HOOK_OP_WRITE } from "./vfs-hooks.ts";
 
@@ -59,6 +60,13 @@ export interface ClientOptions {
    * (Matchlock's SDK drops them silently).
    */
   onHookError?: (error: VfsHookError) => void;
+  /**
+   * Ours: after a create, start the next `matchlock rpc` child in the background, so the next
+   * Client with the same binary, env and cwd starts without waiting for Node and the CLI to load
+   * (~300 ms). Default true; false, or MATCHLOCK_SDK_SPARE=0 in `env` or process.env, turns it off.
+   * An idle spare never keeps the program alive.
+   */
+  spare?: boolean;
 }
 
 export interface CallOptions {
@@ -140,6 +148,11 @@ const fromBase64 = (s: string) => Buffer.from(s, "base64");
 const STDIN_CHUNK = 512 * 1024;
 const STDERR_TAIL = 8192;
 
+/** Idle `matchlock rpc` children, one per spawn spec: two keep e.g. a cold and a restoring setup warm. */
+const spares = new SparePool({ max: 2, stderrTail: STDERR_TAIL });
+/** The latest a spare starts after a create, however busy the client is. */
+const SPARE_DELAY_MS = 1000;
+
 function commandFor(binaryPath: string | undefined): { cmd: string; args: string[] } {
   const bin = binaryPath ?? process.env.MATCHLOCK_BIN;
   if (bin)
@@ -199,6 +212,8 @@ export class Client {
   private closed = false;
   private vmIdValue = "";
   private deadError: MatchlockError | undefined;
+  /** The spare `matchlock rpc` to start once this client is idle (see fillSpare). */
+  private spareDue: { spec: SpawnSpec; timer: NodeJS.Timeout } | undefined;
   /** Serves the launched sandbox's network hook callbacks. */
   private hookServer: NetworkHookServer | undefined;
   /** Runs the launched sandbox's local VFS hooks (undefined: it has none). */
@@ -253,6 +268,7 @@ export class Client {
     const r = await this.call("create", config, opts);
     if (!r.id) throw new MatchlockError("invalid create response: no id", this.stderrTail);
     this.vmIdValue = r.id;
+    this.fillSpare();
     return this.vmIdValue;
   }
 
@@ -526,13 +542,55 @@ export class Client {
     }
   }
 
+  /** What this client spawns; a spare started for the same spec is as good as a new child. */
+  private spawnSpec(): SpawnSpec {
+    const { cmd, args } = commandFor(this.options.binaryPath);
+    return {
+      cmd,
+      args: [...args, "rpc"],
+      env: childEnv(this.options.env ?? process.env),
+      cwd: currentDir(),
+    };
+  }
+
+  private get sparesWanted(): boolean {
+    return (
+      this.options.spare !== false &&
+      this.options.env?.MATCHLOCK_SDK_SPARE !== "0" &&
+      process.env.MATCHLOCK_SDK_SPARE !== "0"
+    );
+  }
+
+  /**
+   * After a create, never before: the spare's start (Node and the CLI, ~300 ms of CPU) must not
+   * take CPU from the VM's start, nor from the first command in it (a restored VM's first exec is
+   * the slow one under TCG). So it starts once no call of this client is running, at the latest
+   * SPARE_DELAY_MS after the create. Unref'd: a program that is done exits without starting one.
+   */
+  private fillSpare(): void {
+    if (!this.sparesWanted || this.spareDue) return;
+    const timer = setTimeout(() => this.startSpare(), SPARE_DELAY_MS).unref();
+    this.spareDue = { spec: this.spawnSpec(), timer };
+    // After the caller's continuation (microtasks) has sent its next call, if it has one.
+    setImmediate(() => {
+      if (this.pending.size === 0) this.startSpare();
+    }).unref();
+  }
+
+  private startSpare(): void {
+    const due = this.spareDue;
+    if (!due) return;
+    this.spareDue = undefined;
+    clearTimeout(due.timer);
+    spares.fill(due.spec);
+  }
+
   private start(): ChildProcessWithoutNullStreams {
     if (this.child) return this.child;
-    const { cmd, args } = commandFor(this.options.binaryPath);
-    const child = spawn(cmd, [...args, "rpc"], {
-      stdio: ["pipe", "pipe", "pipe"],
-      env: childEnv(this.options.env ?? process.env),
-    });
+    const spec = this.spawnSpec();
+    const adopted = this.sparesWanted ? spares.take(spec) : undefined;
+    const child = adopted?.child ?? spawnRpc(spec);
+    this.stderrTail = adopted?.stderrTail ?? "";
     this.child = child;
     const lines = new LineSplitter(512 * 1024 * 1024);
     child.stdout.on("data", (d: Buffer) => {
@@ -550,7 +608,7 @@ export class Client {
         this.pending.clear();
         resolve();
       };
-      child.once("error", (e) => done(`could not start (${cmd}): ${e.message}`));
+      child.once("error", (e) => done(`could not start (${spec.cmd}): ${e.message}`));
       child.once("close", (code, signal) =>
         done(signal ? `was killed by ${signal}` : `exited with code ${code}`),
       );
@@ -591,6 +649,7 @@ export class Client {
       const err = msg.error as { code?: number; message?: string } | undefined;
       if (err) p.reject(new RPCError(Number(err.code ?? RPC_CODES.INTERNAL), String(err.message ?? "error")));
       else p.resolve(msg.result);
+      if (this.spareDue && this.pending.size === 0) this.startSpare();
       return;
     }
     if (typeof msg.method !== "string" || !isServerNotification(msg.method)) return;

@@ -1,0 +1,41 @@
+import Database from "better-sqlite3";
+import { parseSandboxConfig } from "../api/config.ts";
+import { loadLibc } from "../host/libc.ts";
+
+/**
+ * What a `create` would load the first time, loaded while `matchlock rpc` waits idle for its first
+ * request (the SDK's spare child waits there for seconds): so that create pays none of it. The
+ * sandbox module itself is loaded before the server starts reading (server.ts imports it); these
+ * are what it loads lazily, measured with a module-load trace of a create.
+ *
+ * Only while idle: each step first checks `busy` and stops once a request has come in, so a child
+ * that is sent `create` at once (a Client without a spare) gets no extra work before it; a step
+ * that is already running is one that create needs as well (a dynamic import in flight is shared
+ * with create's own). Failures are ignored: the create that needs the module reports them.
+ */
+const STEPS: ReadonlyArray<() => unknown> = [
+  // koffi and libc (the disk clone's sparse copy, the VFS): ~6–18 ms, loaded synchronously on first use.
+  () => loadLibc(),
+  // better-sqlite3's native addon, loaded by the first Database (the VM record): ~3 ms. In memory: no file.
+  () => new Database(":memory:").close(),
+  // The config schema's code paths, for the JIT: pure.
+  () => parseSandboxConfig({}),
+  // Intercept mode's CA (@peculiar/x509, ~200 files): ~100–150 ms of every create with a network
+  // policy (allowed hosts, secrets, hooks).
+  () => import("../net/mitm-ca.ts"),
+  // The image store, for any image but the default: ~15–25 ms.
+  () => import("../image/store.ts"),
+];
+
+/** A turn of the event loop, so a request that arrived is seen before the next step. */
+const tick = () => new Promise<void>((r) => setImmediate(r));
+
+export async function warmUp(busy: () => boolean): Promise<void> {
+  for (const step of STEPS) {
+    await tick();
+    if (busy()) return;
+    try {
+      await step();
+    } catch {}
+  }
+}
