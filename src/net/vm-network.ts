@@ -117,13 +117,6 @@ export interface VmNetworkOptions {
   onEvent?: (e: NetworkEvent) => void;
 }
 
-/** A network being set up (`VmNetwork.begin`). */
-export interface NetworkStart {
-  tap: Promise<void>;
-  complete(): Promise<VmNetwork>;
-  abandon(): Promise<void>;
-}
-
 export class VmNetwork {
   readonly plan: NetworkPlan;
   readonly floor: PrivateFloor;
@@ -154,17 +147,7 @@ export class VmNetwork {
    * this order no guest packet ever meets an unfiltered interface (the TAP has no carrier until QEMU
    * starts). On failure, the listeners are closed; the TAP and table are the cleanup steps' job.
    */
-  static start(plan: NetworkPlan, opts: VmNetworkOptions): Promise<VmNetwork> {
-    return VmNetwork.begin(plan, opts).complete();
-  }
-
-  /**
-   * `start` in two steps, so that the listeners and the table can be set up while QEMU starts:
-   * `tap` settles once the TAP exists (QEMU may open it from then on); `complete()` (memoized) adds
-   * the rest. No guest may run before `complete()` has settled: until then the TAP is unfiltered.
-   * `abandon()` closes whatever `complete()` opened, after a failure elsewhere.
-   */
-  static begin(plan: NetworkPlan, opts: VmNetworkOptions): NetworkStart {
+  static async start(plan: NetworkPlan, opts: VmNetworkOptions): Promise<VmNetwork> {
     const spec: HostNetSpec = {
       tap: plan.tap,
       gateway: plan.gateway,
@@ -173,28 +156,6 @@ export class VmNetwork {
       mtu: plan.mtu,
       owner: opts.owner,
     };
-    const tap = createTap(spec);
-    tap.catch(() => {}); // the same error rejects complete(), which the caller awaits
-    let completing: Promise<VmNetwork> | undefined;
-    const complete = (): Promise<VmNetwork> => {
-      completing ??= tap.then(() => VmNetwork.finish(plan, spec, opts));
-      return completing;
-    };
-    return {
-      tap,
-      complete,
-      abandon: async () => {
-        await tap.catch(() => {});
-        await completing?.then((n) => n.close()).catch(() => {});
-      },
-    };
-  }
-
-  private static async finish(
-    plan: NetworkPlan,
-    spec: HostNetSpec,
-    opts: VmNetworkOptions,
-  ): Promise<VmNetwork> {
     let lines = 0;
     const log = (line: string) => {
       if (!opts.logFile || lines > LOG_LINES) return;
@@ -204,6 +165,7 @@ export class VmNetwork {
         appendFileSync(opts.logFile, `${new Date().toISOString()} ${text}\n`);
       } catch {}
     };
+    await createTap(spec);
     const floor = new PrivateFloor({
       allowed: opts.config.allow_private_hosts,
       blockPrivate: opts.config.block_private_ips,

@@ -83,17 +83,7 @@ export interface RunningVm {
   stop(graceMs?: number): Promise<void>;
 }
 
-export interface StartOptions {
-  /**
-   * Host work that may overlap the hypervisor's start-up (~85 ms under TCG) but must be complete
-   * before the guest runs, such as the filter of its network: called once QEMU is spawned. A
-   * restored guest resumes only after it settled (a rejection fails the start). A cold guest runs
-   * from the spawn, so a cold boot's caller completes such work first.
-   */
-  whileStarting?: () => Promise<unknown>;
-}
-
 export interface VmBackend {
   readonly name: string;
-  start(spec: VmSpec, opts?: StartOptions): Promise<RunningVm>;
+  start(spec: VmSpec): Promise<RunningVm>;
 }

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { pipeline } from "node:stream/promises";
 import { MatchlockError, messageOf, VmBootError } from "../../api/errors.ts";
 import { paths } from "../../api/paths.ts";
-import type { RunningVm, StartOptions, VmBackend, VmExit, VmSpec } from "../backend.ts";
+import type { RunningVm, VmBackend, VmExit, VmSpec } from "../backend.ts";
 import { deviceSignature, QEMU_BINARY, type QemuPaths, qemuArgv } from "./argv.ts";
 import { QmpClient } from "./qmp.ts";
 import { guestNeedsRng } from "./rng.ts";
@@ -54,13 +54,7 @@ export class QemuBackend implements VmBackend {
     this.#tscCache = join(opts.cacheDir ?? paths().cache, "tsc.json");
   }
 
-  async start(spec: VmSpec, opts: StartOptions = {}): Promise<RunningVm> {
-    if (opts.whileStarting && spec.restoreFrom === undefined) {
-      throw new MatchlockError(
-        "VM_FAILED",
-        "whileStarting is for restores: a cold guest runs from the spawn",
-      );
-    }
+  async start(spec: VmSpec): Promise<RunningVm> {
     const p = qemuPaths(spec.dir);
     const qemuLog = join(spec.dir, "qemu.log");
     const rng = spec.rng ?? (await guestNeedsRng(spec.accel));
@@ -92,8 +86,6 @@ export class QemuBackend implements VmBackend {
         })
       : spawn(QEMU_BINARY, argv, { stdio: ["ignore", "ignore", "pipe"], detached: true });
 
-    const meanwhile = opts.whileStarting?.();
-    meanwhile?.catch(() => {}); // awaited before the guest runs
     let stderrTail = "";
     child.stderr?.setEncoding("utf8");
     child.stderr?.on("data", (d: string) => {
@@ -147,10 +139,6 @@ export class QemuBackend implements VmBackend {
       if (spec.restoreFrom !== undefined) {
         // QEMU listens here for the saved device state while restoring.
         await restore(qmp, spec.restoreFrom, join(spec.dir, "migrate.sock")).catch(failed);
-        // The template was stopped when it was saved, so the clone arrives paused, and stays so
-        // until what it must not run without (its network's filter) is in place.
-        await meanwhile;
-        await qmp.execute("cont").catch(failed);
       }
       return new QemuVm(child, agent, vfs, qmp, exited, p.consoleLog, devices, diagnostics);
     } catch (e) {
@@ -193,7 +181,7 @@ function migrationStatus(data: unknown): string {
 }
 
 /**
- * Loads a saved device state into a QEMU started with `-incoming defer`; the guest stays paused.
+ * Loads a saved device state into a QEMU started with `-incoming defer` and lets the guest run on.
  * QEMU listens on a unix socket and we stream the file into it: no shell command, and we know
  * exactly when every byte was handed over.
  */
@@ -209,6 +197,8 @@ async function restore(qmp: QmpClient, stateFile: string, sock: string): Promise
   const status = await end;
   await rm(sock, { force: true });
   if (status !== "completed") throw new VmBootError(`restoring the snapshot ${status}`);
+  // The template was stopped when it was saved, so the clone arrives paused.
+  await qmp.execute("cont");
 }
 
 function describeExit(e: VmExit): string {
