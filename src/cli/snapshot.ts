@@ -47,8 +47,9 @@ export function registerSnapshotCommands(program: Command): void {
       "A snapshot is a VM booted once to an idle agent and saved (RAM file, device state, writable disk) in\n" +
         "~/.matchlock/snapshots. `run`, RPC `create` and the SDK restore a copy of it instead of booting, one\n" +
         "per image, memory, CPUs, disk size, network or not, folders or not. It is built on first use (and by\n" +
-        "`setup` for the default image), and stale once the kernel, agent, image or QEMU changes: a new one\n" +
-        "is built then, and `snapshot gc` (or `gc`) removes the old. Together they take at most\n" +
+        "`setup` for the default image), and stale once the kernel, agent, image or QEMU changes (or a new\n" +
+        "matchlock saves them another way): a new one is built then, and `snapshot gc` (or `gc`) removes the\n" +
+        "old. Together they take at most\n" +
         "MATCHLOCK_SNAPSHOT_MAX_MB of disk (default 2048): a new one removes the least recently used first.",
     );
   snapshot
@@ -57,7 +58,7 @@ export function registerSnapshotCommands(program: Command): void {
     .summary("list snapshots")
     .option("--json", "one JSON array")
     .action(async (flags: { json?: boolean }) => {
-      const { withState, isStale } = await load();
+      const { withState, isStale, snapshotMaxBytes } = await load();
       await withState((s) => {
         const rows = s.snapshots.list().map((r) => describe(r, isStale));
         if (flags.json) {
@@ -74,6 +75,10 @@ export function registerSnapshotCommands(program: Command): void {
           String(r.last_used_at || r.created_at),
         ]);
         process.stdout.write(`${table([["KEY", "IMAGE", "STATUS", "VM", "SIZE", "LAST USED"], ...lines])}\n`);
+        const total = rows.reduce((n, r) => n + Number(r.bytes ?? 0), 0);
+        process.stdout.write(
+          `${mb(total)} in all; cap ${mb(snapshotMaxBytes())} (MATCHLOCK_SNAPSHOT_MAX_MB)\n`,
+        );
       });
     });
   snapshot

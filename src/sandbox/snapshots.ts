@@ -413,9 +413,17 @@ export async function removeTemplate(state: StateStore, row: TemplateRow): Promi
   state.snapshots.remove(row.key);
 }
 
-/** Templates no longer usable: an input file is gone or changed (a new key is built on next use). */
+/**
+ * Templates no longer usable: an input file is gone or changed, or this version of matchlock builds
+ * templates of another shape (TEMPLATE_FORMAT). Their key is never asked for again.
+ */
 export function isStale(row: TemplateRow): boolean {
+  return staleReason(row) !== undefined;
+}
+
+function staleReason(row: TemplateRow): string | undefined {
   const i = JSON.parse(row.inputs_json) as TemplateInputs;
+  if (i.format !== TEMPLATE_FORMAT) return "made by another version of matchlock";
   const same = (id: string) => {
     try {
       return fileId(pathOf(id)) === id;
@@ -423,12 +431,9 @@ export function isStale(row: TemplateRow): boolean {
       return false;
     }
   };
-  return !(
-    same(i.kernel) &&
-    same(i.initramfs) &&
-    same(i.image.rootfs) &&
-    (i.qemu === QEMU_BINARY || same(i.qemu))
-  );
+  const current =
+    same(i.kernel) && same(i.initramfs) && same(i.image.rootfs) && (i.qemu === QEMU_BINARY || same(i.qemu));
+  return current ? undefined : "inputs changed";
 }
 
 /**
@@ -446,7 +451,7 @@ export async function sweepTemplates(
     if (row.status === "building") {
       if (!isAlive({ pid: row.owner_pid, start_time: row.owner_start_time })) why = "build interrupted";
     } else if (!existsSync(row.dir)) why = "files missing";
-    else if (isStale(row)) why = "inputs changed";
+    else why = staleReason(row);
     if (why) {
       await removeTemplate(state, row);
       removed.push({ key: row.key, why });

@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { paths } from "../../src/api/paths.ts";
-import { evictTemplates, snapshotMaxBytes } from "../../src/sandbox/snapshots.ts";
+import { evictTemplates, isStale, snapshotMaxBytes } from "../../src/sandbox/snapshots.ts";
 import { selfIdentity } from "../../src/state/procs.ts";
 import { openState } from "../../src/state/store.ts";
 
@@ -64,6 +64,22 @@ describe("snapshot cap", () => {
     } finally {
       state.close();
     }
+  });
+
+  test("a template saved in another format (another version of matchlock) is stale", () => {
+    const row = (format: number) => ({
+      key: "k",
+      image: "i",
+      dir: "/nonexistent",
+      status: "ready" as const,
+      owner_pid: 0,
+      owner_start_time: 0,
+      inputs_json: JSON.stringify({ format }),
+      bytes: 0,
+      created_at: "",
+      last_used_at: "",
+    });
+    assert.equal(isStale(row(1)), true);
   });
 
   test("MATCHLOCK_SNAPSHOT_MAX_MB: default 2048 MiB, 0 allowed, garbage refused by name", () => {
