@@ -116,9 +116,9 @@ export async function cleanupResources(
     for (const d of disks) rmSync(d, { force: true });
     return disks.length > 0 ? "ok" : "skipped";
   });
-  // The table before the TAP (the reverse of creation): a table never outlives its TAP's owner
-  // unnoticed, and `gc` treats a table without a TAP as an orphan.
-  // Independent of each other (a removed TAP no longer matches the table's rules): at once.
+  // The table and the TAP at once (QEMU is gone by now, so no guest sends through the TAP): each
+  // takes a command, the TAP's unregister ~30 ms in the kernel. A crash between them leaves a table
+  // without its TAP, or a TAP whose owner is dead: `gc` removes either as an orphan.
   await Promise.all([
     run("firewall_table", async () => {
       if (!resources.firewall_table) return "skipped";
