@@ -181,7 +181,8 @@ export function releaseOrphanSubnets(state: StateStore): string[] {
  * tables (any family, Matchlock's NAT tables too), by name, even when no record names them. A TAP's
  * owner is in its alias; a TAP without one (made by Matchlock itself) counts as live while a QEMU
  * holds it or its record's owner lives. A table goes with its TAP, and a table without a TAP is an
- * orphan (tables are created after their TAP and deleted before it). Returns what it deleted.
+ * orphan (tables are created after their TAP; a closing VM removes both at once). Returns what it
+ * deleted.
  */
 export async function sweepOrphanNetworks(state: StateStore): Promise<Array<{ id: string; what: string }>> {
   const idOf = (tap: string) => `vm-${tap.slice(TAP_PREFIX.length)}`;
