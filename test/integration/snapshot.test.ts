@@ -140,9 +140,19 @@ describe("restored clones", () => {
   });
 
   test("--cold, MATCHLOCK_COLD=1 and extra disks boot cold and say why", async () => {
-    const cold = await runKept("echo ok", ["--cold"]);
-    assert.equal(cold.out, "ok\n");
+    // eth0 as a cold boot configures it (a clone only sets the address on a link its template brought up)
+    const cold = await runKept(
+      "echo ok; ip -4 addr show eth0 | grep -c 'inet 10\\.'; cat /sys/class/net/eth0/mtu; ip route | grep -c '^default via'",
+      ["--cold", "--mtu", "1400"],
+    );
+    assert.equal(cold.out, "ok\n1\n1400\n1\n");
     assert.match(cold.boot, /cold boot: --cold/);
+    const clone = await runKept(
+      "cat /sys/class/net/eth0/mtu; cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6",
+      ["--mtu", "1400"],
+    );
+    assert.match(clone.boot, /restored from snapshot/);
+    assert.equal(clone.out, "1400\n1\n");
     const env1 = await cli(["run", "-d", "--", "sleep", "600"], { MATCHLOCK_COLD: "1" });
     assert.equal(env1.code, 0, env1.stderr);
     const id = env1.stdout.toString().trim();
