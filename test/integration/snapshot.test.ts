@@ -87,6 +87,8 @@ describe("restored clones", () => {
   test("the first run builds the snapshot, later runs restore it, and each clone is its own VM", async () => {
     const first = await runKept(IDENTITY, ["--hostname", "first"]);
     assert.match(first.boot, /restored from snapshot [0-9a-f]{16}/);
+    // where the start went, phase by phase
+    assert.match(first.boot, /ready in \d+ ms: .*\bqemu \d+, identity \d+, etc \d+/);
     const rows = await snapshots();
     assert.equal(rows.length, 1);
     assert.equal(rows[0]?.status, "ready");
@@ -147,6 +149,7 @@ describe("restored clones", () => {
     );
     assert.equal(cold.out, "ok\n1\n1400\n1\n");
     assert.match(cold.boot, /cold boot: --cold/);
+    assert.match(cold.boot, /ready in \d+ ms: .*\bdisk \d+, .*\bboot \d+/);
     const clone = await runKept(
       "cat /sys/class/net/eth0/mtu; cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6",
       ["--mtu", "1400"],
