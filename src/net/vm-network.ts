@@ -14,7 +14,7 @@ import type { AllowList } from "./host-policy.ts";
 import type { MitmCa } from "./mitm-ca.ts";
 import { macAddress, tableName, tapName } from "./names.ts";
 import { originalDestination } from "./original-dst.ts";
-import { InterceptProxy } from "./proxy.ts";
+import type { InterceptProxy } from "./proxy.ts";
 import type { SecretBook } from "./secrets.ts";
 import { TcpRelay } from "./tcp-relay.ts";
 
@@ -234,6 +234,9 @@ export class VmNetwork {
       });
       const relay = tcp;
       if (policy) {
+        // Loaded here, in intercept mode only: TLS, HTTP and the hooks cost ~50 ms of module loading,
+        // which every other `run` would pay.
+        const { InterceptProxy } = await import("./proxy.ts");
         proxy = await InterceptProxy.listen({
           address: plan.gateway,
           allow: policy.allow,

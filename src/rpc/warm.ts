@@ -23,6 +23,8 @@ const STEPS: ReadonlyArray<() => unknown> = [
   // Intercept mode's CA (@peculiar/x509, ~200 files): ~100–150 ms of every create with a network
   // policy (allowed hosts, secrets, hooks).
   () => import("../net/mitm-ca.ts"),
+  // Intercept mode's proxy (TLS, HTTP, the hooks): ~50 ms, loaded by such creates only.
+  () => import("../net/proxy.ts"),
   // The image store, for any image but the default: ~15–25 ms.
   () => import("../image/store.ts"),
 ];

@@ -77,6 +77,31 @@ describe("CLI start-up", () => {
     assert.ok(!files.some((f) => f.includes("node_modules/@peculiar/")), "no x509 outside intercept mode");
   });
 
+  test("the sandbox loads intercept mode's proxy and CA only when a sandbox uses them", () => {
+    const out = join(scratch, "trace-sandbox.txt");
+    const r = spawnSync(
+      process.execPath,
+      [
+        "--import",
+        HOOK,
+        "--input-type=module",
+        "-e",
+        `await import(${JSON.stringify(join(REPO, "dist/sandbox/sandbox.js"))})`,
+      ],
+      { env: { ...process.env, TRACE_OUT: out }, encoding: "utf8" },
+    );
+    assert.equal(r.status, 0, r.stderr);
+    const files = spawnSync("cat", [out], { encoding: "utf8" }).stdout.split("\n");
+    assert.ok(
+      files.some((f) => f.endsWith("/dist/net/vm-network.js")),
+      "the tracer sees the network module",
+    );
+    for (const re of [/\/dist\/net\/proxy\.js$/, /\/dist\/net\/mitm-ca\.js$/, /node_modules\/@peculiar\//]) {
+      const hit = files.find((f) => re.test(f));
+      assert.equal(hit, undefined, `loaded ${hit}`);
+    }
+  });
+
   test("the compile cache lands in the cache dir, and an unusable one is no error", () => {
     loaded(["--version"]);
     assert.ok(readdirSync(join(scratch, "cache", "node-compile-cache")).length > 0);
