@@ -32,14 +32,23 @@ const fmt = (ms: number) => (ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.
 const row = (label: string, xs: number[]) =>
   `${label.padEnd(44)} p50 ${fmt(pct(xs, 50)).padStart(8)}  p99 ${fmt(pct(xs, 99)).padStart(8)}  (n=${xs.length})`;
 
-function timed(cli: string, args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+/** Runs a command to its end; its time, and its output (in the error when it fails). */
+export function timed(
+  cmd: string,
+  args: string[],
+  env?: NodeJS.ProcessEnv,
+): Promise<{ ms: number; out: string }> {
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
-    const c = spawn(cli, args, { stdio: ["ignore", "ignore", "pipe"], env });
-    let err = "";
-    c.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    const c = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: env ?? process.env });
+    let out = "";
+    c.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    c.stderr.on("data", (d: Buffer) => (out += d.toString()));
     c.on("error", reject);
-    c.on("close", (code) => (code === 0 ? resolve(performance.now() - t0) : reject(new Error(err))));
+    c.on("close", (code) => {
+      if (code !== 0) reject(new Error(`${cmd} exited ${code}: ${out.slice(-500)}`));
+      else resolve({ ms: performance.now() - t0, out });
+    });
   });
 }
 
@@ -59,8 +68,8 @@ export async function benchRestore(o: RestoreBenchOptions): Promise<void> {
   const cliRestore: number[] = [];
   const cliCold: number[] = [];
   for (let i = 0; i < o.runs; i++) {
-    cliRestore.push(await timed(o.cli, ["run", "--", "true"], env));
-    cliCold.push(await timed(o.cli, ["run", "--cold", "--", "true"], env));
+    cliRestore.push((await timed(o.cli, ["run", "--", "true"], env)).ms);
+    cliCold.push((await timed(o.cli, ["run", "--cold", "--", "true"], env)).ms);
   }
   console.log(row("run -- true, restored", cliRestore));
   console.log(row("run -- true, cold (--cold)", cliCold));

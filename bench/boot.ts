@@ -15,7 +15,6 @@
  * ratios. --baseline-cache: that checkout's own MATCHLOCK_CACHE (set up with its own `matchlock
  * setup`: its initramfs may differ). This checkout uses MATCHLOCK_CACHE as usual.
  */
-import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -29,7 +28,7 @@ import type { VmSpec } from "../src/vm/backend.ts";
 import { chooseAccel, PROBE_MARKER } from "../src/vm/qemu/accel.ts";
 import { QEMU_BINARY, qemuArgv } from "../src/vm/qemu/argv.ts";
 import { hostTscKhz } from "../src/vm/qemu/tsc.ts";
-import { benchRestore } from "./boot-restore.ts";
+import { benchRestore, pct, timed } from "./boot-restore.ts";
 
 const runsArg = process.argv.indexOf("--runs");
 const RUNS = runsArg > 0 ? Number(process.argv[runsArg + 1]) : 10;
@@ -44,28 +43,8 @@ const IDLE = Number(arg("--idle") ?? 8);
 const SECTIONS = new Set((arg("--sections") ?? "cold,exec,restore").split(","));
 const BASELINE_CACHE = arg("--baseline-cache");
 
-function pct(xs: number[], p: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))] ?? Number.NaN;
-}
-
 function fmt(ms: number): string {
   return ms >= 100 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(2)} ms`;
-}
-
-function timed(cmd: string, args: string[], env?: NodeJS.ProcessEnv): Promise<{ ms: number; out: string }> {
-  const t0 = performance.now();
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: env ?? process.env });
-    let out = "";
-    c.stdout.on("data", (d: Buffer) => (out += d.toString()));
-    c.stderr.on("data", (d: Buffer) => (out += d.toString()));
-    c.on("error", reject);
-    c.on("close", (code) => {
-      if (code !== 0) reject(new Error(`${cmd} exited ${code}: ${out.slice(-500)}`));
-      else resolve({ ms: performance.now() - t0, out });
-    });
-  });
 }
 
 async function main(): Promise<void> {

@@ -412,7 +412,7 @@ export class Sandbox {
       });
       phases.mark("etc");
       if (policy) {
-        await installGuestCa(sandbox.agent, policy.ca.certPem);
+        await installGuestCa(agent, policy.ca.certPem);
         phases.mark("ca");
       }
       sandbox.relay = await RelayServer.listen(relaySocket, sandbox);
