@@ -182,6 +182,16 @@ export function parseSandboxConfig(input: unknown): SandboxConfig {
   throw new InvalidArgumentError(`invalid sandbox config: ${describeIssue(issue, "config")}`);
 }
 
+/** Whether the sandbox serves host folders to the guest (a workspace, mounts, or file hooks). */
+export function hostFoldersRequested(config: SandboxConfig): boolean {
+  const i = config.vfs.interception;
+  return (
+    config.vfs.workspace !== undefined ||
+    Object.keys(config.vfs.mounts).length > 0 ||
+    (i !== undefined && i !== null && (i.emit_events || (i.rules ?? []).length > 0))
+  );
+}
+
 function isEmptyValue(x: unknown): boolean {
   if (x === undefined || x === null || x === "") return true;
   if (Array.isArray(x)) return x.length === 0;

@@ -1,4 +1,7 @@
 import type { Command } from "commander";
+import type { SandboxConfig } from "../api/config.ts";
+import type { Sandbox } from "../sandbox/sandbox.ts";
+import type { Prestart } from "../sandbox/prestart.ts";
 
 /** `matchlock rpc`: the JSON-RPC server on stdio that SDKs drive. */
 export function registerRpc(program: Command): void {
@@ -21,16 +24,46 @@ export function registerRpc(program: Command): void {
       });
       const { RpcServer } = await import("../rpc/server.ts"); // the sandbox: not loaded for --help
       const { warmUp } = await import("../rpc/warm.ts");
+      const prestart = await prestartFromEnv();
       const max = Number(process.env.MATCHLOCK_RPC_MAX_LINE);
       const server = new RpcServer({
         input: process.stdin,
         output: process.stdout,
         ...(Number.isInteger(max) && max > 0 ? { maxLine: max } : {}),
+        ...(prestart ? { createSandbox: prestart.create } : {}),
       });
       const served = server.serve();
-      // Not awaited: it stops as soon as a request (or EOF) comes in. The SDK's spare child waits
-      // idle for its first request, so a create then finds everything loaded.
+      // The SDK's spare child waits idle for its first request: it restores a clone of the kind the
+      // SDK expects (its hint) and loads what a create would, so the create finds both ready.
+      // Neither is awaited: the warm-up stops as soon as a request (or EOF) comes in, and a create
+      // waits for the clone if it is of its kind.
+      prestart?.holder.prepare();
       void warmUp(() => !server.idle);
       await served;
+      await prestart?.holder.discard();
     });
+}
+
+/**
+ * The SDK's hint (PRESTART_ENV) as a holder of clones made ahead, and the create that adopts one;
+ * undefined without a usable hint. A SIGTERM (the SDK ending its idle spare) removes the clone
+ * before exiting, as EOF does.
+ */
+async function prestartFromEnv(): Promise<
+  { holder: Prestart; create: (config: SandboxConfig) => Promise<Sandbox> } | undefined
+> {
+  const { PRESTART_ENV } = await import("../api/prestart.ts");
+  const hint = process.env[PRESTART_ENV];
+  if (!hint) return undefined;
+  const [{ Prestart }, { Sandbox }, { paths }] = await Promise.all([
+    import("../sandbox/prestart.ts"),
+    import("../sandbox/sandbox.ts"),
+    import("../api/paths.ts"),
+  ]);
+  const holder = Prestart.fromHint(paths(), hint);
+  if (!holder) return undefined;
+  process.once("SIGTERM", () => {
+    void holder.discard().finally(() => process.exit(143));
+  });
+  return { holder, create: (config) => Sandbox.create({ config, prestart: holder }) };
 }

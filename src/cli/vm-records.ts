@@ -18,6 +18,7 @@ import {
   sweepOrphanProcesses,
   unrecordedVmDirs,
 } from "../sandbox/reconcile.ts";
+import { sweepSpares } from "../sandbox/prestart.ts";
 import { sweepTemplates } from "../sandbox/snapshots.ts";
 import { isAlive } from "../state/procs.ts";
 import { openState, repairState, type StateStore, stateDbPath, stateError } from "../state/store.ts";
@@ -234,6 +235,8 @@ async function gc(s: StateStore, p: Paths, id: string | undefined, forceRunning:
       process.stdout.write(`${n.id}  cleaned  deleted orphan ${n.what}\n`);
     for (const t of await sweepTemplates(s, p))
       process.stdout.write(`snapshot ${t.key}  removed  ${t.why}\n`);
+    for (const name of await sweepSpares(p))
+      process.stdout.write(`spare clone ${name}  removed  its owner is gone\n`);
   }
   if (failures > 0) process.exitCode = 1;
 }

@@ -12,13 +12,14 @@ export type { ResolvedImage };
 export async function resolveImage(
   p: Paths,
   ref: string | undefined,
-  opts: { pull?: boolean; onProgress?: (p: PullProgress) => void } = {},
+  opts: { pull?: boolean; onProgress?: (p: PullProgress) => void; localOnly?: boolean } = {},
 ): Promise<ResolvedImage> {
   if (ref === undefined || isDefaultRef(ref)) return requireDefaultImage(p);
   const { ImageStore } = await import("./store.ts");
   const store = new ImageStore(p);
+  const { localOnly, ...rest } = opts;
   try {
-    return await store.resolve(ref, { ...opts, allowPull: true });
+    return await store.resolve(ref, { ...rest, allowPull: !localOnly });
   } finally {
     store.close();
   }

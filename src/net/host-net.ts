@@ -50,11 +50,16 @@ function netError(what: string, e: unknown): MatchlockError {
 
 /**
  * Creates the TAP (no carrier until QEMU attaches, so no guest packet can arrive before the table
- * exists), gives it the gateway address and MTU, and turns IPv6 off on it.
+ * exists), gives it the gateway address and MTU, and turns IPv6 off on it. With `renameFrom`, an
+ * existing TAP whose QEMU holds a paused guest (no packet either) becomes it instead.
  */
-export async function createTap(spec: HostNetSpec): Promise<void> {
+export async function createTap(spec: HostNetSpec, opts: { renameFrom?: string } = {}): Promise<void> {
   const batch = [
-    `tuntap add dev ${spec.tap} mode tap`,
+    // A clone made ahead of time (sandbox/prestart.ts) holds a TAP its QEMU made, down and without
+    // an address: it takes this VM's name (possible while down), then the same settings.
+    opts.renameFrom === undefined
+      ? `tuntap add dev ${spec.tap} mode tap`
+      : `link set dev ${opts.renameFrom} name ${spec.tap}`,
     `link set dev ${spec.tap} alias "matchlock owner=${spec.owner.pid}:${spec.owner.start_time}"`,
     `link set dev ${spec.tap} mtu ${spec.mtu}`,
     `addr add ${spec.gateway}/${spec.prefixLength} dev ${spec.tap}`,

@@ -115,6 +115,11 @@ export interface VmNetworkOptions {
   intercept?: InterceptPolicy;
   /** Every allow/deny decision (intercept mode), and refused flows in any mode. */
   onEvent?: (e: NetworkEvent) => void;
+  /**
+   * The TAP of a clone made ahead of time (sandbox/prestart.ts), made by its QEMU: renamed to the
+   * plan's TAP instead of creating one. It is not persistent: it goes when that QEMU exits.
+   */
+  adoptTap?: string;
 }
 
 export class VmNetwork {
@@ -125,8 +130,10 @@ export class VmNetwork {
   private readonly dns: DnsServer;
   private readonly tcp: TcpRelay;
   private readonly proxy: InterceptProxy | undefined;
+  private readonly spec: HostNetSpec;
 
   private constructor(
+    spec: HostNetSpec,
     plan: NetworkPlan,
     floor: PrivateFloor,
     dns: DnsServer,
@@ -134,6 +141,7 @@ export class VmNetwork {
     proxy: InterceptProxy | undefined,
     intercept: InterceptPolicy | undefined,
   ) {
+    this.spec = spec;
     this.plan = plan;
     this.floor = floor;
     this.dns = dns;
@@ -165,7 +173,7 @@ export class VmNetwork {
         appendFileSync(opts.logFile, `${new Date().toISOString()} ${text}\n`);
       } catch {}
     };
-    await createTap(spec);
+    await createTap(spec, opts.adoptTap === undefined ? {} : { renameFrom: opts.adoptTap });
     const floor = new PrivateFloor({
       allowed: opts.config.allow_private_hosts,
       blockPrivate: opts.config.block_private_ips,
@@ -261,7 +269,15 @@ export class VmNetwork {
       await dns.close();
       throw e;
     }
-    return new VmNetwork(plan, floor, dns, tcp, proxy, policy);
+    return new VmNetwork(spec, plan, floor, dns, tcp, proxy, policy);
+  }
+
+  /**
+   * Makes the TAP again, same name and address (the table matches it by name): an adopted TAP
+   * (`adoptTap`) went with its QEMU, and the cold boot that replaces a failed restore needs one.
+   */
+  async recreateTap(): Promise<void> {
+    await createTap(this.spec);
   }
 
   /** QEMU's NIC: virtio-net on the TAP, with Matchlock's MAC. */

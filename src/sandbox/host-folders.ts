@@ -24,15 +24,6 @@ export const VFS_LOG = "vfs.log";
 /** A guest path that can go on the kernel command line and means one place: absolute, normalised. */
 const GUEST_PATH = /^(\/[A-Za-z0-9._@+-]+)+$/;
 
-export function hostFoldersRequested(config: SandboxConfig): boolean {
-  const i = config.vfs.interception;
-  return (
-    config.vfs.workspace !== undefined ||
-    Object.keys(config.vfs.mounts).length > 0 ||
-    (i !== undefined && i !== null && (i.emit_events || (i.rules ?? []).length > 0))
-  );
-}
-
 export function checkGuestPath(what: string, p: string): string {
   const normal = posix.normalize(p);
   if (!GUEST_PATH.test(p) || normal !== p || p.split("/").includes("..")) {

@@ -1,7 +1,7 @@
 import { appendFileSync } from "node:fs";
-import { mkdir, open, rm } from "node:fs/promises";
+import { mkdir, open, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
-import type { ImageConfig, SandboxConfig } from "../api/config.ts";
+import { hostFoldersRequested, type ImageConfig, type SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf, VmNotRunningError } from "../api/errors.ts";
 import { fileEvent } from "../api/events.ts";
 import { newVmId } from "../api/ids.ts";
@@ -41,10 +41,11 @@ import { EVENTS_FILE, EventLog } from "./event-log.ts";
 import { prepareExtraDisks } from "./extra-disks.ts";
 import { crashPoint } from "./faults.ts";
 import { installGuestCa } from "./guest-ca.ts";
-import { HostFolders, hostFoldersRequested } from "./host-folders.ts";
+import { HostFolders } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
 import { type PauseState, VmPause } from "./pause.ts";
 import { PhaseTimer } from "./phase-timer.ts";
+import { discardClone, type Prestart, type PrestartedClone } from "./prestart.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
 import { RelayServer } from "./relay.ts";
 import {
@@ -54,7 +55,9 @@ import {
   prepareClone,
   restoreSpec,
   snapshotMaxBytes,
+  type TemplateLookup,
   templateInputs,
+  templateKey,
   variantOf,
 } from "./snapshots.ts";
 
@@ -81,6 +84,8 @@ export interface CreateOptions {
   firstCommand?: (image: ImageConfig) => ExecOptions | undefined;
   /** Boot cold even when a snapshot could be restored (`--cold`; also MATCHLOCK_COLD=1). */
   cold?: boolean;
+  /** Clones made ahead of time (an idle rpc server's): one of this sandbox's kind is adopted. */
+  prestart?: Prestart;
 }
 
 export interface ExecOptions {
@@ -211,10 +216,21 @@ export class Sandbox {
       { kernel: kernel.vmlinux, initramfs },
       opts.accel,
     );
-    phases.mark("kernel");
     const blocker = restoreBlocker(opts, config);
     // A bad MATCHLOCK_SNAPSHOT_MAX_MB is refused before anything exists.
     const snapshotCap = blocker ? 0 : snapshotMaxBytes();
+    const inputs = blocker
+      ? undefined
+      : await templateInputs(
+          { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
+          variantOf(config),
+        );
+    phases.mark("kernel");
+    // A clone of this kind made ahead of time, if one is held: from here on it is ours to adopt or
+    // discard (`unadopted` until its dir is this VM's).
+    const pre = inputs && opts.prestart ? await opts.prestart.take(templateKey(inputs)) : undefined;
+    let unadopted: PrestartedClone | undefined = pre;
+    if (pre) phases.mark("prestarted");
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
     const ownsState = opts.state === undefined;
@@ -230,6 +246,7 @@ export class Sandbox {
       } catch (e) {
         state.vms.remove(id); // no subnet free: nothing was created, so nothing stays recorded
         if (ownsState) state.close();
+        if (pre) await discardClone(pre);
         throw e;
       }
     }
@@ -245,7 +262,10 @@ export class Sandbox {
         join(dir, "migrate.sock"), // a restoring QEMU's, for a moment
         ...(hostFoldersRequested(config) ? [qp.vfsSocket] : []),
       ],
-      qemu: { cmdline_marker: `${dir}/` },
+      // An adopted clone's QEMU runs already; its command line names the dir it was made in.
+      qemu: pre
+        ? { pid: pre.vm.pid, start_time: procStartTime(pre.vm.pid) ?? 0, cmdline_marker: `${pre.dir}/` }
+        : { cmdline_marker: `${dir}/` },
       owner,
       ...(plan
         ? {
@@ -270,12 +290,21 @@ export class Sandbox {
       const qemu = { pid: started.pid, start_time: procStartTime(started.pid) ?? 0 };
       writeRuntimeFile(dir, { owner, qemu, relay_socket: relaySocket });
       state.lifecycle.transition(id, "starting", {
-        resources: { qemu: { ...qemu, cmdline_marker: `${dir}/` } },
+        resources: { qemu: { ...qemu, cmdline_marker: `${pre && started === pre.vm ? pre.dir : dir}/` } },
       });
       crashPoint("starting");
     };
     try {
-      await mkdir(dir, { recursive: true, mode: 0o700 });
+      if (pre) {
+        // The clone's files become this VM's dir: QEMU's open disk and console log go along.
+        await mkdir(p.vms, { recursive: true, mode: 0o700 });
+        await rename(pre.dir, dir);
+        pre.vm.relocate(dir);
+        vm = pre.vm;
+        unadopted = undefined;
+      } else {
+        await mkdir(dir, { recursive: true, mode: 0o700 });
+      }
       if (plan) {
         progress(`network ${plan.subnet} on ${plan.tap}${policy ? " (intercept mode)" : ""}`);
         // Complete before QEMU starts. Setting it up while QEMU starts was measured slower (+20 ms
@@ -286,6 +315,7 @@ export class Sandbox {
           logFile: join(dir, "net.log"),
           ...(policy ? { intercept: policy } : {}),
           onEvent: (e) => events.emit(e),
+          ...(pre?.tap ? { adoptTap: pre.tap } : {}),
         });
         phases.mark("network");
       }
@@ -297,17 +327,18 @@ export class Sandbox {
       // Part of creating: a failure here (building the snapshot cannot fail the sandbox, but the
       // state store can) is a failed create.
       const backend = opts.backend ?? new QemuBackend({ cacheDir: p.cache });
-      const found = blocker
-        ? { template: undefined, reason: blocker }
-        : await findOrBuildTemplate(
-            p,
-            state,
-            await templateInputs(
-              { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
-              variantOf(config),
-            ),
-            { backend, bootTimeoutMs, progress, maxBytes: snapshotCap },
-          );
+      if (pre) state.snapshots.touch(pre.key);
+      const found: TemplateLookup =
+        pre !== undefined
+          ? { template: pre.template, built: false }
+          : inputs === undefined
+            ? { template: undefined, reason: blocker ?? "" }
+            : await findOrBuildTemplate(p, state, inputs, {
+                backend,
+                bootTimeoutMs,
+                progress,
+                maxBytes: snapshotCap,
+              });
       phases.mark("snapshot");
       state.lifecycle.transition(id, "created");
       crashPoint("created");
@@ -330,19 +361,22 @@ export class Sandbox {
         for (const old of found.evicted ?? []) note(evictionNote(old));
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
         try {
-          const { devices } = await prepareClone(found.template, dir, upper);
-          phases.mark("clone");
-          vm = await backend.start(
-            restoreSpec(found.template, devices, { id, dir, upper, ...(plan ? { tap: plan.tap } : {}) }),
-          );
+          if (!vm) {
+            const { devices } = await prepareClone(found.template, dir, upper);
+            phases.mark("clone");
+            vm = await backend.start(
+              restoreSpec(found.template, devices, { id, dir, upper, ...(plan ? { tap: plan.tap } : {}) }),
+            );
+          }
           agent = new AgentClient(vm.agent, logAgent);
           if (folders && vm.vfs) folders.serve(vm.vfs);
           recordQemu(vm);
           crashPoint("restoring");
+          if (pre) await vm.resume(); // made ahead of time: restored, and paused since
           phases.mark("qemu");
           await adoptClone(agent, vm, identity(), bootTimeoutMs);
           phases.mark("identity");
-          note(`restored from snapshot ${found.template.key}`);
+          note(`restored from snapshot ${found.template.key}${pre ? " (a clone made ahead of time)" : ""}`);
         } catch (e) {
           // Any failure falls back to a cold boot; the reason stays in the VM's boot.log.
           note(`snapshot ${found.template.key} could not be restored (${messageOf(e)}); booting cold`);
@@ -358,6 +392,8 @@ export class Sandbox {
       if (!vm || !agent) {
         await rm(upper, { force: true }); // a failed restore's copy
         await rm(qp.consoleLog, { force: true });
+        // A clone made ahead of time took its TAP (its QEMU's, not persistent) with it.
+        if (pre && network) await network.recreateTap();
         await makeUpperDisk(p.cache, upper, config.resources.disk_size_mb);
         phases.mark("disk");
         progress(`booting ${id} (${accel})`);
@@ -427,6 +463,7 @@ export class Sandbox {
         error: messageOf(e),
       });
       await vm?.stop(0).catch(() => {});
+      if (unadopted) await discardClone(unadopted);
       await network?.close().catch(() => {});
       await folders?.close().catch(() => {});
       await finishCleanup(state, id, { removeDir: true, removeRecords: true }).catch(() => {});

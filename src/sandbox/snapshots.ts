@@ -2,7 +2,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { existsSync, readdirSync, statSync } from "node:fs";
 import { copyFile, mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { delimiter, join } from "node:path";
-import type { SandboxConfig } from "../api/config.ts";
+import { hostFoldersRequested, type SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { AgentClient } from "../guest/agent-client.ts";
@@ -18,7 +18,6 @@ import { hostTscKhz } from "../vm/qemu/tsc.ts";
 import { waitReady } from "./agent-ready.ts";
 import { writeEtcFiles } from "./etc-files.ts";
 import { crashPoint } from "./faults.ts";
-import { hostFoldersRequested } from "./host-folders.ts";
 
 /**
  * Snapshot templates (fast starts). A template is a VM booted once to an idle agent and saved: its
@@ -187,6 +186,18 @@ function vmSpec(t: Template, run: { id: string; dir: string; upper: string; tap?
   };
 }
 
+function filesPresent(t: Template): boolean {
+  return [t.ram, t.state, t.upper, join(t.dir, DEVICES_FILE)].every((f) => existsSync(f));
+}
+
+/** The template with this key if it is ready and its files are there; it neither builds nor touches. */
+export function readyTemplate(state: StateStore, key: string): Template | undefined {
+  const row = state.snapshots.get(key);
+  if (row?.status !== "ready") return undefined;
+  const t = templateOf(row);
+  return filesPresent(t) ? t : undefined;
+}
+
 export type TemplateLookup =
   | { template: Template; built: boolean; evicted?: TemplateRow[] }
   | { template: undefined; reason: string };
@@ -211,7 +222,7 @@ export async function findOrBuildTemplate(
   const row = state.snapshots.get(key);
   if (row?.status === "ready") {
     const t = templateOf(row);
-    if ([t.ram, t.state, t.upper, join(t.dir, DEVICES_FILE)].every((f) => existsSync(f))) {
+    if (filesPresent(t)) {
       state.snapshots.touch(key);
       return { template: t, built: false };
     }

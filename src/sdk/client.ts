@@ -17,6 +17,7 @@ import {
   type RpcServerNotification,
   RpcServerNotifications,
 } from "../api/rpc.ts";
+import { PRESTART_ENV, prestartHint } from "../api/prestart.ts";
 import { describeIssue } from "../api/schema.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { whenWritable } from "../host/drain.ts";
@@ -213,7 +214,7 @@ export class Client {
   private vmIdValue = "";
   private deadError: MatchlockError | undefined;
   /** The spare `matchlock rpc` to start once this client is idle (see fillSpare). */
-  private spareDue: { spec: SpawnSpec; timer: NodeJS.Timeout } | undefined;
+  private spareDue: { spec: SpawnSpec; hint: string | undefined; timer: NodeJS.Timeout } | undefined;
   /** Serves the launched sandbox's network hook callbacks. */
   private hookServer: NetworkHookServer | undefined;
   /** Runs the launched sandbox's local VFS hooks (undefined: it has none). */
@@ -268,7 +269,7 @@ export class Client {
     const r = await this.call("create", config, opts);
     if (!r.id) throw new MatchlockError("invalid create response: no id", this.stderrTail);
     this.vmIdValue = r.id;
-    this.fillSpare();
+    this.fillSpare(config);
     return this.vmIdValue;
   }
 
@@ -567,10 +568,11 @@ export class Client {
    * the slow one under TCG). So it starts once no call of this client is running, at the latest
    * SPARE_DELAY_MS after the create. Unref'd: a program that is done exits without starting one.
    */
-  private fillSpare(): void {
+  private fillSpare(config: SandboxConfigInput): void {
     if (!this.sparesWanted || this.spareDue) return;
     const timer = setTimeout(() => this.startSpare(), SPARE_DELAY_MS).unref();
-    this.spareDue = { spec: this.spawnSpec(), timer };
+    // The spare restores a clone of this kind while it waits (PRESTART_ENV).
+    this.spareDue = { spec: this.spawnSpec(), hint: prestartHint(config), timer };
     // After the caller's continuation (microtasks) has sent its next call, if it has one.
     setImmediate(() => {
       if (this.pending.size === 0) this.startSpare();
@@ -582,7 +584,7 @@ export class Client {
     if (!due) return;
     this.spareDue = undefined;
     clearTimeout(due.timer);
-    spares.fill(due.spec);
+    spares.fill(due.spec, due.hint === undefined ? {} : { [PRESTART_ENV]: due.hint });
   }
 
   private start(): ChildProcessWithoutNullStreams {

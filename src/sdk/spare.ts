@@ -160,8 +160,12 @@ export class SparePool {
     return undefined;
   }
 
-  /** Starts a spare for `spec` unless one is idle already. Never throws: a spare is only a time saver. */
-  fill(spec: SpawnSpec): void {
+  /**
+   * Starts a spare for `spec` unless one is idle already. `extraEnv` goes to the child's env but
+   * not into the key (a hint for it, not a difference a Client would see). Never throws: a spare
+   * is only a time saver.
+   */
+  fill(spec: SpawnSpec, extraEnv: NodeJS.ProcessEnv = {}): void {
     if (spec.cwd === undefined) return; // a removed cwd: nothing tells two of them apart
     const key = spawnKey(spec);
     const have = this.spares.get(key);
@@ -173,7 +177,7 @@ export class SparePool {
     }
     let child: ChildProcessWithoutNullStreams;
     try {
-      child = this.start(spec);
+      child = this.start({ ...spec, env: { ...spec.env, ...extraEnv } });
     } catch {
       return;
     }

@@ -39,6 +39,11 @@ export interface VmSpec {
    */
   restoreDevices?: string;
   /**
+   * With `restoreFrom`: leave the restored guest paused (a clone made ahead of time, see
+   * sandbox/prestart.ts); `resume()` lets it run.
+   */
+  paused?: boolean;
+  /**
    * A virtio-rng device feeding the guest's CRNG. Unset: the backend decides (only a guest CPU
    * without RDRAND needs one); tests set it to exercise the device anyway.
    */
@@ -79,6 +84,11 @@ export interface RunningVm {
   pause(): Promise<void>;
   /** Lets a paused guest run again (QMP `cont`) from where it stopped. */
   resume(): Promise<void>;
+  /**
+   * The VM dir was renamed to `dir` (a clone made ahead of time, adopted by a sandbox): logs are read
+   * and written there from now on. Files the hypervisor holds open stay open through the rename.
+   */
+  relocate(dir: string): void;
   /** Stops the VM (graceful quit, then kill after `graceMs`) and waits for it to exit. */
   stop(graceMs?: number): Promise<void>;
 }

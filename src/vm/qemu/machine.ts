@@ -56,7 +56,8 @@ export class QemuBackend implements VmBackend {
 
   async start(spec: VmSpec): Promise<RunningVm> {
     const p = qemuPaths(spec.dir);
-    const qemuLog = join(spec.dir, "qemu.log");
+    // Where the logs are now: a clone made ahead of time moves to its VM's dir (`relocate`).
+    const where = { consoleLog: p.consoleLog, qemuLog: join(spec.dir, "qemu.log") };
     const rng = spec.rng ?? (await guestNeedsRng(spec.accel));
     const argv = qemuArgv(
       { ...spec, rng },
@@ -72,7 +73,7 @@ export class QemuBackend implements VmBackend {
     const agentL = await listenOnce(p.agentSocket);
     const qmpL = await listenOnce(p.qmpSocket);
     const vfsL = spec.vfs ? await listenOnce(p.vfsSocket) : undefined;
-    await appendFile(qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
+    await appendFile(where.qemuLog, `${[QEMU_BINARY, ...argv].map((a) => JSON.stringify(a)).join(" ")}\n`);
 
     // detached: QEMU gets its own session, so a Ctrl-C on the terminal reaches us (who stop the guest
     // command gracefully) and not QEMU. setpriv's parent-death signal kills QEMU if we die: a VM never
@@ -90,7 +91,7 @@ export class QemuBackend implements VmBackend {
     child.stderr?.setEncoding("utf8");
     child.stderr?.on("data", (d: string) => {
       stderrTail = (stderrTail + d).slice(-4096);
-      appendFile(qemuLog, d).catch(() => {});
+      appendFile(where.qemuLog, d).catch(() => {});
     });
     const exited = new Promise<VmExit>((resolve) => {
       child.once("exit", (code, signal) => resolve({ code, signal }));
@@ -102,7 +103,7 @@ export class QemuBackend implements VmBackend {
     const diagnostics = async (): Promise<string> => {
       let console = "";
       try {
-        console = (await readFile(p.consoleLog, "utf8")).split("\n").slice(-15).join("\n");
+        console = (await readFile(where.consoleLog, "utf8")).split("\n").slice(-15).join("\n");
       } catch {}
       return [stderrTail.trim(), console.trim()].filter(Boolean).join("\n");
     };
@@ -138,9 +139,9 @@ export class QemuBackend implements VmBackend {
       await qmp.init().catch(failed);
       if (spec.restoreFrom !== undefined) {
         // QEMU listens here for the saved device state while restoring.
-        await restore(qmp, spec.restoreFrom, join(spec.dir, "migrate.sock")).catch(failed);
+        await restore(qmp, spec.restoreFrom, join(spec.dir, "migrate.sock"), !spec.paused).catch(failed);
       }
-      return new QemuVm(child, agent, vfs, qmp, exited, p.consoleLog, devices, diagnostics);
+      return new QemuVm(child, agent, vfs, qmp, exited, where, devices, diagnostics);
     } catch (e) {
       child.kill("SIGKILL");
       await exited;
@@ -185,7 +186,7 @@ function migrationStatus(data: unknown): string {
  * QEMU listens on a unix socket and we stream the file into it: no shell command, and we know
  * exactly when every byte was handed over.
  */
-async function restore(qmp: QmpClient, stateFile: string, sock: string): Promise<void> {
+async function restore(qmp: QmpClient, stateFile: string, sock: string, cont: boolean): Promise<void> {
   await rm(sock, { force: true });
   await qmp.execute("migrate-set-capabilities", MIGRATION_CAPS);
   const end = migrationEnd(qmp, "end of the restore");
@@ -198,7 +199,7 @@ async function restore(qmp: QmpClient, stateFile: string, sock: string): Promise
   await rm(sock, { force: true });
   if (status !== "completed") throw new VmBootError(`restoring the snapshot ${status}`);
   // The template was stopped when it was saved, so the clone arrives paused.
-  await qmp.execute("cont");
+  if (cont) await qmp.execute("cont");
 }
 
 function describeExit(e: VmExit): string {
@@ -210,9 +211,9 @@ class QemuVm implements RunningVm {
   readonly agent: Socket;
   readonly vfs: Socket | undefined;
   readonly exited: Promise<VmExit>;
-  readonly consoleLog: string;
   readonly devices: string;
   readonly diagnostics: () => Promise<string>;
+  private readonly where: { consoleLog: string; qemuLog: string };
   private readonly child: ChildProcess;
   private readonly qmp: QmpClient;
   private done = false;
@@ -223,7 +224,7 @@ class QemuVm implements RunningVm {
     vfs: Socket | undefined,
     qmp: QmpClient,
     exited: Promise<VmExit>,
-    consoleLog: string,
+    where: { consoleLog: string; qemuLog: string },
     devices: string,
     diagnostics: () => Promise<string>,
   ) {
@@ -233,13 +234,22 @@ class QemuVm implements RunningVm {
     this.agent = agent;
     this.vfs = vfs;
     this.qmp = qmp;
-    this.consoleLog = consoleLog;
+    this.where = where;
     this.devices = devices;
     this.diagnostics = diagnostics;
     this.exited = exited.then((e) => {
       this.done = true;
       return e;
     });
+  }
+
+  get consoleLog(): string {
+    return this.where.consoleLog;
+  }
+
+  relocate(dir: string): void {
+    this.where.consoleLog = qemuPaths(dir).consoleLog;
+    this.where.qemuLog = join(dir, "qemu.log");
   }
 
   async snapshot(stateFile: string): Promise<void> {

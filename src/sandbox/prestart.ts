@@ -1,0 +1,210 @@
+import { randomBytes } from "node:crypto";
+import { existsSync, readdirSync } from "node:fs";
+import { mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { parseSandboxConfig, type SandboxConfig } from "../api/config.ts";
+import type { Paths } from "../api/paths.ts";
+import { loadInitramfs } from "../guest/initramfs.ts";
+import { loadKernel } from "../guest/kernel.ts";
+import { resolveImage } from "../image/resolve.ts";
+import { findProcesses, isAlive, selfIdentity } from "../state/procs.ts";
+import { openState } from "../state/store.ts";
+import type { RunningVm, VmBackend } from "../vm/backend.ts";
+import { chooseAccel } from "../vm/qemu/accel.ts";
+import { QemuBackend } from "../vm/qemu/machine.ts";
+import {
+  prepareClone,
+  readyTemplate,
+  restoreSpec,
+  type Template,
+  templateInputs,
+  templateKey,
+  variantOf,
+} from "./snapshots.ts";
+
+/**
+ * A clone made ahead of time: a `matchlock rpc` that waits idle for its first request (the SDK's
+ * spare child) restores a clone of the kind of sandbox it was told to expect, and leaves it paused.
+ * A create of that kind then adopts it: only resuming it and making it this VM (SET_IDENTITY, /etc)
+ * remain, not QEMU's start-up and the restore (~100 ms of a ~300 ms create here).
+ *
+ * Until adopted it is in no record, and needs none:
+ * - its files live in `~/.matchlock/spares/<owner pid>-<start time>-<random>/`, renamed to the VM's
+ *   dir at adoption (QEMU's open files, disk and console log, go along); `gc` removes the dir of an
+ *   owner that is gone (`sweepSpares`);
+ * - its QEMU dies with its owner (the backend's parent-death signal), and its TAP, made by that QEMU
+ *   (`mls-…`, not persistent, never up, no address), goes with it;
+ * - its guest is paused from the moment its state is loaded: it sends no packet and reads no clock
+ *   until the sandbox that adopts it has set up its network and resumes it.
+ */
+
+const SPARES_DIR = "spares";
+const TAP_PREFIX = "mls-";
+
+export interface PrestartedClone {
+  readonly key: string;
+  readonly template: Template;
+  /** Its dir under `spares/`, until the sandbox renames it to the VM's. */
+  readonly dir: string;
+  readonly upper: string;
+  /** The TAP its QEMU made; undefined without a NIC. */
+  readonly tap: string | undefined;
+  readonly vm: RunningVm;
+  /** False once its QEMU has exited. */
+  readonly alive: () => boolean;
+}
+
+export function sparesDir(p: Paths): string {
+  return join(p.home, SPARES_DIR);
+}
+
+export class Prestart {
+  readonly #p: Paths;
+  readonly #config: SandboxConfig;
+  readonly #backend: VmBackend;
+  /** The clone being made or held, with its template's key (known first). */
+  #held: { key: Promise<string | undefined>; clone: Promise<PrestartedClone | undefined> } | undefined;
+  #discarding: Promise<void> = Promise.resolve();
+
+  private constructor(p: Paths, config: SandboxConfig, backend: VmBackend) {
+    this.#p = p;
+    this.#config = config;
+    this.#backend = backend;
+  }
+
+  /**
+   * From the SDK's hint (PRESTART_ENV): a config. Undefined when it does not parse, or when creates
+   * here boot cold anyway (MATCHLOCK_COLD=1, extra disks): a clone made ahead is only a time saver.
+   */
+  static fromHint(p: Paths, hint: string, backend?: VmBackend): Prestart | undefined {
+    if (process.env.MATCHLOCK_COLD === "1") return undefined;
+    let config: SandboxConfig;
+    try {
+      config = parseSandboxConfig(JSON.parse(hint));
+    } catch {
+      return undefined;
+    }
+    if ((config.extra_disks ?? []).length > 0) return undefined;
+    return new Prestart(p, config, backend ?? new QemuBackend({ cacheDir: p.cache }));
+  }
+
+  /**
+   * Starts making one clone, unless one is held or being made. Only from a snapshot that is ready:
+   * it never builds one, never pulls an image, and any failure just leaves none.
+   */
+  prepare(): void {
+    if (this.#held) return;
+    const key = this.#keyFor().catch(() => undefined);
+    const clone = key.then((k) => (k === undefined ? undefined : this.#make(k))).catch(() => undefined);
+    this.#held = { key, clone };
+  }
+
+  /**
+   * The clone for the template `key`, alive and paused, waiting for one still being made; it is the
+   * caller's from then on. A clone of another template is discarded, and the next create makes its
+   * VM as usual.
+   */
+  async take(key: string): Promise<PrestartedClone | undefined> {
+    const held = this.#held;
+    if (!held) return undefined;
+    this.#held = undefined;
+    if ((await held.key) !== key) {
+      void held.clone.then((c) => c && discardClone(c));
+      return undefined;
+    }
+    const clone = await held.clone;
+    if (clone?.alive()) return clone;
+    if (clone) await discardClone(clone);
+    return undefined;
+  }
+
+  /**
+   * Stops and removes whatever is held or being made (the rpc server is ending). Calls made while
+   * one runs (EOF and SIGTERM come together) wait for the same work.
+   */
+  discard(): Promise<void> {
+    const held = this.#held;
+    this.#held = undefined;
+    if (held) {
+      this.#discarding = Promise.all([
+        this.#discarding,
+        held.clone.then((c) => c && discardClone(c)),
+      ]).then(() => {});
+    }
+    return this.#discarding;
+  }
+
+  async #keyFor(): Promise<string> {
+    const p = this.#p;
+    const image = await resolveImage(p, this.#config.image, { localOnly: true });
+    const kernel = await loadKernel(p);
+    const initramfs = await loadInitramfs(p);
+    const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel: kernel.vmlinux, initramfs });
+    const inputs = await templateInputs(
+      { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
+      variantOf(this.#config),
+    );
+    return templateKey(inputs);
+  }
+
+  async #make(key: string): Promise<PrestartedClone | undefined> {
+    const state = openState(this.#p);
+    let template: Template | undefined;
+    try {
+      template = readyTemplate(state, key);
+    } finally {
+      state.close();
+    }
+    if (!template) return undefined;
+    const me = selfIdentity();
+    const name = `${me.pid}-${me.start_time}-${randomBytes(4).toString("hex")}`;
+    const dir = join(sparesDir(this.#p), name);
+    const upper = join(dir, "upper.ext4");
+    const tap = template.inputs.nic ? `${TAP_PREFIX}${name.slice(-8)}` : undefined;
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    try {
+      const { devices } = await prepareClone(template, dir, upper);
+      const vm = await this.#backend.start({
+        ...restoreSpec(template, devices, { id: `spare-${name}`, dir, upper, ...(tap ? { tap } : {}) }),
+        paused: true,
+      });
+      let exited = false;
+      void vm.exited.then(() => {
+        exited = true;
+      });
+      return { key, template, dir, upper, tap, vm, alive: () => !exited };
+    } catch (e) {
+      await rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+}
+
+/** Stops a clone that nobody adopted and removes its dir. */
+export async function discardClone(c: PrestartedClone): Promise<void> {
+  await c.vm.stop(0).catch(() => {});
+  await rm(c.dir, { recursive: true, force: true }).catch(() => {});
+}
+
+/**
+ * `gc`: the dirs of clones made ahead whose owner is gone (killed before it could remove them),
+ * with any QEMU still running from one. Returns the names removed.
+ */
+export async function sweepSpares(p: Paths): Promise<string[]> {
+  const root = sparesDir(p);
+  if (!existsSync(root)) return [];
+  const removed: string[] = [];
+  for (const entry of readdirSync(root, { withFileTypes: true })) {
+    const m = /^(\d+)-(\d+)-[0-9a-f]+$/.exec(entry.name);
+    if (m && isAlive({ pid: Number(m[1]), start_time: Number(m[2]) })) continue;
+    const dir = join(root, entry.name);
+    for (const proc of findProcesses(`${dir}/`, /qemu-system/)) {
+      try {
+        process.kill(proc.pid, "SIGKILL");
+      } catch {}
+    }
+    await rm(dir, { recursive: true, force: true });
+    removed.push(entry.name);
+  }
+  return removed;
+}
