@@ -1,7 +1,7 @@
 import type { Command } from "commander";
 import type { SandboxConfig } from "../api/config.ts";
-import type { Sandbox } from "../sandbox/sandbox.ts";
 import type { Prestart } from "../sandbox/prestart.ts";
+import type { Sandbox } from "../sandbox/sandbox.ts";
 
 /** `matchlock rpc`: the JSON-RPC server on stdio that SDKs drive. */
 export function registerRpc(program: Command): void {

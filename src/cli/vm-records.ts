@@ -5,6 +5,7 @@ import { InvalidArgumentError, MatchlockError } from "../api/errors.ts";
 import { parseVmId } from "../api/ids.ts";
 import { type Paths, paths, vmDir } from "../api/paths.ts";
 import { VM_LOG_FILES } from "../sandbox/entrypoint.ts";
+import { sweepSpares } from "../sandbox/prestart.ts";
 import {
   adoptVmDir,
   effectiveStatus,
@@ -18,7 +19,6 @@ import {
   sweepOrphanProcesses,
   unrecordedVmDirs,
 } from "../sandbox/reconcile.ts";
-import { sweepSpares } from "../sandbox/prestart.ts";
 import { sweepTemplates } from "../sandbox/snapshots.ts";
 import { isAlive } from "../state/procs.ts";
 import { openState, repairState, type StateStore, stateDbPath, stateError } from "../state/store.ts";

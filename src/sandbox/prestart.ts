@@ -126,10 +126,9 @@ export class Prestart {
     const held = this.#held;
     this.#held = undefined;
     if (held) {
-      this.#discarding = Promise.all([
-        this.#discarding,
-        held.clone.then((c) => c && discardClone(c)),
-      ]).then(() => {});
+      this.#discarding = Promise.all([this.#discarding, held.clone.then((c) => c && discardClone(c))]).then(
+        () => {},
+      );
     }
     return this.#discarding;
   }

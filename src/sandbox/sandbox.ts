@@ -45,8 +45,8 @@ import { HostFolders } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
 import { type PauseState, VmPause } from "./pause.ts";
 import { PhaseTimer } from "./phase-timer.ts";
-import { discardClone, type Prestart, type PrestartedClone } from "./prestart.ts";
 import { type PortBinding, type PortForward, PortForwarder } from "./port-forward.ts";
+import { discardClone, type Prestart, type PrestartedClone } from "./prestart.ts";
 import { RelayServer } from "./relay.ts";
 import {
   adoptClone,

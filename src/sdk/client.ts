@@ -4,6 +4,7 @@ import { fileURLToPath } from "node:url";
 import * as v from "valibot";
 import type { SandboxConfigInput } from "../api/config.ts";
 import type { SandboxEvent } from "../api/events.ts";
+import { PRESTART_ENV, prestartHint } from "../api/prestart.ts";
 import {
   isServerNotification,
   type RpcClientNotification,
@@ -17,7 +18,6 @@ import {
   type RpcServerNotification,
   RpcServerNotifications,
 } from "../api/rpc.ts";
-import { PRESTART_ENV, prestartHint } from "../api/prestart.ts";
 import { describeIssue } from "../api/schema.ts";
 import { parsePortSpec } from "../api/specs.ts";
 import { whenWritable } from "../host/drain.ts";

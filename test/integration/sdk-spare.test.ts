@@ -3,6 +3,7 @@ import { spawn } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
+import { runCommand } from "../../src/host/command.ts";
 import { Client } from "../../src/sdk/index.ts";
 import { CLI, runCli, tempHome } from "../helpers/cli.ts";
 
@@ -59,6 +60,53 @@ async function until<T>(what: string, get: () => T | undefined, ms = 10_000): Pr
   }
 }
 
+/** The dirs of clones made ahead of time by the rpc process `pid` (sandbox/prestart.ts). */
+function clonesOf(pid: number): string[] {
+  try {
+    return readdirSync(join(h.home, "spares")).filter((n) => n.startsWith(`${pid}-`));
+  } catch {
+    return [];
+  }
+}
+
+/** Running QEMU processes whose command line names `dir`. */
+function qemuIn(dir: string): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry) || !alive(Number(entry))) continue;
+    try {
+      const argv = readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0");
+      if (/qemu-system/.test(argv[0] ?? "") && argv.some((a) => a.includes(`${dir}/`)))
+        pids.push(Number(entry));
+    } catch {}
+  }
+  return pids;
+}
+
+async function linkNames(): Promise<string[]> {
+  const r = await runCommand("ip", ["-j", "link", "show"]);
+  return (JSON.parse(r.stdout.toString("utf8")) as Array<{ ifname: string }>).map((l) => l.ifname);
+}
+
+/** Waits until the link `name` exists (or, `present` false, is gone: the kernel removes a TAP a moment after its last user exits). */
+async function linkState(name: string, present: boolean): Promise<void> {
+  const end = Date.now() + 10_000;
+  while ((await linkNames()).includes(name) !== present) {
+    if (Date.now() > end) assert.fail(`the link ${name} is ${present ? "missing" : "still there"}`);
+    await sleep(25);
+  }
+}
+
+/** The clone the idle spare `spare` holds, once its QEMU runs: its dir name, dir, QEMU and TAP. */
+async function heldClone(spare: number): Promise<{ name: string; dir: string; qemu: number; tap: string }> {
+  const name = await until("the spare's clone", () => clonesOf(spare)[0], 20_000);
+  const dir = join(h.home, "spares", name);
+  const qemu = await until("its QEMU", () => qemuIn(dir)[0], 20_000);
+  const tap = `mls-${name.slice(-8)}`;
+  await linkState(tap, true);
+  return { name, dir, qemu, tap };
+}
+
 /** Creates, runs one command, closes and removes: a Client's whole life. */
 async function oneVm(c: Client): Promise<void> {
   await c.create({});
@@ -108,6 +156,51 @@ describe("the SDK's spare rpc child", () => {
     assert.deepEqual(rpcPids("sequential"), [next]);
   });
 
+  test("the spare restores a clone ahead of time; the next create adopts it as its own VM", async () => {
+    const env = envFor("prestart");
+    await oneVm(new Client({ env }));
+    const spare = await theSpare("prestart");
+    const held = await heldClone(spare);
+    const c = new Client({ env });
+    // add_hosts does not change the kind of snapshot: the held clone fits.
+    const id = await c.create({ network: { add_hosts: [{ host: "db.prestart.test", ip: "10.77.0.9" }] } });
+    const dir = join(h.home, "vms", id);
+    assert.match(
+      readFileSync(join(dir, "boot.log"), "utf8"),
+      /restored from snapshot [0-9a-f]+ \(a clone made ahead of time\)/,
+    );
+    // The same QEMU now runs this VM, from the VM's dir, on the VM's own TAP.
+    assert.ok(alive(held.qemu));
+    assert.equal(JSON.parse(readFileSync(join(dir, "runtime.json"), "utf8")).qemu.pid, held.qemu);
+    assert.equal(existsSync(held.dir), false);
+    const names = await linkNames();
+    assert.equal(names.includes(held.tap), false, "the clone's TAP took the VM's name");
+    assert.ok(names.includes(`fc-${id.slice(3, 11)}`));
+    // And it is this VM: its hostname, and its network (DNS from this VM's listeners).
+    assert.equal((await c.exec("hostname")).stdout, `${id}\n`);
+    assert.match((await c.exec("nslookup db.prestart.test")).stdout, /10\.77\.0\.9/);
+    assert.equal((await c.exec("cat /proc/sys/kernel/random/boot_id")).stdout.length, 37);
+    await c.close();
+    await c.remove();
+    assert.equal(alive(held.qemu), false);
+    await linkState(`fc-${id.slice(3, 11)}`, false);
+  });
+
+  test("a held clone of another kind is discarded, and the create restores as usual", async () => {
+    const env = envFor("other-kind");
+    await oneVm(new Client({ env }));
+    const held = await heldClone(await theSpare("other-kind"));
+    const c = new Client({ env });
+    const id = await c.create({ network: { no_network: true } });
+    assert.doesNotMatch(readFileSync(join(h.home, "vms", id, "boot.log"), "utf8"), /made ahead/);
+    assert.equal((await c.exec("echo ok")).stdout, "ok\n");
+    await until("the held clone's QEMU to be stopped", () => (alive(held.qemu) ? undefined : true));
+    await until("its dir to be removed", () => (existsSync(held.dir) ? undefined : true));
+    await linkState(held.tap, false);
+    await c.close();
+    await c.remove();
+  });
+
   test("MATCHLOCK_SDK_SPARE=0 and spare: false start no spare", async () => {
     for (const [mark, opts] of [
       ["env-off", { env: envFor("env-off", { MATCHLOCK_SDK_SPARE: "0" }) }],
@@ -128,7 +221,16 @@ describe("the SDK's spare rpc child", () => {
     const env = envFor("killed");
     await oneVm(new Client({ env }));
     const spare = await theSpare("killed");
+    const held = await heldClone(spare);
     process.kill(spare, "SIGKILL");
+    // Its clone's QEMU dies with it (parent-death signal) and takes its TAP along; `gc` removes the dir.
+    await until("the clone's QEMU to die with its owner", () => (alive(held.qemu) ? undefined : true));
+    await linkState(held.tap, false);
+    assert.ok(existsSync(held.dir));
+    const gc = await runCli(["gc"], { env: h.env });
+    assert.equal(gc.code, 0, gc.stderr);
+    assert.match(gc.stdout.toString(), new RegExp(`spare clone ${held.name}  removed`));
+    assert.equal(existsSync(held.dir), false);
     const c = new Client({ env });
     await c.create({});
     assert.equal((await c.exec("echo ok")).stdout, "ok\n");
@@ -168,6 +270,8 @@ describe("the SDK's spare rpc child", () => {
     assert.ok(Date.now() - returnedAt < 2000, `exited ${Date.now() - returnedAt} ms after main returned`);
     assert.ok(seen.size >= 2, `its own child and a spare ran (saw ${[...seen].join(", ")})`);
     await until("no rpc child left", () => (rpcPids(mark).length === 0 ? true : undefined), 5000);
+    // The spare's clone made ahead of time went with it.
+    for (const pid of seen) assert.deepEqual(clonesOf(pid), [], `clones left by rpc ${pid}`);
     const list = await runCli(["list"], { env: h.env });
     assert.doesNotMatch(list.stdout.toString(), /vm-/);
     assert.deepEqual(h.vmDirs(), []);
