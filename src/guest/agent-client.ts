@@ -164,7 +164,7 @@ export class AgentClient {
   readonly ready: Promise<string>;
 
   private readonly sock: Duplex;
-  private readonly onLog: (line: string) => void;
+  private onLog: (line: string) => void;
 
   constructor(sock: Duplex, onLog: (line: string) => void = () => {}) {
     this.sock = sock;
@@ -179,6 +179,11 @@ export class AgentClient {
       this.fail(new MatchlockError("VM_FAILED", `agent connection failed: ${e.message}`)),
     );
     sock.on("close", () => this.fail(new MatchlockError("VM_FAILED", "the VM closed the agent connection")));
+  }
+
+  /** Where the agent's log lines go from now on (a clone made ahead of time gets its VM's log). */
+  setLog(onLog: (line: string) => void): void {
+    this.onLog = onLog;
   }
 
   /** The first fatal error, if the connection has failed. */

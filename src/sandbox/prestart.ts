@@ -4,6 +4,7 @@ import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { parseSandboxConfig, type SandboxConfig } from "../api/config.ts";
 import type { Paths } from "../api/paths.ts";
+import { AgentClient } from "../guest/agent-client.ts";
 import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
 import { resolveImage } from "../image/resolve.ts";
@@ -12,10 +13,13 @@ import { openState } from "../state/store.ts";
 import type { RunningVm, VmBackend } from "../vm/backend.ts";
 import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QemuBackend } from "../vm/qemu/machine.ts";
+import { writeEtcFiles } from "./etc-files.ts";
 import {
+  adoptClone,
   prepareClone,
   readyTemplate,
   restoreSpec,
+  SHELL_TRUE,
   type Template,
   templateInputs,
   templateKey,
@@ -50,6 +54,8 @@ export interface PrestartedClone {
   /** The TAP its QEMU made; undefined without a NIC. */
   readonly tap: string | undefined;
   readonly vm: RunningVm;
+  /** Its agent's connection, idle. */
+  readonly agent: AgentClient;
   /** False once its QEMU has exited. */
   readonly alive: () => boolean;
 }
@@ -167,11 +173,19 @@ export class Prestart {
         ...restoreSpec(template, devices, { id: `spare-${name}`, dir, upper, ...(tap ? { tap } : {}) }),
         paused: true,
       });
+      const agent = new AgentClient(vm.agent);
+      try {
+        await rehearse(agent, vm, template);
+      } catch (e) {
+        agent.close();
+        await vm.stop(0);
+        throw e;
+      }
       let exited = false;
       void vm.exited.then(() => {
         exited = true;
       });
-      return { key, template, dir, upper, tap, vm, alive: () => !exited };
+      return { key, template, dir, upper, tap, vm, agent, alive: () => !exited };
     } catch (e) {
       await rm(dir, { recursive: true, force: true });
       throw e;
@@ -179,8 +193,34 @@ export class Prestart {
   }
 }
 
+/**
+ * Lets the clone run once through what its adoption will run, then pauses it again: SET_IDENTITY
+ * (fresh entropy, clock, a placeholder hostname; no network, no folders yet), the /etc files, and a
+ * first command. QEMU under TCG keeps the guest code it has translated for the life of the process,
+ * so the adopting create and its first command then run translated code, which is most of their
+ * time after a restore. The guest runs here without a network (its TAP is down, with no address),
+ * and no user command has run in it yet.
+ */
+async function rehearse(agent: AgentClient, vm: RunningVm, t: Template): Promise<void> {
+  await vm.resume();
+  await adoptClone(
+    agent,
+    vm,
+    ["matchlock.hostname=localhost", `matchlock.time=${Date.now() / 1000}`],
+    15_000,
+  );
+  await writeEtcFiles(agent, {
+    hostname: "localhost",
+    addHosts: [],
+    ...(t.inputs.nic ? { gateway: "127.0.0.1" } : {}),
+  });
+  await agent.exec(SHELL_TRUE).done.catch(() => {}); // an image without /bin/sh just skips it
+  await vm.pause();
+}
+
 /** Stops a clone that nobody adopted and removes its dir. */
 export async function discardClone(c: PrestartedClone): Promise<void> {
+  c.agent.close();
   await c.vm.stop(0).catch(() => {});
   await rm(c.dir, { recursive: true, force: true }).catch(() => {});
 }

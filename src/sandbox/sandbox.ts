@@ -368,7 +368,8 @@ export class Sandbox {
               restoreSpec(found.template, devices, { id, dir, upper, ...(plan ? { tap: plan.tap } : {}) }),
             );
           }
-          agent = new AgentClient(vm.agent, logAgent);
+          if (pre?.vm === vm) pre.agent.setLog(logAgent);
+          agent = pre?.vm === vm ? pre.agent : new AgentClient(vm.agent, logAgent);
           if (folders && vm.vfs) folders.serve(vm.vfs);
           recordQemu(vm);
           crashPoint("restoring");

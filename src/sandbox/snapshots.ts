@@ -6,6 +6,7 @@ import { hostFoldersRequested, type SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { AgentClient } from "../guest/agent-client.ts";
+import type { ExecRequest } from "../guest/protocol.ts";
 import { copySparse } from "../host/sparse.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
 import type { ResolvedImage } from "../image/resolve.ts";
@@ -198,6 +199,17 @@ export function readyTemplate(state: StateStore, key: string): Template | undefi
   return filesPresent(t) ? t : undefined;
 }
 
+/** `sh -c true` as RPC exec runs a command: what a template (and a clone made ahead) runs once. */
+export const SHELL_TRUE: ExecRequest = {
+  argv: ["/bin/sh", "-c", "true"],
+  env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+  cwd: "/",
+  user: "",
+  tty: false,
+  stdin: false,
+  mkdirCwd: false,
+};
+
 export type TemplateLookup =
   | { template: Template; built: boolean; evicted?: TemplateRow[] }
   | { template: undefined; reason: string };
@@ -280,17 +292,7 @@ async function buildTemplate(
     // And run the image's shell once (as RPC exec does), so that its pages and the loader's are in
     // the snapshot's page cache: a clone's first command then reads nothing from the disk, which is
     // slow under TCG. An image without /bin/sh just skips this.
-    await agent
-      .exec({
-        argv: ["/bin/sh", "-c", "true"],
-        env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-        cwd: "/",
-        user: "",
-        tty: false,
-        stdin: false,
-        mkdirCwd: false,
-      })
-      .done.catch(() => {});
+    await agent.exec(SHELL_TRUE).done.catch(() => {});
     await agent.ping(); // the agent is in its loop, idle: nothing is in flight when the state is saved
     await vm.snapshot(t.state);
     await writeFile(join(t.dir, DEVICES_FILE), vm.devices, { mode: 0o600 });

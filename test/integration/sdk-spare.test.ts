@@ -159,31 +159,52 @@ describe("the SDK's spare rpc child", () => {
   test("the spare restores a clone ahead of time; the next create adopts it as its own VM", async () => {
     const env = envFor("prestart");
     await oneVm(new Client({ env }));
-    const spare = await theSpare("prestart");
-    const held = await heldClone(spare);
-    const c = new Client({ env });
-    // add_hosts does not change the kind of snapshot: the held clone fits.
-    const id = await c.create({ network: { add_hosts: [{ host: "db.prestart.test", ip: "10.77.0.9" }] } });
-    const dir = join(h.home, "vms", id);
+    /** Waits for the idle spare (the rpc child none of `busy` is) and its clone; a new Client adopts it. */
+    const adopt = async (host: string, busy: number[]) => {
+      const spare = await until("one idle spare", () => {
+        const idle = rpcPids("prestart").filter((p) => !busy.includes(p));
+        return idle.length === 1 ? idle[0] : undefined;
+      });
+      const held = await heldClone(spare);
+      const c = new Client({ env });
+      // add_hosts does not change the kind of snapshot: the held clone fits.
+      const id = await c.create({ network: { add_hosts: [{ host, ip: "10.77.0.9" }] } });
+      return { spare, held, c, id, dir: join(h.home, "vms", id) };
+    };
+    const a = await adopt("db.prestart.test", []);
     assert.match(
-      readFileSync(join(dir, "boot.log"), "utf8"),
+      readFileSync(join(a.dir, "boot.log"), "utf8"),
       /restored from snapshot [0-9a-f]+ \(a clone made ahead of time\)/,
     );
     // The same QEMU now runs this VM, from the VM's dir, on the VM's own TAP.
-    assert.ok(alive(held.qemu));
-    assert.equal(JSON.parse(readFileSync(join(dir, "runtime.json"), "utf8")).qemu.pid, held.qemu);
-    assert.equal(existsSync(held.dir), false);
+    assert.ok(alive(a.held.qemu));
+    assert.equal(JSON.parse(readFileSync(join(a.dir, "runtime.json"), "utf8")).qemu.pid, a.held.qemu);
+    assert.equal(existsSync(a.held.dir), false);
     const names = await linkNames();
-    assert.equal(names.includes(held.tap), false, "the clone's TAP took the VM's name");
-    assert.ok(names.includes(`fc-${id.slice(3, 11)}`));
-    // And it is this VM: its hostname, and its network (DNS from this VM's listeners).
-    assert.equal((await c.exec("hostname")).stdout, `${id}\n`);
-    assert.match((await c.exec("nslookup db.prestart.test")).stdout, /10\.77\.0\.9/);
-    assert.equal((await c.exec("cat /proc/sys/kernel/random/boot_id")).stdout.length, 37);
-    await c.close();
-    await c.remove();
-    assert.equal(alive(held.qemu), false);
-    await linkState(`fc-${id.slice(3, 11)}`, false);
+    assert.equal(names.includes(a.held.tap), false, "the clone's TAP took the VM's name");
+    assert.ok(names.includes(`fc-${a.id.slice(3, 11)}`));
+    // And it is this VM: its hostname, clock and network (DNS from this VM's listeners).
+    assert.equal((await a.c.exec("hostname")).stdout, `${a.id}\n`);
+    assert.match((await a.c.exec("nslookup db.prestart.test")).stdout, /10\.77\.0\.9/);
+    const clock = Number((await a.c.exec("date +%s")).stdout);
+    assert.ok(Math.abs(clock - Date.now() / 1000) < 30, `guest clock ${clock}`);
+
+    // A second one, made by the next spare while the first VM runs: each has its own randomness.
+    const b = await adopt("db2.prestart.test", [a.spare]);
+    assert.match(readFileSync(join(b.dir, "boot.log"), "utf8"), /a clone made ahead of time/);
+    const ids =
+      "head -c 16 /dev/urandom | od -An -tx1; cat /proc/sys/kernel/random/boot_id /proc/sys/kernel/random/uuid";
+    const [ra, rb] = [(await a.c.exec(ids)).stdout, (await b.c.exec(ids)).stdout];
+    assert.equal(ra.split("\n").length, rb.split("\n").length);
+    for (const [la, lb] of ra.split("\n").map((l, i) => [l, rb.split("\n")[i]])) {
+      if (la !== "") assert.notEqual(la, lb);
+    }
+    for (const x of [a, b]) {
+      await x.c.close();
+      await x.c.remove();
+      assert.equal(alive(x.held.qemu), false);
+      await linkState(`fc-${x.id.slice(3, 11)}`, false);
+    }
   });
 
   test("a held clone of another kind is discarded, and the create restores as usual", async () => {
