@@ -1,9 +1,10 @@
 /**
  * The restore half of bench/boot (fast starts), alternating (machines here are noisy):
  *   1. `matchlock run -- true` end to end, restored from the image's snapshot vs. a cold boot (--cold);
- *   2. create → ready in a long-lived program: in-process Sandbox.create, and the SDK's
- *      `new Client().create()` — with its warm spare `matchlock rpc` child (the default) and without
- *      (MATCHLOCK_SDK_SPARE=0: each client starts its own) — restored vs. cold;
+ *   2. create → ready in a long-lived program: in-process Sandbox.create restored vs. cold, and the
+ *      SDK's `new Client().create()` three ways: its warm spare `matchlock rpc` child holding a clone
+ *      made ahead of time (the default), the spare without one (MATCHLOCK_PRESTART=0), and no spare
+ *      (MATCHLOCK_SDK_SPARE=0: each client starts its own); with the first exec through the SDK;
  *   3. the first exec after a restore vs. after a cold boot;
  *   4. host memory (PSS of each QEMU, from /proc/PID/smaps_rollup) of N idle restored VMs vs. N cold.
  */
@@ -80,15 +81,20 @@ export async function benchRestore(o: RestoreBenchOptions): Promise<void> {
     inCold: [] as number[],
     firstRestore: [] as number[],
     firstCold: [] as number[],
+    sdkClone: [] as number[],
     sdkSpare: [] as number[],
     sdkNoSpare: [] as number[],
-    sdkCold: [] as number[],
+    sdkFirstClone: [] as number[],
+    sdkFirstSpare: [] as number[],
   };
-  const sdkCreate = async (extra: NodeJS.ProcessEnv, into: number[] | undefined) => {
+  const sdkCreate = async (extra: NodeJS.ProcessEnv, into?: { create: number[]; first: number[] }) => {
     const client = new Client({ env: { ...env, ...extra } });
-    const t0 = performance.now();
+    let t0 = performance.now();
     await client.create({});
-    into?.push(performance.now() - t0);
+    into?.create.push(performance.now() - t0);
+    t0 = performance.now();
+    await client.exec("true");
+    into?.first.push(performance.now() - t0);
     await client.close();
     await client.remove();
     // The SDK starts its next spare once the client is idle (or 1 s after the create): let that
@@ -107,15 +113,24 @@ export async function benchRestore(o: RestoreBenchOptions): Promise<void> {
       if (keep) (cold ? t.firstCold : t.firstRestore).push(performance.now() - t0);
       await sb.close();
     }
-    await sdkCreate({}, keep ? t.sdkSpare : undefined);
-    await sdkCreate({ MATCHLOCK_SDK_SPARE: "0" }, keep ? t.sdkNoSpare : undefined);
-    await sdkCreate({ MATCHLOCK_COLD: "1" }, keep ? t.sdkCold : undefined);
+    // Two series with a spare each: the SDK keeps at most two idle.
+    await sdkCreate({}, keep ? { create: t.sdkClone, first: t.sdkFirstClone } : undefined);
+    await sdkCreate(
+      { MATCHLOCK_PRESTART: "0" },
+      keep ? { create: t.sdkSpare, first: t.sdkFirstSpare } : undefined,
+    );
+    await sdkCreate({ MATCHLOCK_SDK_SPARE: "0" }, keep ? { create: t.sdkNoSpare, first: [] } : undefined);
   }
   console.log(row("Sandbox.create → ready, restored", t.inRestore));
   console.log(row("Sandbox.create → ready, cold", t.inCold));
-  console.log(row("SDK Client().create(), restored (spare)", t.sdkSpare));
-  console.log(row("SDK Client().create(), restored, no spare", t.sdkNoSpare));
-  console.log(row("SDK Client().create(), cold (spare)", t.sdkCold));
+  console.log(row("SDK Client().create(), clone made ahead", t.sdkClone));
+  console.log(row("SDK Client().create(), spare, no clone", t.sdkSpare));
+  console.log(row("SDK Client().create(), no spare", t.sdkNoSpare));
+  console.log(
+    `  ratio clone made ahead / spare without (medians)  ${(pct(t.sdkClone, 50) / pct(t.sdkSpare, 50)).toFixed(2)}`,
+  );
+  console.log(row("SDK first exec, clone made ahead", t.sdkFirstClone));
+  console.log(row("SDK first exec, spare, no clone", t.sdkFirstSpare));
   console.log(row("first exec after a restore", t.firstRestore));
   console.log(row("first exec after a cold boot", t.firstCold));
 

@@ -46,8 +46,8 @@ export function registerRpc(program: Command): void {
 
 /**
  * The SDK's hint (PRESTART_ENV) as a holder of clones made ahead, and the create that adopts one;
- * undefined without a usable hint. A SIGTERM (the SDK ending its idle spare) removes the clone
- * before exiting, as EOF does.
+ * undefined without a usable hint. SIGTERM (the SDK ending its idle spare sends it with EOF) first
+ * removes a clone still held, then does what it always did.
  */
 async function prestartFromEnv(): Promise<
   { holder: Prestart; create: (config: SandboxConfig) => Promise<Sandbox> } | undefined
@@ -63,7 +63,8 @@ async function prestartFromEnv(): Promise<
   const holder = Prestart.fromHint(paths(), hint);
   if (!holder) return undefined;
   process.once("SIGTERM", () => {
-    void holder.discard().finally(() => process.exit(143));
+    // Once is enough: the handler is gone, so this SIGTERM takes the default action.
+    void holder.discard().finally(() => process.kill(process.pid, "SIGTERM"));
   });
   return { holder, create: (config) => Sandbox.create({ config, prestart: holder }) };
 }

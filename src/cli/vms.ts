@@ -66,7 +66,8 @@ export function registerVmCommands(program: Command): void {
           "start time), remove its disks and sockets, delete its TAP and nftables table and release its subnet, " +
           "recording each step. Then sweep the host for QEMU processes of ours with no live owner, and this " +
           "network namespace for fc-* TAPs and matchlock_* tables whose owner is gone (by name, even with no " +
-          "record). Logs and records stay for `matchlock log` and `rm`.",
+          "record). Also stale or interrupted snapshots, and the dirs of clones made ahead of time by SDK spare " +
+          "`matchlock rpc` children that were killed. Logs and records stay for `matchlock log` and `rm`.",
         "A VM dir with no record (state.db lost or replaced) gets its record rebuilt from the dir and /proc.",
         "--repair: if state.db is unusable (truncated, overwritten, cut off from its -wal/-shm), rename it and " +
           "its -wal/-shm to state.db.corrupt-<time> (nothing is deleted), start a fresh state.db, and rebuild " +

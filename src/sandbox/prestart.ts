@@ -79,11 +79,12 @@ export class Prestart {
   }
 
   /**
-   * From the SDK's hint (PRESTART_ENV): a config. Undefined when it does not parse, or when creates
-   * here boot cold anyway (MATCHLOCK_COLD=1, extra disks): a clone made ahead is only a time saver.
+   * From the SDK's hint (PRESTART_ENV): a config. Undefined when it does not parse, when creates
+   * here boot cold anyway (MATCHLOCK_COLD=1, extra disks), or when MATCHLOCK_PRESTART=0 says no
+   * VM may wait idle: a clone made ahead is only a time saver.
    */
   static fromHint(p: Paths, hint: string, backend?: VmBackend): Prestart | undefined {
-    if (process.env.MATCHLOCK_COLD === "1") return undefined;
+    if (process.env.MATCHLOCK_COLD === "1" || process.env.MATCHLOCK_PRESTART === "0") return undefined;
     let config: SandboxConfig;
     try {
       config = parseSandboxConfig(JSON.parse(hint));

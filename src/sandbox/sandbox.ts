@@ -230,7 +230,7 @@ export class Sandbox {
     // discard (`unadopted` until its dir is this VM's).
     const pre = inputs && opts.prestart ? await opts.prestart.take(templateKey(inputs)) : undefined;
     let unadopted: PrestartedClone | undefined = pre;
-    if (pre) phases.mark("prestarted");
+    phases.mark("prestart");
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
     const ownsState = opts.state === undefined;
@@ -361,19 +361,22 @@ export class Sandbox {
         for (const old of found.evicted ?? []) note(evictionNote(old));
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);
         try {
-          if (!vm) {
+          if (pre) {
+            vm = pre.vm; // restored already (and paused since); adopted above
+            agent = pre.agent;
+            agent.setLog(logAgent);
+          } else {
             const { devices } = await prepareClone(found.template, dir, upper);
             phases.mark("clone");
             vm = await backend.start(
               restoreSpec(found.template, devices, { id, dir, upper, ...(plan ? { tap: plan.tap } : {}) }),
             );
+            agent = new AgentClient(vm.agent, logAgent);
           }
-          if (pre?.vm === vm) pre.agent.setLog(logAgent);
-          agent = pre?.vm === vm ? pre.agent : new AgentClient(vm.agent, logAgent);
           if (folders && vm.vfs) folders.serve(vm.vfs);
           recordQemu(vm);
           crashPoint("restoring");
-          if (pre) await vm.resume(); // made ahead of time: restored, and paused since
+          if (pre) await vm.resume();
           phases.mark("qemu");
           await adoptClone(agent, vm, identity(), bootTimeoutMs);
           phases.mark("identity");

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { runCommand } from "../../src/host/command.ts";
@@ -205,6 +205,27 @@ describe("the SDK's spare rpc child", () => {
       assert.equal(alive(x.held.qemu), false);
       await linkState(`fc-${x.id.slice(3, 11)}`, false);
     }
+  });
+
+  test("a clone made ahead for host folders serves this VM's folders once adopted", async () => {
+    const env = envFor("prestart-folders");
+    const host = mkdtempSync(join(h.home, "folder-"));
+    writeFileSync(join(host, "hello.txt"), "from the host\n");
+    const config = { vfs: { mounts: { "/workspace/h": { type: "host_fs" as const, host_path: host } } } };
+    const first = new Client({ env });
+    await first.create(config);
+    await first.close();
+    await first.remove();
+    const held = await heldClone(await theSpare("prestart-folders"));
+    const c = new Client({ env });
+    const id = await c.create(config);
+    assert.match(readFileSync(join(h.home, "vms", id, "boot.log"), "utf8"), /a clone made ahead of time/);
+    assert.ok(alive(held.qemu));
+    assert.equal((await c.exec("cat /workspace/h/hello.txt")).stdout, "from the host\n");
+    assert.equal((await c.exec("echo back > /workspace/h/back.txt")).exitCode, 0);
+    assert.equal(readFileSync(join(host, "back.txt"), "utf8"), "back\n");
+    await c.close();
+    await c.remove();
   });
 
   test("a held clone of another kind is discarded, and the create restores as usual", async () => {

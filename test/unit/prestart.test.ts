@@ -50,16 +50,21 @@ describe("clones made ahead of time", () => {
     }
   });
 
-  test("a config that does not parse gives no hint; a bad hint, or MATCHLOCK_COLD=1, no holder", () => {
+  test("a config that does not parse gives no hint; a bad hint, MATCHLOCK_COLD=1 or MATCHLOCK_PRESTART=0, no holder", () => {
     assert.equal(prestartHint({ resources: { memory_mb: -1 } }), undefined);
     assert.equal(Prestart.fromHint(p, "{not json"), undefined);
     assert.equal(Prestart.fromHint(p, JSON.stringify({ resources: { cpus: "two" } })), undefined);
     assert.ok(Prestart.fromHint(p, "{}") instanceof Prestart);
-    process.env.MATCHLOCK_COLD = "1";
-    try {
-      assert.equal(Prestart.fromHint(p, "{}"), undefined);
-    } finally {
-      delete process.env.MATCHLOCK_COLD;
+    for (const [name, value] of [
+      ["MATCHLOCK_COLD", "1"],
+      ["MATCHLOCK_PRESTART", "0"],
+    ] as const) {
+      process.env[name] = value;
+      try {
+        assert.equal(Prestart.fromHint(p, "{}"), undefined, name);
+      } finally {
+        delete process.env[name];
+      }
     }
   });
 
