@@ -228,8 +228,9 @@ export class Sandbox {
     phases.mark("kernel");
     // A clone of this kind made ahead of time, if one is held: from here on it is ours to adopt or
     // discard (`unadopted` until its dir is this VM's).
-    const pre = inputs && opts.prestart ? await opts.prestart.take(templateKey(inputs)) : undefined;
+    let pre = inputs && opts.prestart ? await opts.prestart.take(templateKey(inputs)) : undefined;
     let unadopted: PrestartedClone | undefined = pre;
+    let notAdopted: string | undefined;
     phases.mark("prestart");
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
     const state = opts.state ?? openState(p);
@@ -297,14 +298,20 @@ export class Sandbox {
     try {
       if (pre) {
         // The clone's files become this VM's dir: QEMU's open disk and console log go along.
-        await mkdir(p.vms, { recursive: true, mode: 0o700 });
-        await rename(pre.dir, dir);
-        pre.vm.relocate(dir);
-        vm = pre.vm;
+        try {
+          await mkdir(p.vms, { recursive: true, mode: 0o700 });
+          await rename(pre.dir, dir);
+          pre.vm.relocate(dir);
+          vm = pre.vm;
+        } catch (e) {
+          // Only a time saver (the VM dir on another file system, say): the VM is made as usual.
+          notAdopted = `the clone made ahead of time could not be adopted (${messageOf(e)})`;
+          await discardClone(pre);
+          pre = undefined;
+        }
         unadopted = undefined;
-      } else {
-        await mkdir(dir, { recursive: true, mode: 0o700 });
       }
+      if (!pre) await mkdir(dir, { recursive: true, mode: 0o700 });
       if (plan) {
         progress(`network ${plan.subnet} on ${plan.tap}${policy ? " (intercept mode)" : ""}`);
         // Complete before QEMU starts. Setting it up while QEMU starts was measured slower (+20 ms
@@ -357,6 +364,7 @@ export class Sandbox {
       const note = (line: string) => bootLog(`${new Date().toISOString()} ${line}`);
       const logAgent = appendLine(join(dir, "agent.log"));
       let agent: AgentClient | undefined;
+      if (notAdopted) note(notAdopted);
       if (found.template) {
         for (const old of found.evicted ?? []) note(evictionNote(old));
         progress(`restoring ${id} from snapshot ${found.template.key} (${accel})`);

@@ -243,6 +243,23 @@ describe("the SDK's spare rpc child", () => {
     await c.remove();
   });
 
+  test("SIGTERM to an idle `matchlock rpc` holding a clone removes the clone, then ends it as before", async () => {
+    const env = envFor("sigterm");
+    await oneVm(new Client({ env })); // the snapshot exists
+    const child = spawn(process.execPath, [CLI, "rpc"], {
+      env: { ...env, MATCHLOCK_RPC_PRESTART: "{}" },
+      stdio: ["pipe", "ignore", "pipe"],
+    });
+    const exit = new Promise<NodeJS.Signals | null>((r) => child.once("exit", (_code, signal) => r(signal)));
+    assert.ok(child.pid !== undefined);
+    const held = await heldClone(child.pid);
+    child.kill("SIGTERM");
+    assert.equal(await exit, "SIGTERM");
+    assert.equal(existsSync(held.dir), false);
+    assert.equal(alive(held.qemu), false);
+    await linkState(held.tap, false);
+  });
+
   test("MATCHLOCK_SDK_SPARE=0 and spare: false start no spare", async () => {
     for (const [mark, opts] of [
       ["env-off", { env: envFor("env-off", { MATCHLOCK_SDK_SPARE: "0" }) }],
