@@ -60,6 +60,14 @@ export interface PrestartedClone {
   readonly alive: () => boolean;
 }
 
+/** The clone being made or held, with its template's key (known first). */
+interface Held {
+  key: Promise<string | undefined>;
+  clone: Promise<PrestartedClone | undefined>;
+  /** Set by `take`: a create waits, so the rehearsal stops at its next step. */
+  wanted: boolean;
+}
+
 export function sparesDir(p: Paths): string {
   return join(p.home, SPARES_DIR);
 }
@@ -68,8 +76,7 @@ export class Prestart {
   readonly #p: Paths;
   readonly #config: SandboxConfig;
   readonly #backend: VmBackend;
-  /** The clone being made or held, with its template's key (known first). */
-  #held: { key: Promise<string | undefined>; clone: Promise<PrestartedClone | undefined> } | undefined;
+  #held: Held | undefined;
   #discarding: Promise<void> = Promise.resolve();
 
   private constructor(p: Paths, config: SandboxConfig, backend: VmBackend) {
@@ -102,19 +109,24 @@ export class Prestart {
   prepare(): void {
     if (this.#held) return;
     const key = this.#keyFor().catch(() => undefined);
-    const clone = key.then((k) => (k === undefined ? undefined : this.#make(k))).catch(() => undefined);
-    this.#held = { key, clone };
+    const held: Held = { key, clone: Promise.resolve(undefined), wanted: false };
+    held.clone = key
+      .then((k) => (k === undefined ? undefined : this.#make(k, () => held.wanted)))
+      .catch(() => undefined);
+    this.#held = held;
   }
 
   /**
-   * The clone for the template `key`, alive and paused, waiting for one still being made; it is the
-   * caller's from then on. A clone of another template is discarded, and the next create makes its
-   * VM as usual.
+   * The clone for the template `key`, alive and paused; it is the caller's from then on. One still
+   * being made is waited for, but only to the end of its restore (which the create would do anyway):
+   * its rehearsal stops at the next step. A clone of another template is discarded, and the create
+   * makes its VM as usual.
    */
   async take(key: string): Promise<PrestartedClone | undefined> {
     const held = this.#held;
     if (!held) return undefined;
     this.#held = undefined;
+    held.wanted = true;
     if ((await held.key) !== key) {
       void held.clone.then((c) => c && discardClone(c));
       return undefined;
@@ -153,7 +165,7 @@ export class Prestart {
     return templateKey(inputs);
   }
 
-  async #make(key: string): Promise<PrestartedClone | undefined> {
+  async #make(key: string, wanted: () => boolean): Promise<PrestartedClone | undefined> {
     const state = openState(this.#p);
     let template: Template | undefined;
     try {
@@ -176,7 +188,7 @@ export class Prestart {
       });
       const agent = new AgentClient(vm.agent);
       try {
-        await rehearse(agent, vm, template);
+        await rehearse(agent, vm, template, wanted);
       } catch (e) {
         agent.close();
         await vm.stop(0);
@@ -202,21 +214,34 @@ export class Prestart {
  * time after a restore. The guest runs here without a network (its TAP is down, with no address),
  * and no user command has run in it yet.
  */
-async function rehearse(agent: AgentClient, vm: RunningVm, t: Template): Promise<void> {
+async function rehearse(
+  agent: AgentClient,
+  vm: RunningVm,
+  t: Template,
+  wanted: () => boolean,
+): Promise<void> {
+  const steps = [
+    () =>
+      adoptClone(agent, vm, ["matchlock.hostname=localhost", `matchlock.time=${Date.now() / 1000}`], 15_000),
+    () =>
+      writeEtcFiles(agent, {
+        hostname: "localhost",
+        addHosts: [],
+        ...(t.inputs.nic ? { gateway: "127.0.0.1" } : {}),
+      }),
+    // An image without /bin/sh just skips it.
+    () => agent.exec(SHELL_TRUE).done.catch(() => {}),
+  ];
+  if (wanted()) return; // a create is waiting already: it gets the clone as restored
   await vm.resume();
-  await adoptClone(
-    agent,
-    vm,
-    ["matchlock.hostname=localhost", `matchlock.time=${Date.now() / 1000}`],
-    15_000,
-  );
-  await writeEtcFiles(agent, {
-    hostname: "localhost",
-    addHosts: [],
-    ...(t.inputs.nic ? { gateway: "127.0.0.1" } : {}),
-  });
-  await agent.exec(SHELL_TRUE).done.catch(() => {}); // an image without /bin/sh just skips it
-  await vm.pause();
+  try {
+    for (const step of steps) {
+      if (wanted()) break; // each step only saves the create time; it need not wait for all
+      await step();
+    }
+  } finally {
+    await vm.pause();
+  }
 }
 
 /** Stops a clone that nobody adopted and removes its dir. */

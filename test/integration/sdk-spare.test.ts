@@ -260,6 +260,42 @@ describe("the SDK's spare rpc child", () => {
     await linkState(held.tap, false);
   });
 
+  test("a create sent at once gets the clone as soon as it is restored (its rehearsal cut short)", async () => {
+    const env = envFor("at-once");
+    await oneVm(new Client({ env })); // the snapshot exists
+    const child = spawn(process.execPath, [CLI, "rpc"], {
+      env: { ...env, MATCHLOCK_RPC_PRESTART: "{}" },
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+    const replies: Array<{ id?: number; result?: unknown; error?: unknown }> = [];
+    let buf = "";
+    child.stdout.on("data", (d: Buffer) => {
+      buf += d.toString();
+      for (let i = buf.indexOf("\n"); i >= 0; i = buf.indexOf("\n")) {
+        replies.push(JSON.parse(buf.slice(0, i)));
+        buf = buf.slice(i + 1);
+      }
+    });
+    const call = async (id: number, method: string, params: unknown) => {
+      child.stdin.write(`${JSON.stringify({ jsonrpc: "2.0", id, method, params })}\n`);
+      const r = await until(method, () => replies.find((m) => m.id === id), 60_000);
+      assert.equal(r.error, undefined, JSON.stringify(r.error));
+      return r.result as Record<string, unknown>;
+    };
+    const { id } = (await call(1, "create", {})) as { id: string };
+    assert.match(readFileSync(join(h.home, "vms", id, "boot.log"), "utf8"), /a clone made ahead of time/);
+    const r = await call(2, "exec", { command: "hostname; date +%s" });
+    const [name, clock] = Buffer.from(r.stdout as string, "base64")
+      .toString()
+      .trim()
+      .split("\n");
+    assert.equal(name, id);
+    assert.ok(Math.abs(Number(clock) - Date.now() / 1000) < 30);
+    child.stdin.end();
+    await new Promise((res) => child.once("exit", res));
+    assert.deepEqual(clonesOf(child.pid ?? 0), []);
+  });
+
   test("MATCHLOCK_SDK_SPARE=0 and spare: false start no spare", async () => {
     for (const [mark, opts] of [
       ["env-off", { env: envFor("env-off", { MATCHLOCK_SDK_SPARE: "0" }) }],
