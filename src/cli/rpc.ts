@@ -63,8 +63,11 @@ async function prestartFromEnv(): Promise<
   const holder = Prestart.fromHint(paths(), hint);
   if (!holder) return undefined;
   process.once("SIGTERM", () => {
-    // Once is enough: the handler is gone, so this SIGTERM takes the default action.
-    void holder.discard().finally(() => process.kill(process.pid, "SIGTERM"));
+    // Once is enough: the handler is gone, so this SIGTERM takes the default action. At most 5 s:
+    // a stuck removal must not keep the process alive.
+    const end = () => process.kill(process.pid, "SIGTERM");
+    setTimeout(end, 5000).unref();
+    void holder.discard().finally(end);
   });
   return { holder, create: (config) => Sandbox.create({ config, prestart: holder }) };
 }

@@ -153,7 +153,8 @@ export class VmNetwork {
   /**
    * TAP, then listeners on its gateway address, then the table that routes the guest to them: in
    * this order no guest packet ever meets an unfiltered interface (the TAP has no carrier until QEMU
-   * starts). On failure, the listeners are closed; the TAP and table are the cleanup steps' job.
+   * starts; an adopted TAP's QEMU holds a guest that stays paused until the sandbox resumes it,
+   * after this). On failure, the listeners are closed; the TAP and table are the cleanup steps' job.
    */
   static async start(plan: NetworkPlan, opts: VmNetworkOptions): Promise<VmNetwork> {
     const spec: HostNetSpec = {

@@ -44,6 +44,9 @@ export function vmProcesses(resources: Resources): ProcIdentity[] {
   // The scratch file may be missing or corrupt and the record may predate the spawn: the command line
   // names the VM dir (its sockets and disks live there), so /proc finds it anyway.
   if (dir) for (const p of findProcesses(`${dir}/`, QEMU_EXE)) found.set(p.pid, p);
+  // A clone made ahead of time was started elsewhere: its command line names that dir.
+  const marker = resources.qemu?.cmdline_marker;
+  if (marker && marker !== `${dir}/`) for (const p of findProcesses(marker, QEMU_EXE)) found.set(p.pid, p);
   return [...found.values()];
 }
 

@@ -8,7 +8,7 @@ import { AgentClient } from "../guest/agent-client.ts";
 import { loadInitramfs } from "../guest/initramfs.ts";
 import { loadKernel } from "../guest/kernel.ts";
 import { resolveImage } from "../image/resolve.ts";
-import { findProcesses, isAlive, selfIdentity } from "../state/procs.ts";
+import { cmdline, findProcesses, isAlive, selfIdentity } from "../state/procs.ts";
 import { openState } from "../state/store.ts";
 import type { RunningVm, VmBackend } from "../vm/backend.ts";
 import { chooseAccel } from "../vm/qemu/accel.ts";
@@ -43,6 +43,8 @@ import {
  */
 
 const SPARES_DIR = "spares";
+/** A rehearsal takes ~0.2 s here; a guest that needs longer is stuck, and the clone is dropped. */
+const REHEARSAL_MS = 15_000;
 const TAP_PREFIX = "mls-";
 
 export interface PrestartedClone {
@@ -66,6 +68,8 @@ interface Held {
   clone: Promise<PrestartedClone | undefined>;
   /** Set by `take`: a create waits, so the rehearsal stops at its next step. */
   wanted: boolean;
+  /** Set when nobody will take it (another kind was asked for, or the server ends): stop making it. */
+  cancelled: boolean;
 }
 
 export function sparesDir(p: Paths): string {
@@ -87,8 +91,9 @@ export class Prestart {
 
   /**
    * From the SDK's hint (PRESTART_ENV): a config. Undefined when it does not parse, when creates
-   * here boot cold anyway (MATCHLOCK_COLD=1, extra disks), or when MATCHLOCK_PRESTART=0 says no
-   * VM may wait idle: a clone made ahead is only a time saver.
+   * here boot cold anyway (MATCHLOCK_COLD=1), or when MATCHLOCK_PRESTART=0 says no VM may wait
+   * idle: a clone made ahead is only a time saver. (A create that boots cold for its own reasons,
+   * extra disks, discards the clone.)
    */
   static fromHint(p: Paths, hint: string, backend?: VmBackend): Prestart | undefined {
     if (process.env.MATCHLOCK_COLD === "1" || process.env.MATCHLOCK_PRESTART === "0") return undefined;
@@ -98,7 +103,6 @@ export class Prestart {
     } catch {
       return undefined;
     }
-    if ((config.extra_disks ?? []).length > 0) return undefined;
     return new Prestart(p, config, backend ?? new QemuBackend({ cacheDir: p.cache }));
   }
 
@@ -109,10 +113,8 @@ export class Prestart {
   prepare(): void {
     if (this.#held) return;
     const key = this.#keyFor().catch(() => undefined);
-    const held: Held = { key, clone: Promise.resolve(undefined), wanted: false };
-    held.clone = key
-      .then((k) => (k === undefined ? undefined : this.#make(k, () => held.wanted)))
-      .catch(() => undefined);
+    const held: Held = { key, clone: Promise.resolve(undefined), wanted: false, cancelled: false };
+    held.clone = key.then((k) => (k === undefined ? undefined : this.#make(k, held))).catch(() => undefined);
     this.#held = held;
   }
 
@@ -128,7 +130,7 @@ export class Prestart {
     this.#held = undefined;
     held.wanted = true;
     if ((await held.key) !== key) {
-      void held.clone.then((c) => c && discardClone(c));
+      this.#drop(held);
       return undefined;
     }
     const clone = await held.clone;
@@ -144,12 +146,15 @@ export class Prestart {
   discard(): Promise<void> {
     const held = this.#held;
     this.#held = undefined;
-    if (held) {
-      this.#discarding = Promise.all([this.#discarding, held.clone.then((c) => c && discardClone(c))]).then(
-        () => {},
-      );
-    }
+    if (held) this.#drop(held);
     return this.#discarding;
+  }
+
+  /** Stops making `held` and removes what was made; `discard` waits for this too. */
+  #drop(held: Held): void {
+    held.cancelled = true;
+    const gone = held.clone.then((c) => c && discardClone(c));
+    this.#discarding = Promise.all([this.#discarding, gone]).then(() => {});
   }
 
   async #keyFor(): Promise<string> {
@@ -165,7 +170,7 @@ export class Prestart {
     return templateKey(inputs);
   }
 
-  async #make(key: string, wanted: () => boolean): Promise<PrestartedClone | undefined> {
+  async #make(key: string, held: Held): Promise<PrestartedClone | undefined> {
     const state = openState(this.#p);
     let template: Template | undefined;
     try {
@@ -173,7 +178,7 @@ export class Prestart {
     } finally {
       state.close();
     }
-    if (!template) return undefined;
+    if (!template || held.cancelled) return undefined;
     const me = selfIdentity();
     const name = `${me.pid}-${me.start_time}-${randomBytes(4).toString("hex")}`;
     const dir = join(sparesDir(this.#p), name);
@@ -182,13 +187,19 @@ export class Prestart {
     await mkdir(dir, { recursive: true, mode: 0o700 });
     try {
       const { devices } = await prepareClone(template, dir, upper);
+      if (held.cancelled) throw new Error("cancelled");
       const vm = await this.#backend.start({
         ...restoreSpec(template, devices, { id: `spare-${name}`, dir, upper, ...(tap ? { tap } : {}) }),
         paused: true,
       });
       const agent = new AgentClient(vm.agent);
       try {
-        await rehearse(agent, vm, template, wanted);
+        if (held.cancelled) throw new Error("cancelled");
+        await withDeadline(
+          rehearse(agent, vm, template, () => held.wanted || held.cancelled),
+          REHEARSAL_MS,
+          "the rehearsal",
+        );
       } catch (e) {
         agent.close();
         await vm.stop(0);
@@ -244,6 +255,14 @@ async function rehearse(
   }
 }
 
+function withDeadline<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} took over ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([work, late]).finally(() => clearTimeout(timer));
+}
+
 /** Stops a clone that nobody adopted and removes its dir. */
 export async function discardClone(c: PrestartedClone): Promise<void> {
   c.agent.close();
@@ -257,18 +276,25 @@ export async function discardClone(c: PrestartedClone): Promise<void> {
  */
 export async function sweepSpares(p: Paths): Promise<string[]> {
   const root = sparesDir(p);
+  const ownerGone = (name: string) => {
+    const m = /^(\d+)-(\d+)-[0-9a-f]+$/.exec(name);
+    return !(m && isAlive({ pid: Number(m[1]), start_time: Number(m[2]) }));
+  };
+  // QEMUs first, dir or not: an adopted clone's command line still names the dir it was made in,
+  // and a sandbox that adopted one and died without a parent-death signal leaves it running.
+  for (const proc of findProcesses(`${root}/`, /qemu-system/)) {
+    const cmd = cmdline(proc.pid).join(" ");
+    const name = cmd.slice(cmd.indexOf(`${root}/`) + root.length + 1).split("/")[0] ?? "";
+    if (!ownerGone(name)) continue;
+    try {
+      process.kill(proc.pid, "SIGKILL");
+    } catch {}
+  }
   if (!existsSync(root)) return [];
   const removed: string[] = [];
   for (const entry of readdirSync(root, { withFileTypes: true })) {
-    const m = /^(\d+)-(\d+)-[0-9a-f]+$/.exec(entry.name);
-    if (m && isAlive({ pid: Number(m[1]), start_time: Number(m[2]) })) continue;
-    const dir = join(root, entry.name);
-    for (const proc of findProcesses(`${dir}/`, /qemu-system/)) {
-      try {
-        process.kill(proc.pid, "SIGKILL");
-      } catch {}
-    }
-    await rm(dir, { recursive: true, force: true });
+    if (!ownerGone(entry.name)) continue;
+    await rm(join(root, entry.name), { recursive: true, force: true });
     removed.push(entry.name);
   }
   return removed;

@@ -3,7 +3,7 @@ import { mkdir, open, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { hostFoldersRequested, type ImageConfig, type SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf, VmNotRunningError } from "../api/errors.ts";
-import { fileEvent } from "../api/events.ts";
+import { fileEvent, type NetworkEvent } from "../api/events.ts";
 import { newVmId } from "../api/ids.ts";
 import { paths as defaultPaths, type Paths, vmDir } from "../api/paths.ts";
 import {
@@ -39,7 +39,7 @@ import { mergeEnv, validateCommand, validateWorkdir } from "./command.ts";
 import { writeEtcFiles } from "./etc-files.ts";
 import { EVENTS_FILE, EventLog } from "./event-log.ts";
 import { prepareExtraDisks } from "./extra-disks.ts";
-import { crashPoint } from "./faults.ts";
+import { crashPoint, faultAt } from "./faults.ts";
 import { installGuestCa } from "./guest-ca.ts";
 import { HostFolders } from "./host-folders.ts";
 import { prepareNetworkPolicy } from "./network-policy.ts";
@@ -227,19 +227,35 @@ export class Sandbox {
         );
     phases.mark("kernel");
     // A clone of this kind made ahead of time, if one is held: from here on it is ours to adopt or
-    // discard (`unadopted` until its dir is this VM's).
-    let pre = inputs && opts.prestart ? await opts.prestart.take(templateKey(inputs)) : undefined;
-    let unadopted: PrestartedClone | undefined = pre;
+    // discard (`unadopted` until its dir is this VM's; a failure before then must stop it).
+    let pre: PrestartedClone | undefined;
+    if (opts.prestart) {
+      if (inputs) pre = await opts.prestart.take(templateKey(inputs));
+      else void opts.prestart.discard(); // this create boots cold: a clone would only wait idle
+      if (pre && faultAt("clone-dies-when-taken")) {
+        process.kill(pre.vm.pid, "SIGKILL");
+        await pre.vm.exited;
+      }
+    }
+    let unadopted = pre;
     let notAdopted: string | undefined;
+    const orDiscard = async <T>(step: () => T): Promise<T> => {
+      try {
+        return await step();
+      } catch (e) {
+        if (unadopted) await discardClone(unadopted);
+        throw e;
+      }
+    };
     phases.mark("prestart");
     const bootTimeoutMs = opts.bootTimeoutMs ?? envBootTimeout() ?? (accel === "tcg" ? 60_000 : 20_000);
-    const state = opts.state ?? openState(p);
+    const state = await orDiscard(() => opts.state ?? openState(p));
     const ownsState = opts.state === undefined;
     const dir = vmDir(id, p);
     const upper = join(dir, "upper.ext4");
     const qp = qemuPaths(dir);
     const relaySocket = join(dir, "relay.sock");
-    state.vms.insert(id, process.pid, image.ref, config);
+    await orDiscard(() => state.vms.insert(id, process.pid, image.ref, config));
     let plan: NetworkPlan | undefined;
     if (!config.network.no_network) {
       try {
@@ -247,7 +263,7 @@ export class Sandbox {
       } catch (e) {
         state.vms.remove(id); // no subnet free: nothing was created, so nothing stays recorded
         if (ownsState) state.close();
-        if (pre) await discardClone(pre);
+        if (unadopted) await discardClone(unadopted);
         throw e;
       }
     }
@@ -278,7 +294,7 @@ export class Sandbox {
           }
         : {}),
     };
-    state.lifecycle.transition(id, "creating", { backend: "qemu", resources });
+    await orDiscard(() => state.lifecycle.transition(id, "creating", { backend: "qemu", resources }));
     crashPoint("creating");
     phases.mark("record");
 
@@ -303,6 +319,7 @@ export class Sandbox {
           await rename(pre.dir, dir);
           pre.vm.relocate(dir);
           vm = pre.vm;
+          crashPoint("adopted");
         } catch (e) {
           // Only a time saver (the VM dir on another file system, say): the VM is made as usual.
           notAdopted = `the clone made ahead of time could not be adopted (${messageOf(e)})`;
@@ -316,14 +333,29 @@ export class Sandbox {
         progress(`network ${plan.subnet} on ${plan.tap}${policy ? " (intercept mode)" : ""}`);
         // Complete before QEMU starts. Setting it up while QEMU starts was measured slower (+20 ms
         // median): both are CPU work, on two cores that QEMU's own start-up already keeps busy.
-        network = await VmNetwork.start(plan, {
+        const netOpts = {
           config: config.network,
           owner,
           logFile: join(dir, "net.log"),
           ...(policy ? { intercept: policy } : {}),
-          onEvent: (e) => events.emit(e),
-          ...(pre?.tap ? { adoptTap: pre.tap } : {}),
-        });
+          onEvent: (e: NetworkEvent) => events.emit(e),
+        };
+        try {
+          network = await VmNetwork.start(plan, { ...netOpts, ...(pre?.tap ? { adoptTap: pre.tap } : {}) });
+        } catch (e) {
+          if (!pre || pre.alive()) throw e;
+          // The clone died after it was taken, and its TAP went with it: the VM is made as usual.
+          notAdopted = `the clone made ahead of time died before it was adopted (${messageOf(e)})`;
+          await discardClone(pre);
+          await rm(upper, { force: true }); // its disk, in this VM's dir now: the restore copies anew
+          pre = undefined;
+          vm = undefined;
+          network = await VmNetwork.start(plan, netOpts);
+        }
+        if (pre && faultAt("clone-dies-when-adopted")) {
+          process.kill(pre.vm.pid, "SIGKILL");
+          await pre.vm.exited;
+        }
         phases.mark("network");
       }
       if (hostFoldersRequested(config)) {
@@ -475,7 +507,6 @@ export class Sandbox {
         error: messageOf(e),
       });
       await vm?.stop(0).catch(() => {});
-      if (unadopted) await discardClone(unadopted);
       await network?.close().catch(() => {});
       await folders?.close().catch(() => {});
       await finishCleanup(state, id, { removeDir: true, removeRecords: true }).catch(() => {});

@@ -176,7 +176,9 @@ function commandFor(binaryPath: string | undefined): { cmd: string; args: string
  * caller wins.
  */
 function childEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  return { MATCHLOCK_NODE: process.execPath, ...env };
+  // The prestart hint is for spares only (SparePool.fill adds it), never inherited.
+  const { [PRESTART_ENV]: _hint, ...rest } = env;
+  return { MATCHLOCK_NODE: process.execPath, ...rest };
 }
 
 /** An iterator over stdin or resize sources: streams, (async) iterables, or one buffer/string. */

@@ -107,6 +107,54 @@ async function heldClone(spare: number): Promise<{ name: string; dir: string; qe
   return { name, dir, qemu, tap };
 }
 
+/** The VM's boot.log. */
+function bootLog(id: string): string {
+  return readFileSync(join(h.home, "vms", id, "boot.log"), "utf8");
+}
+
+/** A `matchlock rpc` of our own, driven by raw JSON-RPC lines. */
+function rpcChild(env: NodeJS.ProcessEnv) {
+  const child = spawn(process.execPath, [CLI, "rpc"], { env, stdio: ["pipe", "pipe", "pipe"] });
+  const exited = new Promise<void>((res) => child.once("exit", () => res()));
+  const replies: Array<{ id?: number; result?: unknown; error?: unknown }> = [];
+  let buf = "";
+  child.stdout.on("data", (d: Buffer) => {
+    buf += d.toString();
+    for (let i = buf.indexOf("\n"); i >= 0; i = buf.indexOf("\n")) {
+      replies.push(JSON.parse(buf.slice(0, i)));
+      buf = buf.slice(i + 1);
+    }
+  });
+  child.stderr.resume();
+  let next = 1;
+  const send = (method: string, params: unknown): number => {
+    const id = next++;
+    child.stdin.write(`${JSON.stringify({ jsonrpc: "2.0", id, method, params })}\n`);
+    return id;
+  };
+  const call = async (method: string, params: unknown): Promise<Record<string, unknown>> => {
+    const id = send(method, params);
+    const r = await until(method, () => replies.find((m) => m.id === id), 120_000);
+    assert.equal(r.error, undefined, JSON.stringify(r.error));
+    return r.result as Record<string, unknown>;
+  };
+  assert.ok(child.pid !== undefined);
+  return {
+    pid: child.pid,
+    exited,
+    send,
+    call,
+    /** Runs `command` in the VM; its stdout. */
+    sh: async (command: string) =>
+      Buffer.from((await call("exec", { command })).stdout as string, "base64").toString(),
+    /** EOF: the VM is closed and the process exits. */
+    end: async () => {
+      child.stdin.end();
+      await exited;
+    },
+  };
+}
+
 /** Creates, runs one command, closes and removes: a Client's whole life. */
 async function oneVm(c: Client): Promise<void> {
   await c.create({});
@@ -260,40 +308,95 @@ describe("the SDK's spare rpc child", () => {
     await linkState(held.tap, false);
   });
 
-  test("a create sent at once gets the clone as soon as it is restored (its rehearsal cut short)", async () => {
+  test("a create sent at once adopts the clone being made", async () => {
     const env = envFor("at-once");
     await oneVm(new Client({ env })); // the snapshot exists
-    const child = spawn(process.execPath, [CLI, "rpc"], {
-      env: { ...env, MATCHLOCK_RPC_PRESTART: "{}" },
-      stdio: ["pipe", "pipe", "pipe"],
-    });
-    const replies: Array<{ id?: number; result?: unknown; error?: unknown }> = [];
-    let buf = "";
-    child.stdout.on("data", (d: Buffer) => {
-      buf += d.toString();
-      for (let i = buf.indexOf("\n"); i >= 0; i = buf.indexOf("\n")) {
-        replies.push(JSON.parse(buf.slice(0, i)));
-        buf = buf.slice(i + 1);
-      }
-    });
-    const call = async (id: number, method: string, params: unknown) => {
-      child.stdin.write(`${JSON.stringify({ jsonrpc: "2.0", id, method, params })}\n`);
-      const r = await until(method, () => replies.find((m) => m.id === id), 60_000);
-      assert.equal(r.error, undefined, JSON.stringify(r.error));
-      return r.result as Record<string, unknown>;
-    };
-    const { id } = (await call(1, "create", {})) as { id: string };
-    assert.match(readFileSync(join(h.home, "vms", id, "boot.log"), "utf8"), /a clone made ahead of time/);
-    const r = await call(2, "exec", { command: "hostname; date +%s" });
-    const [name, clock] = Buffer.from(r.stdout as string, "base64")
-      .toString()
-      .trim()
-      .split("\n");
+    const rpc = rpcChild({ ...env, MATCHLOCK_RPC_PRESTART: "{}" });
+    const { id } = (await rpc.call("create", {})) as { id: string };
+    assert.match(bootLog(id), /a clone made ahead of time/);
+    const [name, clock] = (await rpc.sh("hostname; date +%s")).trim().split("\n");
     assert.equal(name, id);
     assert.ok(Math.abs(Number(clock) - Date.now() / 1000) < 30);
-    child.stdin.end();
-    await new Promise((res) => child.once("exit", res));
-    assert.deepEqual(clonesOf(child.pid ?? 0), []);
+    await rpc.end();
+    assert.deepEqual(clonesOf(rpc.pid), []);
+  });
+
+  test("a clone that dies when taken: the create makes its network and VM as usual", async () => {
+    const env = envFor("dies-taken");
+    await oneVm(new Client({ env }));
+    const rpc = rpcChild({
+      ...env,
+      MATCHLOCK_RPC_PRESTART: "{}",
+      MATCHLOCK_TEST_FAULT: "clone-dies-when-taken",
+    });
+    const held = await heldClone(rpc.pid);
+    const { id } = (await rpc.call("create", {
+      network: { add_hosts: [{ host: "db.taken.test", ip: "10.77.0.7" }] },
+    })) as {
+      id: string;
+    };
+    assert.equal(alive(held.qemu), false);
+    assert.match(bootLog(id), /the clone made ahead of time died before it was adopted/);
+    assert.match(bootLog(id), /restored from snapshot [0-9a-f]+\n/);
+    assert.equal((await rpc.sh("hostname")).trim(), id);
+    assert.match(await rpc.sh("nslookup db.taken.test"), /10\.77\.0\.7/);
+    await rpc.end();
+    await linkState(`fc-${id.slice(3, 11)}`, false);
+    assert.deepEqual(clonesOf(rpc.pid), []);
+  });
+
+  test("a clone that dies once adopted: the VM boots cold on the same network", async () => {
+    const env = envFor("dies-adopted");
+    await oneVm(new Client({ env }));
+    const rpc = rpcChild({
+      ...env,
+      MATCHLOCK_RPC_PRESTART: "{}",
+      MATCHLOCK_TEST_FAULT: "clone-dies-when-adopted",
+    });
+    const held = await heldClone(rpc.pid);
+    const { id } = (await rpc.call("create", {
+      network: { add_hosts: [{ host: "db.adopted.test", ip: "10.77.0.8" }] },
+    })) as {
+      id: string;
+    };
+    assert.equal(alive(held.qemu), false);
+    assert.match(bootLog(id), /could not be restored \(.*\); booting cold/);
+    // The TAP went with the clone's QEMU: made again, same name and address, under the same table.
+    assert.ok((await linkNames()).includes(`fc-${id.slice(3, 11)}`));
+    assert.equal((await rpc.sh("hostname")).trim(), id);
+    assert.match(await rpc.sh("nslookup db.adopted.test"), /10\.77\.0\.8/);
+    await rpc.end();
+    await linkState(`fc-${id.slice(3, 11)}`, false);
+  });
+
+  test("SIGKILL right after a clone is adopted: gc finds its QEMU and leaves nothing", async () => {
+    const env = envFor("crash-adopted");
+    await oneVm(new Client({ env }));
+    const before = new Set(h.vmDirs());
+    const rpc = rpcChild({
+      ...env,
+      MATCHLOCK_RPC_PRESTART: "{}",
+      MATCHLOCK_TEST_CRASH_AT: "adopted",
+      MATCHLOCK_TEST_NO_PDEATHSIG: "1",
+    });
+    const held = await heldClone(rpc.pid);
+    rpc.send("create", {});
+    await rpc.exited;
+    assert.ok(alive(held.qemu), "without a parent-death signal its QEMU outlives it");
+    const gc = await runCli(["gc"], { env: h.env });
+    assert.equal(gc.code, 0, gc.stderr);
+    await until("the clone's QEMU to be killed", () => (alive(held.qemu) ? undefined : true));
+    await linkState(held.tap, false);
+    assert.deepEqual(clonesOf(rpc.pid), []);
+    const made = h.vmDirs().filter((d) => !before.has(d));
+    assert.equal(made.length, 1, "the VM that adopted the clone");
+    assert.equal(
+      existsSync(join(h.home, "vms", made[0] ?? "", "upper.ext4")),
+      false,
+      "its disk is reclaimed",
+    );
+    // gc keeps its record and logs, as for any crashed VM; rm removes them.
+    assert.equal((await runCli(["rm", made[0] ?? ""], { env: h.env })).code, 0);
   });
 
   test("MATCHLOCK_SDK_SPARE=0 and spare: false start no spare", async () => {

@@ -68,12 +68,15 @@ describe("clones made ahead of time", () => {
     }
   });
 
-  test("a holder that made nothing takes nothing and discards cleanly", async () => {
+  test("with no ready snapshot a holder makes nothing: no build, no dir, no clone to take", async () => {
     const holder = Prestart.fromHint(p, "{}");
     assert.ok(holder);
+    holder.prepare();
     assert.equal(await holder.take("0123456789abcdef"), undefined);
+    holder.prepare();
     await holder.discard();
     assert.equal(existsSync(sparesDir(p)), false);
+    assert.equal(existsSync(join(home, "snapshots")), false);
   });
 
   test("gc removes the dirs of owners that are gone, and leaves a live owner's", async () => {
