@@ -26,7 +26,7 @@ function envFor(mark: string, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv 
 }
 
 /** Running `matchlock rpc` processes (not zombies) whose environment carries `mark`. */
-function rpcPids(mark: string): number[] {
+function rpcPids(mark: string, opts: { sparesOnly?: boolean } = {}): number[] {
   const pids: number[] = [];
   for (const entry of readdirSync("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
@@ -35,10 +35,25 @@ function rpcPids(mark: string): number[] {
       if (argv.at(-1) !== "rpc") continue;
       if (/\) [ZX] /.test(readFileSync(`/proc/${entry}/stat`, "latin1"))) continue;
       const env = readFileSync(`/proc/${entry}/environ`, "utf8").split("\0");
-      if (env.includes(`SPARE_TEST_MARK=${mark}`)) pids.push(Number(entry));
+      if (!env.includes(`SPARE_TEST_MARK=${mark}`)) continue;
+      // Spares carry the SDK's prestart hint; a Client's own child never does (the SDK strips it).
+      if (opts.sparesOnly && !env.some((e) => e.startsWith("MATCHLOCK_RPC_PRESTART="))) continue;
+      pids.push(Number(entry));
     } catch {}
   }
   return pids.sort((a, b) => a - b);
+}
+
+/** What a process is, for a failure message: pid, parent, whether it is a spare (has the hint), state. */
+function describeProc(pid: number): string {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+    const [state, ppid] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const spare = readFileSync(`/proc/${pid}/environ`, "utf8").includes("MATCHLOCK_RPC_PRESTART=");
+    return `${pid} (parent ${ppid}, state ${state}${spare ? ", a spare" : ""}; this test is ${process.pid})`;
+  } catch {
+    return `${pid} (gone)`;
+  }
 }
 
 function alive(pid: number): boolean {
@@ -165,9 +180,9 @@ async function oneVm(c: Client): Promise<void> {
 
 /** The one rpc process left once the clients with `mark` are closed: the spare. */
 const theSpare = (mark: string) =>
-  until("exactly one idle rpc child", () => {
+  until("exactly one idle rpc child, a spare", () => {
     const p = rpcPids(mark);
-    return p.length === 1 ? p[0] : undefined;
+    return p.length === 1 && rpcPids(mark, { sparesOnly: true })[0] === p[0] ? p[0] : undefined;
   });
 
 describe("the SDK's spare rpc child", () => {
@@ -194,14 +209,23 @@ describe("the SDK's spare rpc child", () => {
     await oneVm(new Client({ env }));
     const spare = await theSpare("sequential");
     const c = new Client({ env });
-    await c.create({});
+    const id = await c.create({});
     assert.ok(alive(spare));
+    // The spare made this VM: it is the VM's owner.
+    assert.equal(JSON.parse(readFileSync(join(h.home, "vms", id, "runtime.json"), "utf8")).owner.pid, spare);
     // A new spare for the next one, and the taken one serves this client: it ends with its close.
-    const next = await until("a new spare", () => rpcPids("sequential").find((p) => p !== spare));
+    const next = await until("a new spare", () =>
+      rpcPids("sequential", { sparesOnly: true }).find((p) => p !== spare),
+    );
     await c.close();
     await c.remove();
     await until("the taken child to exit with its client", () => (alive(spare) ? undefined : true));
-    assert.deepEqual(rpcPids("sequential"), [next]);
+    const left = rpcPids("sequential");
+    assert.deepEqual(
+      left,
+      [next],
+      `rpc processes left: ${left.map(describeProc).join("; ")} (spare ${spare})`,
+    );
   });
 
   test("the spare restores a clone ahead of time; the next create adopts it as its own VM", async () => {
