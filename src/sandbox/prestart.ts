@@ -5,17 +5,15 @@ import { join } from "node:path";
 import { parseSandboxConfig, type SandboxConfig } from "../api/config.ts";
 import type { Paths } from "../api/paths.ts";
 import { AgentClient } from "../guest/agent-client.ts";
-import { loadInitramfs } from "../guest/initramfs.ts";
-import { loadKernel } from "../guest/kernel.ts";
 import { resolveImage } from "../image/resolve.ts";
 import { cmdline, findProcesses, isAlive, selfIdentity } from "../state/procs.ts";
 import { openState } from "../state/store.ts";
 import type { RunningVm, VmBackend } from "../vm/backend.ts";
-import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QemuBackend } from "../vm/qemu/machine.ts";
 import { writeEtcFiles } from "./etc-files.ts";
 import {
   adoptClone,
+  bootContext,
   prepareClone,
   readyTemplate,
   restoreSpec,
@@ -158,16 +156,8 @@ export class Prestart {
   }
 
   async #keyFor(): Promise<string> {
-    const p = this.#p;
-    const image = await resolveImage(p, this.#config.image, { localOnly: true });
-    const kernel = await loadKernel(p);
-    const initramfs = await loadInitramfs(p);
-    const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel: kernel.vmlinux, initramfs });
-    const inputs = await templateInputs(
-      { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
-      variantOf(this.#config),
-    );
-    return templateKey(inputs);
+    const image = await resolveImage(this.#p, this.#config.image, { localOnly: true });
+    return templateKey(await templateInputs(await bootContext(this.#p, image), variantOf(this.#config)));
   }
 
   async #make(key: string, held: Held): Promise<PrestartedClone | undefined> {

@@ -17,8 +17,6 @@ import {
   type TcpStream,
   terminateExec,
 } from "../guest/agent-client.ts";
-import { loadInitramfs } from "../guest/initramfs.ts";
-import { loadKernel } from "../guest/kernel.ts";
 import type { DirEntry, ExecRequest } from "../guest/protocol.ts";
 import { makeUpperDisk } from "../image/ext4.ts";
 import type { PullProgress } from "../image/registry.ts";
@@ -31,7 +29,6 @@ import { procStartTime, selfIdentity } from "../state/procs.ts";
 import { writeRuntimeFile } from "../state/runtime-file.ts";
 import { openState, type StateStore } from "../state/store.ts";
 import type { Accel, RunningVm, VmBackend, VmExit } from "../vm/backend.ts";
-import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QemuBackend, qemuPaths } from "../vm/qemu/machine.ts";
 import { waitReady } from "./agent-ready.ts";
 import { finishCleanup } from "./cleanup.ts";
@@ -50,6 +47,7 @@ import { discardClone, type Prestart, type PrestartedClone } from "./prestart.ts
 import { RelayServer } from "./relay.ts";
 import {
   adoptClone,
+  bootContext,
   evictionNote,
   findOrBuildTemplate,
   prepareClone,
@@ -209,22 +207,12 @@ export class Sandbox {
     const imageConfig = { ...image.config, ...(config.image_config ?? {}) };
     const first = opts.firstCommand?.(imageConfig);
     if (first) validateCommand(execRequest(first, { hostname, imageConfig, config, networkEnv }));
-    const kernel = await loadKernel(p);
-    const initramfs = await loadInitramfs(p);
-    const { accel } = await chooseAccel(
-      join(p.cache, "accel.json"),
-      { kernel: kernel.vmlinux, initramfs },
-      opts.accel,
-    );
+    const boot = await bootContext(p, image, opts.accel);
+    const { kernel, initramfs, accel } = boot;
     const blocker = restoreBlocker(opts, config);
     // A bad MATCHLOCK_SNAPSHOT_MAX_MB is refused before anything exists.
     const snapshotCap = blocker ? 0 : snapshotMaxBytes();
-    const inputs = blocker
-      ? undefined
-      : await templateInputs(
-          { cacheDir: p.cache, kernel: kernel.vmlinux, initramfs, image, accel },
-          variantOf(config),
-        );
+    const inputs = blocker ? undefined : await templateInputs(boot, variantOf(config));
     phases.mark("kernel");
     // A clone of this kind made ahead of time, if one is held: from here on it is ours to adopt or
     // discard (`unadopted` until its dir is this VM's; a failure before then must stop it).
@@ -444,7 +432,7 @@ export class Sandbox {
         vm = await backend.start({
           id,
           dir,
-          kernel: kernel.vmlinux,
+          kernel,
           initramfs,
           kernelArgs: [
             ...identity(),

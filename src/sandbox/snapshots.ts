@@ -6,6 +6,8 @@ import { hostFoldersRequested, type SandboxConfig } from "../api/config.ts";
 import { MatchlockError, messageOf } from "../api/errors.ts";
 import type { Paths } from "../api/paths.ts";
 import { AgentClient } from "../guest/agent-client.ts";
+import { loadInitramfs } from "../guest/initramfs.ts";
+import { loadKernel } from "../guest/kernel.ts";
 import type { ExecRequest } from "../guest/protocol.ts";
 import { copySparse } from "../host/sparse.ts";
 import { makeEmptyExt4 } from "../image/ext4.ts";
@@ -14,6 +16,7 @@ import { findProcesses, isAlive, selfIdentity } from "../state/procs.ts";
 import type { TemplateRow } from "../state/snapshots.ts";
 import type { StateStore } from "../state/store.ts";
 import type { Accel, RunningVm, VmBackend, VmSpec } from "../vm/backend.ts";
+import { chooseAccel } from "../vm/qemu/accel.ts";
 import { QEMU_BINARY } from "../vm/qemu/argv.ts";
 import { hostTscKhz } from "../vm/qemu/tsc.ts";
 import { waitReady } from "./agent-ready.ts";
@@ -124,6 +127,21 @@ export interface TemplateContext {
   initramfs: string;
   image: ResolvedImage;
   accel: Accel;
+}
+
+/**
+ * The kernel, initramfs and accelerator a sandbox of this image boots with, as create picks them
+ * (`forcedAccel`: `--accel`): what a cold boot uses, and what a template's inputs start from.
+ */
+export async function bootContext(
+  p: Paths,
+  image: ResolvedImage,
+  forcedAccel?: string,
+): Promise<TemplateContext> {
+  const kernel = (await loadKernel(p)).vmlinux;
+  const initramfs = await loadInitramfs(p);
+  const { accel } = await chooseAccel(join(p.cache, "accel.json"), { kernel, initramfs }, forcedAccel);
+  return { cacheDir: p.cache, kernel, initramfs, image, accel };
 }
 
 export async function templateInputs(

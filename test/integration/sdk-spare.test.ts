@@ -345,21 +345,24 @@ describe("the SDK's spare rpc child", () => {
     assert.deepEqual(clonesOf(rpc.pid), []);
   });
 
-  test("a clone that dies when taken: the create makes its network and VM as usual", async () => {
-    const env = envFor("dies-taken");
-    await oneVm(new Client({ env }));
-    const rpc = rpcChild({
-      ...env,
-      MATCHLOCK_RPC_PRESTART: "{}",
-      MATCHLOCK_TEST_FAULT: "clone-dies-when-taken",
-    });
+  /**
+   * A `matchlock rpc` holding a clone whose QEMU the create kills at `fault`; the create names
+   * `host` (10.77.0.7) in add_hosts, for a DNS check from the guest.
+   */
+  async function createWithFault(fault: string, host: string) {
+    const env = envFor(fault);
+    await oneVm(new Client({ env })); // the snapshot exists
+    const rpc = rpcChild({ ...env, MATCHLOCK_RPC_PRESTART: "{}", MATCHLOCK_TEST_FAULT: fault });
     const held = await heldClone(rpc.pid);
     const { id } = (await rpc.call("create", {
-      network: { add_hosts: [{ host: "db.taken.test", ip: "10.77.0.7" }] },
-    })) as {
-      id: string;
-    };
+      network: { add_hosts: [{ host, ip: "10.77.0.7" }] },
+    })) as { id: string };
     assert.equal(alive(held.qemu), false);
+    return { rpc, id };
+  }
+
+  test("a clone that dies when taken: the create makes its network and VM as usual", async () => {
+    const { rpc, id } = await createWithFault("clone-dies-when-taken", "db.taken.test");
     assert.match(bootLog(id), /the clone made ahead of time died before it was adopted/);
     assert.match(bootLog(id), /restored from snapshot [0-9a-f]+\n/);
     assert.equal((await rpc.sh("hostname")).trim(), id);
@@ -370,25 +373,12 @@ describe("the SDK's spare rpc child", () => {
   });
 
   test("a clone that dies once adopted: the VM boots cold on the same network", async () => {
-    const env = envFor("dies-adopted");
-    await oneVm(new Client({ env }));
-    const rpc = rpcChild({
-      ...env,
-      MATCHLOCK_RPC_PRESTART: "{}",
-      MATCHLOCK_TEST_FAULT: "clone-dies-when-adopted",
-    });
-    const held = await heldClone(rpc.pid);
-    const { id } = (await rpc.call("create", {
-      network: { add_hosts: [{ host: "db.adopted.test", ip: "10.77.0.8" }] },
-    })) as {
-      id: string;
-    };
-    assert.equal(alive(held.qemu), false);
+    const { rpc, id } = await createWithFault("clone-dies-when-adopted", "db.adopted.test");
     assert.match(bootLog(id), /could not be restored \(.*\); booting cold/);
     // The TAP went with the clone's QEMU: made again, same name and address, under the same table.
     assert.ok((await linkNames()).includes(`fc-${id.slice(3, 11)}`));
     assert.equal((await rpc.sh("hostname")).trim(), id);
-    assert.match(await rpc.sh("nslookup db.adopted.test"), /10\.77\.0\.8/);
+    assert.match(await rpc.sh("nslookup db.adopted.test"), /10\.77\.0\.7/);
     await rpc.end();
     await linkState(`fc-${id.slice(3, 11)}`, false);
   });
